@@ -1,0 +1,3 @@
+//! End-to-end tests of the mesh: real processes on loopback, network-namespace "pods" with
+//! real iptables capture, and a real Kubernetes API server. Helpers live here; the tests live
+//! in `tests/`. Nothing in the product depends on this crate.

@@ -47,6 +47,7 @@ fn endpoint() -> destination::Endpoint {
         }),
         protocol_hint: destination::ProtocolHint::Http2.into(),
         zone: "zone-a".into(),
+        inbound_proxy_port: 4143,
     }
 }
 

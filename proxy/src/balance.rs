@@ -1,0 +1,1 @@
+//! Load balancers over a live endpoint set (being written).

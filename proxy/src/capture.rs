@@ -1,0 +1,1 @@
+//! Transparent capture with iptables (being written).

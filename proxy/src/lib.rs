@@ -4,6 +4,25 @@
 //! capture, protocol detection, discovery-driven load balancing, forwarding, metrics and the
 //! admin server. It must not link kube or know about Kubernetes objects: everything it learns
 //! about the cluster comes from the controller's gRPC APIs (`mesh-proto`).
+//!
+//! Start reading at `stack.rs` (the HTTP request path of each side), then `outbound.rs` and
+//! `inbound.rs` (the connection path), then `app.rs` (startup and drain).
 
+pub mod admin;
+pub mod app;
 pub mod balance;
 pub mod capture;
+pub mod client;
+pub mod config;
+pub mod detect;
+pub mod discovery;
+pub mod forward;
+pub mod http;
+pub mod http_metrics;
+pub mod inbound;
+pub mod metrics;
+pub mod outbound;
+pub mod server;
+pub mod stack;
+pub mod tcp;
+pub mod transport_header;

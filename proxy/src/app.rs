@@ -1,0 +1,220 @@
+//! Starting and stopping the proxy: bind the listeners, run the inbound, outbound and admin
+//! servers, and drain them on request.
+//!
+//! The listeners are parameters, so tests run the real proxy in-process on `127.0.0.1:0`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::client::{Dial, HttpClients};
+use crate::config::Config;
+use crate::discovery::Discovery;
+use crate::metrics::Metrics;
+use crate::{admin, inbound, outbound};
+
+/// A failure to start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not bind.
+    #[error("binding the {name} listener on {addr}: {source}")]
+    Bind {
+        /// inbound, outbound or admin.
+        name: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The controller address is not usable.
+    #[error("controller address {addr:?}: {source}")]
+    Controller {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: mesh_proto::tonic::transport::Error,
+    },
+}
+
+/// The proxy's three bound listeners.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Traffic for the local application.
+    pub inbound: TcpListener,
+    /// Traffic from the local application.
+    pub outbound: TcpListener,
+    /// The admin server.
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the configured addresses.
+    pub async fn bind(config: &Config) -> Result<Self, StartError> {
+        async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { name, addr, source })
+        }
+        Ok(Self {
+            inbound: bind("inbound", config.inbound_listen).await?,
+            outbound: bind("outbound", config.outbound_listen).await?,
+            admin: bind("admin", config.admin_listen).await?,
+        })
+    }
+}
+
+/// What every part of the running proxy shares.
+#[derive(Debug)]
+pub struct Context {
+    /// The configuration.
+    pub config: Config,
+    /// Every metric.
+    pub metrics: Arc<Metrics>,
+    /// Target resolution.
+    pub discovery: Discovery,
+    /// Fires when the proxy starts draining.
+    pub drain: CancellationToken,
+    /// Set once the proxy serves traffic.
+    pub ready: AtomicBool,
+    /// Clients for addresses forwarded to unchanged (targets discovery doesn't know).
+    direct_clients: Mutex<HashMap<SocketAddr, HttpClients>>,
+}
+
+impl Context {
+    /// The clients dialing `addr` directly, created on first use.
+    pub fn direct_clients(&self, addr: SocketAddr) -> HttpClients {
+        let mut clients = match self.direct_clients.lock() {
+            Ok(clients) => clients,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        clients
+            .entry(addr)
+            .or_insert_with(|| HttpClients::new(Dial::Direct(addr), self.config.connect_timeout))
+            .clone()
+    }
+}
+
+/// A proxy running in the background (tests and embedding).
+#[derive(Debug)]
+pub struct Running {
+    /// Where the inbound listener is.
+    pub inbound_addr: SocketAddr,
+    /// Where the outbound listener is.
+    pub outbound_addr: SocketAddr,
+    /// Where the admin server is.
+    pub admin_addr: SocketAddr,
+    /// Fire to drain and stop.
+    pub drain: CancellationToken,
+    /// Finishes when the proxy has stopped.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the proxy on the given listeners; it runs until `drain` fires (SIGTERM, `POST
+/// /shutdown`, or the caller), then finishes in-flight work up to the grace period.
+pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError> {
+    let local = |listener: &TcpListener| {
+        listener.local_addr().map_err(|source| StartError::Bind {
+            name: "bound",
+            addr: config.admin_listen,
+            source,
+        })
+    };
+    let inbound_addr = local(&listeners.inbound)?;
+    let outbound_addr = local(&listeners.outbound)?;
+    let admin_addr = local(&listeners.admin)?;
+    let discovery = Discovery::new(
+        config.controller_addr.as_deref(),
+        config.workload.to_proto(),
+        config.connect_timeout,
+    )
+    .map_err(|source| StartError::Controller {
+        addr: config.controller_addr.clone().unwrap_or_default(),
+        source,
+    })?;
+    let drain = CancellationToken::new();
+    let grace = config.shutdown_grace_period;
+    let ctx = Arc::new(Context {
+        config,
+        metrics: Arc::new(Metrics::new()),
+        discovery,
+        drain: drain.clone(),
+        ready: AtomicBool::new(false),
+        direct_clients: Mutex::new(HashMap::new()),
+    });
+    let connections = TaskTracker::new();
+    let admin = tokio::spawn(admin::serve(listeners.admin, ctx.clone()));
+    let inbound = tokio::spawn(inbound::serve(
+        listeners.inbound,
+        ctx.clone(),
+        connections.clone(),
+    ));
+    let outbound = tokio::spawn(outbound::serve(
+        listeners.outbound,
+        ctx.clone(),
+        connections.clone(),
+    ));
+    ctx.ready.store(true, Ordering::Release);
+    info!(%inbound_addr, %outbound_addr, %admin_addr, "proxy ready");
+
+    let task = tokio::spawn(async move {
+        ctx.drain.cancelled().await;
+        info!("draining: no new connections; finishing in-flight work for up to {grace:?}");
+        ctx.ready.store(false, Ordering::Release);
+        let _ = tokio::join!(inbound, outbound);
+        connections.close();
+        if tokio::time::timeout(grace, connections.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open = connections.len(),
+                "grace period over; closing the remaining connections"
+            );
+        }
+        admin.abort();
+        info!("proxy stopped");
+    });
+    Ok(Running {
+        inbound_addr,
+        outbound_addr,
+        admin_addr,
+        drain,
+        task,
+    })
+}
+
+/// Accepts connections until the drain starts, handing each to `handle` on its own task.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    name: &'static str,
+    drain: CancellationToken,
+    connections: TaskTracker,
+    handle: F,
+) where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = drain.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                connections.spawn(handle(stream, peer));
+            }
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(listener = name, %error, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -1,1 +1,0 @@
-//! Load balancers over a live endpoint set (being written).

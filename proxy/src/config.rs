@@ -1,0 +1,335 @@
+//! The proxy's configuration: one typed struct, parsed and validated once at start from
+//! `MESH_PROXY_*` environment variables. Parsing reads from any lookup function, so tests pass
+//! a map instead of touching the process environment.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use mesh_proto::common::WorkloadRef;
+
+/// A bad configuration value, naming the variable and the value.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}={value:?}: {reason}")]
+pub struct ConfigError {
+    /// The environment variable.
+    pub var: String,
+    /// The value it had.
+    pub value: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Everything the proxy needs to know at start.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Config {
+    /// Where the inbound listener binds (traffic for the local application).
+    pub inbound_listen: SocketAddr,
+    /// Where the outbound listener binds (traffic from the local application).
+    pub outbound_listen: SocketAddr,
+    /// Where the admin server binds.
+    pub admin_listen: SocketAddr,
+    /// The IP the inbound side forwards to: the application's address.
+    pub inbound_app_ip: IpAddr,
+    /// The controller's gRPC address (`http://host:8086`); without it the proxy forwards every
+    /// connection to its original destination.
+    pub controller_addr: Option<String>,
+    /// Who this proxy runs for, sent with discovery requests.
+    pub workload: Workload,
+    /// How long protocol detection waits for the client's first bytes.
+    pub detect_timeout: Duration,
+    /// Ports never detected: forwarded as opaque TCP (server-speaks-first protocols).
+    pub opaque_ports: BTreeSet<u16>,
+    /// Timeout of one TCP connect to an endpoint or the application.
+    pub connect_timeout: Duration,
+    /// How long a request waits for the first discovery answer before falling back to the
+    /// original destination.
+    pub discovery_timeout: Duration,
+    /// How long draining waits for in-flight work before exiting.
+    pub shutdown_grace_period: Duration,
+    /// Log filter (tracing-subscriber EnvFilter syntax).
+    pub log_level: String,
+    /// Log format: `plain` or `json`.
+    pub log_format: LogFormat,
+}
+
+/// The workload this proxy serves.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Workload {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Owning workload kind, e.g. `deployment`.
+    pub kind: String,
+    /// Owning workload name.
+    pub name: String,
+    /// Pod name.
+    pub pod: String,
+}
+
+impl Workload {
+    /// The wire form sent to the controller.
+    pub fn to_proto(&self) -> WorkloadRef {
+        WorkloadRef {
+            namespace: self.namespace.clone(),
+            kind: self.kind.clone(),
+            name: self.name.clone(),
+            pod: self.pod.clone(),
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Ports whose server speaks first (SMTP, MySQL, PostgreSQL, ...): detection would wait for
+/// bytes the client never sends first, so they are opaque unless configured otherwise.
+pub const DEFAULT_OPAQUE_PORTS: &[u16] = &[25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
+
+/// The proxy's default ports, as in DESIGN.md.
+pub const DEFAULT_INBOUND_PORT: u16 = 4143;
+/// The outbound port.
+pub const DEFAULT_OUTBOUND_PORT: u16 = 4140;
+/// The admin port.
+pub const DEFAULT_ADMIN_PORT: u16 = 4191;
+
+impl Config {
+    /// Parses the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|var| std::env::var(var).ok())
+    }
+
+    /// Parses from any lookup of variable names (tests pass a map).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let env = Env(&lookup);
+        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let opaque_ports = match env.get("MESH_PROXY_OPAQUE_PORTS") {
+            Some(value) => parse_ports("MESH_PROXY_OPAQUE_PORTS", &value)?,
+            None => DEFAULT_OPAQUE_PORTS.iter().copied().collect(),
+        };
+        let log_format = match env.get("MESH_PROXY_LOG_FORMAT").as_deref() {
+            None | Some("plain") => LogFormat::Plain,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError {
+                    var: "MESH_PROXY_LOG_FORMAT".into(),
+                    value: other.into(),
+                    reason: "expected `plain` or `json`".into(),
+                });
+            }
+        };
+        let controller_addr = env
+            .get("MESH_PROXY_CONTROLLER_ADDR")
+            .filter(|s| !s.is_empty());
+        if let Some(addr) = &controller_addr
+            && !(addr.starts_with("http://") || addr.starts_with("https://"))
+        {
+            return Err(ConfigError {
+                var: "MESH_PROXY_CONTROLLER_ADDR".into(),
+                value: addr.clone(),
+                reason: "expected a URL like http://mesh-controller.mesh-system:8086".into(),
+            });
+        }
+        Ok(Self {
+            inbound_listen: env.socket_addr(
+                "MESH_PROXY_INBOUND_LISTEN",
+                SocketAddr::new(any, DEFAULT_INBOUND_PORT),
+            )?,
+            outbound_listen: env.socket_addr(
+                "MESH_PROXY_OUTBOUND_LISTEN",
+                SocketAddr::new(local, DEFAULT_OUTBOUND_PORT),
+            )?,
+            admin_listen: env.socket_addr(
+                "MESH_PROXY_ADMIN_LISTEN",
+                SocketAddr::new(any, DEFAULT_ADMIN_PORT),
+            )?,
+            inbound_app_ip: env.parse("MESH_PROXY_INBOUND_APP_IP", local, "an IP address")?,
+            controller_addr,
+            workload: Workload {
+                namespace: env.get("MESH_PROXY_NAMESPACE").unwrap_or_default(),
+                kind: env.get("MESH_PROXY_WORKLOAD_KIND").unwrap_or_default(),
+                name: env.get("MESH_PROXY_WORKLOAD_NAME").unwrap_or_default(),
+                pod: env.get("MESH_PROXY_POD").unwrap_or_default(),
+            },
+            detect_timeout: env.duration("MESH_PROXY_DETECT_TIMEOUT", Duration::from_secs(1))?,
+            opaque_ports,
+            connect_timeout: env.duration("MESH_PROXY_CONNECT_TIMEOUT", Duration::from_secs(1))?,
+            discovery_timeout: env
+                .duration("MESH_PROXY_DISCOVERY_TIMEOUT", Duration::from_secs(3))?,
+            shutdown_grace_period: env
+                .duration("MESH_PROXY_SHUTDOWN_GRACE_PERIOD", Duration::from_secs(10))?,
+            log_level: env
+                .get("MESH_PROXY_LOG_LEVEL")
+                .unwrap_or_else(|| "info".to_string()),
+            log_format,
+        })
+    }
+}
+
+struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
+
+impl Env<'_> {
+    fn get(&self, var: &str) -> Option<String> {
+        (self.0)(var).map(|v| v.trim().to_string())
+    }
+
+    fn parse<T: std::str::FromStr>(
+        &self,
+        var: &str,
+        default: T,
+        expected: &str,
+    ) -> Result<T, ConfigError> {
+        match self.get(var) {
+            None => Ok(default),
+            Some(value) => value.parse().map_err(|_| ConfigError {
+                var: var.into(),
+                reason: format!("expected {expected}"),
+                value,
+            }),
+        }
+    }
+
+    fn socket_addr(&self, var: &str, default: SocketAddr) -> Result<SocketAddr, ConfigError> {
+        self.parse(var, default, "an address like 0.0.0.0:4143")
+    }
+
+    fn duration(&self, var: &str, default: Duration) -> Result<Duration, ConfigError> {
+        match self.get(var) {
+            None => Ok(default),
+            Some(value) => parse_duration(&value).ok_or_else(|| ConfigError {
+                var: var.into(),
+                value,
+                reason: "expected a duration like 500ms, 10s or 2m".into(),
+            }),
+        }
+    }
+}
+
+/// Parses `500ms`, `10s`, `2m`, `1h` (an integer and a unit).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(number)),
+        "s" => Some(Duration::from_secs(number)),
+        "m" => number.checked_mul(60).map(Duration::from_secs),
+        "h" => number.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+/// Parses a comma-separated list of ports and ranges (`25,3306,8000-8010`).
+pub fn parse_ports(var: &str, value: &str) -> Result<BTreeSet<u16>, ConfigError> {
+    let error = |reason: String| ConfigError {
+        var: var.into(),
+        value: value.into(),
+        reason,
+    };
+    let port = |text: &str| -> Result<u16, ConfigError> {
+        text.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| error(format!("{text:?} is not a port (1-65535)")))
+    };
+    let mut ports = BTreeSet::new();
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match item.split_once('-') {
+            Some((low, high)) => {
+                let (low, high) = (port(low)?, port(high)?);
+                if low > high {
+                    return Err(error(format!("range {item:?} is backwards")));
+                }
+                ports.extend(low..=high);
+            }
+            None => {
+                ports.insert(port(item)?);
+            }
+        }
+    }
+    Ok(ports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|var| map.get(var).cloned())
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ports() {
+        let config = parse(&[]).expect("empty environment is valid");
+        assert_eq!(config.inbound_listen, "0.0.0.0:4143".parse().expect("addr"));
+        assert_eq!(
+            config.outbound_listen,
+            "127.0.0.1:4140".parse().expect("addr")
+        );
+        assert_eq!(config.admin_listen, "0.0.0.0:4191".parse().expect("addr"));
+        assert!(config.opaque_ports.contains(&5432));
+        assert!(config.controller_addr.is_none());
+        assert_eq!(config.detect_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn values_are_parsed() {
+        let config = parse(&[
+            ("MESH_PROXY_INBOUND_LISTEN", "127.0.0.1:0"),
+            ("MESH_PROXY_OPAQUE_PORTS", "25, 8000-8002"),
+            ("MESH_PROXY_DETECT_TIMEOUT", "250ms"),
+            ("MESH_PROXY_CONTROLLER_ADDR", "http://127.0.0.1:8086"),
+            ("MESH_PROXY_LOG_FORMAT", "json"),
+        ])
+        .expect("valid");
+        assert_eq!(config.inbound_listen.port(), 0);
+        assert_eq!(
+            config.opaque_ports.into_iter().collect::<Vec<_>>(),
+            vec![25, 8000, 8001, 8002]
+        );
+        assert_eq!(config.detect_timeout, Duration::from_millis(250));
+        assert_eq!(config.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_the_value() {
+        let cases = [
+            ("MESH_PROXY_INBOUND_LISTEN", "4143"),
+            ("MESH_PROXY_DETECT_TIMEOUT", "ten"),
+            ("MESH_PROXY_DETECT_TIMEOUT", "10 parsecs"),
+            ("MESH_PROXY_OPAQUE_PORTS", "25,70000"),
+            ("MESH_PROXY_OPAQUE_PORTS", "90-80"),
+            ("MESH_PROXY_INBOUND_APP_IP", "localhost"),
+            ("MESH_PROXY_CONTROLLER_ADDR", "127.0.0.1:8086"),
+            ("MESH_PROXY_LOG_FORMAT", "xml"),
+        ];
+        for (var, value) in cases {
+            let error = parse(&[(var, value)]).expect_err(var);
+            let message = error.to_string();
+            assert!(message.contains(var), "{message}");
+            assert!(message.contains(value), "{message}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("ms"), None);
+    }
+}

@@ -1,0 +1,378 @@
+//! Service discovery from the controller's `Destination.Get` streams.
+//!
+//! Each target (an original destination or an authority) gets one [`Resolution`]: a balancer
+//! over its live endpoints and a state telling whether the controller knows it. A background
+//! task per target keeps both current, reconnects with backoff when the stream breaks, and
+//! keeps serving the last known endpoints while the controller is unreachable.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_proto::common::WorkloadRef;
+use mesh_proto::destination::{
+    self, destination_client::DestinationClient, get_destination::Target, update::Update,
+};
+use mesh_proto::tonic::{self, transport::Channel};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::balance::{self, Balancer};
+use crate::client::{Dial, HttpClients};
+use crate::metrics::Label;
+
+/// What the proxy resolves.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub enum TargetKey {
+    /// An address a connection was made to (original destination).
+    Addr(SocketAddr),
+    /// A `host:port` authority (HTTP proxy mode).
+    Authority(String),
+}
+
+impl std::fmt::Display for TargetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Addr(addr) => write!(f, "{addr}"),
+            Self::Authority(authority) => f.write_str(authority),
+        }
+    }
+}
+
+/// One endpoint of a resolved target, with its clients.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// The endpoint's address (pod IP and application port).
+    pub addr: SocketAddr,
+    /// The SPIFFE identity the endpoint must present, when meshed.
+    pub identity: Option<String>,
+    /// The endpoint proxy's inbound port, when meshed.
+    pub proxy_port: Option<u16>,
+    /// The port is opaque: never parse it.
+    pub opaque: bool,
+    /// HTTP clients dialing this endpoint.
+    pub clients: HttpClients,
+}
+
+impl Endpoint {
+    /// How to open a raw TCP connection to the endpoint (for opaque forwarding).
+    pub fn tcp_dial(&self, name: &str) -> Dial {
+        match self.proxy_port {
+            Some(port) => Dial::proxied(self.addr, port, true, name),
+            None => Dial::Direct(self.addr),
+        }
+    }
+}
+
+/// Whether the controller knows a target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum State {
+    /// No answer yet.
+    Pending,
+    /// The controller doesn't know it: forward to the original destination unchanged.
+    NotFound,
+    /// Known; the balancer holds its ready endpoints (maybe none).
+    Known {
+        /// The service's name for metrics (`name.ns.svc.cluster.local:port`).
+        authority: Label,
+    },
+}
+
+/// A target's live resolution.
+#[derive(Debug)]
+pub struct Resolution {
+    /// The target.
+    pub key: TargetKey,
+    /// Balances over the ready endpoints.
+    pub balancer: Balancer<Arc<Endpoint>>,
+    state: watch::Receiver<State>,
+}
+
+impl Resolution {
+    /// The state once the controller answered, or after `timeout` whatever it is.
+    pub async fn state(&self, timeout: Duration) -> State {
+        let mut state = self.state.clone();
+        let answered = tokio::time::timeout(timeout, state.wait_for(|s| *s != State::Pending));
+        match answered.await {
+            Ok(Ok(state)) => state.clone(),
+            _ => self.state.borrow().clone(),
+        }
+    }
+
+    /// The current state, without waiting.
+    pub fn current_state(&self) -> State {
+        self.state.borrow().clone()
+    }
+}
+
+/// Resolves targets through the controller, caching one resolution per target.
+#[derive(Debug)]
+pub struct Discovery {
+    client: Option<DestinationClient<Channel>>,
+    source: WorkloadRef,
+    connect_timeout: Duration,
+    cache: Mutex<HashMap<TargetKey, Arc<Resolution>>>,
+}
+
+/// Backoff bounds for reconnecting to the controller.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How often an unknown target is asked about again (it may be created later).
+const NOT_FOUND_RETRY: Duration = Duration::from_secs(5);
+
+impl Discovery {
+    /// Discovery through the controller at `controller` (None: every target is unknown and
+    /// forwarded to its original destination). Connects lazily, so a controller that is down
+    /// at start is not an error.
+    pub fn new(
+        controller: Option<&str>,
+        source: WorkloadRef,
+        connect_timeout: Duration,
+    ) -> Result<Self, tonic::transport::Error> {
+        let client = match controller {
+            Some(addr) => {
+                let channel = tonic::transport::Endpoint::from_shared(addr.to_string())?
+                    .connect_timeout(connect_timeout)
+                    .tcp_nodelay(true)
+                    .connect_lazy();
+                Some(DestinationClient::new(channel))
+            }
+            None => None,
+        };
+        Ok(Self {
+            client,
+            source,
+            connect_timeout,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The resolution of `key`, starting its watch on first use.
+    pub fn resolve(&self, key: TargetKey) -> Arc<Resolution> {
+        let mut cache = match self.cache.lock() {
+            Ok(cache) => cache,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(resolution) = cache.get(&key) {
+            return resolution.clone();
+        }
+        let (tx, rx) = watch::channel(State::Pending);
+        let resolution = Arc::new(Resolution {
+            key: key.clone(),
+            balancer: Balancer::new(balance::Algorithm::default()),
+            state: rx,
+        });
+        match &self.client {
+            Some(client) => {
+                let watch = Watch {
+                    client: client.clone(),
+                    source: self.source.clone(),
+                    connect_timeout: self.connect_timeout,
+                    resolution: Arc::downgrade(&resolution),
+                    key: key.clone(),
+                    state: tx,
+                    endpoints: HashMap::new(),
+                };
+                tokio::spawn(watch.run());
+            }
+            None => {
+                let _ = tx.send(State::NotFound);
+            }
+        }
+        cache.insert(key, resolution.clone());
+        resolution
+    }
+
+    /// Every cached resolution, for the config dump.
+    pub fn snapshot(&self) -> Vec<Arc<Resolution>> {
+        match self.cache.lock() {
+            Ok(cache) => cache.values().cloned().collect(),
+            Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
+        }
+    }
+}
+
+/// The service's authority for metrics, from the labels the controller sends with endpoints:
+/// `authority` when given, else `service.namespace.svc.cluster.local:port`.
+fn service_authority(labels: &HashMap<String, String>, key: &TargetKey) -> Option<String> {
+    if let Some(authority) = labels.get("authority") {
+        return Some(authority.clone());
+    }
+    let port = match key {
+        TargetKey::Addr(addr) => addr.port(),
+        TargetKey::Authority(authority) => authority.rsplit_once(':')?.1.parse().ok()?,
+    };
+    Some(format!(
+        "{}.{}.svc.cluster.local:{port}",
+        labels.get("service")?,
+        labels.get("namespace")?
+    ))
+}
+
+/// The background task that follows one target's stream.
+struct Watch {
+    client: DestinationClient<Channel>,
+    source: WorkloadRef,
+    connect_timeout: Duration,
+    resolution: std::sync::Weak<Resolution>,
+    key: TargetKey,
+    state: watch::Sender<State>,
+    endpoints: HashMap<SocketAddr, Arc<Endpoint>>,
+}
+
+impl Watch {
+    async fn run(mut self) {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            let request = destination::GetDestination {
+                target: Some(match &self.key {
+                    TargetKey::Addr(addr) => Target::Addr((*addr).into()),
+                    TargetKey::Authority(authority) => Target::Authority(authority.clone()),
+                }),
+                source: Some(self.source.clone()),
+            };
+            let wait = match self.client.get(request).await {
+                Ok(response) => {
+                    backoff = MIN_BACKOFF;
+                    let mut stream = response.into_inner();
+                    // The server starts every stream with the full set: the first update after
+                    // a reconnect replaces what we had rather than merging into it.
+                    let mut fresh = true;
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(update)) => {
+                                if !self.apply(update, std::mem::take(&mut fresh)) {
+                                    return;
+                                }
+                            }
+                            Ok(None) => {
+                                debug!(target = %self.key, "destination stream ended");
+                                break;
+                            }
+                            Err(status) => {
+                                warn!(target = %self.key, %status, "destination stream failed; keeping the last endpoints");
+                                break;
+                            }
+                        }
+                    }
+                    MIN_BACKOFF
+                }
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    debug!(target = %self.key, "not a mesh target; forwarding unchanged");
+                    self.endpoints.clear();
+                    if !self.publish(State::NotFound) {
+                        return;
+                    }
+                    NOT_FOUND_RETRY
+                }
+                Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                    warn!(target = %self.key, %status, "controller refused the target");
+                    if !self.publish(State::NotFound) {
+                        return;
+                    }
+                    MAX_BACKOFF
+                }
+                Err(status) => {
+                    warn!(target = %self.key, %status, "controller unreachable; keeping the last endpoints, retrying in {backoff:?}");
+                    if self.state.borrow().clone() == State::Pending
+                        && !self.publish(State::NotFound)
+                    {
+                        return;
+                    }
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    wait
+                }
+            };
+            tokio::time::sleep(wait).await;
+            if self.resolution.strong_count() == 0 {
+                return;
+            }
+        }
+    }
+
+    /// Applies one update; false when nobody holds the resolution any more.
+    fn apply(&mut self, update: destination::Update, replace: bool) -> bool {
+        let Some(resolution) = self.resolution.upgrade() else {
+            return false;
+        };
+        if replace {
+            self.endpoints.clear();
+        }
+        let mut authority = None;
+        match update.update {
+            Some(Update::Add(add)) => {
+                authority = service_authority(&add.metric_labels, &self.key);
+                for endpoint in add.endpoints {
+                    match self.endpoint(&endpoint) {
+                        Some(endpoint) => {
+                            self.endpoints.insert(endpoint.addr, Arc::new(endpoint));
+                        }
+                        None => {
+                            warn!(target = %self.key, ?endpoint, "ignoring a malformed endpoint")
+                        }
+                    }
+                }
+            }
+            Some(Update::Remove(remove)) => {
+                for addr in &remove.addrs {
+                    if let Ok(addr) = SocketAddr::try_from(addr) {
+                        self.endpoints.remove(&addr);
+                    }
+                }
+            }
+            Some(Update::NoEndpoints(_)) => self.endpoints.clear(),
+            None => {}
+        }
+        resolution.balancer.update(
+            self.endpoints
+                .values()
+                .map(|endpoint| balance::Endpoint {
+                    addr: endpoint.addr,
+                    weight: 0,
+                    meta: endpoint.clone(),
+                })
+                .collect(),
+        );
+        info!(target = %self.key, endpoints = self.endpoints.len(), "endpoints updated");
+        let authority = authority
+            .or_else(|| match &*self.state.borrow() {
+                State::Known { authority } => Some(authority.0.to_string()),
+                _ => None,
+            })
+            .unwrap_or_else(|| self.key.to_string());
+        self.publish(State::Known {
+            authority: Label::from(authority),
+        })
+    }
+
+    fn endpoint(&self, wire: &destination::Endpoint) -> Option<Endpoint> {
+        let addr = SocketAddr::try_from(wire.addr.as_ref()?).ok()?;
+        let opaque = wire.protocol_hint == destination::ProtocolHint::Opaque as i32;
+        let proxy_port = u16::try_from(wire.inbound_proxy_port)
+            .ok()
+            .filter(|p| *p != 0);
+        let name = self.key.to_string();
+        let dial = match proxy_port {
+            Some(port) => Dial::proxied(addr, port, opaque, &name),
+            None => Dial::Direct(addr),
+        };
+        Some(Endpoint {
+            addr,
+            identity: wire
+                .tls_identity
+                .as_ref()
+                .map(|id| id.spiffe_id.clone())
+                .filter(|id| !id.is_empty()),
+            proxy_port,
+            opaque,
+            clients: HttpClients::new(dial, self.connect_timeout),
+        })
+    }
+
+    fn publish(&self, state: State) -> bool {
+        self.state.send_replace(state);
+        self.resolution.strong_count() > 0
+    }
+}

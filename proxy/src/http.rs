@@ -1,0 +1,236 @@
+//! HTTP pieces shared by the inbound and outbound sides: the body type, the responses the proxy
+//! produces itself, and header hygiene.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+/// The body of every response the proxy returns: the peer's, or one it wrote itself.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// The header naming why the proxy itself answered a request.
+pub const MESH_ERROR: HeaderName = HeaderName::from_static("mesh-error");
+
+/// Why the proxy could not forward a request. Each maps to a status and a `mesh-error` reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyError {
+    /// The service is known but has no ready endpoints.
+    NoEndpoints(String),
+    /// Connecting to the endpoint failed (refused, unreachable, timed out).
+    ConnectFailed(String),
+    /// The endpoint accepted but the exchange failed (reset, protocol error).
+    Upstream(String),
+    /// The response did not arrive in time.
+    Timeout(String),
+    /// The request can't be routed (no authority, bad target).
+    BadRequest(String),
+    /// Discovery has not answered and there is no address to fall back to.
+    DiscoveryUnavailable(String),
+}
+
+impl ProxyError {
+    /// The HTTP status a client sees.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NoEndpoints(_) | Self::DiscoveryUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ConnectFailed(_) | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// A short, stable reason for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoEndpoints(_) => "no endpoints",
+            Self::ConnectFailed(_) => "connect failed",
+            Self::Upstream(_) => "upstream failed",
+            Self::Timeout(_) => "timeout",
+            Self::BadRequest(_) => "bad request",
+            Self::DiscoveryUnavailable(_) => "discovery unavailable",
+        }
+    }
+
+    /// The detail for the `mesh-error` header and logs.
+    pub fn detail(&self) -> &str {
+        match self {
+            Self::NoEndpoints(d)
+            | Self::ConnectFailed(d)
+            | Self::Upstream(d)
+            | Self::Timeout(d)
+            | Self::BadRequest(d)
+            | Self::DiscoveryUnavailable(d) => d,
+        }
+    }
+
+    /// The gRPC status code for gRPC clients: UNAVAILABLE, or DEADLINE_EXCEEDED for timeouts,
+    /// or INTERNAL for requests that cannot be routed.
+    fn grpc_code(&self) -> u8 {
+        match self {
+            Self::Timeout(_) => 4,
+            Self::BadRequest(_) => 13,
+            _ => 14,
+        }
+    }
+
+    /// The response the client gets: HTTP status with `mesh-error`, or for gRPC a
+    /// trailers-only response with `grpc-status` and `grpc-message`.
+    pub fn to_response(&self, grpc: bool) -> Response<ProxyBody> {
+        let message = format!("{}: {}", self.reason(), self.detail());
+        let header_value = HeaderValue::from_str(&message)
+            .unwrap_or_else(|_| HeaderValue::from_static("proxy error"));
+        let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+        if grpc {
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert(
+                "grpc-status",
+                HeaderValue::from(u16::from(self.grpc_code())),
+            );
+            headers.insert("grpc-message", header_value.clone());
+        } else {
+            *response.status_mut() = self.status();
+            *response.body_mut() = Either::Right(Full::new(Bytes::from(message + "\n")));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+        }
+        response.headers_mut().insert(MESH_ERROR, header_value);
+        response
+    }
+}
+
+/// True when the request is gRPC (so errors must be gRPC statuses).
+pub fn is_grpc<B>(request: &Request<B>) -> bool {
+    request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// True when an HTTP/1 request asks to switch protocols (WebSocket and the like).
+pub fn is_upgrade<B>(request: &Request<B>) -> bool {
+    request.headers().contains_key(header::UPGRADE) && connection_has(request.headers(), "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), which describe one connection and must not
+/// be forwarded; hyper writes its own framing. An upgrade keeps `connection` and `upgrade`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|name| !(keep_upgrade && name == header::UPGRADE))
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
+        header::PROXY_AUTHORIZATION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        // gRPC needs `te: trailers` end to end over HTTP/2.
+        if name == header::TE && headers.get(&name).is_some_and(|v| v == "trailers") {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if !keep_upgrade {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Whether a finished exchange counts as a failure: a 5xx status, or a gRPC status other than
+/// OK in the headers (trailers-only) or trailers.
+pub fn grpc_status_failed(headers: &HeaderMap) -> bool {
+    headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() != b"0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-hop"),
+        );
+        headers.insert("x-hop", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert("x-end-to-end", HeaderValue::from_static("1"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut headers, false);
+        let mut names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, vec!["te", "x-end-to-end"]);
+    }
+
+    #[test]
+    fn upgrades_keep_their_headers() {
+        let request = Request::builder()
+            .header(header::CONNECTION, "Upgrade")
+            .header(header::UPGRADE, "websocket")
+            .body(())
+            .expect("request");
+        assert!(is_upgrade(&request));
+        let mut headers = request.headers().clone();
+        strip_hop_by_hop(&mut headers, true);
+        assert_eq!(headers.get(header::UPGRADE).expect("kept"), "websocket");
+        assert!(headers.contains_key(header::CONNECTION));
+    }
+
+    #[tokio::test]
+    async fn errors_become_clear_responses() {
+        let error = ProxyError::NoEndpoints("books.shop:8080 has no ready endpoints".into());
+        let response = error.to_response(false);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            response.headers()[&MESH_ERROR],
+            "no endpoints: books.shop:8080 has no ready endpoints"
+        );
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert!(body.starts_with(b"no endpoints"));
+
+        let grpc = ProxyError::Timeout("no response in 1s".into()).to_response(true);
+        assert_eq!(grpc.status(), StatusCode::OK);
+        assert_eq!(grpc.headers()["grpc-status"], "4");
+        assert!(grpc.headers().contains_key(&MESH_ERROR));
+    }
+}

@@ -1,0 +1,174 @@
+//! The metrics layer: counts requests and responses and measures latency, for both sides.
+//!
+//! The service below it names the target of each exchange by putting [`TargetLabels`] in the
+//! response's extensions (it alone knows where the request went); this layer turns them into
+//! `request_total`, `response_latency_ms` (at response headers) and `response_total` (when the
+//! response body ends, so a gRPC status in trailers classifies the exchange).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tower::{Layer, Service};
+
+use crate::http::{ProxyBody, grpc_status_failed};
+use crate::metrics::{Classification, Metrics, ResponseLabels, TargetLabels};
+
+/// Adds request metrics to a service.
+#[derive(Clone, Debug)]
+pub struct HttpMetricsLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl HttpMetricsLayer {
+    /// Records into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for HttpMetricsLayer {
+    type Service = HttpMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        HttpMetrics {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// See [`HttpMetricsLayer`].
+#[derive(Clone, Debug)]
+pub struct HttpMetrics<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> Service<Request<Incoming>> for HttpMetrics<S>
+where
+    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ObservedBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let started = Instant::now();
+        let metrics = self.metrics.clone();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            let recorder = response
+                .extensions()
+                .get::<TargetLabels>()
+                .cloned()
+                .map(|target| {
+                    metrics.requests.get_or_create(&target).inc();
+                    let status = response.status();
+                    let failed = status.is_server_error() || grpc_status_failed(response.headers());
+                    let labels = ResponseLabels {
+                        target,
+                        status_code: status.as_u16(),
+                        classification: if failed {
+                            Classification::Failure
+                        } else {
+                            Classification::Success
+                        },
+                    };
+                    metrics
+                        .response_latency
+                        .get_or_create(&labels)
+                        .observe(started.elapsed().as_secs_f64() * 1000.0);
+                    Recorder { metrics, labels }
+                });
+            Ok(response.map(|inner| ObservedBody { inner, recorder }))
+        })
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Counts the response once it ends.
+struct Recorder {
+    metrics: Arc<Metrics>,
+    labels: ResponseLabels,
+}
+
+impl Recorder {
+    fn finish(self) {
+        self.metrics.responses.get_or_create(&self.labels).inc();
+    }
+}
+
+/// A response body that records `response_total` when it ends (or is dropped).
+pub struct ObservedBody {
+    inner: ProxyBody,
+    recorder: Option<Recorder>,
+}
+
+impl Body for ObservedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let (Some(trailers), Some(recorder)) = (frame.trailers_ref(), &mut self.recorder)
+                    && grpc_status_failed(trailers)
+                {
+                    recorder.labels.classification = Classification::Failure;
+                }
+                if self.inner.is_end_stream()
+                    && let Some(recorder) = self.recorder.take()
+                {
+                    recorder.finish();
+                }
+            }
+            Some(Err(_)) => {
+                if let Some(mut recorder) = self.recorder.take() {
+                    recorder.labels.classification = Classification::Failure;
+                    recorder.finish();
+                }
+            }
+            None => {
+                if let Some(recorder) = self.recorder.take() {
+                    recorder.finish();
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        if let Some(recorder) = self.recorder.take() {
+            recorder.finish();
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! Prometheus metrics of the proxy, served on the admin port's `/metrics`.
+//!
+//! Names and labels are a contract with the Grafana dashboards and `meshctl`: change them
+//! together. Label values are `Arc<str>` so recording a request clones pointers, not strings.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// A label value shared by reference.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub struct Label(pub Arc<str>);
+
+impl Label {
+    /// A label from static text, e.g. `"inbound"`.
+    pub fn new(text: &str) -> Self {
+        Self(Arc::from(text))
+    }
+}
+
+impl From<String> for Label {
+    fn from(text: String) -> Self {
+        Self(Arc::from(text))
+    }
+}
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&self.0)
+    }
+}
+
+/// Which side of the proxy.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Direction {
+    /// Traffic for the local application.
+    Inbound,
+    /// Traffic from the local application.
+    Outbound,
+}
+
+impl Direction {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        }
+    }
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+/// What identifies the traffic of one logical target, shared by every metric about it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabels {
+    /// inbound or outbound.
+    pub direction: Direction,
+    /// The logical authority (service name and port), or the address when unknown.
+    pub authority: Label,
+    /// The address the traffic was for (original destination or endpoint).
+    pub target_addr: Label,
+    /// Whether the hop was mutually authenticated: `true` or `false`.
+    pub tls: Label,
+}
+
+/// A response's labels: the target's plus the outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResponseLabels {
+    /// The target.
+    #[prometheus(flatten)]
+    pub target: TargetLabels,
+    /// The HTTP status code.
+    pub status_code: u16,
+    /// `success` or `failure` (5xx, a non-OK gRPC status, or a proxy error).
+    pub classification: Classification,
+}
+
+/// Whether a response counts as a success.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Classification {
+    /// 1xx-4xx with gRPC OK (or not gRPC).
+    Success,
+    /// 5xx, a non-OK gRPC status, or an error produced by the proxy.
+    Failure,
+}
+
+impl EncodeLabelValue for Classification {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            Self::Success => "success",
+            Self::Failure => "failure",
+        })
+    }
+}
+
+/// Errors the proxy produced itself, by reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// inbound or outbound.
+    pub direction: Direction,
+    /// The reason, as in the `mesh-error` header.
+    pub reason: Label,
+}
+
+/// Latency buckets in milliseconds: fine below 10 ms where a mesh hop lives, coarse above.
+const LATENCY_BUCKETS_MS: [f64; 18] = [
+    0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
+    2000.0, 5000.0, 10000.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS_MS)
+}
+
+/// Every metric of the proxy.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    started: f64,
+    /// `request_total`: requests received.
+    pub requests: Family<TargetLabels, Counter>,
+    /// `response_total`: responses sent, by status and classification.
+    pub responses: Family<ResponseLabels, Counter>,
+    /// `response_latency_ms`: time from request to response headers.
+    pub response_latency: Family<ResponseLabels, Histogram, fn() -> Histogram>,
+    /// `tcp_open_total`: connections opened.
+    pub tcp_opens: Family<TargetLabels, Counter>,
+    /// `tcp_open_connections`: connections open now.
+    pub tcp_open_connections: Family<TargetLabels, Gauge>,
+    /// `tcp_read_bytes_total`: bytes read from the client side.
+    pub tcp_read_bytes: Family<TargetLabels, Counter>,
+    /// `tcp_write_bytes_total`: bytes written to the client side.
+    pub tcp_write_bytes: Family<TargetLabels, Counter>,
+    /// `proxy_error_total`: errors the proxy produced itself (no endpoints, timeouts, ...).
+    pub proxy_errors: Family<ErrorLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::default();
+        registry.register("request", "Requests received", requests.clone());
+        let responses = Family::default();
+        registry.register("response", "Responses sent", responses.clone());
+        let response_latency =
+            Family::<ResponseLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register(
+            "response_latency_ms",
+            "Time from a request to its response headers, in milliseconds",
+            response_latency.clone(),
+        );
+        let tcp_opens = Family::default();
+        registry.register("tcp_open", "TCP connections opened", tcp_opens.clone());
+        let tcp_open_connections = Family::default();
+        registry.register(
+            "tcp_open_connections",
+            "TCP connections open now",
+            tcp_open_connections.clone(),
+        );
+        let tcp_read_bytes = Family::default();
+        registry.register(
+            "tcp_read_bytes",
+            "Bytes read from the client side of TCP connections",
+            tcp_read_bytes.clone(),
+        );
+        let tcp_write_bytes = Family::default();
+        registry.register(
+            "tcp_write_bytes",
+            "Bytes written to the client side of TCP connections",
+            tcp_write_bytes.clone(),
+        );
+        let proxy_errors = Family::default();
+        registry.register(
+            "proxy_error",
+            "Errors produced by the proxy itself, by reason",
+            proxy_errors.clone(),
+        );
+        let started = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        Self {
+            registry,
+            started,
+            requests,
+            responses,
+            response_latency,
+            tcp_opens,
+            tcp_open_connections,
+            tcp_read_bytes,
+            tcp_write_bytes,
+            proxy_errors,
+        }
+    }
+
+    /// Counts an error the proxy produced.
+    pub fn proxy_error(&self, direction: Direction, reason: &'static str) {
+        self.proxy_errors
+            .get_or_create(&ErrorLabels {
+                direction,
+                reason: Label::new(reason),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric, process metrics included.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        if prometheus_client::encoding::text::encode_registry(&mut out, &self.registry).is_err() {
+            out.push_str("# error encoding metrics\n");
+        }
+        encode_process_metrics(&mut out, self.started);
+        out.push_str("# EOF\n");
+        out
+    }
+}
+
+/// Process metrics read from /proc at scrape time. Hand-written because prometheus-client has
+/// no process collector and these are a few lines of /proc parsing.
+fn encode_process_metrics(out: &mut String, started: f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let rss_kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse::<u64>().ok());
+    if let Some(kib) = rss_kib {
+        let _ = writeln!(
+            out,
+            "# HELP process_resident_memory_bytes Resident memory size in bytes.\n\
+             # TYPE process_resident_memory_bytes gauge\n\
+             process_resident_memory_bytes {}",
+            kib * 1024
+        );
+    }
+    // Fields 14 and 15 of /proc/self/stat are user and system time in clock ticks; Linux
+    // reports them at USER_HZ, which is 100 on every architecture we build for.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    if let (Some(utime), Some(stime)) = (
+        fields.get(11).and_then(|v| v.parse::<u64>().ok()),
+        fields.get(12).and_then(|v| v.parse::<u64>().ok()),
+    ) {
+        let _ = writeln!(
+            out,
+            "# HELP process_cpu_seconds Total user and system CPU time spent in seconds.\n\
+             # TYPE process_cpu_seconds counter\n\
+             process_cpu_seconds_total {}",
+            (utime + stime) as f64 / 100.0
+        );
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        let _ = writeln!(
+            out,
+            "# HELP process_open_fds Number of open file descriptors.\n\
+             # TYPE process_open_fds gauge\n\
+             process_open_fds {}",
+            fds.count()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP process_start_time_seconds Start time of the process since the Unix epoch.\n\
+         # TYPE process_start_time_seconds gauge\n\
+         process_start_time_seconds {started}"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_the_documented_names_and_labels() {
+        let metrics = Metrics::new();
+        let target = TargetLabels {
+            direction: Direction::Outbound,
+            authority: Label::new("books.shop.svc.cluster.local:8080"),
+            target_addr: Label::new("10.96.0.10:8080"),
+            tls: Label::new("false"),
+        };
+        metrics.requests.get_or_create(&target).inc();
+        let response = ResponseLabels {
+            target: target.clone(),
+            status_code: 503,
+            classification: Classification::Failure,
+        };
+        metrics.responses.get_or_create(&response).inc();
+        metrics
+            .response_latency
+            .get_or_create(&response)
+            .observe(2.5);
+        metrics.tcp_opens.get_or_create(&target).inc();
+        metrics.proxy_error(Direction::Outbound, "no endpoints");
+        let text = metrics.encode();
+        for want in [
+            "request_total{direction=\"outbound\",authority=\"books.shop.svc.cluster.local:8080\",target_addr=\"10.96.0.10:8080\",tls=\"false\"} 1",
+            "response_total{direction=\"outbound\",authority=\"books.shop.svc.cluster.local:8080\",target_addr=\"10.96.0.10:8080\",tls=\"false\",status_code=\"503\",classification=\"failure\"} 1",
+            "response_latency_ms_bucket{",
+            "tcp_open_total{",
+            "proxy_error_total{direction=\"outbound\",reason=\"no endpoints\"} 1",
+            "process_resident_memory_bytes ",
+            "process_cpu_seconds_total ",
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! The mesh transport header: the first bytes a client proxy sends on a connection to a peer
+//! proxy's inbound port, naming the application port the connection is for.
+//!
+//! It lets a client reach a meshed pod's proxy directly (the endpoint's `inbound_proxy_port`
+//! from discovery), so the server side needs no capture to learn the target port. The format
+//! is ours and tiny, so it is hand-written:
+//!
+//! ```text
+//! "MESH" | version u8 = 1 | port u16 BE | flags u8 | name length u16 BE | name (UTF-8)
+//! ```
+//!
+//! Flags: bit 0 = opaque (skip protocol detection). The name is the logical authority the
+//! client resolved (for metrics); it may be empty.
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+const MAGIC: &[u8; 4] = b"MESH";
+const VERSION: u8 = 1;
+const FLAG_OPAQUE: u8 = 0b1;
+/// Longest name accepted, so a peer cannot make us buffer without bound.
+const MAX_NAME_LEN: usize = 1024;
+
+/// What a client proxy tells the server proxy about a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportHeader {
+    /// The application port on the server's pod.
+    pub port: u16,
+    /// Forward as opaque TCP without detecting a protocol.
+    pub opaque: bool,
+    /// The logical authority the client resolved; may be empty.
+    pub name: String,
+}
+
+/// A header that could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HeaderError {
+    /// The connection does not start with the magic bytes.
+    #[error("connection does not start with a mesh transport header")]
+    NoHeader,
+    /// A version this proxy does not know.
+    #[error("unsupported mesh transport header version {0}")]
+    Version(u8),
+    /// The port is 0.
+    #[error("mesh transport header names port 0")]
+    Port,
+    /// The name is too long or not UTF-8.
+    #[error("mesh transport header name is invalid: {0}")]
+    Name(&'static str),
+    /// Reading failed.
+    #[error("reading the mesh transport header: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl TransportHeader {
+    /// The header's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let name = &self.name.as_bytes()[..self.name.len().min(MAX_NAME_LEN)];
+        let mut out = Vec::with_capacity(10 + name.len());
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        out.extend_from_slice(&self.port.to_be_bytes());
+        out.push(if self.opaque { FLAG_OPAQUE } else { 0 });
+        // The slice above is at most MAX_NAME_LEN (1024) bytes, so it fits in a u16.
+        out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        out.extend_from_slice(name);
+        out
+    }
+
+    /// Reads a header from the start of a connection; reads nothing beyond it.
+    pub async fn read<I: AsyncRead + Unpin>(io: &mut I) -> Result<Self, HeaderError> {
+        let mut fixed = [0u8; 10];
+        io.read_exact(&mut fixed).await?;
+        if &fixed[..4] != MAGIC {
+            return Err(HeaderError::NoHeader);
+        }
+        if fixed[4] != VERSION {
+            return Err(HeaderError::Version(fixed[4]));
+        }
+        let port = u16::from_be_bytes([fixed[5], fixed[6]]);
+        if port == 0 {
+            return Err(HeaderError::Port);
+        }
+        let opaque = fixed[7] & FLAG_OPAQUE != 0;
+        let name_len = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+        if name_len > MAX_NAME_LEN {
+            return Err(HeaderError::Name("longer than 1024 bytes"));
+        }
+        let mut name = vec![0u8; name_len];
+        io.read_exact(&mut name).await?;
+        let name = String::from_utf8(name).map_err(|_| HeaderError::Name("not UTF-8"))?;
+        Ok(Self { port, opaque, name })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn round_trips_and_reads_nothing_more() {
+        let header = TransportHeader {
+            port: 8080,
+            opaque: true,
+            name: "books.shop.svc.cluster.local:8080".into(),
+        };
+        let mut bytes = header.encode();
+        bytes.extend_from_slice(b"GET / HTTP/1.1\r\n");
+        let mut reader = bytes.as_slice();
+        let read = TransportHeader::read(&mut reader).await.expect("valid");
+        assert_eq!(read, header);
+        assert_eq!(reader, b"GET / HTTP/1.1\r\n");
+    }
+
+    #[tokio::test]
+    async fn refuses_malformed_headers() {
+        let good = TransportHeader {
+            port: 80,
+            opaque: false,
+            name: String::new(),
+        }
+        .encode();
+        let mut wrong_magic = good.clone();
+        wrong_magic[0] = b'X';
+        let mut wrong_version = good.clone();
+        wrong_version[4] = 9;
+        let mut zero_port = good.clone();
+        zero_port[5] = 0;
+        zero_port[6] = 0;
+        let mut long_name = good.clone();
+        long_name[8] = 0xff;
+        let truncated = good[..6].to_vec();
+        for (bytes, want) in [
+            (wrong_magic, "does not start"),
+            (wrong_version, "version 9"),
+            (zero_port, "port 0"),
+            (long_name, "longer than"),
+            (truncated, "reading"),
+        ] {
+            let error = TransportHeader::read(&mut bytes.as_slice())
+                .await
+                .expect_err(want);
+            assert!(error.to_string().contains(want), "{error}");
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! Test parts for the proxy's integration tests: a scripted Destination server, real HTTP and
+//! gRPC backends, and in-process proxies on 127.0.0.1:0.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_proto::destination::{self, update::Update};
+use mesh_proto::tonic::{self, Request as GrpcRequest, Status};
+use mesh_proxy::app::{self, Listeners, Running};
+use mesh_proxy::config::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+
+/// Binds 127.0.0.1:0.
+pub async fn loopback() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback")
+}
+
+/// A Destination server whose answers the test scripts: each authority maps to a list of
+/// endpoints the test can change at any time.
+#[derive(Clone, Default)]
+pub struct ScriptedDestination {
+    targets: Arc<Mutex<HashMap<String, watch::Sender<Vec<destination::Endpoint>>>>>,
+}
+
+/// A meshed endpoint: the backend's address, reached through the proxy at `proxy_port`.
+pub fn meshed(addr: SocketAddr, proxy_port: u16) -> destination::Endpoint {
+    destination::Endpoint {
+        addr: Some(addr.into()),
+        weight: 0,
+        inbound_proxy_port: u32::from(proxy_port),
+        ..Default::default()
+    }
+}
+
+/// An unmeshed endpoint, dialled directly.
+pub fn plain(addr: SocketAddr) -> destination::Endpoint {
+    destination::Endpoint {
+        addr: Some(addr.into()),
+        ..Default::default()
+    }
+}
+
+impl ScriptedDestination {
+    /// Sets the endpoints of `authority` (creating it), streamed to every watcher as a diff.
+    pub fn set(&self, authority: &str, endpoints: Vec<destination::Endpoint>) {
+        let mut targets = self.targets.lock().expect("lock");
+        match targets.get(authority) {
+            Some(sender) => {
+                sender.send_replace(endpoints);
+            }
+            None => {
+                targets.insert(authority.to_string(), watch::channel(endpoints).0);
+            }
+        }
+    }
+
+    /// Serves on 127.0.0.1:0 until `stop` fires; returns the URL.
+    pub async fn serve(&self, stop: CancellationToken) -> String {
+        let listener = loopback().await;
+        let addr = listener.local_addr().expect("addr");
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let server = tonic::transport::Server::builder()
+            .add_service(destination::destination_server::DestinationServer::new(
+                self.clone(),
+            ))
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned());
+        tokio::spawn(server);
+        format!("http://{addr}")
+    }
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<destination::Update, Status>> + Send>>;
+
+fn key(endpoint: &destination::Endpoint) -> Vec<u8> {
+    let addr = endpoint.addr.clone().unwrap_or_default();
+    let mut key = addr.ip;
+    key.extend_from_slice(&addr.port.to_be_bytes());
+    key
+}
+
+#[tonic::async_trait]
+impl destination::destination_server::Destination for ScriptedDestination {
+    type GetStream = UpdateStream;
+
+    async fn get(
+        &self,
+        request: GrpcRequest<destination::GetDestination>,
+    ) -> Result<tonic::Response<Self::GetStream>, Status> {
+        let authority = match request.into_inner().target {
+            Some(destination::get_destination::Target::Authority(authority)) => authority,
+            Some(destination::get_destination::Target::Addr(addr)) => {
+                let addr = SocketAddr::try_from(&addr)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                addr.to_string()
+            }
+            None => return Err(Status::invalid_argument("no target")),
+        };
+        let mut receiver = self
+            .targets
+            .lock()
+            .expect("lock")
+            .get(&authority)
+            .map(|sender| sender.subscribe())
+            .ok_or_else(|| Status::not_found(format!("{authority} is unknown")))?;
+        let stream = async_stream(move |tx| async move {
+            let mut sent: Vec<destination::Endpoint> = Vec::new();
+            loop {
+                let now = receiver.borrow_and_update().clone();
+                let removed: Vec<_> = sent
+                    .iter()
+                    .filter(|old| !now.iter().any(|new| key(new) == key(old)))
+                    .filter_map(|old| old.addr.clone())
+                    .collect();
+                let added: Vec<_> = now
+                    .iter()
+                    .filter(|new| !sent.iter().any(|old| key(new) == key(old)))
+                    .cloned()
+                    .collect();
+                let labels = HashMap::from([
+                    ("service".to_string(), "books".to_string()),
+                    ("namespace".to_string(), "shop".to_string()),
+                ]);
+                let mut updates = Vec::new();
+                if now.is_empty() {
+                    updates.push(Update::NoEndpoints(destination::NoEndpoints {
+                        exists: true,
+                    }));
+                } else {
+                    if !removed.is_empty() {
+                        updates.push(Update::Remove(destination::RemoveEndpoints {
+                            addrs: removed,
+                        }));
+                    }
+                    if !added.is_empty() {
+                        updates.push(Update::Add(destination::AddEndpoints {
+                            endpoints: added,
+                            metric_labels: labels,
+                        }));
+                    }
+                }
+                for update in updates {
+                    if tx
+                        .send(Ok(destination::Update {
+                            update: Some(update),
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                sent = now;
+                if receiver.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(stream))
+    }
+}
+
+/// A stream fed by a task, so the scripted server can be written as a loop.
+fn async_stream<F, Fut>(body: F) -> UpdateStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<destination::Update, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(body(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// A real HTTP/1.1 + HTTP/2 backend that names itself in every answer:
+/// - `/echo` returns the request body;
+/// - `/large?bytes=N` returns N bytes;
+/// - `/status/N` answers with status N;
+/// - `/slow?ms=N` waits N ms first;
+/// - an `Upgrade: echo` request switches protocols and echoes bytes;
+/// - anything else returns `backend=<name> method=<m> path=<p> host=<h> version=<v>`.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub stop: CancellationToken,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Self {
+        let listener = loopback().await;
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let name: Arc<str> = Arc::from(name);
+        let token = stop.clone();
+        tokio::spawn(async move {
+            let mut connections = Vec::new();
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    () = token.cancelled() => break,
+                };
+                let Ok((stream, _)) = accepted else { continue };
+                let name = name.clone();
+                let token = token.clone();
+                connections.push(tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let name = name.clone();
+                        async move { Ok::<_, Infallible>(answer(&name, request).await) }
+                    });
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = connection => {}
+                        () = token.cancelled() => {}
+                    }
+                }));
+            }
+            // Killing a backend closes its open connections too.
+            for connection in connections {
+                connection.abort();
+            }
+        });
+        Self { addr, stop }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn answer(name: &str, mut request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = request.uri().path().to_string();
+    let query = request.uri().query().unwrap_or("").to_string();
+    let number = |key: &str| -> u64 {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    if request.headers().get(http::header::UPGRADE).is_some() {
+        let upgrade = hyper::upgrade::on(&mut request);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let mut io = TokioIo::new(upgraded);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        return Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(http::header::CONNECTION, "upgrade")
+            .header(http::header::UPGRADE, "echo")
+            .body(Full::default())
+            .expect("response");
+    }
+    let mut response = if path == "/echo" {
+        let body = request
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Response::new(Full::new(body))
+    } else if path == "/large" {
+        Response::new(Full::new(Bytes::from(vec![b'x'; number("bytes") as usize])))
+    } else if let Some(status) = path.strip_prefix("/status/") {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"as asked\n")));
+        *response.status_mut() =
+            StatusCode::from_u16(status.parse().unwrap_or(500)).unwrap_or(StatusCode::OK);
+        response
+    } else {
+        if path == "/slow" {
+            tokio::time::sleep(Duration::from_millis(number("ms"))).await;
+        }
+        let host = request
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or(request.uri().authority().map(|a| a.as_str()))
+            .unwrap_or("")
+            .to_string();
+        Response::new(Full::new(Bytes::from(format!(
+            "backend={name} method={} path={path} host={host} version={:?}\n",
+            request.method(),
+            request.version()
+        ))))
+    };
+    response
+        .headers_mut()
+        .insert("x-backend", name.parse().expect("header value"));
+    response
+}
+
+/// A proxy running in this process on loopback ports.
+pub async fn proxy(controller: Option<&str>) -> Running {
+    let mut vars: HashMap<&str, String> = HashMap::from([
+        ("MESH_PROXY_INBOUND_LISTEN", "127.0.0.1:0".to_string()),
+        ("MESH_PROXY_OUTBOUND_LISTEN", "127.0.0.1:0".to_string()),
+        ("MESH_PROXY_ADMIN_LISTEN", "127.0.0.1:0".to_string()),
+        ("MESH_PROXY_DETECT_TIMEOUT", "200ms".to_string()),
+        ("MESH_PROXY_SHUTDOWN_GRACE_PERIOD", "2s".to_string()),
+    ]);
+    if let Some(controller) = controller {
+        vars.insert("MESH_PROXY_CONTROLLER_ADDR", controller.to_string());
+    }
+    let config = Config::from_lookup(|var| vars.get(var).cloned()).expect("test config");
+    let listeners = Listeners::bind(&config)
+        .await
+        .expect("bind proxy listeners");
+    app::start(config, listeners).expect("start proxy")
+}
+
+/// GETs a path on a proxy's admin server.
+pub async fn admin_get(proxy: &Running, path: &str) -> (StatusCode, String) {
+    let stream = tokio::net::TcpStream::connect(proxy.admin_addr)
+        .await
+        .expect("connect admin");
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("admin handshake");
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(
+            Request::get(path)
+                .header("host", "admin")
+                .body(Full::<Bytes>::default())
+                .expect("request"),
+        )
+        .await
+        .expect("admin request");
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Runs curl with `args`, returning stdout (and failing the test with stderr on error).
+pub async fn curl(args: &[&str]) -> String {
+    let output = tokio::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "10"])
+        .args(args)
+        .output()
+        .await
+        .expect("curl runs (apt-get install curl)");
+    assert!(
+        output.status.success(),
+        "curl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The value of a metric line starting with `prefix` (name and labels), summed over matches.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(name) && labels.iter().all(|l| line.contains(l)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -3,14 +3,13 @@
 //! Each endpoint scores the key with a hash of (key, endpoint address) and the best score
 //! wins. Why rendezvous rather than a ring or Maglev:
 //! - minimal movement by construction: adding an endpoint moves only the keys it now wins
-//!   (about its share of the weight), removing one moves only its own keys, and nothing else
-//!   changes, where a ring moves keys in proportion to its virtual-node noise and Maglev
-//!   reshuffles a few more;
-//! - nothing to build or store per endpoint set, and no table-size trade-off between memory
-//!   and evenness; weights are exact (the logarithmic method below);
-//! - the cost, one hash per endpoint per pick, is small for the endpoint sets a service has
-//!   (a few hundred nanoseconds for dozens of endpoints); a table would pay off only for
-//!   thousands of endpoints.
+//!   (its share of the weight), removing one moves only its own keys, and nothing else
+//!   changes; a ring does the same but shares keys unevenly unless it has many virtual nodes
+//!   per endpoint, and Maglev trades a little extra movement for its even table;
+//! - nothing to build or store per endpoint set, no table-size trade-off between memory and
+//!   evenness, and exact weights (the logarithmic method below);
+//! - the cost, one hash per endpoint per pick (nanoseconds each, tens with weights), is small
+//!   for the endpoint sets services have; a table would pay off only for thousands.
 //!
 //! The hashes are fixed functions of the key and the address, not seeded per process, so every
 //! proxy sends a key to the same endpoint.

@@ -1,13 +1,137 @@
-//! `mesh-controller`: the mesh's control plane.
+//! `mesh-controller`: the mesh's control plane. Flags in, [`mesh_controller::run`] out.
 
-use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
-/// The mesh's control plane: discovery, identity, policy and observability over gRPC.
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use mesh_controller::{Config, Discovery};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// Watch a Kubernetes API server.
+    Kubernetes,
+    /// Read a folder of Kubernetes-style YAML.
+    File,
+}
+
+/// The mesh's control plane: discovery (Destination API) over gRPC, plus an admin port.
 #[derive(Debug, Parser)]
 #[command(name = "mesh-controller", version, about)]
-struct Args {}
+struct Args {
+    /// Where discovery reads the cluster from.
+    #[arg(
+        long,
+        env = "MESH_CONTROLLER_DISCOVERY",
+        value_enum,
+        default_value = "kubernetes"
+    )]
+    discovery: Backend,
+    /// The folder of YAML for `--discovery file` (read recursively, watched for changes).
+    #[arg(
+        long,
+        env = "MESH_CONTROLLER_CONFIG_DIR",
+        required_if_eq("discovery", "file")
+    )]
+    config_dir: Option<PathBuf>,
+    /// How often the file backend looks for changes, in milliseconds.
+    #[arg(long, env = "MESH_CONTROLLER_POLL_INTERVAL_MS", default_value_t = 250)]
+    poll_interval_ms: u64,
+    /// The gRPC address (Destination API).
+    #[arg(
+        long,
+        env = "MESH_CONTROLLER_GRPC_LISTEN",
+        default_value = "0.0.0.0:8086"
+    )]
+    grpc_listen: SocketAddr,
+    /// The admin address (/metrics, /ready, /live).
+    #[arg(
+        long,
+        env = "MESH_CONTROLLER_ADMIN_LISTEN",
+        default_value = "0.0.0.0:9990"
+    )]
+    admin_listen: SocketAddr,
+    /// A kubeconfig for `--discovery kubernetes`; default: in-cluster config or $KUBECONFIG.
+    #[arg(long, env = "MESH_CONTROLLER_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// The trust domain of SPIFFE identities.
+    #[arg(
+        long,
+        env = "MESH_CONTROLLER_TRUST_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    trust_domain: String,
+    /// The cluster's DNS domain (`name.ns.svc.<domain>`).
+    #[arg(
+        long,
+        env = "MESH_CONTROLLER_CLUSTER_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    cluster_domain: String,
+    /// Log filter: a level (`info`, `debug`) or tracing directives (`mesh_controller=debug`).
+    #[arg(long, env = "MESH_CONTROLLER_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
 
 fn main() -> anyhow::Result<()> {
-    let _args = Args::parse();
-    anyhow::bail!("the controller is not built yet (issue: mesh-controller discovery)")
+    let args = Args::parse();
+    let filter = EnvFilter::try_new(&args.log_level)
+        .with_context(|| format!("invalid --log-level {:?}", args.log_level))?;
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+
+    let discovery = match args.discovery {
+        Backend::File => Discovery::File {
+            dir: args
+                .config_dir
+                .clone()
+                .context("--discovery file needs --config-dir")?,
+            poll_interval: Duration::from_millis(args.poll_interval_ms.max(10)),
+        },
+        Backend::Kubernetes => Discovery::Kubernetes {
+            kubeconfig: args.kubeconfig.clone(),
+        },
+    };
+    let config = Config {
+        trust_domain: args.trust_domain.clone(),
+        cluster_domain: args.cluster_domain.clone(),
+        ..Config::new(discovery)
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let grpc = tokio::net::TcpListener::bind(args.grpc_listen)
+            .await
+            .with_context(|| format!("binding --grpc-listen {}", args.grpc_listen))?;
+        let admin = tokio::net::TcpListener::bind(args.admin_listen)
+            .await
+            .with_context(|| format!("binding --admin-listen {}", args.admin_listen))?;
+        mesh_controller::run(config, grpc, admin, shutdown_signal())
+            .await
+            .context("controller failed")
+    })
+}
+
+/// Resolves on SIGTERM or ctrl-c.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("ctrl-c: shutting down"),
+        _ = term => tracing::info!("SIGTERM: shutting down"),
+    }
 }

@@ -1,0 +1,392 @@
+//! Table tests of endpoint derivation: objects (as YAML, the way people write them) in,
+//! endpoint sets for targets out.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::file::parse_documents;
+
+const SHOP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+  annotations: {config.mesh.dev/opaque-ports: "5432"}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: pg, port: 5432}
+  - {name: dns, port: 53, protocol: UDP}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-7d9f8-aaaaa
+  namespace: shop
+  labels: {app: web, topology.kubernetes.io/zone: zone-a}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-7d9f8, uid: u1, controller: true}]
+spec:
+  serviceAccountName: web
+  containers:
+  - {name: app, ports: [{name: http, containerPort: 8080}]}
+  - {name: mesh-proxy}
+status:
+  podIP: 10.0.0.1
+  conditions: [{type: Ready, status: "True"}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-7d9f8-bbbbb, namespace: shop, labels: {app: web}}
+spec:
+  containers: [{name: app, ports: [{name: http, containerPort: 8080}]}]
+status:
+  podIP: 10.0.0.2
+  conditions: [{type: Ready, status: "False"}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-pending, namespace: shop, labels: {app: web}}
+spec:
+  containers: [{name: app}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-plain
+  namespace: shop
+  labels: {app: web}
+  annotations: {config.mesh.dev/opaque-ports: "8080"}
+spec:
+  containers: [{name: app, ports: [{name: http, containerPort: 8080}]}]
+status: {podIP: 10.0.0.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other, namespace: shop, labels: {app: other}}
+spec:
+  containers: [{name: app}]
+status: {podIP: 10.0.0.9}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {app: db}
+  ports: [{port: 5432}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: db-abc
+  namespace: shop
+  labels: {kubernetes.io/service-name: db}
+addressType: IPv4
+ports: [{port: 15432}]
+endpoints:
+- addresses: [10.0.1.1]
+  conditions: {ready: true}
+  zone: zone-b
+  targetRef: {kind: Pod, name: db-0, namespace: shop}
+- addresses: [10.0.1.2]
+  conditions: {ready: false}
+- addresses: [10.0.1.3]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: db-0
+  namespace: shop
+  labels: {app: db}
+  annotations: {mesh.dev/proxy-inbound-port: "4999"}
+  ownerReferences: [{apiVersion: apps/v1, kind: StatefulSet, name: db, uid: u2, controller: true}]
+spec: {serviceAccountName: db, containers: [{name: db}]}
+status: {podIP: 10.0.1.1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: shop}
+spec:
+  clusterIP: None
+  selector: {app: nothing}
+  ports: [{port: 80}]
+"#;
+
+fn objects(yaml: &str) -> Vec<Object> {
+    parse_documents(yaml).expect("test fixture parses")
+}
+
+fn file_options() -> IndexOptions {
+    IndexOptions {
+        trust_domain: "example.org".to_owned(),
+        meshed_rule: MeshedRule::InjectAnnotation,
+        endpoints_from_pods: true,
+    }
+}
+
+fn loaded(yaml: &str, options: IndexOptions) -> (Index, watch::Receiver<Arc<Snapshot>>) {
+    let (mut index, rx) = Index::new(options);
+    index.replace_all(objects(yaml));
+    index.publish().expect("a first load publishes");
+    (index, rx)
+}
+
+fn svc(name: &str, port: u16) -> Target {
+    Target::Service {
+        namespace: "shop".to_owned(),
+        name: name.to_owned(),
+        port,
+    }
+}
+
+fn addr(text: &str) -> Target {
+    Target::Addr(text.parse().expect("test address"))
+}
+
+/// One line per endpoint: `addr id=<sa> inbound=<port> opaque zone=<z> workload=<kind/name>`.
+fn show(resolution: &Resolution) -> Result<(bool, Vec<String>), String> {
+    match resolution {
+        Resolution::NotFound(reason) => Err(reason.clone()),
+        Resolution::Found(state) => Ok((
+            state.exists,
+            state
+                .endpoints
+                .values()
+                .map(|ep| {
+                    let mut line = ep.addr.to_string();
+                    if let Some(id) = &ep.identity {
+                        line.push_str(&format!(" id={id}"));
+                    }
+                    if let Some(port) = ep.inbound_proxy_port {
+                        line.push_str(&format!(" inbound={port}"));
+                    }
+                    if ep.opaque {
+                        line.push_str(" opaque");
+                    }
+                    if let Some(zone) = &ep.zone {
+                        line.push_str(&format!(" zone={zone}"));
+                    }
+                    if let Some(pod) = &ep.pod {
+                        line.push_str(&format!(
+                            " workload={}/{}",
+                            pod.workload_kind, pod.workload_name
+                        ));
+                    }
+                    line
+                })
+                .collect(),
+        )),
+    }
+}
+
+#[test]
+fn targets_resolve_to_their_ready_endpoints() {
+    let (_index, rx) = loaded(SHOP, file_options());
+    let snapshot = rx.borrow().clone();
+    let web_80 = Ok((
+        true,
+        vec![
+            "10.0.0.1:8080 id=spiffe://example.org/ns/shop/sa/web inbound=4143 zone=zone-a workload=deployment/web".to_owned(),
+            "10.0.0.3:8080 opaque workload=pod/web-plain".to_owned(),
+        ],
+    ));
+    type Want = Result<(bool, Vec<String>), &'static str>;
+    let cases: Vec<(&str, Target, Want)> = vec![
+        ("by name, from pods, named target port", svc("web", 80), web_80.clone()),
+        ("by cluster IP", addr("10.96.0.10:80"), web_80),
+        (
+            "opaque service port",
+            svc("web", 5432),
+            Ok((
+                true,
+                vec![
+                    "10.0.0.1:5432 id=spiffe://example.org/ns/shop/sa/web inbound=4143 opaque zone=zone-a workload=deployment/web".to_owned(),
+                    "10.0.0.3:5432 opaque workload=pod/web-plain".to_owned(),
+                ],
+            )),
+        ),
+        ("UDP port is not served", svc("web", 53), Err("service shop/web has no TCP port 53")),
+        ("unknown port", svc("web", 81), Err("service shop/web has no TCP port 81")),
+        ("unknown service", svc("nope", 80), Err("service shop/nope not found (nope.shop.svc:80)")),
+        (
+            "from slices: ready and unknown-ready, with zone and pod",
+            svc("db", 5432),
+            Ok((
+                true,
+                vec![
+                    "10.0.1.1:15432 id=spiffe://example.org/ns/shop/sa/db inbound=4999 zone=zone-b workload=statefulset/db".to_owned(),
+                    "10.0.1.3:15432".to_owned(),
+                ],
+            )),
+        ),
+        ("exists with nothing ready", svc("empty", 80), Ok((true, vec![]))),
+        (
+            "a pod IP, even not ready, is the pod itself",
+            addr("10.0.0.2:9999"),
+            Ok((true, vec!["10.0.0.2:9999 workload=pod/web-7d9f8-bbbbb".to_owned()])),
+        ),
+        (
+            "a pod IP on an opaque port",
+            addr("10.0.0.3:8080"),
+            Ok((true, vec!["10.0.0.3:8080 opaque workload=pod/web-plain".to_owned()])),
+        ),
+        (
+            "unknown IP",
+            addr("10.9.9.9:80"),
+            Err("10.9.9.9:80 is neither a service cluster IP nor a pod IP"),
+        ),
+    ];
+    for (name, target, want) in cases {
+        let want = want.map_err(str::to_owned);
+        assert_eq!(show(&snapshot.resolve(&target)), want, "{name}");
+    }
+}
+
+#[test]
+fn the_kubernetes_backend_reads_slices_only_and_needs_the_proxy_present() {
+    let options = IndexOptions {
+        trust_domain: "cluster.local".to_owned(),
+        ..IndexOptions::default()
+    };
+    let yaml = format!(
+        "{SHOP}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: injected, namespace: shop, \
+         labels: {{app: web}}, annotations: {{mesh.dev/inject: enabled}}}}\nspec: {{containers: [{{name: app}}]}}\n\
+         status: {{podIP: 10.0.0.7}}\n"
+    );
+    let (_index, rx) = loaded(&yaml, options);
+    let snapshot = rx.borrow().clone();
+    assert_eq!(
+        show(&snapshot.resolve(&svc("web", 80))),
+        Ok((true, vec![])),
+        "no slices and no pod derivation: nothing"
+    );
+    assert_eq!(
+        show(&snapshot.resolve(&addr("10.0.0.7:80"))),
+        Ok((true, vec!["10.0.0.7:80 workload=pod/injected".to_owned()])),
+        "the inject annotation alone is not a proxy"
+    );
+}
+
+#[test]
+fn unchanged_sets_keep_their_pointer_and_changes_make_new_ones() {
+    let (mut index, rx) = loaded(SHOP, file_options());
+    let before = rx.borrow().clone();
+    let web = |s: &Snapshot| s.resolve(&svc("web", 80)).into_state();
+    let db = |s: &Snapshot| s.resolve(&svc("db", 5432)).into_state();
+
+    // Reapplying the same objects changes nothing and publishes nothing.
+    index.replace_all(objects(SHOP));
+    assert!(index.publish().is_none());
+
+    // A new pod for web: web changes, db keeps its set.
+    let scaled = format!(
+        "{SHOP}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-new, namespace: shop, labels: {{app: web}}}}\n\
+         spec: {{containers: [{{name: app, ports: [{{name: http, containerPort: 8080}}]}}]}}\nstatus: {{podIP: 10.0.0.4}}\n"
+    );
+    index.replace_all(objects(&scaled));
+    let after = index.publish().expect("a new pod publishes");
+    assert!(!web(&before).same_as(&web(&after)));
+    assert!(db(&before).same_as(&db(&after)));
+    assert_eq!(web(&after).endpoints.len(), 3);
+    assert!(after.version > before.version);
+
+    // A change in another namespace rebuilds nothing here.
+    let elsewhere = objects(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: x, namespace: other}\nstatus: {podIP: 10.1.0.1}\n",
+    );
+    for object in elsewhere {
+        assert!(index.apply(object));
+    }
+    let third = index.publish().expect("a new pod publishes");
+    assert!(web(&after).same_as(&web(&third)));
+    assert_eq!(third.counts.get(&Kind::Pod), Some(&8));
+
+    // Deleting the service: unknown from then on.
+    assert!(index.delete(Kind::Service, &ObjectKey::new("shop", "web")));
+    let gone = index.publish().expect("a deletion publishes");
+    assert_eq!(
+        gone.resolve(&svc("web", 80)),
+        Resolution::NotFound("service shop/web not found (web.shop.svc:80)".to_owned())
+    );
+    assert!(matches!(
+        gone.resolve(&addr("10.96.0.10:80")),
+        Resolution::NotFound(_)
+    ));
+}
+
+#[test]
+fn namespace_annotations_mesh_and_make_opaque_the_pods_in_it() {
+    let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  annotations: {mesh.dev/inject: enabled, config.mesh.dev/opaque-ports: "6379"}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cache, namespace: shop}
+spec:
+  selector: {app: cache}
+  ports: [{port: 6379}, {name: admin, port: 9000}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: cache-0, namespace: shop, labels: {app: cache}}
+spec: {serviceAccountName: cache, containers: [{name: redis}]}
+status: {podIP: 10.0.2.1}
+"#;
+    let (mut index, rx) = loaded(yaml, file_options());
+    let snapshot = rx.borrow().clone();
+    assert_eq!(
+        show(&snapshot.resolve(&svc("cache", 6379))),
+        Ok((
+            true,
+            vec![
+                "10.0.2.1:6379 id=spiffe://example.org/ns/shop/sa/cache inbound=4143 opaque workload=pod/cache-0"
+                    .to_owned()
+            ]
+        ))
+    );
+    assert_eq!(
+        show(&snapshot.resolve(&svc("cache", 9000))),
+        Ok((
+            true,
+            vec!["10.0.2.1:9000 id=spiffe://example.org/ns/shop/sa/cache inbound=4143 workload=pod/cache-0".to_owned()]
+        ))
+    );
+    // Removing the namespace's annotations (a Namespace change) rebuilds its services.
+    assert!(
+        index.apply(objects("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n").remove(0))
+    );
+    let after = index.publish().expect("a namespace change publishes");
+    assert_eq!(
+        show(&after.resolve(&svc("cache", 6379))),
+        Ok((true, vec!["10.0.2.1:6379 workload=pod/cache-0".to_owned()]))
+    );
+}
+
+#[test]
+fn relisting_one_kind_replaces_only_that_kind() {
+    let (mut index, rx) = loaded(SHOP, file_options());
+    let pods_only: Vec<Object> = objects(SHOP)
+        .into_iter()
+        .filter(|o| o.kind() == Kind::Pod && o.key().name != "web-plain")
+        .collect();
+    index.replace_kind(Kind::Pod, pods_only);
+    let after = index.publish().expect("a pod left");
+    assert_eq!(after.counts.get(&Kind::Service), Some(&3));
+    assert_eq!(after.counts.get(&Kind::Pod), Some(&5));
+    assert_eq!(
+        show(&after.resolve(&svc("web", 80))).map(|(_, eps)| eps.len()),
+        Ok(1)
+    );
+    assert!(rx.has_changed().expect("the index is alive"));
+}

@@ -1,0 +1,196 @@
+//! `mesh-controller`: the mesh's control plane.
+//!
+//! This crate owns discovery: one in-memory [`index`] of Services, EndpointSlices, Pods,
+//! Namespaces and ServiceAccounts, fed by a backend (a Kubernetes API server's watches, or a
+//! folder of the same YAML), served to proxies by `Destination.Get` over gRPC, with an admin
+//! port for `/metrics`, `/ready` and `/live`. It must not carry traffic, and it must never
+//! panic or stop serving because of what it reads from files or the network: bad input is
+//! reported and the last good state stays served.
+//!
+//! The decisions are pure functions over snapshots, tested beside them: [`meta`] (meshed,
+//! identity, opaque ports, workload), [`index`] (endpoints of a Service port or a pod),
+//! [`endpoints`] (the diffs a stream sends), [`target`] (what a request names).
+//! [`run`] takes already-bound listeners so tests run it on `127.0.0.1:0`.
+
+pub mod admin;
+pub mod destination;
+pub mod endpoints;
+pub mod file;
+pub mod health;
+pub mod index;
+pub mod meta;
+pub mod metrics;
+pub mod objects;
+pub mod target;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use health::{Health, HealthState};
+pub use metrics::Metrics;
+
+use crate::destination::DestinationService;
+use crate::index::{Index, IndexOptions};
+use crate::meta::MeshedRule;
+
+/// Where discovery reads the cluster from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Discovery {
+    /// A folder of Kubernetes-style YAML, polled for changes.
+    File {
+        /// The folder (read recursively).
+        dir: PathBuf,
+        /// How often to look for changes.
+        poll_interval: Duration,
+    },
+    /// A Kubernetes API server.
+    Kubernetes {
+        /// A kubeconfig file; without one, the in-cluster config or `KUBECONFIG`.
+        kubeconfig: Option<PathBuf>,
+    },
+}
+
+/// Everything [`run`] needs besides its listeners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The discovery backend.
+    pub discovery: Discovery,
+    /// The trust domain of SPIFFE identities (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`).
+    pub trust_domain: String,
+    /// The cluster's DNS domain: `name.ns.svc.<cluster-domain>` names a Service.
+    pub cluster_domain: String,
+    /// How long a `Destination.Get` waits for discovery's first sync before UNAVAILABLE.
+    pub sync_wait: Duration,
+}
+
+impl Config {
+    /// A config with the defaults for everything but the backend.
+    pub fn new(discovery: Discovery) -> Self {
+        Self {
+            discovery,
+            trust_domain: "cluster.local".to_owned(),
+            cluster_domain: "cluster.local".to_owned(),
+            sync_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the controller could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The config folder of the file backend is not a readable folder.
+    #[error("config folder {path}: {reason}")]
+    ConfigDir {
+        /// The folder.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No Kubernetes client could be built (kubeconfig, in-cluster config).
+    #[error("kubernetes client: {0}")]
+    Kubernetes(String),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    /// The admin server failed.
+    #[error("admin server: {0}")]
+    Admin(#[source] std::io::Error),
+}
+
+/// Runs the controller: discovery, the gRPC server on `grpc`, the admin server on `admin`,
+/// until `shutdown` resolves; then stops accepting, ends open streams and returns.
+pub async fn run(
+    config: Config,
+    grpc: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let metrics = Metrics::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = std::sync::Arc::new(stop_tx);
+    let signal = stop_tx.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = signal.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let (health, snapshots, backend) = match &config.discovery {
+        Discovery::File { dir, poll_interval } => {
+            let meta = std::fs::metadata(dir).map_err(|e| Error::ConfigDir {
+                path: dir.clone(),
+                reason: e.to_string(),
+            })?;
+            if !meta.is_dir() {
+                return Err(Error::ConfigDir {
+                    path: dir.clone(),
+                    reason: "not a folder".to_owned(),
+                });
+            }
+            let (index, snapshots) = Index::new(IndexOptions {
+                trust_domain: config.trust_domain.clone(),
+                meshed_rule: MeshedRule::InjectAnnotation,
+                endpoints_from_pods: true,
+            });
+            let health = Health::new(format!("the first scan of {}", dir.display()));
+            let backend = tokio::spawn(file::run(
+                dir.clone(),
+                *poll_interval,
+                index,
+                health.clone(),
+                metrics.clone(),
+                stop_rx.clone(),
+            ));
+            (health, snapshots, backend)
+        }
+        Discovery::Kubernetes { .. } => {
+            return Err(Error::Kubernetes(
+                "the kubernetes backend is not built yet".to_owned(),
+            ));
+        }
+    };
+
+    let admin_server = tokio::spawn(admin::serve(
+        admin,
+        health.clone(),
+        metrics.clone(),
+        stopped(stop_rx.clone()),
+    ));
+
+    let destination = DestinationService::new(
+        snapshots,
+        health,
+        metrics,
+        config.cluster_domain.clone(),
+        config.sync_wait,
+        stop_rx.clone(),
+    );
+    tracing::info!(
+        grpc = ?grpc.local_addr().ok(),
+        discovery = ?config.discovery,
+        "controller serving"
+    );
+    let served = tonic::transport::Server::builder()
+        // Finds proxies that vanished without closing their streams.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(destination.into_server())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()))
+        .await;
+    // Whatever ended the gRPC server ends the rest too.
+    let _ = stop_tx.send(true);
+    let admin_result = admin_server.await;
+    let _ = backend.await;
+    served?;
+    match admin_result {
+        Ok(result) => result.map_err(Error::Admin),
+        Err(join) => Err(Error::Admin(std::io::Error::other(join))),
+    }
+}

@@ -1,0 +1,281 @@
+//! The Kubernetes objects discovery reads, in one enum so that every backend (the API server's
+//! watchers, a folder of YAML) hands the index the same input model.
+
+use std::fmt;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+/// The namespace of a namespaced object that names none, as `kubectl apply` assumes.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Which kind of object: the index keeps one map per kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// core/v1 Namespace (cluster-scoped).
+    Namespace,
+    /// core/v1 Service.
+    Service,
+    /// discovery.k8s.io/v1 EndpointSlice.
+    EndpointSlice,
+    /// core/v1 Pod.
+    Pod,
+    /// core/v1 ServiceAccount.
+    ServiceAccount,
+}
+
+impl Kind {
+    /// Every kind, in a fixed order (metrics report each, even when zero).
+    pub const ALL: [Kind; 5] = [
+        Kind::Namespace,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Pod,
+        Kind::ServiceAccount,
+    ];
+
+    /// The Kubernetes kind name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Pod => "Pod",
+            Kind::ServiceAccount => "ServiceAccount",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Names an object within its kind. Cluster-scoped objects (Namespaces) have an empty
+/// namespace. Ordered by namespace first, so one namespace's objects are a contiguous range.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    /// The namespace; empty for cluster-scoped objects.
+    pub namespace: String,
+    /// The object's name.
+    pub name: String,
+}
+
+impl ObjectKey {
+    /// A key from its parts.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            f.write_str(&self.name)
+        } else {
+            write!(f, "{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
+/// One object discovery understands. Shared (`Arc`): the API server's reflectors hand out
+/// `Arc`s, and the index clones objects into snapshots' inputs without copying them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    /// A Namespace: its annotations set defaults for the pods in it.
+    Namespace(Arc<Namespace>),
+    /// A Service: ports, cluster IPs, selector.
+    Service(Arc<Service>),
+    /// An EndpointSlice of a Service.
+    EndpointSlice(Arc<EndpointSlice>),
+    /// A Pod: identity, readiness, ports, owner.
+    Pod(Arc<Pod>),
+    /// A ServiceAccount (counted; the identity comes from the pod's `serviceAccountName`).
+    ServiceAccount(Arc<ServiceAccount>),
+}
+
+/// A document that looked like one of our kinds but does not fit its schema.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind} {name}: {source}")]
+pub struct ObjectError {
+    /// The kind the document claimed.
+    pub kind: String,
+    /// The name it claimed, or `?`.
+    pub name: String,
+    /// Why it does not fit.
+    #[source]
+    pub source: serde_json::Error,
+}
+
+impl Object {
+    /// The object's kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Namespace(_) => Kind::Namespace,
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::Pod(_) => Kind::Pod,
+            Object::ServiceAccount(_) => Kind::ServiceAccount,
+        }
+    }
+
+    fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match self {
+            Object::Namespace(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+            Object::ServiceAccount(o) => &o.metadata,
+        }
+    }
+
+    fn metadata_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match self {
+            Object::Namespace(o) => &mut Arc::make_mut(o).metadata,
+            Object::Service(o) => &mut Arc::make_mut(o).metadata,
+            Object::EndpointSlice(o) => &mut Arc::make_mut(o).metadata,
+            Object::Pod(o) => &mut Arc::make_mut(o).metadata,
+            Object::ServiceAccount(o) => &mut Arc::make_mut(o).metadata,
+        }
+    }
+
+    /// The object's key. Namespaced objects without a namespace get [`DEFAULT_NAMESPACE`]
+    /// (see [`Object::with_default_namespace`]); cluster-scoped ones an empty namespace.
+    pub fn key(&self) -> ObjectKey {
+        let meta = self.metadata();
+        let name = meta.name.clone().unwrap_or_default();
+        if self.kind() == Kind::Namespace {
+            return ObjectKey::new("", name);
+        }
+        let namespace = meta
+            .namespace
+            .clone()
+            .filter(|ns| !ns.is_empty())
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+        ObjectKey::new(namespace, name)
+    }
+
+    /// The same object with its namespace filled in when it named none, as the API server
+    /// would do on create; files often leave it out.
+    pub fn with_default_namespace(mut self) -> Self {
+        if self.kind() != Kind::Namespace {
+            let meta = self.metadata_mut();
+            if meta.namespace.as_deref().is_none_or(str::is_empty) {
+                meta.namespace = Some(DEFAULT_NAMESPACE.to_owned());
+            }
+        }
+        self
+    }
+
+    /// The namespaces whose derived views this object can change: its own namespace, or the
+    /// namespace it is.
+    pub fn affected_namespace(&self) -> String {
+        let key = self.key();
+        if self.kind() == Kind::Namespace {
+            key.name
+        } else {
+            key.namespace
+        }
+    }
+
+    /// Reads one document given as a JSON value (YAML is parsed into the same model).
+    /// `Ok(None)` for a kind discovery does not use; an error when the document claims one of
+    /// our kinds but does not fit its schema.
+    pub fn from_value(value: serde_json::Value) -> Result<Option<Object>, ObjectError> {
+        let kind = value
+            .get("kind")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let api_version = value
+            .get("apiVersion")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let name = value
+            .pointer("/metadata/name")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("?")
+            .to_owned();
+        let wrap = |source| ObjectError {
+            kind: kind.clone(),
+            name: name.clone(),
+            source,
+        };
+        let object = match (api_version.as_str(), kind.as_str()) {
+            ("v1", "Namespace") => {
+                Object::Namespace(Arc::new(serde_json::from_value(value).map_err(wrap)?))
+            }
+            ("v1", "Service") => {
+                Object::Service(Arc::new(serde_json::from_value(value).map_err(wrap)?))
+            }
+            ("v1", "Pod") => Object::Pod(Arc::new(serde_json::from_value(value).map_err(wrap)?)),
+            ("v1", "ServiceAccount") => {
+                Object::ServiceAccount(Arc::new(serde_json::from_value(value).map_err(wrap)?))
+            }
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                Object::EndpointSlice(Arc::new(serde_json::from_value(value).map_err(wrap)?))
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(object))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn documents_map_to_kinds_and_keys() {
+        let cases = [
+            (
+                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}}),
+                Some((Kind::Service, ObjectKey::new("default", "web"))),
+            ),
+            (
+                json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "shop"}}),
+                Some((Kind::Pod, ObjectKey::new("shop", "p"))),
+            ),
+            (
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}),
+                Some((Kind::Namespace, ObjectKey::new("", "shop"))),
+            ),
+            (
+                json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                       "metadata": {"name": "web-1", "namespace": "shop"}, "addressType": "IPv4",
+                       "endpoints": []}),
+                Some((Kind::EndpointSlice, ObjectKey::new("shop", "web-1"))),
+            ),
+            (
+                json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}}),
+                None,
+            ),
+            (
+                json!({"apiVersion": "policy.mesh.dev/v1", "kind": "Server", "metadata": {"name": "s"}}),
+                None,
+            ),
+        ];
+        for (doc, want) in cases {
+            let got = Object::from_value(doc.clone())
+                .expect("document fits its schema")
+                .map(|o| (o.kind(), o.key()));
+            assert_eq!(got, want, "{doc}");
+        }
+    }
+
+    #[test]
+    fn a_document_that_does_not_fit_its_kind_is_an_error_naming_it() {
+        let doc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+                         "spec": {"ports": "eighty"}});
+        let err = Object::from_value(doc).expect_err("ports must be a list");
+        let text = err.to_string();
+        assert!(text.starts_with("Service web:"), "{text}");
+    }
+}

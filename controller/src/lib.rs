@@ -1,8 +1,8 @@
 //! `mesh-controller`: the mesh's control plane.
 //!
 //! This crate owns discovery: one in-memory [`index`] of Services, EndpointSlices, Pods,
-//! Namespaces and ServiceAccounts, fed by a backend (a Kubernetes API server's watches, or a
-//! folder of the same YAML), served to proxies by `Destination.Get` over gRPC, with an admin
+//! Namespaces and ServiceAccounts, fed by a backend ([`kubernetes`]: an API server's watches;
+//! [`file`]: a folder of the same YAML), served to proxies by `Destination.Get` over gRPC, with an admin
 //! port for `/metrics`, `/ready` and `/live`. It must not carry traffic, and it must never
 //! panic or stop serving because of what it reads from files or the network: bad input is
 //! reported and the last good state stays served.
@@ -18,6 +18,7 @@ pub mod endpoints;
 pub mod file;
 pub mod health;
 pub mod index;
+pub mod kubernetes;
 pub mod meta;
 pub mod metrics;
 pub mod objects;
@@ -150,10 +151,23 @@ pub async fn run(
             ));
             (health, snapshots, backend)
         }
-        Discovery::Kubernetes { .. } => {
-            return Err(Error::Kubernetes(
-                "the kubernetes backend is not built yet".to_owned(),
+        Discovery::Kubernetes { kubeconfig } => {
+            let client = kubernetes::client(kubeconfig.as_deref()).await?;
+            let (index, snapshots) = Index::new(IndexOptions {
+                trust_domain: config.trust_domain.clone(),
+                meshed_rule: MeshedRule::ProxyPresent,
+                endpoints_from_pods: false,
+            });
+            let health =
+                Health::new("the first list of Namespaces, Services, EndpointSlices and Pods");
+            let backend = tokio::spawn(kubernetes::run(
+                client,
+                index,
+                health.clone(),
+                metrics.clone(),
+                stop_rx.clone(),
             ));
+            (health, snapshots, backend)
         }
     };
 

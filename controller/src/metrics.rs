@@ -171,6 +171,24 @@ impl Metrics {
         }
     }
 
+    pub(crate) fn watch_event(&self, kind: Kind, event: &'static str) {
+        self.discovery_events
+            .get_or_create(&EventLabels {
+                backend: "kubernetes",
+                kind: kind.as_str(),
+                event,
+            })
+            .inc();
+    }
+
+    pub(crate) fn watch_error(&self, kind: Kind) {
+        self.watch_errors
+            .get_or_create(&KindLabels {
+                kind: kind.as_str(),
+            })
+            .inc();
+    }
+
     pub(crate) fn file_parse_error(&self) {
         self.file_parse_errors.inc();
     }

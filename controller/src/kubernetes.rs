@@ -1,0 +1,225 @@
+//! The `kubernetes` discovery backend: kube-rs watchers on Services, EndpointSlices
+//! (`discovery.k8s.io/v1`), Pods and Namespaces, feeding the same [`Index`] as the file
+//! backend.
+//!
+//! One watcher per kind forwards its events to one task that owns the index, so the index
+//! has a single writer; the task applies every event already queued before publishing, so a
+//! burst (a relist, a rollout) becomes one snapshot. A watch error is counted, reported on
+//! `/ready`, and retried by kube's watcher with its default exponential backoff; after a
+//! reconnect the watcher relists, and the relist replaces that kind wholesale, so objects
+//! deleted (or deleted and recreated) while the watch was down are right again.
+//!
+//! RBAC (read-only), as a ClusterRole:
+//!
+//! ```yaml
+//! rules:
+//! - apiGroups: [""]
+//!   resources: [services, pods, namespaces]
+//!   verbs: [get, list, watch]
+//! - apiGroups: [discovery.k8s.io]
+//!   resources: [endpointslices]
+//!   verbs: [get, list, watch]
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::path::Path;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, watch};
+
+use crate::Health;
+use crate::index::Index;
+use crate::metrics::Metrics;
+use crate::objects::{Kind, Object};
+
+/// The kinds watched; the backend is synced once each has listed once.
+const WATCHED: [Kind; 4] = [
+    Kind::Namespace,
+    Kind::Service,
+    Kind::EndpointSlice,
+    Kind::Pod,
+];
+
+/// Builds a client from a kubeconfig file, or (without one) from the environment: the
+/// in-cluster service account, or `KUBECONFIG` / `~/.kube/config`.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, crate::Error> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| crate::Error::Kubernetes(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| crate::Error::Kubernetes(format!("{}: {e}", path.display())))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| crate::Error::Kubernetes(e.to_string()))?,
+    };
+    Client::try_from(config).map_err(|e| crate::Error::Kubernetes(e.to_string()))
+}
+
+/// One watcher event, reduced to what the index needs.
+#[derive(Debug)]
+enum Change {
+    Apply(Object),
+    Delete(Object),
+    Init,
+    InitApply(Object),
+    InitDone,
+    Error(String),
+}
+
+/// What the index task knows of one kind's watch.
+#[derive(Debug, Default)]
+struct WatchState {
+    /// Objects of a relist in progress.
+    relist: Option<Vec<Object>>,
+    listed: bool,
+}
+
+/// Runs the backend until `shutdown` turns true.
+pub(crate) async fn run(
+    client: Client,
+    mut index: Index,
+    health: Health,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    // Big enough to absorb a relist page without stalling the watchers.
+    let (tx, mut rx) = mpsc::channel::<(Kind, Change)>(1024);
+    let watchers = [
+        tokio::spawn(forward(
+            Api::<Namespace>::all(client.clone()),
+            Kind::Namespace,
+            tx.clone(),
+        )),
+        tokio::spawn(forward(
+            Api::<Service>::all(client.clone()),
+            Kind::Service,
+            tx.clone(),
+        )),
+        tokio::spawn(forward(
+            Api::<EndpointSlice>::all(client.clone()),
+            Kind::EndpointSlice,
+            tx.clone(),
+        )),
+        tokio::spawn(forward(Api::<Pod>::all(client), Kind::Pod, tx)),
+    ];
+    let mut states: BTreeMap<Kind, WatchState> = WATCHED
+        .iter()
+        .map(|k| (*k, WatchState::default()))
+        .collect();
+    let mut synced = false;
+    loop {
+        let first = tokio::select! {
+            next = rx.recv() => next,
+            _ = shutdown.wait_for(|stop| *stop) => None,
+        };
+        let Some(first) = first else { break };
+        let mut batch = vec![first];
+        while let Ok(next) = rx.try_recv() {
+            batch.push(next);
+        }
+        for (kind, change) in batch {
+            apply(&mut index, &mut states, &health, &metrics, kind, change);
+        }
+        index.publish();
+        metrics.set_index_sizes(&index.counts());
+        if !synced && states.values().all(|s| s.listed) {
+            synced = true;
+            health.set_synced();
+            tracing::info!(counts = ?index.counts(), "kubernetes discovery synced");
+        }
+    }
+    for watcher in watchers {
+        watcher.abort();
+    }
+}
+
+fn apply(
+    index: &mut Index,
+    states: &mut BTreeMap<Kind, WatchState>,
+    health: &Health,
+    metrics: &Metrics,
+    kind: Kind,
+    change: Change,
+) {
+    let state = states.entry(kind).or_default();
+    if !matches!(change, Change::Error(_)) {
+        health.set_problem("kubernetes", kind.as_str(), None);
+    }
+    match change {
+        Change::Apply(object) => {
+            metrics.watch_event(kind, "apply");
+            index.apply(object);
+        }
+        Change::Delete(object) => {
+            metrics.watch_event(kind, "delete");
+            let key = object.with_default_namespace().key();
+            index.delete(kind, &key);
+        }
+        Change::Init => {
+            metrics.watch_event(kind, "relist");
+            state.relist = Some(Vec::new());
+        }
+        Change::InitApply(object) => state.relist.get_or_insert_with(Vec::new).push(object),
+        Change::InitDone => {
+            let objects = state.relist.take().unwrap_or_default();
+            tracing::debug!(%kind, count = objects.len(), "listed");
+            index.replace_kind(kind, objects);
+            state.listed = true;
+        }
+        Change::Error(message) => {
+            metrics.watch_error(kind);
+            tracing::warn!(%kind, error = %message, "watch failed; retrying with backoff");
+            health.set_problem("kubernetes", kind.as_str(), Some(message));
+        }
+    }
+}
+
+/// Watches one kind and forwards its events until the receiver is gone.
+async fn forward<K>(api: Api<K>, kind: Kind, tx: mpsc::Sender<(Kind, Change)>)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    Object: From<K>,
+{
+    let mut events = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(event) = events.next().await {
+        let change = match event {
+            Ok(Event::Apply(o)) => Change::Apply(Object::from(o)),
+            Ok(Event::Delete(o)) => Change::Delete(Object::from(o)),
+            Ok(Event::Init) => Change::Init,
+            Ok(Event::InitApply(o)) => Change::InitApply(Object::from(o)),
+            Ok(Event::InitDone) => Change::InitDone,
+            Err(e) => Change::Error(e.to_string()),
+        };
+        if tx.send((kind, change)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Objects from the API server, minus what discovery never reads (managed fields are often
+/// most of an object's size).
+macro_rules! from_watched {
+    ($($kind:ident),*) => {$(
+        impl From<$kind> for Object {
+            fn from(mut object: $kind) -> Self {
+                object.metadata.managed_fields = None;
+                Object::$kind(Arc::new(object))
+            }
+        }
+    )*};
+}
+
+from_watched!(Namespace, Service, EndpointSlice, Pod);

@@ -16,8 +16,12 @@ use tracing::{info, warn};
 use crate::client::{Dial, HttpClients};
 use crate::config::Config;
 use crate::discovery::Discovery;
-use crate::metrics::Metrics;
+use crate::identity::{self, Identity};
+use crate::metrics::{Label, Metrics};
+use crate::tls::TlsContext;
 use crate::{admin, inbound, outbound};
+use mesh_proto::identity::identity_client::IdentityClient;
+use mesh_proto::tonic;
 
 /// A failure to start.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +36,12 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// The identity configuration is not usable.
+    #[error("identity: {0}")]
+    Identity(#[from] crate::identity::IdentityError),
+    /// TLS could not be configured.
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// The controller address is not usable.
     #[error("controller address {addr:?}: {source}")]
     Controller {
@@ -78,15 +88,32 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Target resolution.
     pub discovery: Discovery,
+    /// Mesh TLS, when the proxy has an identity.
+    pub tls: Option<Arc<TlsContext>>,
     /// Fires when the proxy starts draining.
     pub drain: CancellationToken,
     /// Set once the proxy serves traffic.
     pub ready: AtomicBool,
+    local_id: Label,
     /// Clients for addresses forwarded to unchanged (targets discovery doesn't know).
     direct_clients: Mutex<HashMap<SocketAddr, HttpClients>>,
 }
 
 impl Context {
+    /// Ready to serve: listening, and holding a certificate when identity is configured.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+            && self
+                .tls
+                .as_ref()
+                .is_none_or(|tls| tls.identity().is_certified())
+    }
+
+    /// The local SPIFFE ID, or an empty label.
+    pub fn local_id(&self) -> Label {
+        self.local_id.clone()
+    }
+
     /// The clients dialing `addr` directly, created on first use.
     pub fn direct_clients(&self, addr: SocketAddr) -> HttpClients {
         let mut clients = match self.direct_clients.lock() {
@@ -128,23 +155,55 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
     let inbound_addr = local(&listeners.inbound)?;
     let outbound_addr = local(&listeners.outbound)?;
     let admin_addr = local(&listeners.admin)?;
+    let metrics = Arc::new(Metrics::new());
+    let tls = match &config.identity {
+        Some(identity_config) => {
+            let roots = identity::parse_trust_anchors(&identity_config.trust_anchors_pem)?;
+            let identity = Arc::new(Identity::new(identity_config.id.clone(), roots)?);
+            let channel =
+                tonic::transport::Endpoint::from_shared(identity_config.service_addr.clone())
+                    .map_err(|source| StartError::Controller {
+                        addr: identity_config.service_addr.clone(),
+                        source,
+                    })?
+                    .connect_timeout(config.connect_timeout)
+                    .connect_lazy();
+            tokio::spawn(identity.clone().run_renewal(
+                IdentityClient::new(channel),
+                identity_config.token_file.clone(),
+                metrics.clone(),
+            ));
+            Some(Arc::new(TlsContext::new(identity)?))
+        }
+        None => None,
+    };
     let discovery = Discovery::new(
         config.controller_addr.as_deref(),
         config.workload.to_proto(),
         config.connect_timeout,
+        tls.clone(),
     )
     .map_err(|source| StartError::Controller {
         addr: config.controller_addr.clone().unwrap_or_default(),
         source,
     })?;
+    let local_id = Label::from(
+        config
+            .identity
+            .as_ref()
+            .map(|identity| identity.id.clone())
+            .unwrap_or_default(),
+    );
     let drain = CancellationToken::new();
     let grace = config.shutdown_grace_period;
     let ctx = Arc::new(Context {
         config,
-        metrics: Arc::new(Metrics::new()),
+        metrics,
         discovery,
+        tls,
         drain: drain.clone(),
         ready: AtomicBool::new(false),
+        local_id,
         direct_clients: Mutex::new(HashMap::new()),
     });
     let connections = TaskTracker::new();

@@ -17,8 +17,9 @@ use bytes::Bytes;
 use http::Uri;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::transport_header::TransportHeader;
@@ -28,18 +29,36 @@ use crate::transport_header::TransportHeader;
 pub enum Dial {
     /// Connect straight to the address.
     Direct(SocketAddr),
-    /// Connect to a peer proxy's inbound port and send the mesh transport header first.
+    /// Connect to a peer proxy's inbound port (with mutual TLS when both sides have an
+    /// identity) and send the mesh transport header first.
     Proxied {
         /// The peer proxy's inbound listener.
         proxy: SocketAddr,
         /// The header's bytes, encoded once.
         header: Bytes,
+        /// Mutual TLS to the peer, when it has an identity and so do we.
+        tls: Option<MeshTls>,
     },
+}
+
+/// Mutual TLS toward one peer identity.
+#[derive(Clone, Debug)]
+pub struct MeshTls {
+    /// Verifies the peer is exactly the expected identity; presents ours.
+    pub config: Arc<rustls::ClientConfig>,
+    /// The identity the peer must prove.
+    pub identity: String,
 }
 
 impl Dial {
     /// Dials a meshed endpoint through its proxy.
-    pub fn proxied(endpoint: SocketAddr, proxy_port: u16, opaque: bool, name: &str) -> Self {
+    pub fn proxied(
+        endpoint: SocketAddr,
+        proxy_port: u16,
+        opaque: bool,
+        name: &str,
+        tls: Option<MeshTls>,
+    ) -> Self {
         let header = TransportHeader {
             port: endpoint.port(),
             opaque,
@@ -48,6 +67,7 @@ impl Dial {
         Self::Proxied {
             proxy: SocketAddr::new(endpoint.ip(), proxy_port),
             header: Bytes::from(header.encode()),
+            tls,
         }
     }
 
@@ -59,22 +79,129 @@ impl Dial {
         }
     }
 
-    /// Opens a TCP connection (and sends the transport header when proxied).
-    pub async fn connect(&self, timeout: Duration) -> io::Result<TcpStream> {
-        let addr = self.socket_addr();
-        let mut stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("connect to {addr} timed out after {timeout:?}"),
-                )
-            })??;
-        stream.set_nodelay(true)?;
-        if let Self::Proxied { header, .. } = self {
-            stream.write_all(header).await?;
+    /// The peer identity the connection is verified against, when mutually authenticated.
+    pub fn tls_identity(&self) -> Option<&str> {
+        match self {
+            Self::Proxied { tls: Some(tls), .. } => Some(&tls.identity),
+            _ => None,
         }
-        Ok(stream)
+    }
+
+    /// Opens a connection: TCP, then TLS and the transport header when proxied.
+    pub async fn connect(&self, timeout: Duration) -> io::Result<MeshIo> {
+        let addr = self.socket_addr();
+        let timed_out = || {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {addr} timed out after {timeout:?}"),
+            )
+        };
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| timed_out())??;
+        stream.set_nodelay(true)?;
+        match self {
+            Self::Direct(_) => Ok(MeshIo::Plain(stream)),
+            Self::Proxied {
+                header, tls: None, ..
+            } => {
+                let mut stream = stream;
+                stream.write_all(header).await?;
+                Ok(MeshIo::Plain(stream))
+            }
+            Self::Proxied {
+                header,
+                tls: Some(tls),
+                ..
+            } => {
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let handshake = connector.connect(crate::tls::server_name(&tls.identity), stream);
+                let mut stream = tokio::time::timeout(timeout, handshake)
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(|error| {
+                        io::Error::new(
+                            error.kind(),
+                            format!("TLS handshake with {addr} ({}): {error}", tls.identity),
+                        )
+                    })?;
+                stream.write_all(header).await?;
+                Ok(MeshIo::Tls(Box::new(stream)))
+            }
+        }
+    }
+}
+
+/// A connection to a destination: plain TCP or mesh TLS.
+#[derive(Debug)]
+pub enum MeshIo {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// Mutual TLS to a peer proxy.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for MeshIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Self::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for MeshIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            Self::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Self::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(io) => io.is_write_vectored(),
+            Self::Tls(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(io) => Pin::new(io).poll_flush(cx),
+            Self::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Self::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Connection for MeshIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
     }
 }
 
@@ -86,7 +213,7 @@ pub struct Connector {
 }
 
 impl tower::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<MeshIo>;
     type Error = io::Error;
     type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
 

@@ -51,6 +51,21 @@ pub struct Config {
     pub log_level: String,
     /// Log format: `plain` or `json`.
     pub log_format: LogFormat,
+    /// The proxy's identity; without it the proxy neither originates nor accepts mesh TLS.
+    pub identity: Option<IdentityConfig>,
+}
+
+/// How the proxy obtains and checks certificates.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IdentityConfig {
+    /// The SPIFFE ID to request (`MESH_PROXY_IDENTITY`).
+    pub id: String,
+    /// The ServiceAccount token proving it, re-read at each renewal.
+    pub token_file: std::path::PathBuf,
+    /// The trust anchors, PEM.
+    pub trust_anchors_pem: String,
+    /// The Identity service URL (the controller unless `MESH_PROXY_IDENTITY_ADDR` says).
+    pub service_addr: String,
 }
 
 /// The workload this proxy serves.
@@ -137,7 +152,12 @@ impl Config {
                 reason: "expected a URL like http://mesh-controller.mesh-system:8086".into(),
             });
         }
+        let identity = match env.get("MESH_PROXY_IDENTITY").filter(|s| !s.is_empty()) {
+            None => None,
+            Some(id) => Some(identity_config(&env, id, controller_addr.as_deref())?),
+        };
         Ok(Self {
+            identity,
             inbound_listen: env.socket_addr(
                 "MESH_PROXY_INBOUND_LISTEN",
                 SocketAddr::new(any, DEFAULT_INBOUND_PORT),
@@ -171,6 +191,63 @@ impl Config {
             log_format,
         })
     }
+}
+
+fn identity_config(
+    env: &Env<'_>,
+    id: String,
+    controller_addr: Option<&str>,
+) -> Result<IdentityConfig, ConfigError> {
+    let missing = |var: &str, reason: &str| ConfigError {
+        var: var.into(),
+        value: String::new(),
+        reason: reason.into(),
+    };
+    if !id.starts_with("spiffe://") || id.matches('/').count() < 6 {
+        return Err(ConfigError {
+            var: "MESH_PROXY_IDENTITY".into(),
+            value: id,
+            reason: "expected a SPIFFE ID like spiffe://cluster.local/ns/NS/sa/SA".into(),
+        });
+    }
+    let token_file = env.get("MESH_PROXY_IDENTITY_TOKEN_FILE").ok_or_else(|| {
+        missing(
+            "MESH_PROXY_IDENTITY_TOKEN_FILE",
+            "required when MESH_PROXY_IDENTITY is set",
+        )
+    })?;
+    let trust_anchors_pem = match (
+        env.get("MESH_PROXY_TRUST_ANCHORS"),
+        env.get("MESH_PROXY_TRUST_ANCHORS_FILE"),
+    ) {
+        (Some(pem), _) if !pem.is_empty() => pem,
+        (_, Some(path)) => std::fs::read_to_string(&path).map_err(|error| ConfigError {
+            var: "MESH_PROXY_TRUST_ANCHORS_FILE".into(),
+            value: path.clone(),
+            reason: format!("cannot read it: {error}"),
+        })?,
+        _ => {
+            return Err(missing(
+                "MESH_PROXY_TRUST_ANCHORS",
+                "MESH_PROXY_TRUST_ANCHORS or MESH_PROXY_TRUST_ANCHORS_FILE is required when MESH_PROXY_IDENTITY is set",
+            ));
+        }
+    };
+    let service_addr = env
+        .get("MESH_PROXY_IDENTITY_ADDR")
+        .or_else(|| controller_addr.map(str::to_string))
+        .ok_or_else(|| {
+            missing(
+                "MESH_PROXY_IDENTITY_ADDR",
+                "required when MESH_PROXY_IDENTITY is set and MESH_PROXY_CONTROLLER_ADDR is not",
+            )
+        })?;
+    Ok(IdentityConfig {
+        id,
+        token_file: token_file.into(),
+        trust_anchors_pem,
+        service_addr,
+    })
 }
 
 struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);

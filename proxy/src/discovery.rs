@@ -19,8 +19,9 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::balance::{self, Balancer};
-use crate::client::{Dial, HttpClients};
+use crate::client::{Dial, HttpClients, MeshTls};
 use crate::metrics::Label;
+use crate::tls::TlsContext;
 
 /// What the proxy resolves.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -51,6 +52,8 @@ pub struct Endpoint {
     pub proxy_port: Option<u16>,
     /// The port is opaque: never parse it.
     pub opaque: bool,
+    /// Mutual TLS toward the endpoint, when it and we have identities.
+    pub tls: Option<MeshTls>,
     /// HTTP clients dialing this endpoint.
     pub clients: HttpClients,
 }
@@ -59,7 +62,7 @@ impl Endpoint {
     /// How to open a raw TCP connection to the endpoint (for opaque forwarding).
     pub fn tcp_dial(&self, name: &str) -> Dial {
         match self.proxy_port {
-            Some(port) => Dial::proxied(self.addr, port, true, name),
+            Some(port) => Dial::proxied(self.addr, port, true, name, self.tls.clone()),
             None => Dial::Direct(self.addr),
         }
     }
@@ -112,6 +115,7 @@ pub struct Discovery {
     client: Option<DestinationClient<Channel>>,
     source: WorkloadRef,
     connect_timeout: Duration,
+    tls: Option<Arc<TlsContext>>,
     cache: Mutex<HashMap<TargetKey, Arc<Resolution>>>,
 }
 
@@ -129,6 +133,7 @@ impl Discovery {
         controller: Option<&str>,
         source: WorkloadRef,
         connect_timeout: Duration,
+        tls: Option<Arc<TlsContext>>,
     ) -> Result<Self, tonic::transport::Error> {
         let client = match controller {
             Some(addr) => {
@@ -144,6 +149,7 @@ impl Discovery {
             client,
             source,
             connect_timeout,
+            tls,
             cache: Mutex::new(HashMap::new()),
         })
     }
@@ -169,6 +175,7 @@ impl Discovery {
                     client: client.clone(),
                     source: self.source.clone(),
                     connect_timeout: self.connect_timeout,
+                    tls: self.tls.clone(),
                     resolution: Arc::downgrade(&resolution),
                     key: key.clone(),
                     state: tx,
@@ -215,6 +222,7 @@ struct Watch {
     client: DestinationClient<Channel>,
     source: WorkloadRef,
     connect_timeout: Duration,
+    tls: Option<Arc<TlsContext>>,
     resolution: std::sync::Weak<Resolution>,
     key: TargetKey,
     state: watch::Sender<State>,
@@ -354,19 +362,36 @@ impl Watch {
             .ok()
             .filter(|p| *p != 0);
         let name = self.key.to_string();
+        let identity = wire
+            .tls_identity
+            .as_ref()
+            .map(|id| id.spiffe_id.clone())
+            .filter(|id| !id.is_empty());
+        // Mutual TLS needs both sides to have an identity; otherwise the hop stays plaintext
+        // (and the peer's policy decides whether it accepts that).
+        let tls = match (&self.tls, &identity) {
+            (Some(context), Some(identity)) => match context.client_config(identity) {
+                Ok(config) => Some(MeshTls {
+                    config,
+                    identity: identity.clone(),
+                }),
+                Err(error) => {
+                    warn!(%identity, %error, "cannot build TLS toward the endpoint");
+                    None
+                }
+            },
+            _ => None,
+        };
         let dial = match proxy_port {
-            Some(port) => Dial::proxied(addr, port, opaque, &name),
+            Some(port) => Dial::proxied(addr, port, opaque, &name, tls.clone()),
             None => Dial::Direct(addr),
         };
         Some(Endpoint {
             addr,
-            identity: wire
-                .tls_identity
-                .as_ref()
-                .map(|id| id.spiffe_id.clone())
-                .filter(|id| !id.is_empty()),
+            identity,
             proxy_port,
             opaque,
+            tls,
             clients: HttpClients::new(dial, self.connect_timeout),
         })
     }

@@ -15,6 +15,7 @@ use std::task::{Context as TaskContext, Poll};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -26,6 +27,7 @@ use crate::detect::{self, PrefixedIo, Protocol};
 use crate::http::{ProxyBody, ProxyError, is_grpc};
 use crate::metrics::{Direction, Label, TargetLabels};
 use crate::outbound::request_authority;
+use crate::tls::{self, ALPN_MESH};
 use crate::transport_header::TransportHeader;
 use crate::{forward, server, stack, tcp};
 
@@ -45,63 +47,160 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>, connections: TaskTr
     .await;
 }
 
-async fn connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
+async fn connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
     let local = stream.local_addr().ok();
     let orig_dst = capture::original_dst(&stream)
         .ok()
         .filter(|dst| Some(*dst) != local);
-    let (port, opaque, name) = match orig_dst {
-        Some(dst) => (
-            dst.port(),
-            ctx.config.opaque_ports.contains(&dst.port()),
-            None,
-        ),
-        None => {
-            let header = tokio::time::timeout(
-                ctx.config.detect_timeout,
-                TransportHeader::read(&mut stream),
-            )
-            .await;
-            match header {
-                Ok(Ok(header)) => (
-                    header.port,
-                    header.opaque || ctx.config.opaque_ports.contains(&header.port),
-                    Some(header.name).filter(|n| !n.is_empty()),
-                ),
-                Ok(Err(error)) => {
-                    ctx.metrics
-                        .proxy_error(Direction::Inbound, "bad transport header");
-                    warn!(%peer, %error, "closing a direct inbound connection");
-                    return;
-                }
-                Err(_elapsed) => {
-                    ctx.metrics
-                        .proxy_error(Direction::Inbound, "bad transport header");
-                    warn!(%peer, "no mesh transport header in time; closing the connection");
-                    return;
-                }
-            }
+    match orig_dst {
+        Some(dst) => {
+            let arrival = Arrival {
+                port: dst.port(),
+                opaque: ctx.config.opaque_ports.contains(&dst.port()),
+                name: None,
+                client_id: None,
+            };
+            serve_app_port(stream, arrival, peer, ctx).await;
+        }
+        None => direct(stream, peer, ctx).await,
+    }
+}
+
+/// What a connection is for, once the proxy knows.
+struct Arrival {
+    /// The application port.
+    port: u16,
+    /// Forward without detection.
+    opaque: bool,
+    /// The logical authority the client proxy resolved.
+    name: Option<String>,
+    /// The client's proven identity.
+    client_id: Option<String>,
+}
+
+/// A connection made straight to the inbound port by a client proxy: mesh TLS when the client
+/// has an identity, then the transport header naming the application port.
+async fn direct(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
+    let deadline = ctx.config.detect_timeout;
+    let mut first = [0u8; 1];
+    let is_tls = match tokio::time::timeout(deadline, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => first[0] == 0x16,
+        Ok(Ok(_)) => return,
+        Ok(Err(error)) => {
+            debug!(%peer, %error, "direct connection failed");
+            return;
+        }
+        Err(_elapsed) => {
+            refuse(&ctx, peer, "no mesh transport header in time");
+            return;
         }
     };
-    let app = SocketAddr::new(ctx.config.inbound_app_ip, port);
-    let authority = Label::from(name.unwrap_or_else(|| app.to_string()));
+    if !is_tls {
+        let mut stream = stream;
+        if let Some(arrival) = read_header(&mut stream, None, peer, &ctx).await {
+            serve_app_port(stream, arrival, peer, ctx).await;
+        }
+        return;
+    }
+    let Some(tls) = &ctx.tls else {
+        refuse(
+            &ctx,
+            peer,
+            "mesh TLS arrived but this proxy has no identity",
+        );
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+    let mut stream = match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            ctx.metrics
+                .proxy_error(Direction::Inbound, "TLS handshake failed");
+            warn!(%peer, %error, "mesh TLS handshake failed");
+            return;
+        }
+        Err(_elapsed) => {
+            refuse(&ctx, peer, "mesh TLS handshake timed out");
+            return;
+        }
+    };
+    let (_, session) = stream.get_ref();
+    if session.alpn_protocol() != Some(ALPN_MESH) {
+        refuse(&ctx, peer, "TLS without the mesh ALPN on the inbound port");
+        return;
+    }
+    let client_id = session
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(tls::spiffe_id);
+    if let Some(arrival) = read_header(&mut stream, client_id, peer, &ctx).await {
+        serve_app_port(stream, arrival, peer, ctx).await;
+    }
+}
+
+fn refuse(ctx: &Context, peer: SocketAddr, why: &'static str) {
+    ctx.metrics.proxy_error(Direction::Inbound, why);
+    warn!(%peer, "closing a direct inbound connection: {why}");
+}
+
+async fn read_header<I: AsyncRead + Unpin>(
+    io: &mut I,
+    client_id: Option<String>,
+    peer: SocketAddr,
+    ctx: &Context,
+) -> Option<Arrival> {
+    let header = tokio::time::timeout(ctx.config.detect_timeout, TransportHeader::read(io)).await;
+    match header {
+        Ok(Ok(header)) => Some(Arrival {
+            port: header.port,
+            opaque: header.opaque || ctx.config.opaque_ports.contains(&header.port),
+            name: Some(header.name).filter(|n| !n.is_empty()),
+            client_id,
+        }),
+        Ok(Err(error)) => {
+            ctx.metrics
+                .proxy_error(Direction::Inbound, "bad transport header");
+            warn!(%peer, %error, "closing a direct inbound connection");
+            None
+        }
+        Err(_elapsed) => {
+            refuse(ctx, peer, "no mesh transport header in time");
+            None
+        }
+    }
+}
+
+/// Serves a connection for the application port: opaque, or detected and served as HTTP.
+async fn serve_app_port<I>(mut io: I, arrival: Arrival, peer: SocketAddr, ctx: Arc<Context>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let app = SocketAddr::new(ctx.config.inbound_app_ip, arrival.port);
+    let authority = Label::from(arrival.name.unwrap_or_else(|| app.to_string()));
+    let tls = arrival.client_id.is_some();
     let labels = TargetLabels {
         direction: Direction::Inbound,
         authority,
         target_addr: Label::from(app.to_string()),
-        tls: Label::new("false"),
+        tls: Label::new(if tls { "true" } else { "false" }),
+        client_id: Label::from(arrival.client_id.unwrap_or_default()),
+        server_id: if tls {
+            ctx.local_id()
+        } else {
+            Label::default()
+        },
     };
-    if opaque {
-        return forward_tcp(stream, app, &ctx, &labels).await;
+    if arrival.opaque {
+        return forward_tcp(io, app, &ctx, &labels).await;
     }
-    let (protocol, prefix) = match detect::detect(&mut stream, ctx.config.detect_timeout).await {
+    let (protocol, prefix) = match detect::detect(&mut io, ctx.config.detect_timeout).await {
         Ok(detected) => detected,
         Err(error) => {
             debug!(%peer, %error, "connection failed during detection");
             return;
         }
     };
-    let io = PrefixedIo::new(prefix, stream);
+    let io = PrefixedIo::new(prefix, io);
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
             let service = stack::inbound_http(

@@ -73,6 +73,10 @@ pub struct TargetLabels {
     pub target_addr: Label,
     /// Whether the hop was mutually authenticated: `true` or `false`.
     pub tls: Label,
+    /// The client's SPIFFE ID, when it proved one.
+    pub client_id: Label,
+    /// The server's SPIFFE ID, when it proved one.
+    pub server_id: Label,
 }
 
 /// A response's labels: the target's plus the outcome.
@@ -145,6 +149,12 @@ pub struct Metrics {
     pub tcp_write_bytes: Family<TargetLabels, Counter>,
     /// `proxy_error_total`: errors the proxy produced itself (no endpoints, timeouts, ...).
     pub proxy_errors: Family<ErrorLabels, Counter>,
+    /// `identity_cert_expiry_timestamp_seconds`: when the current certificate expires.
+    pub identity_expiry: Gauge,
+    /// `identity_cert_renewals_total`: certificates obtained.
+    pub identity_renewals: Counter,
+    /// `identity_cert_renewal_failures_total`: failed certificate requests.
+    pub identity_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -196,6 +206,24 @@ impl Metrics {
             "Errors produced by the proxy itself, by reason",
             proxy_errors.clone(),
         );
+        let identity_expiry = Gauge::default();
+        registry.register(
+            "identity_cert_expiry_timestamp_seconds",
+            "When the proxy's current certificate expires, in seconds since the Unix epoch",
+            identity_expiry.clone(),
+        );
+        let identity_renewals = Counter::default();
+        registry.register(
+            "identity_cert_renewals",
+            "Certificates obtained from the identity service",
+            identity_renewals.clone(),
+        );
+        let identity_failures = Counter::default();
+        registry.register(
+            "identity_cert_renewal_failures",
+            "Failed certificate requests",
+            identity_failures.clone(),
+        );
         let started = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
@@ -211,6 +239,9 @@ impl Metrics {
             tcp_read_bytes,
             tcp_write_bytes,
             proxy_errors,
+            identity_expiry,
+            identity_renewals,
+            identity_failures,
         }
     }
 
@@ -300,6 +331,8 @@ mod tests {
             authority: Label::new("books.shop.svc.cluster.local:8080"),
             target_addr: Label::new("10.96.0.10:8080"),
             tls: Label::new("false"),
+            client_id: Label::default(),
+            server_id: Label::default(),
         };
         metrics.requests.get_or_create(&target).inc();
         let response = ResponseLabels {
@@ -316,8 +349,8 @@ mod tests {
         metrics.proxy_error(Direction::Outbound, "no endpoints");
         let text = metrics.encode();
         for want in [
-            "request_total{direction=\"outbound\",authority=\"books.shop.svc.cluster.local:8080\",target_addr=\"10.96.0.10:8080\",tls=\"false\"} 1",
-            "response_total{direction=\"outbound\",authority=\"books.shop.svc.cluster.local:8080\",target_addr=\"10.96.0.10:8080\",tls=\"false\",status_code=\"503\",classification=\"failure\"} 1",
+            "request_total{direction=\"outbound\",authority=\"books.shop.svc.cluster.local:8080\",target_addr=\"10.96.0.10:8080\",tls=\"false\",client_id=\"\",server_id=\"\"} 1",
+            "response_total{direction=\"outbound\",authority=\"books.shop.svc.cluster.local:8080\",target_addr=\"10.96.0.10:8080\",tls=\"false\",client_id=\"\",server_id=\"\",status_code=\"503\",classification=\"failure\"} 1",
             "response_latency_ms_bucket{",
             "tcp_open_total{",
             "proxy_error_total{direction=\"outbound\",reason=\"no endpoints\"} 1",

@@ -105,12 +105,12 @@ where
             }
         },
     };
-    let labels = TargetLabels {
-        direction: Direction::Outbound,
+    let labels = outbound_labels(
+        ctx,
         authority,
-        target_addr: Label::from(dial.socket_addr().to_string()),
-        tls: Label::new("false"),
-    };
+        dial.socket_addr().to_string(),
+        dial.tls_identity(),
+    );
     if let Err(error) = tcp::forward(
         client,
         &dial,
@@ -121,6 +121,27 @@ where
     .await
     {
         debug!(target = %key, %error, "TCP forward ended with an error");
+    }
+}
+
+/// The metric labels of outbound traffic; `server_id` is the identity the peer proved.
+fn outbound_labels(
+    ctx: &Context,
+    authority: Label,
+    target_addr: String,
+    server_id: Option<&str>,
+) -> TargetLabels {
+    TargetLabels {
+        direction: Direction::Outbound,
+        authority,
+        target_addr: Label::from(target_addr),
+        tls: Label::new(if server_id.is_some() { "true" } else { "false" }),
+        client_id: if server_id.is_some() {
+            ctx.local_id()
+        } else {
+            Label::default()
+        },
+        server_id: Label::new(server_id.unwrap_or_default()),
     }
 }
 
@@ -178,7 +199,12 @@ impl OutboundHttp {
             State::Known { authority } => match resolution.balancer.pick(None) {
                 Some(pick) => (pick.meta().clients.clone(), authority, Some(pick)),
                 None => {
-                    let labels = self.labels(authority.clone(), authority.0.to_string());
+                    let labels = outbound_labels(
+                        &self.ctx,
+                        authority.clone(),
+                        authority.0.to_string(),
+                        None,
+                    );
                     return self.error(
                         ProxyError::NoEndpoints(format!("{} has no ready endpoints", authority.0)),
                         grpc,
@@ -195,8 +221,12 @@ impl OutboundHttp {
                 Err(error) => return self.error(error, grpc, None),
             },
         };
-        let target_addr = clients.dial.socket_addr().to_string();
-        let labels = self.labels(logical.clone(), target_addr.clone());
+        let labels = outbound_labels(
+            &self.ctx,
+            logical,
+            clients.dial.socket_addr().to_string(),
+            clients.dial.tls_identity(),
+        );
 
         let uri_authority = authority.unwrap_or_else(|| key.to_string());
         let forwarded = forward::forward(&clients, request, &uri_authority).await;
@@ -268,15 +298,6 @@ impl OutboundHttp {
                         "{authority} is not a mesh service and does not resolve"
                     ))
                 }),
-        }
-    }
-
-    fn labels(&self, authority: Label, target_addr: String) -> TargetLabels {
-        TargetLabels {
-            direction: Direction::Outbound,
-            authority,
-            target_addr: Label::from(target_addr),
-            tls: Label::new("false"),
         }
     }
 

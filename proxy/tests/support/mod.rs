@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod ca;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -316,6 +318,23 @@ async fn answer(name: &str, mut request: Request<Incoming>) -> Response<Full<Byt
 
 /// A proxy running in this process on loopback ports.
 pub async fn proxy(controller: Option<&str>) -> Running {
+    proxy_with(controller, None).await
+}
+
+/// How a test proxy gets its identity.
+pub struct TestIdentity {
+    /// The SPIFFE ID.
+    pub id: String,
+    /// The token proving it.
+    pub token: String,
+    /// The trust anchors, PEM.
+    pub anchors_pem: String,
+    /// The Identity service URL.
+    pub service: String,
+}
+
+/// A proxy with an identity, waiting until it holds its certificate.
+pub async fn proxy_with(controller: Option<&str>, identity: Option<TestIdentity>) -> Running {
     let mut vars: HashMap<&str, String> = HashMap::from([
         ("MESH_PROXY_INBOUND_LISTEN", "127.0.0.1:0".to_string()),
         ("MESH_PROXY_OUTBOUND_LISTEN", "127.0.0.1:0".to_string()),
@@ -326,11 +345,41 @@ pub async fn proxy(controller: Option<&str>) -> Running {
     if let Some(controller) = controller {
         vars.insert("MESH_PROXY_CONTROLLER_ADDR", controller.to_string());
     }
+    let mut token_file = None;
+    if let Some(identity) = &identity {
+        let path = std::env::temp_dir().join(format!(
+            "mesh-token-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::write(&path, &identity.token).expect("write token");
+        vars.insert("MESH_PROXY_IDENTITY", identity.id.clone());
+        vars.insert("MESH_PROXY_IDENTITY_TOKEN_FILE", path.display().to_string());
+        vars.insert("MESH_PROXY_TRUST_ANCHORS", identity.anchors_pem.clone());
+        vars.insert("MESH_PROXY_IDENTITY_ADDR", identity.service.clone());
+        token_file = Some(path);
+    }
     let config = Config::from_lookup(|var| vars.get(var).cloned()).expect("test config");
     let listeners = Listeners::bind(&config)
         .await
         .expect("bind proxy listeners");
-    app::start(config, listeners).expect("start proxy")
+    let running = app::start(config, listeners).expect("start proxy");
+    if token_file.is_some() {
+        // Wait for the first certificate, as a kubelet waits on /ready.
+        for _ in 0..100 {
+            if admin_get(&running, "/ready").await.0 == StatusCode::OK {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    running
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// GETs a path on a proxy's admin server.

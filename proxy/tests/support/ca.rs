@@ -1,0 +1,140 @@
+//! A test certificate authority and a scripted Identity service that signs with it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_proto::identity::{self, identity_server::Identity};
+use mesh_proto::tonic::{self, Request, Response, Status};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, CertifiedIssuer, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+use tokio_util::sync::CancellationToken;
+
+/// A trust anchor and an intermediate issuer.
+pub struct TestCa {
+    /// The anchor, PEM.
+    pub anchor_pem: String,
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Self {
+        let ca_params = |cn: &str| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            params
+        };
+        let anchor = CertifiedIssuer::self_signed(
+            ca_params(&format!("{name} root")),
+            KeyPair::generate().expect("key"),
+        )
+        .expect("anchor");
+        let issuer = CertifiedIssuer::signed_by(
+            ca_params(&format!("{name} issuer")),
+            KeyPair::generate().expect("key"),
+            &anchor,
+        )
+        .expect("issuer");
+        Self {
+            anchor_pem: anchor.pem(),
+            issuer,
+        }
+    }
+
+    /// Signs a CSR for `identity`, valid for `lifetime` from now.
+    pub fn sign(&self, csr: &[u8], identity: &str, lifetime: Duration) -> (Vec<u8>, Vec<u8>) {
+        let der = rustls_pki_types::CertificateSigningRequestDer::from(csr.to_vec());
+        let mut request = CertificateSigningRequestParams::from_der(&der).expect("valid CSR");
+        request.params.subject_alt_names = vec![SanType::URI(
+            identity.to_string().try_into().expect("URI SAN"),
+        )];
+        request.params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        request.params.not_before = now - time::Duration::minutes(1);
+        request.params.not_after = now + time::Duration::milliseconds(lifetime.as_millis() as i64);
+        let leaf = request.signed_by(&self.issuer).expect("sign");
+        (leaf.der().to_vec(), self.issuer.der().to_vec())
+    }
+}
+
+/// An Identity service: each token proves one identity; certificates live `lifetime`.
+#[derive(Clone)]
+pub struct ScriptedIdentity {
+    ca: Arc<TestCa>,
+    tokens: Arc<Mutex<HashMap<Vec<u8>, String>>>,
+    lifetime: Duration,
+    /// Certificates issued so far.
+    pub issued: Arc<AtomicUsize>,
+}
+
+impl ScriptedIdentity {
+    pub fn new(ca: Arc<TestCa>, lifetime: Duration) -> Self {
+        Self {
+            ca,
+            tokens: Arc::default(),
+            lifetime,
+            issued: Arc::default(),
+        }
+    }
+
+    /// Lets `token` prove `identity`.
+    pub fn allow(&self, token: &str, identity: &str) {
+        self.tokens
+            .lock()
+            .expect("lock")
+            .insert(token.as_bytes().to_vec(), identity.to_string());
+    }
+
+    pub async fn serve(&self, stop: CancellationToken) -> String {
+        let listener = super::loopback().await;
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(identity::identity_server::IdentityServer::new(self.clone()))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    stop.cancelled_owned(),
+                ),
+        );
+        format!("http://{addr}")
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for ScriptedIdentity {
+    async fn certify(
+        &self,
+        request: Request<identity::CertifyRequest>,
+    ) -> Result<Response<identity::CertifyResponse>, Status> {
+        let request = request.into_inner();
+        let proven = self
+            .tokens
+            .lock()
+            .expect("lock")
+            .get(&request.token)
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("unknown token"))?;
+        if proven != request.identity {
+            return Err(Status::permission_denied("token is for another identity"));
+        }
+        let (leaf, issuer) = self.ca.sign(
+            &request.certificate_signing_request,
+            &request.identity,
+            self.lifetime,
+        );
+        self.issued.fetch_add(1, Ordering::SeqCst);
+        Ok(Response::new(identity::CertifyResponse {
+            leaf_certificate: leaf,
+            intermediate_certificates: vec![issuer],
+            valid_until: None,
+        }))
+    }
+}

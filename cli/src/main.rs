@@ -1,13 +1,46 @@
-//! `meshctl`: the mesh's command line.
+//! `meshctl`: the mesh's command line. Each subcommand lives in its own module; this file only
+//! parses arguments and dispatches.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
-/// The mesh's command line.
+/// The mesh's command line: install and check the mesh, mesh workloads, watch their traffic,
+/// and run the whole mesh on this machine.
 #[derive(Debug, Parser)]
 #[command(name = "meshctl", version, about)]
-struct Args {}
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags every command honours.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GlobalArgs {
+    /// Path to the kubeconfig file.
+    #[arg(long, global = true, env = "KUBECONFIG")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// The kubeconfig context to use.
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+    /// The namespace to act in.
+    #[arg(short = 'n', long, global = true)]
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the version of meshctl.
+    Version,
+}
 
 fn main() -> anyhow::Result<()> {
-    let _args = Args::parse();
-    Ok(())
+    let cli = Cli::parse();
+    let _global = cli.global;
+    match cli.command {
+        Command::Version => {
+            println!("meshctl {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    }
 }

@@ -17,6 +17,7 @@ pub mod destination;
 pub mod endpoints;
 pub mod file;
 pub mod health;
+pub mod identity;
 pub mod index;
 pub mod kubernetes;
 pub mod meta;

@@ -57,7 +57,9 @@ pub enum SpiffeIdError {
         id: String,
     },
     /// The path is not `/ns/<namespace>/sa/<serviceaccount>`.
-    #[error("{id:?} is not a ServiceAccount identity: the path must be /ns/<namespace>/sa/<serviceaccount>")]
+    #[error(
+        "{id:?} is not a ServiceAccount identity: the path must be /ns/<namespace>/sa/<serviceaccount>"
+    )]
     Path {
         /// The string given.
         id: String,
@@ -226,59 +228,40 @@ mod tests {
     #[test]
     fn malformed_ids_are_refused_with_the_reason() {
         let long_label = "a".repeat(64);
-        let cases: Vec<(String, fn(&SpiffeIdError) -> bool)> = vec![
-            ("https://cluster.local/ns/a/sa/b".into(), |e| {
-                matches!(e, SpiffeIdError::Scheme { .. })
-            }),
-            ("spiffe://cluster.local".into(), |e| {
-                matches!(e, SpiffeIdError::Path { .. })
-            }),
-            ("spiffe://cluster.local/ns/a/sa".into(), |e| {
-                matches!(e, SpiffeIdError::Path { .. })
-            }),
-            ("spiffe://cluster.local/ns/a/sa/b/c".into(), |e| {
-                matches!(e, SpiffeIdError::Path { .. })
-            }),
-            ("spiffe://cluster.local/ns/a/sa/b/".into(), |e| {
-                matches!(e, SpiffeIdError::Path { .. })
-            }),
-            ("spiffe://cluster.local/sa/b/ns/a".into(), |e| {
-                matches!(e, SpiffeIdError::Path { .. })
-            }),
-            ("spiffe:///ns/a/sa/b".into(), |e| {
-                matches!(e, SpiffeIdError::TrustDomain { .. })
-            }),
-            ("spiffe://Cluster.Local/ns/a/sa/b".into(), |e| {
-                matches!(e, SpiffeIdError::TrustDomain { .. })
-            }),
-            ("spiffe://cluster.local:8080/ns/a/sa/b".into(), |e| {
-                matches!(e, SpiffeIdError::TrustDomain { .. })
-            }),
-            ("spiffe://cluster.local/ns//sa/b".into(), |e| {
-                matches!(e, SpiffeIdError::Namespace { .. })
-            }),
-            ("spiffe://cluster.local/ns/-a/sa/b".into(), |e| {
-                matches!(e, SpiffeIdError::Namespace { .. })
-            }),
-            ("spiffe://cluster.local/ns/a.b/sa/b".into(), |e| {
-                matches!(e, SpiffeIdError::Namespace { .. })
-            }),
-            (format!("spiffe://cluster.local/ns/{long_label}/sa/b"), |e| {
-                matches!(e, SpiffeIdError::Namespace { .. })
-            }),
-            ("spiffe://cluster.local/ns/a/sa/B".into(), |e| {
-                matches!(e, SpiffeIdError::ServiceAccount { .. })
-            }),
-            ("spiffe://cluster.local/ns/a/sa/b..c".into(), |e| {
-                matches!(e, SpiffeIdError::ServiceAccount { .. })
-            }),
-            ("spiffe://cluster.local/ns/a/sa/b-".into(), |e| {
-                matches!(e, SpiffeIdError::ServiceAccount { .. })
-            }),
+        // Each malformed ID and the error variant it must give.
+        let cases: Vec<(String, &str)> = vec![
+            ("https://cluster.local/ns/a/sa/b".into(), "Scheme"),
+            ("spiffe://cluster.local".into(), "Path"),
+            ("spiffe://cluster.local/ns/a/sa".into(), "Path"),
+            ("spiffe://cluster.local/ns/a/sa/b/c".into(), "Path"),
+            ("spiffe://cluster.local/ns/a/sa/b/".into(), "Path"),
+            ("spiffe://cluster.local/sa/b/ns/a".into(), "Path"),
+            ("spiffe:///ns/a/sa/b".into(), "TrustDomain"),
+            ("spiffe://Cluster.Local/ns/a/sa/b".into(), "TrustDomain"),
+            (
+                "spiffe://cluster.local:8080/ns/a/sa/b".into(),
+                "TrustDomain",
+            ),
+            ("spiffe://cluster.local/ns//sa/b".into(), "Namespace"),
+            ("spiffe://cluster.local/ns/-a/sa/b".into(), "Namespace"),
+            ("spiffe://cluster.local/ns/a.b/sa/b".into(), "Namespace"),
+            (
+                format!("spiffe://cluster.local/ns/{long_label}/sa/b"),
+                "Namespace",
+            ),
+            ("spiffe://cluster.local/ns/a/sa/B".into(), "ServiceAccount"),
+            (
+                "spiffe://cluster.local/ns/a/sa/b..c".into(),
+                "ServiceAccount",
+            ),
+            ("spiffe://cluster.local/ns/a/sa/b-".into(), "ServiceAccount"),
         ];
-        for (id, expected) in cases {
+        for (id, variant) in cases {
             let error = id.parse::<SpiffeId>().expect_err(&id);
-            assert!(expected(&error), "{id}: unexpected error {error:?}");
+            assert!(
+                format!("{error:?}").starts_with(variant),
+                "{id}: expected {variant}, got {error:?}"
+            );
         }
     }
 }

@@ -30,6 +30,11 @@ pub struct IndexOptions {
     /// Derive a Service's endpoints from its selected pods when no EndpointSlice names the
     /// Service: the file backend has no EndpointSlice controller to write them.
     pub endpoints_from_pods: bool,
+    /// Hold back a slice endpoint whose pod is not in the index yet. Pods and EndpointSlices
+    /// come from separate watches, so a slice can name a pod a moment before the pod arrives;
+    /// published then, a meshed endpoint would go out without its identity (plaintext) and
+    /// be corrected a moment later. Waiting for the pod is the safe order.
+    pub wait_for_pods: bool,
 }
 
 impl Default for IndexOptions {
@@ -38,6 +43,7 @@ impl Default for IndexOptions {
             trust_domain: "cluster.local".to_owned(),
             meshed_rule: MeshedRule::ProxyPresent,
             endpoints_from_pods: false,
+            wait_for_pods: true,
         }
     }
 }
@@ -645,12 +651,19 @@ fn endpoints_from_slices(
             if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
                 continue;
             }
-            let pod = ep
+            let pod_name = ep
                 .target_ref
                 .as_ref()
                 .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .and_then(|r| r.name.as_deref())
-                .and_then(|name| ctx.pods.get(name).copied());
+                .and_then(|r| r.name.as_deref());
+            let pod = pod_name.and_then(|name| ctx.pods.get(name).copied());
+            if let (Some(name), None, true) = (pod_name, pod, ctx.options.wait_for_pods) {
+                tracing::debug!(
+                    pod = name,
+                    "holding back an endpoint until its pod is known"
+                );
+                continue;
+            }
             for address in &ep.addresses {
                 let Ok(ip) = address.parse::<IpAddr>() else {
                     tracing::debug!(address, "skipping an endpoint address that is not an IP");

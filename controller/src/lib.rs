@@ -140,6 +140,8 @@ pub async fn run(
                 trust_domain: config.trust_domain.clone(),
                 meshed_rule: MeshedRule::InjectAnnotation,
                 endpoints_from_pods: true,
+                // Hand-written slices may name pods the files do not define.
+                wait_for_pods: false,
             });
             let health = Health::new(format!("the first scan of {}", dir.display()));
             let backend = tokio::spawn(file::run(
@@ -158,6 +160,7 @@ pub async fn run(
                 trust_domain: config.trust_domain.clone(),
                 meshed_rule: MeshedRule::ProxyPresent,
                 endpoints_from_pods: false,
+                wait_for_pods: true,
             });
             let health =
                 Health::new("the first list of Namespaces, Services, EndpointSlices and Pods");

@@ -128,6 +128,7 @@ fn file_options() -> IndexOptions {
         trust_domain: "example.org".to_owned(),
         meshed_rule: MeshedRule::InjectAnnotation,
         endpoints_from_pods: true,
+        wait_for_pods: false,
     }
 }
 
@@ -389,4 +390,68 @@ fn relisting_one_kind_replaces_only_that_kind() {
         Ok(1)
     );
     assert!(rx.has_changed().expect("the index is alive"));
+}
+
+#[test]
+fn slice_endpoints_wait_for_their_pod_when_asked() {
+    let slice = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-1, namespace: shop, labels: {kubernetes.io/service-name: api}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- addresses: [10.0.3.1]
+  targetRef: {kind: Pod, name: api-0, namespace: shop}
+- addresses: [10.0.3.2]
+"#;
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: api-0, namespace: shop}\n\
+               spec: {serviceAccountName: api, containers: [{name: app}, {name: mesh-proxy}]}\n\
+               status: {podIP: 10.0.3.1}\n";
+    let cases = [
+        (
+            "waiting: only the endpoint without a pod reference",
+            true,
+            false,
+            vec!["10.0.3.2:8080".to_owned()],
+        ),
+        (
+            "waiting, pod known: both, with identity",
+            true,
+            true,
+            vec![
+                "10.0.3.1:8080 id=spiffe://cluster.local/ns/shop/sa/api inbound=4143 workload=pod/api-0".to_owned(),
+                "10.0.3.2:8080".to_owned(),
+            ],
+        ),
+        (
+            "not waiting: both, the unknown pod without identity",
+            false,
+            false,
+            vec!["10.0.3.1:8080".to_owned(), "10.0.3.2:8080".to_owned()],
+        ),
+    ];
+    for (name, wait_for_pods, with_pod, want) in cases {
+        let options = IndexOptions {
+            wait_for_pods,
+            ..IndexOptions::default()
+        };
+        let yaml = if with_pod {
+            format!("{slice}\n---\n{pod}")
+        } else {
+            slice.to_owned()
+        };
+        let (_index, rx) = loaded(&yaml, options);
+        let snapshot = rx.borrow().clone();
+        assert_eq!(
+            show(&snapshot.resolve(&svc("api", 80))),
+            Ok((true, want)),
+            "{name}"
+        );
+    }
 }

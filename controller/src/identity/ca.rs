@@ -38,6 +38,9 @@ pub const TRUST_ANCHORS_FILE: &str = "ca.crt";
 /// them at once.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
 
+/// An issuer with less than this left is logged as a warning when it is loaded.
+const ISSUER_EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
 /// Why key material could not be loaded. Each names the file and the problem.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -325,12 +328,7 @@ fn write_file_atomically(path: &Path, contents: &str, mode: u32) -> Result<(), G
 }
 
 fn checked_trust_domain(trust_domain: &str) -> Result<&str, GenerateError> {
-    let valid = !trust_domain.is_empty()
-        && trust_domain.len() <= 255
-        && trust_domain.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
-        });
-    if valid {
+    if super::spiffe::is_trust_domain(trust_domain) {
         Ok(trust_domain)
     } else {
         Err(GenerateError::TrustDomain(trust_domain.to_owned()))
@@ -741,13 +739,24 @@ impl SharedIssuer {
     }
 
     fn report_expiry(&self) {
-        let not_after = self
-            .current()
+        let issuer = self.current();
+        let not_after = issuer
             .not_after
             .duration_since(UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
             .unwrap_or(0);
         self.expiry_gauge.set(not_after);
+        let remaining = issuer
+            .not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        if remaining < ISSUER_EXPIRY_WARNING {
+            tracing::warn!(
+                subject = issuer.subject(),
+                remaining_hours = remaining.as_secs() / 3600,
+                "the identity issuer certificate expires soon; rotate it"
+            );
+        }
     }
 }
 

@@ -172,7 +172,7 @@ impl fmt::Display for SpiffeId {
 }
 
 /// A SPIFFE trust domain: lowercase letters, digits, '.', '-', '_'.
-fn is_trust_domain(s: &str) -> bool {
+pub(super) fn is_trust_domain(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_TRUST_DOMAIN_LEN
         && s.bytes().all(|b| {

@@ -223,3 +223,59 @@ macro_rules! from_watched {
 }
 
 from_watched!(Namespace, Service, EndpointSlice, Pod);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::file::parse_documents;
+    use crate::index::IndexOptions;
+
+    fn service(name: &str) -> Object {
+        parse_documents(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n"
+        ))
+        .expect("test service parses")
+        .remove(0)
+    }
+
+    #[test]
+    fn watch_events_and_relists_keep_the_index_right() {
+        let (mut index, _rx) = Index::new(IndexOptions::default());
+        let health = Health::new("test");
+        let metrics = Metrics::new();
+        let mut states = BTreeMap::new();
+        let services = |index: &Index| index.counts().get(&Kind::Service).copied();
+        let problems = |health: &Health| health.state().problems.len();
+        let steps: Vec<(Change, Option<usize>, usize)> = vec![
+            (Change::Init, Some(0), 0),
+            (Change::InitApply(service("a")), Some(0), 0),
+            (Change::InitApply(service("b")), Some(0), 0),
+            (Change::InitDone, Some(2), 0),
+            (Change::Apply(service("c")), Some(3), 0),
+            (Change::Delete(service("a")), Some(2), 0),
+            (Change::Error("connection refused".to_owned()), Some(2), 1),
+            // Reconnected: the relist no longer has c (deleted while disconnected).
+            (Change::Init, Some(2), 0),
+            (Change::InitApply(service("b")), Some(2), 0),
+            (Change::InitDone, Some(1), 0),
+        ];
+        for (i, (change, want_services, want_problems)) in steps.into_iter().enumerate() {
+            apply(
+                &mut index,
+                &mut states,
+                &health,
+                &metrics,
+                Kind::Service,
+                change,
+            );
+            assert_eq!(services(&index), want_services, "step {i}");
+            assert_eq!(problems(&health), want_problems, "step {i}");
+        }
+        assert!(states[&Kind::Service].listed);
+        let text = metrics.encode();
+        assert!(
+            text.contains("mesh_controller_discovery_watch_errors_total{kind=\"Service\"} 1"),
+            "{text}"
+        );
+    }
+}

@@ -1,2 +1,22 @@
-//! The sidecar injector: the pure pod patch shared by the admission webhook and
-//! `meshctl inject`. It must not talk to the network itself; the webhook server wraps it.
+//! The sidecar injector: the pure pod patch shared by the admission webhook, `meshctl inject`
+//! and `meshctl local`, and the webhook server around it.
+//!
+//! - [`inject()`] / [`inject_template`] add the mesh to a pod or a workload's pod template;
+//!   [`uninject`] / [`uninject_template`] remove exactly that again. They do no I/O: the
+//!   namespace's annotations and the [`MeshConfig`] are passed in.
+//! - [`annotations`] names and validates every annotation injection reads.
+//!
+//! This crate must not depend on `meshctl`, and the patch functions must never reach the
+//! network: callers fetch what they need (e.g. namespace annotations) themselves.
+
+pub mod annotations;
+pub mod config;
+mod inject;
+
+pub use annotations::{AnnotationError, Source};
+pub use config::{InboundPolicy, MeshConfig, VERSION};
+pub use inject::{
+    IDENTITY_DIR, IDENTITY_TOKEN_AUDIENCE, IDENTITY_TOKEN_FILE, IDENTITY_VOLUME, INIT_CONTAINER,
+    InjectError, NEVER_INJECTED_NAMESPACES, Outcome, PROXY_CONTAINER, SkipReason, Workload, inject,
+    inject_template, is_injected, uninject, uninject_template,
+};

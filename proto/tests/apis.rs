@@ -69,7 +69,7 @@ fn inbound_server() -> policy::InboundServer {
             authentication: Some(policy::Authentication {
                 kind: Some(Kind::MeshTls(MeshTls {
                     identities: vec!["spiffe://cluster.local/ns/shop/sa/web".into()],
-                    identity_suffixes: vec![],
+                    identity_prefixes: vec![],
                 })),
             }),
             routes: vec!["books-get".into()],

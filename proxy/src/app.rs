@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::discovery::Discovery;
 use crate::identity::{self, Identity};
 use crate::metrics::{Label, Metrics};
+use crate::policy::{InboundPolicy, PolicyStore};
 use crate::tls::TlsContext;
 use crate::{admin, inbound, outbound};
 use mesh_proto::identity::identity_client::IdentityClient;
@@ -90,6 +91,8 @@ pub struct Context {
     pub discovery: Discovery,
     /// Mesh TLS, when the proxy has an identity.
     pub tls: Option<Arc<TlsContext>>,
+    /// Inbound policies per port.
+    pub policies: PolicyStore,
     /// Fires when the proxy starts draining.
     pub drain: CancellationToken,
     /// Set once the proxy serves traffic.
@@ -187,6 +190,21 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
         addr: config.controller_addr.clone().unwrap_or_default(),
         source,
     })?;
+    let trust_domain = config
+        .identity
+        .as_ref()
+        .map_or("cluster.local", |identity| identity.trust_domain());
+    let policies = PolicyStore::new(
+        config.controller_addr.as_deref(),
+        config.workload.to_proto(),
+        InboundPolicy::default_policy(config.default_inbound_policy, trust_domain),
+        config.connect_timeout,
+        config.discovery_timeout,
+    )
+    .map_err(|source| StartError::Controller {
+        addr: config.controller_addr.clone().unwrap_or_default(),
+        source,
+    })?;
     let local_id = Label::from(
         config
             .identity
@@ -201,6 +219,7 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
         metrics,
         discovery,
         tls,
+        policies,
         drain: drain.clone(),
         ready: AtomicBool::new(false),
         local_id,

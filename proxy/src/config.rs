@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use mesh_proto::common::WorkloadRef;
 
+use crate::policy::DefaultPolicy;
+
 /// A bad configuration value, naming the variable and the value.
 #[derive(Debug, thiserror::Error)]
 #[error("{var}={value:?}: {reason}")]
@@ -53,6 +55,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The proxy's identity; without it the proxy neither originates nor accepts mesh TLS.
     pub identity: Option<IdentityConfig>,
+    /// The inbound policy of ports no Server covers (and while the controller is silent).
+    pub default_inbound_policy: DefaultPolicy,
 }
 
 /// How the proxy obtains and checks certificates.
@@ -79,6 +83,16 @@ pub struct Workload {
     pub name: String,
     /// Pod name.
     pub pod: String,
+}
+
+impl IdentityConfig {
+    /// The trust domain of the identity (`spiffe://<domain>/...`).
+    pub fn trust_domain(&self) -> &str {
+        self.id
+            .strip_prefix("spiffe://")
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or("cluster.local")
+    }
 }
 
 impl Workload {
@@ -156,7 +170,16 @@ impl Config {
             None => None,
             Some(id) => Some(identity_config(&env, id, controller_addr.as_deref())?),
         };
+        let default_inbound_policy = match env.get("MESH_PROXY_DEFAULT_INBOUND_POLICY") {
+            None => DefaultPolicy::AllUnauthenticated,
+            Some(value) => value.parse().map_err(|reason| ConfigError {
+                var: "MESH_PROXY_DEFAULT_INBOUND_POLICY".into(),
+                value: value.clone(),
+                reason,
+            })?,
+        };
         Ok(Self {
+            default_inbound_policy,
             identity,
             inbound_listen: env.socket_addr(
                 "MESH_PROXY_INBOUND_LISTEN",
@@ -393,6 +416,8 @@ mod tests {
             ("MESH_PROXY_INBOUND_APP_IP", "localhost"),
             ("MESH_PROXY_CONTROLLER_ADDR", "127.0.0.1:8086"),
             ("MESH_PROXY_LOG_FORMAT", "xml"),
+            ("MESH_PROXY_DEFAULT_INBOUND_POLICY", "allow-everything"),
+            ("MESH_PROXY_IDENTITY", "web"),
         ];
         for (var, value) in cases {
             let error = parse(&[(var, value)]).expect_err(var);

@@ -28,6 +28,10 @@ pub enum ProxyError {
     BadRequest(String),
     /// Discovery has not answered and there is no address to fall back to.
     DiscoveryUnavailable(String),
+    /// The inbound policy does not admit the client.
+    Unauthorized(String),
+    /// A local rate limit is exceeded; retry after this long.
+    RateLimited(String, std::time::Duration),
 }
 
 impl ProxyError {
@@ -38,6 +42,8 @@ impl ProxyError {
             Self::ConnectFailed(_) | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::FORBIDDEN,
+            Self::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -50,6 +56,8 @@ impl ProxyError {
             Self::Timeout(_) => "timeout",
             Self::BadRequest(_) => "bad request",
             Self::DiscoveryUnavailable(_) => "discovery unavailable",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::RateLimited(..) => "rate limited",
         }
     }
 
@@ -61,7 +69,9 @@ impl ProxyError {
             | Self::Upstream(d)
             | Self::Timeout(d)
             | Self::BadRequest(d)
-            | Self::DiscoveryUnavailable(d) => d,
+            | Self::DiscoveryUnavailable(d)
+            | Self::Unauthorized(d)
+            | Self::RateLimited(d, _) => d,
         }
     }
 
@@ -70,6 +80,8 @@ impl ProxyError {
     fn grpc_code(&self) -> u8 {
         match self {
             Self::Timeout(_) => 4,
+            Self::Unauthorized(_) => 7,
+            Self::RateLimited(..) => 8,
             Self::BadRequest(_) => 13,
             _ => 14,
         }
@@ -102,6 +114,12 @@ impl ProxyError {
             );
         }
         response.headers_mut().insert(MESH_ERROR, header_value);
+        if let Self::RateLimited(_, retry_after) = self {
+            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        }
         response
     }
 }

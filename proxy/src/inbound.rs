@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::app::{Context, accept_loop};
+use crate::authz::{ConnectionClient, admit_connection};
 use crate::capture;
 use crate::client::{Dial, HttpClients};
 use crate::detect::{self, PrefixedIo, Protocol};
@@ -190,8 +191,16 @@ where
             Label::default()
         },
     };
+    let policy = ctx.policies.port(arrival.port).await;
+    let client = ConnectionClient {
+        ip: peer.ip(),
+        identity: tls.then(|| labels.client_id.0.clone()),
+    };
     if arrival.opaque {
-        return forward_tcp(io, app, &ctx, &labels).await;
+        if admit_connection(&policy, &client, &ctx.metrics, &labels) {
+            forward_tcp(io, app, &ctx, &labels).await;
+        }
+        return;
     }
     let (protocol, prefix) = match detect::detect(&mut io, ctx.config.detect_timeout).await {
         Ok(detected) => detected,
@@ -203,17 +212,19 @@ where
     let io = PrefixedIo::new(prefix, io);
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
-            let service = stack::inbound_http(
-                &ctx,
-                InboundHttp {
-                    ctx: ctx.clone(),
-                    clients: ctx.direct_clients(app),
-                    labels,
-                },
-            );
+            let forward = InboundHttp {
+                ctx: ctx.clone(),
+                clients: ctx.direct_clients(app),
+                labels: labels.clone(),
+            };
+            let service = stack::inbound_http(&ctx, forward, policy, client, labels);
             server::serve_http(io, protocol, service, ctx.drain.clone()).await;
         }
-        Protocol::Tls | Protocol::Opaque => forward_tcp(io, app, &ctx, &labels).await,
+        Protocol::Tls | Protocol::Opaque => {
+            if admit_connection(&policy, &client, &ctx.metrics, &labels) {
+                forward_tcp(io, app, &ctx, &labels).await;
+            }
+        }
     }
 }
 

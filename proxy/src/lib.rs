@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod balance;
 pub mod capture;
 pub mod client;
@@ -23,6 +24,8 @@ pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod policy;
+pub mod rate_limit;
 pub mod server;
 pub mod stack;
 pub mod tcp;

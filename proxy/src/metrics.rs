@@ -118,6 +118,17 @@ pub struct ErrorLabels {
     pub reason: Label,
 }
 
+/// An authorization decision's labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    /// The policy (Server name or `default:<policy>`), or the rate limit's name.
+    pub policy: Label,
+    /// The application address.
+    pub target_addr: Label,
+    /// The client's SPIFFE ID, when it proved one.
+    pub client_id: Label,
+}
+
 /// Latency buckets in milliseconds: fine below 10 ms where a mesh hop lives, coarse above.
 const LATENCY_BUCKETS_MS: [f64; 18] = [
     0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
@@ -149,6 +160,15 @@ pub struct Metrics {
     pub tcp_write_bytes: Family<TargetLabels, Counter>,
     /// `proxy_error_total`: errors the proxy produced itself (no endpoints, timeouts, ...).
     pub proxy_errors: Family<ErrorLabels, Counter>,
+    /// `inbound_http_authz_deny_total`: requests refused by policy.
+    pub http_authz_denies: Family<AuthzLabels, Counter>,
+    /// `inbound_tcp_authz_deny_total`: connections refused by policy.
+    pub tcp_authz_denies: Family<AuthzLabels, Counter>,
+    /// `inbound_authz_audit_total`: requests and connections admitted only because the policy
+    /// audits.
+    pub authz_audits: Family<AuthzLabels, Counter>,
+    /// `inbound_http_ratelimit_total`: requests refused by a local rate limit.
+    pub rate_limited: Family<AuthzLabels, Counter>,
     /// `identity_cert_expiry_timestamp_seconds`: when the current certificate expires.
     pub identity_expiry: Gauge,
     /// `identity_cert_renewals_total`: certificates obtained.
@@ -206,6 +226,30 @@ impl Metrics {
             "Errors produced by the proxy itself, by reason",
             proxy_errors.clone(),
         );
+        let http_authz_denies = Family::default();
+        registry.register(
+            "inbound_http_authz_deny",
+            "HTTP requests refused by the inbound policy",
+            http_authz_denies.clone(),
+        );
+        let tcp_authz_denies = Family::default();
+        registry.register(
+            "inbound_tcp_authz_deny",
+            "TCP connections refused by the inbound policy",
+            tcp_authz_denies.clone(),
+        );
+        let authz_audits = Family::default();
+        registry.register(
+            "inbound_authz_audit",
+            "Requests and connections an audit-mode policy would have refused",
+            authz_audits.clone(),
+        );
+        let rate_limited = Family::default();
+        registry.register(
+            "inbound_http_ratelimit",
+            "HTTP requests refused by a local rate limit",
+            rate_limited.clone(),
+        );
         let identity_expiry = Gauge::default();
         registry.register(
             "identity_cert_expiry_timestamp_seconds",
@@ -239,6 +283,10 @@ impl Metrics {
             tcp_read_bytes,
             tcp_write_bytes,
             proxy_errors,
+            http_authz_denies,
+            tcp_authz_denies,
+            authz_audits,
+            rate_limited,
             identity_expiry,
             identity_renewals,
             identity_failures,

@@ -1,17 +1,22 @@
 //! The request paths, composed in one place: read this file to see every layer an HTTP request
 //! passes through on each side, outermost first.
 //!
-//! Connection-level steps (capture, transport header, protocol detection, opaque forwarding)
-//! are in `inbound.rs` and `outbound.rs`; what happens to each HTTP request is here.
+//! Connection-level steps (capture, transport header, TLS, protocol detection, the policy
+//! check of opaque connections, forwarding) are in `inbound.rs` and `outbound.rs`; what happens
+//! to each HTTP request is here.
 
 use std::sync::Arc;
 
 use tower::ServiceBuilder;
 
 use crate::app::Context;
+use crate::authz::{Authz, AuthzLayer, ConnectionClient};
 use crate::http_metrics::{HttpMetrics, HttpMetricsLayer};
 use crate::inbound::InboundHttp;
+use crate::metrics::TargetLabels;
 use crate::outbound::OutboundHttp;
+use crate::policy::PortPolicy;
+use crate::rate_limit::{RateLimit, RateLimitLayer};
 
 /// Outbound: metrics -> route to a balanced endpoint of the target and forward.
 pub fn outbound_http(ctx: &Arc<Context>, forward: OutboundHttp) -> HttpMetrics<OutboundHttp> {
@@ -20,9 +25,30 @@ pub fn outbound_http(ctx: &Arc<Context>, forward: OutboundHttp) -> HttpMetrics<O
         .service(forward)
 }
 
-/// Inbound: metrics -> forward to the application.
-pub fn inbound_http(ctx: &Arc<Context>, forward: InboundHttp) -> HttpMetrics<InboundHttp> {
+/// The inbound HTTP stack.
+pub type InboundStack = HttpMetrics<Authz<RateLimit<InboundHttp>>>;
+
+/// Inbound: metrics -> authorization policy -> local rate limit -> forward to the application.
+pub fn inbound_http(
+    ctx: &Arc<Context>,
+    forward: InboundHttp,
+    policy: PortPolicy,
+    client: ConnectionClient,
+    labels: TargetLabels,
+) -> InboundStack {
     ServiceBuilder::new()
         .layer(HttpMetricsLayer::new(ctx.metrics.clone()))
+        .layer(AuthzLayer::new(
+            policy.clone(),
+            client.clone(),
+            ctx.metrics.clone(),
+            labels.clone(),
+        ))
+        .layer(RateLimitLayer::new(
+            policy,
+            client,
+            ctx.metrics.clone(),
+            labels,
+        ))
         .service(forward)
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod ca;
+pub mod policy;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -335,6 +336,15 @@ pub struct TestIdentity {
 
 /// A proxy with an identity, waiting until it holds its certificate.
 pub async fn proxy_with(controller: Option<&str>, identity: Option<TestIdentity>) -> Running {
+    proxy_env(controller, identity, &[]).await
+}
+
+/// A proxy with an identity and extra `MESH_PROXY_*` settings.
+pub async fn proxy_env(
+    controller: Option<&str>,
+    identity: Option<TestIdentity>,
+    extra: &[(&'static str, &str)],
+) -> Running {
     let mut vars: HashMap<&str, String> = HashMap::from([
         ("MESH_PROXY_INBOUND_LISTEN", "127.0.0.1:0".to_string()),
         ("MESH_PROXY_OUTBOUND_LISTEN", "127.0.0.1:0".to_string()),
@@ -344,6 +354,9 @@ pub async fn proxy_with(controller: Option<&str>, identity: Option<TestIdentity>
     ]);
     if let Some(controller) = controller {
         vars.insert("MESH_PROXY_CONTROLLER_ADDR", controller.to_string());
+    }
+    for (var, value) in extra {
+        vars.insert(var, value.to_string());
     }
     let mut token_file = None;
     if let Some(identity) = &identity {

@@ -1,1 +1,0 @@
-//! Transparent capture with iptables (being written).

@@ -3,6 +3,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod local;
+
 /// The mesh's command line: install and check the mesh, mesh workloads, watch their traffic,
 /// and run the whole mesh on this machine.
 #[derive(Debug, Parser)]
@@ -32,12 +34,15 @@ pub struct GlobalArgs {
 enum Command {
     /// Print the version of meshctl.
     Version,
+    /// Run Kubernetes YAML on this machine as local pods with the mesh (up, status, logs, down).
+    Local(local::LocalArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _global = cli.global;
+    let global = cli.global;
     match cli.command {
+        Command::Local(args) => local::run(args, global.namespace.as_deref()),
         Command::Version => {
             println!("meshctl {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -440,7 +440,7 @@ fn parse_cidr(item: &str) -> Result<(), &'static str> {
 
 /// The value of a Kubernetes quantity (`100m`, `0.5`, `64Mi`, `1e3`), for comparing a request
 /// with a limit; `None` when it is not one.
-fn parse_quantity(text: &str) -> Option<f64> {
+pub(crate) fn parse_quantity(text: &str) -> Option<f64> {
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
@@ -491,7 +491,7 @@ fn is_duration(text: &str) -> bool {
 }
 
 /// Checks a tracing filter made of `level` and `target=level` directives.
-fn check_log_level(text: &str) -> Result<(), String> {
+pub(crate) fn check_log_level(text: &str) -> Result<(), String> {
     const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
     let is_level = |level: &str| LEVELS.contains(&level.to_ascii_lowercase().as_str());
     let is_target = |target: &str| {

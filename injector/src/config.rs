@@ -82,6 +82,113 @@ impl Default for MeshConfig {
     }
 }
 
+/// A [`MeshConfig`] value that cannot work, naming the setting (as the webhook's flag) and
+/// the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{setting}: {value:?}: {reason}")]
+pub struct ConfigError {
+    /// The setting, named like its `mesh-injector` flag.
+    pub setting: &'static str,
+    /// Its value.
+    pub value: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl MeshConfig {
+    /// Checks what annotations are checked for, once, at start: quantities, a request not
+    /// above its limit, the log filter, ports, URLs.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let error = |setting, value: &dyn fmt::Display, reason: &str| ConfigError {
+            setting,
+            value: value.to_string(),
+            reason: reason.to_owned(),
+        };
+        for (setting, url) in [
+            ("controller-addr", &self.controller_addr),
+            ("identity-addr", &self.identity_addr),
+        ] {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(error(setting, url, "expected a URL like http://host:8086"));
+            }
+        }
+        if self.trust_domain.is_empty() || self.trust_domain.contains(['/', ' ']) {
+            return Err(error(
+                "trust-domain",
+                &self.trust_domain,
+                "expected a domain like cluster.local",
+            ));
+        }
+        if self.proxy_image.trim().is_empty() || self.proxy_image.contains(char::is_whitespace) {
+            return Err(error(
+                "proxy-image",
+                &self.proxy_image,
+                "not an image reference",
+            ));
+        }
+        if self.proxy_uid < 0 {
+            return Err(error("proxy-uid", &self.proxy_uid, "a uid is not negative"));
+        }
+        let ports = [
+            ("proxy-inbound-port", self.inbound_port),
+            ("proxy-outbound-port", self.outbound_port),
+            ("proxy-admin-port", self.admin_port),
+        ];
+        for (index, (setting, port)) in ports.iter().enumerate() {
+            if *port == 0 {
+                return Err(error(setting, port, "port 0 is not a port"));
+            }
+            if ports[..index].iter().any(|(_, other)| other == port) {
+                return Err(error(setting, port, "the proxy's ports must differ"));
+            }
+        }
+        crate::annotations::check_log_level(&self.proxy_log_level)
+            .map_err(|reason| error("proxy-log-level", &self.proxy_log_level, &reason))?;
+        for (resource, request, limit) in [
+            (
+                ("proxy-cpu-request", "proxy-cpu-limit"),
+                &self.proxy_cpu_request,
+                &self.proxy_cpu_limit,
+            ),
+            (
+                ("proxy-memory-request", "proxy-memory-limit"),
+                &self.proxy_memory_request,
+                &self.proxy_memory_limit,
+            ),
+        ] {
+            let quantity = |setting, text: &Option<String>| {
+                text.as_deref()
+                    .map(|text| {
+                        crate::annotations::parse_quantity(text.trim()).ok_or_else(|| {
+                            error(
+                                setting,
+                                &text,
+                                "not a Kubernetes quantity like 100m, 0.5, 64Mi or 1Gi",
+                            )
+                        })
+                    })
+                    .transpose()
+            };
+            let request_value = quantity(resource.0, request)?;
+            let limit_value = quantity(resource.1, limit)?;
+            if let (Some(request_value), Some(limit_value)) = (request_value, limit_value)
+                && request_value > limit_value
+            {
+                return Err(error(
+                    resource.0,
+                    &request.as_deref().unwrap_or_default(),
+                    &format!(
+                        "is above {} {:?}",
+                        resource.1,
+                        limit.as_deref().unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Who may call a port that no Server selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InboundPolicy {
@@ -153,6 +260,66 @@ mod tests {
             assert_eq!(policy.as_str().parse::<InboundPolicy>(), Ok(policy));
         }
         assert!("allow".parse::<InboundPolicy>().is_err());
+    }
+
+    #[test]
+    fn validate_names_the_bad_setting() {
+        assert_eq!(MeshConfig::default().validate(), Ok(()));
+        let cases: [(MeshConfig, &str); 7] = [
+            (
+                MeshConfig {
+                    controller_addr: "mesh-controller:8086".into(),
+                    ..MeshConfig::default()
+                },
+                "controller-addr",
+            ),
+            (
+                MeshConfig {
+                    proxy_cpu_request: Some("lots".into()),
+                    ..MeshConfig::default()
+                },
+                "proxy-cpu-request",
+            ),
+            (
+                MeshConfig {
+                    proxy_memory_limit: Some("10Mi".into()),
+                    ..MeshConfig::default()
+                },
+                "proxy-memory-request",
+            ),
+            (
+                MeshConfig {
+                    proxy_log_level: "loud".into(),
+                    ..MeshConfig::default()
+                },
+                "proxy-log-level",
+            ),
+            (
+                MeshConfig {
+                    admin_port: 4143,
+                    ..MeshConfig::default()
+                },
+                "proxy-admin-port",
+            ),
+            (
+                MeshConfig {
+                    proxy_image: "".into(),
+                    ..MeshConfig::default()
+                },
+                "proxy-image",
+            ),
+            (
+                MeshConfig {
+                    trust_domain: "a/b".into(),
+                    ..MeshConfig::default()
+                },
+                "trust-domain",
+            ),
+        ];
+        for (config, setting) in cases {
+            let error = config.validate().expect_err(setting);
+            assert_eq!(error.setting, setting, "{error}");
+        }
     }
 
     #[test]

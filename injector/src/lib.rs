@@ -5,6 +5,8 @@
 //!   [`uninject`] / [`uninject_template`] remove exactly that again. They do no I/O: the
 //!   namespace's annotations and the [`MeshConfig`] are passed in.
 //! - [`annotations`] names and validates every annotation injection reads.
+//! - [`webhook`] serves the patch as a mutating admission webhook (AdmissionReview v1 over
+//!   rustls), with [`metrics`].
 //!
 //! This crate must not depend on `meshctl`, and the patch functions must never reach the
 //! network: callers fetch what they need (e.g. namespace annotations) themselves.
@@ -12,9 +14,11 @@
 pub mod annotations;
 pub mod config;
 mod inject;
+pub mod metrics;
+pub mod webhook;
 
 pub use annotations::{AnnotationError, Source};
-pub use config::{InboundPolicy, MeshConfig, VERSION};
+pub use config::{ConfigError, InboundPolicy, MeshConfig, VERSION};
 pub use inject::{
     IDENTITY_DIR, IDENTITY_TOKEN_AUDIENCE, IDENTITY_TOKEN_FILE, IDENTITY_VOLUME, INIT_CONTAINER,
     InjectError, NEVER_INJECTED_NAMESPACES, Outcome, PROXY_CONTAINER, SkipReason, Workload, inject,

@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod inject;
 mod local;
 
 /// The mesh's command line: install and check the mesh, mesh workloads, watch their traffic,
@@ -36,6 +37,10 @@ enum Command {
     Version,
     /// Run Kubernetes YAML on this machine as local pods with the mesh (up, status, logs, down).
     Local(local::LocalArgs),
+    /// Add the mesh to every pod and pod template of Kubernetes YAML (FILE or -), to stdout.
+    Inject(inject::InjectArgs),
+    /// Remove what `meshctl inject` added from Kubernetes YAML (FILE or -), to stdout.
+    Uninject(inject::UninjectArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,6 +48,8 @@ fn main() -> anyhow::Result<()> {
     let global = cli.global;
     match cli.command {
         Command::Local(args) => local::run(args, global.namespace.as_deref()),
+        Command::Inject(args) => inject::run_inject(&args, global.namespace.as_deref()),
+        Command::Uninject(args) => inject::run_uninject(&args),
         Command::Version => {
             println!("meshctl {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -5,17 +5,20 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
 use super::netns;
 use super::plan::Plan;
-use super::process;
 use super::state::{self, ProcessRef};
+use super::{process, supervisor};
 
 /// How long processes get to exit on SIGTERM before SIGKILL.
 const GRACE: Duration = Duration::from_secs(5);
+/// How long the supervisor gets to stop everything (apps, then the mesh, each with a grace
+/// period of its own) before it is killed.
+const SUPERVISOR_STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub fn run(state_dir: &Path) -> anyhow::Result<()> {
     if !state_dir.exists() {
@@ -44,9 +47,18 @@ pub fn run_quiet(state_dir: &Path) -> anyhow::Result<()> {
         );
     }
 
-    // The supervisor first, so it restarts nothing while the rest stops.
-    if let Some(supervisor) = saved.as_ref().and_then(|s| s.supervisor) {
-        process::stop_all(&[supervisor], Duration::from_secs(3));
+    // The supervisor first, so it restarts nothing while the rest stops. Asked politely, it
+    // stops (and reaps) everything it started; a supervisor that does not answer is killed,
+    // and whatever it started is stopped below.
+    if let Some(supervisor) = saved.as_ref().and_then(|s| s.supervisor)
+        && supervisor.is_alive()
+    {
+        let _ = std::fs::write(supervisor::stop_request_file(state_dir), b"down\n");
+        let deadline = Instant::now() + SUPERVISOR_STOP_TIMEOUT;
+        while supervisor.is_alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        process::stop_all(&[supervisor], Duration::from_secs(2));
     }
 
     let mut namespaces: Vec<String> = Vec::new();

@@ -73,6 +73,14 @@ impl ProcessRef {
     }
 }
 
+/// Sends `signal` to the process group led by `pid` (a child we started, so its pid cannot
+/// have been reused while we have not reaped it).
+pub fn signal_group_of(pid: u32, signal: Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = killpg(Pid::from_raw(pid), signal);
+    }
+}
+
 /// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks since boot.
 fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -61,15 +61,26 @@ pub fn run(state_dir: &Path) -> anyhow::Result<()> {
         "meshctl local supervise: running {} pods",
         supervisor.pods.len()
     );
+    let stop_request = stop_request_file(state_dir);
     loop {
-        if !state_dir.exists() {
-            eprintln!("meshctl local supervise: the state folder is gone; stopping");
+        if stop_request.exists() || !state_dir.exists() {
+            eprintln!("meshctl local supervise: stopping every pod and the controller");
+            supervisor.shutdown();
             return Ok(());
         }
         supervisor.tick();
         std::thread::sleep(TICK);
     }
 }
+
+/// The file `down` creates to ask the supervisor to stop what it started and exit: it can
+/// reap its children, which nobody else can.
+pub fn stop_request_file(state_dir: &Path) -> std::path::PathBuf {
+    state_dir.join("stop")
+}
+
+/// How long processes get between SIGTERM and SIGKILL when the supervisor stops them.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 struct Supervisor {
     plan: Plan,
@@ -331,7 +342,7 @@ impl Supervisor {
     fn start_controller(&mut self) {
         let plan = &self.plan.controller;
         let mut command = Command::new(&plan.argv[0]);
-        command.args(&plan.argv[1..]);
+        command.args(&plan.argv[1..]).env("NO_COLOR", "1");
         let netns = self.plan.network.router_netns.clone();
         let log = plan.log.clone();
         self.controller.attempts += 1;
@@ -346,6 +357,29 @@ impl Supervisor {
                 self.controller.schedule_restart();
             }
         }
+    }
+
+    /// Stops everything, as the kubelet stops a pod: the apps first, then the proxies and
+    /// other sidecars (which the apps' last requests still need), then the controller.
+    fn shutdown(&mut self) {
+        let mut apps = Vec::new();
+        let mut mesh = Vec::new();
+        for (pod, runtime) in self.plan.pods.iter().zip(&mut self.pods) {
+            let plans = pod.init_containers.iter().chain(&pod.containers);
+            let runners = runtime.init.iter_mut().chain(&mut runtime.containers);
+            for (container, runner) in plans.zip(runners) {
+                if let Some(child) = runner.child.take() {
+                    if container.role == Role::App && !container.sidecar {
+                        apps.push(child);
+                    } else {
+                        mesh.push(child);
+                    }
+                }
+            }
+        }
+        stop_children(apps);
+        stop_children(mesh);
+        stop_children(self.controller.child.take().into_iter().collect());
     }
 
     /// One pass over everything.
@@ -765,12 +799,34 @@ impl RunContext<'_> {
         for var in PROXY_VARS {
             command.env_remove(var);
         }
+        if container.role != Role::App {
+            // The mesh's logs go to files: no terminal colours in them.
+            command.env("NO_COLOR", "1");
+        }
         command.envs(container.env.iter().map(|(n, v)| (n, v)));
         if let Some(dir) = &container.working_dir {
             command.current_dir(dir);
         }
         spawn(command, &container.log, self.state_dir, spawn_netns)
             .map_err(|error| format!("{error}"))
+    }
+}
+
+/// SIGTERM to each child's process group, SIGKILL after [`STOP_GRACE`], every one reaped.
+fn stop_children(mut children: Vec<Child>) {
+    use nix::sys::signal::Signal;
+    for child in &children {
+        process::signal_group_of(child.id(), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    while !children.is_empty() && Instant::now() < deadline {
+        children.retain_mut(|child| matches!(child.try_wait(), Ok(None)));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for mut child in children {
+        process::signal_group_of(child.id(), Signal::SIGKILL);
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 

@@ -282,7 +282,7 @@ fn clashes_and_bad_objects_are_clear_errors() {
         (
             "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  \
              - {name: a, command: [x], ports: [{containerPort: 80}]}\n  \
-             - {name: b, command: [y], ports: [{containerPort: 80}]}\n",
+             - {name: b, command: [z], ports: [{containerPort: 80}]}\n",
             "port clash in pod default/p: port 80 is used by container \"a\" and container \"b\"",
         ),
         (

@@ -1,0 +1,612 @@
+//! `meshctl local`: Kubernetes YAML run as local pods with the real controller and proxies.
+//!
+//! Root mode (network namespaces, iptables capture) needs root and says so loudly when it
+//! cannot run (failing under CI=true); loopback mode and the error cases run anywhere. Every
+//! mesh a test starts is taken down by a guard, also when the test fails, and every wait is
+//! bounded.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use mesh_integration_tests::bin_path;
+use mesh_integration_tests::netns::require_root;
+
+/// A server Deployment answering HTTP on 8080, its Service on port 80, and a client
+/// Deployment whose only container curls `url` twice a second and logs each status code.
+fn client_server_yaml(url: &str, server_command: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata:
+  name: demo
+  annotations:
+    mesh.dev/inject: enabled
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: server, namespace: demo}}
+spec:
+  selector: {{app: server}}
+  ports: [{{port: 80, targetPort: 8080}}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: server, namespace: demo}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: server}}}}
+  template:
+    metadata: {{labels: {{app: server}}}}
+    spec:
+      containers:
+      - name: http
+        command: [sh, -c, "{server_command}"]
+        env:
+        - name: POD_IP
+          valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}
+        ports: [{{containerPort: 8080}}]
+        readinessProbe: {{tcpSocket: {{port: 8080}}}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: client, namespace: demo}}
+spec:
+  selector: {{matchLabels: {{app: client}}}}
+  template:
+    metadata: {{labels: {{app: client}}}}
+    spec:
+      containers:
+      - name: curl
+        command: [sh, -c]
+        args:
+        - |
+          while true; do
+            code=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 2 {url})
+            echo "GET {url} -> $code"
+            sleep 0.5
+          done
+"#
+    )
+}
+
+/// A local mesh in a folder of its own with an instance name of its own (tests run in
+/// parallel); `down` on drop.
+struct LocalMesh {
+    state_dir: PathBuf,
+    instance: String,
+    /// The folder of the test's YAML and state.
+    dir: PathBuf,
+}
+
+impl LocalMesh {
+    fn new(test: &str) -> LocalMesh {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{:x}{n}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("mesh-local-{test}-{id}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the test folder");
+        LocalMesh {
+            state_dir: dir.join("state"),
+            // Short: it prefixes every pod's namespace name.
+            instance: format!("t{id}"),
+            dir,
+        }
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        std::fs::write(&path, text).expect("write the test YAML");
+        path
+    }
+
+    /// `meshctl local ARGS --state-dir ...` with the freshly built binaries.
+    fn meshctl(&self, args: &[&str]) -> Output {
+        let mut command = Command::new(bin_path("meshctl"));
+        command
+            .arg("local")
+            .args(args)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .env("MESHCTL_PROXY_BIN", bin_path("mesh-proxy"))
+            .env("MESHCTL_CONTROLLER_BIN", bin_path("mesh-controller"));
+        command
+            .output()
+            .unwrap_or_else(|error| panic!("cannot run {command:?}: {error}"))
+    }
+
+    /// `local up -f FILE` with this mesh's instance, any free controller ports and a bounded
+    /// wait.
+    fn up(&self, file: &Path, extra: &[&str]) -> Output {
+        let file = file.to_str().expect("UTF-8 temp path");
+        let mut args = vec![
+            "up",
+            "-f",
+            file,
+            "--instance",
+            &self.instance,
+            "--controller-port",
+            "0",
+            "--controller-admin-port",
+            "0",
+            "--timeout",
+            "60s",
+        ];
+        args.extend_from_slice(extra);
+        self.meshctl(&args)
+    }
+
+    fn state(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.state_dir.join("state.json"))
+            .expect("state.json exists while the mesh is up");
+        serde_json::from_str(&text).expect("state.json is JSON")
+    }
+
+    fn down(&self) -> Output {
+        self.meshctl(&["down"])
+    }
+}
+
+impl Drop for LocalMesh {
+    fn drop(&mut self) {
+        if self.state_dir.exists() {
+            let output = self.down();
+            if !output.status.success() {
+                eprintln!(
+                    "cleanup: meshctl local down failed: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "status: {}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn assert_success(output: &Output, what: &str) {
+    assert!(output.status.success(), "{what} failed:\n{}", text(output));
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, failing after `timeout` with
+/// `explain()`.
+fn wait_for<T>(
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+    explain: impl Fn() -> String,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gave up after {timeout:?}: {}",
+            explain()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The pod of a Deployment in `state.json`.
+fn pod_of<'a>(state: &'a serde_json::Value, deployment: &str) -> &'a serde_json::Value {
+    state["pods"]
+        .as_array()
+        .expect("pods is a list")
+        .iter()
+        .find(|pod| pod["workload"]["name"] == deployment)
+        .unwrap_or_else(|| panic!("no pod of deployment {deployment} in {state:#}"))
+}
+
+/// A plain HTTP/1.0 GET (no chunking to undo): the body.
+fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default())
+}
+
+/// The sum of a Prometheus counter's samples whose labels contain every one of `labels`.
+fn counter(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .filter(|line| labels.iter().all(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Every (pid, start time) the state names: the supervisor, the controller, each container.
+fn processes_in(state: &serde_json::Value) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut add = |process: &serde_json::Value| {
+        if let (Some(pid), Some(start)) = (process["pid"].as_u64(), process["start_time"].as_u64())
+        {
+            out.push((pid, start));
+        }
+    };
+    add(&state["supervisor"]);
+    add(&state["controller"]["process"]);
+    for pod in state["pods"].as_array().into_iter().flatten() {
+        for container in pod["containers"].as_array().into_iter().flatten() {
+            add(&container["process"]);
+        }
+    }
+    out
+}
+
+/// Whether that very process still runs (a zombie waiting for its reaper does not count).
+fn is_alive(pid: u64, start_time: u64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some(after_name) = stat.rfind(')').map(|at| &stat[at + 1..]) else {
+        return false;
+    };
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    fields.first() != Some(&"Z") && fields.get(19).and_then(|f| f.parse().ok()) == Some(start_time)
+}
+
+fn netns_list() -> String {
+    let output = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("run ip netns list");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// After `down`: no process of `state` runs, no namespace of the instance exists, and the
+/// state folder is gone.
+fn assert_all_gone(mesh: &LocalMesh, state: &serde_json::Value) {
+    let processes = processes_in(state);
+    assert!(
+        processes.len() >= 2,
+        "the state named its processes: {state:#}"
+    );
+    let survivors: Vec<_> = processes
+        .iter()
+        .filter(|(pid, start)| is_alive(*pid, *start))
+        .collect();
+    assert!(
+        survivors.is_empty(),
+        "still running after down: {survivors:?}"
+    );
+    let namespaces = netns_list();
+    assert!(
+        !namespaces
+            .lines()
+            .any(|line| line.starts_with(&mesh.instance)),
+        "namespaces of {} left behind:\n{namespaces}",
+        mesh.instance
+    );
+    let etc_left: Vec<_> = std::fs::read_dir("/etc/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&mesh.instance)
+        })
+        .collect();
+    assert!(etc_left.is_empty(), "hosts files left behind: {etc_left:?}");
+    assert!(
+        !mesh.state_dir.exists(),
+        "{} left behind",
+        mesh.state_dir.display()
+    );
+}
+
+#[test]
+fn root_mode_client_reaches_server_by_name_through_both_proxies_and_down_removes_everything() {
+    if !require_root("local_pods root mode") {
+        return;
+    }
+    let mesh = LocalMesh::new("root");
+    // The short name resolves through the pod's hosts file to the Service's cluster IP, which
+    // only the proxies understand: a 200 proves capture, discovery and both proxies.
+    let yaml = mesh.write(
+        "app.yaml",
+        &client_server_yaml("http://server/", "exec python3 -m http.server 8080"),
+    );
+    let up = mesh.up(&yaml, &["--mode", "root"]);
+    assert_success(&up, "local up");
+    let stdout = String::from_utf8_lossy(&up.stdout);
+    assert!(
+        stdout.contains("mode: root"),
+        "up names the mode:\n{stdout}"
+    );
+
+    let state = mesh.state();
+    assert_eq!(state["mode"], "root");
+    for pod in state["pods"].as_array().expect("pods") {
+        assert_eq!(pod["ready"], true, "{pod:#}");
+        assert_eq!(pod["meshed"], true, "{pod:#}");
+        let netns = pod["netns"]
+            .as_str()
+            .expect("root mode pods have a namespace");
+        assert!(netns_list().contains(netns), "{netns} exists while up");
+    }
+
+    let client = pod_of(&state, "client")["name"]
+        .as_str()
+        .expect("pod name")
+        .to_owned();
+    wait_for(
+        Duration::from_secs(30),
+        || {
+            let logs = mesh.meshctl(&["logs", &client, "-n", "demo"]);
+            let text = String::from_utf8_lossy(&logs.stdout).into_owned();
+            (text.matches("-> 200").count() >= 3).then_some(())
+        },
+        || text(&mesh.meshctl(&["logs", &client, "-n", "demo"])),
+    );
+
+    // The server's proxy counted them inbound; its admin port is reached through the
+    // loopback forward recorded in state.json.
+    let server = pod_of(&state, "server");
+    let admin = server["proxy_admin"]["from_host"]
+        .as_str()
+        .expect("a forwarded admin address")
+        .to_owned();
+    assert!(admin.starts_with("127.0.0.1:"), "{admin}");
+    let inbound = wait_for(
+        Duration::from_secs(10),
+        || {
+            let metrics = http_get(&admin, "/metrics").ok()?;
+            let total = counter(&metrics, "request_total", &["direction=\"inbound\""]);
+            (total > 0.0).then_some(total)
+        },
+        || http_get(&admin, "/metrics").unwrap_or_else(|e| e.to_string()),
+    );
+    assert!(inbound > 0.0);
+    // The controller's admin is forwarded too.
+    let controller_admin = state["controller"]["admin"]["from_host"]
+        .as_str()
+        .expect("controller admin forward");
+    let ready = http_get(controller_admin, "/ready").expect("controller /ready via its forward");
+    assert!(!ready.is_empty());
+
+    let status = mesh.meshctl(&["status"]);
+    assert_success(&status, "local status");
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        table.contains("NAMESPACE") && table.contains("root"),
+        "{table}"
+    );
+
+    let state = mesh.state();
+    let down = mesh.down();
+    assert_success(&down, "local down");
+    assert_all_gone(&mesh, &state);
+    // Twice is fine.
+    assert_success(&mesh.down(), "a second local down");
+}
+
+#[test]
+fn down_cleans_up_after_a_dead_supervisor() {
+    if !require_root("local_pods down after a dead supervisor") {
+        return;
+    }
+    let mesh = LocalMesh::new("dead");
+    let yaml = mesh.write(
+        "app.yaml",
+        &client_server_yaml("http://server/", "exec python3 -m http.server 8080"),
+    );
+    assert_success(&mesh.up(&yaml, &["--mode", "root"]), "local up");
+    let state = mesh.state();
+    let supervisor = state["supervisor"]["pid"].as_u64().expect("supervisor pid");
+    let killed = Command::new("kill")
+        .args(["-9", &supervisor.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    wait_for(
+        Duration::from_secs(5),
+        || {
+            let start = state["supervisor"]["start_time"].as_u64()?;
+            (!is_alive(supervisor, start)).then_some(())
+        },
+        || "the supervisor survived SIGKILL".to_owned(),
+    );
+    let status = mesh.meshctl(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&status.stderr).contains("supervisor is not running"),
+        "{}",
+        text(&status)
+    );
+    assert_success(&mesh.down(), "local down");
+    assert_all_gone(&mesh, &state);
+}
+
+#[test]
+fn loopback_mode_client_reaches_server_through_the_outbound_http_proxy() {
+    let mesh = LocalMesh::new("loop");
+    // No hosts files here: the client names the service and its proxy routes by authority.
+    let yaml = mesh.write(
+        "app.yaml",
+        &client_server_yaml(
+            "http://server.demo.svc.cluster.local/",
+            "exec python3 -m http.server 8080 --bind $POD_IP",
+        ),
+    );
+    let up = mesh.up(&yaml, &["--mode", "loopback"]);
+    assert_success(&up, "local up");
+    assert!(
+        String::from_utf8_lossy(&up.stdout).contains("mode: loopback"),
+        "{}",
+        text(&up)
+    );
+    let state = mesh.state();
+    assert_eq!(state["mode"], "loopback");
+    let server = pod_of(&state, "server");
+    assert!(
+        server["ip"].as_str().expect("ip").starts_with("127."),
+        "{server:#}"
+    );
+    let client = pod_of(&state, "client")["name"]
+        .as_str()
+        .expect("pod name")
+        .to_owned();
+    wait_for(
+        Duration::from_secs(30),
+        || {
+            let logs = mesh.meshctl(&["logs", &client, "-n", "demo"]);
+            let text = String::from_utf8_lossy(&logs.stdout).into_owned();
+            (text.matches("-> 200").count() >= 3).then_some(())
+        },
+        || text(&mesh.meshctl(&["logs", &client, "-n", "demo"])),
+    );
+    let admin = server["proxy_admin"]["from_host"]
+        .as_str()
+        .expect("admin address")
+        .to_owned();
+    let metrics = http_get(&admin, "/metrics").expect("the server proxy's metrics");
+    assert!(
+        counter(&metrics, "request_total", &["direction=\"inbound\""]) > 0.0,
+        "{metrics}"
+    );
+    let state = mesh.state();
+    assert_success(&mesh.down(), "local down");
+    assert_all_gone(&mesh, &state);
+}
+
+#[test]
+fn malformed_yaml_is_a_clear_error_naming_the_file() {
+    let mesh = LocalMesh::new("yaml");
+    let yaml = mesh.write(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: [\n",
+    );
+    let up = mesh.up(&yaml, &["--mode", "loopback"]);
+    assert!(!up.status.success(), "{}", text(&up));
+    let stderr = String::from_utf8_lossy(&up.stderr);
+    assert!(
+        stderr.contains("broken.yaml") && stderr.contains("invalid YAML"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!mesh.state_dir.exists(), "nothing was started");
+
+    let not_an_object = mesh.write("list.yaml", "- a\n- b\n");
+    let up = mesh.up(&not_an_object, &["--mode", "loopback"]);
+    let stderr = String::from_utf8_lossy(&up.stderr);
+    assert!(
+        !up.status.success() && stderr.contains("list.yaml: document 1: not a Kubernetes object"),
+        "{}",
+        text(&up)
+    );
+}
+
+#[test]
+fn a_command_that_does_not_exist_fails_up_naming_the_pod_and_container() {
+    let root = require_root("local_pods missing command (root mode)");
+    let mesh = LocalMesh::new("nocmd");
+    let yaml = mesh.write(
+        "app.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: broken\n  annotations: {mesh.dev/inject: enabled}\n\
+         spec:\n  containers:\n  - name: app\n    command: [no-such-program-anywhere, --flag]\n",
+    );
+    let mode = if root { "root" } else { "loopback" };
+    let up = mesh.up(&yaml, &["--mode", mode]);
+    assert!(!up.status.success(), "{}", text(&up));
+    let stderr = String::from_utf8_lossy(&up.stderr);
+    assert!(
+        stderr.contains("pod default/broken")
+            && stderr.contains("container \"app\"")
+            && stderr.contains("no-such-program-anywhere"),
+        "{stderr}"
+    );
+    // The pod's log, printed by up, says it too.
+    assert!(stderr.contains("executable file not found"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // A failed up removes what it started.
+    assert!(!mesh.state_dir.exists(), "{}", text(&up));
+    if root {
+        assert!(!netns_list().contains(&mesh.instance), "{}", netns_list());
+    }
+}
+
+#[test]
+fn port_clashes_are_clear_errors() {
+    let mesh = LocalMesh::new("clash");
+    // Two containers of one pod on one port.
+    let yaml = mesh.write(
+        "app.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: twice}\nspec:\n  containers:\n\
+         \x20 - {name: one, command: [sleep, '60'], ports: [{containerPort: 8080}]}\n\
+         \x20 - {name: two, command: [sleep, '60'], ports: [{containerPort: 8080}]}\n",
+    );
+    let up = mesh.up(&yaml, &["--mode", "loopback"]);
+    let stderr = String::from_utf8_lossy(&up.stderr);
+    assert!(
+        !up.status.success()
+            && stderr.contains("port clash in pod default/twice: port 8080")
+            && stderr.contains("\"one\"")
+            && stderr.contains("\"two\""),
+        "{}",
+        text(&up)
+    );
+    assert!(!mesh.state_dir.exists());
+
+    if !require_root("local_pods forward port clash (root mode)") {
+        return;
+    }
+    // The controller's forward port taken by someone else.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let port = taken
+        .local_addr()
+        .expect("bound address")
+        .port()
+        .to_string();
+    let yaml = mesh.write(
+        "ok.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: ok}\nspec:\n  containers:\n\
+         \x20 - {name: one, command: [sleep, '60']}\n",
+    );
+    let file = yaml.to_str().expect("UTF-8 path");
+    let up = mesh.meshctl(&[
+        "up",
+        "-f",
+        file,
+        "--mode",
+        "root",
+        "--instance",
+        &mesh.instance,
+        "--controller-port",
+        &port,
+        "--controller-admin-port",
+        "0",
+        "--timeout",
+        "30s",
+    ]);
+    let stderr = String::from_utf8_lossy(&up.stderr);
+    assert!(
+        !up.status.success()
+            && stderr.contains(&format!("port clash: 127.0.0.1:{port}"))
+            && stderr.contains("--controller-port"),
+        "{}",
+        text(&up)
+    );
+    assert!(!netns_list().contains(&mesh.instance), "{}", netns_list());
+}

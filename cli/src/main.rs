@@ -4,6 +4,8 @@
 use clap::{Parser, Subcommand};
 
 mod inject;
+mod demo;
+mod demo_app;
 mod local;
 
 /// The mesh's command line: install and check the mesh, mesh workloads, watch their traffic,
@@ -37,6 +39,9 @@ enum Command {
     Version,
     /// Run Kubernetes YAML on this machine as local pods with the mesh (up, status, logs, down).
     Local(local::LocalArgs),
+    /// Run one service of the demo app (what `meshctl demo`'s pods run).
+    #[command(name = "demo-app", hide = true)]
+    DemoApp(demo_app::DemoAppArgs),
     /// Add the mesh to every pod and pod template of Kubernetes YAML (FILE or -), to stdout.
     Inject(inject::InjectArgs),
     /// Remove what `meshctl inject` added from Kubernetes YAML (FILE or -), to stdout.
@@ -48,6 +53,7 @@ fn main() -> anyhow::Result<()> {
     let global = cli.global;
     match cli.command {
         Command::Local(args) => local::run(args, global.namespace.as_deref()),
+        Command::DemoApp(args) => demo_app::run(args),
         Command::Inject(args) => inject::run_inject(&args, global.namespace.as_deref()),
         Command::Uninject(args) => inject::run_uninject(&args),
         Command::Version => {

@@ -6,6 +6,7 @@
 //! that changed are rebuilt, and an endpoint set that did not change keeps its `Arc`, so a
 //! stream whose target is untouched sees the same pointer and does no work.
 
+use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -197,14 +198,39 @@ fn service_port_state(view: &ServiceView, port: u16) -> Resolution {
     }
 }
 
+/// Beyond this many changed services and pods in one namespace, the whole namespace is
+/// rebuilt: cheaper than working out each one's dependents (a relist, a big rollout).
+const MAX_DIRTY_PER_NAMESPACE: usize = 256;
+
+/// What changed in one namespace since the last publish.
+#[derive(Debug, Default)]
+struct Dirty {
+    /// Rebuild everything in the namespace.
+    all: bool,
+    /// Services whose views must be rebuilt.
+    services: BTreeSet<String>,
+    /// Pods whose pod-IP views must be rebuilt.
+    pods: BTreeSet<String>,
+}
+
 /// The index: the objects of every kind, and the channel its snapshots go out on.
 #[derive(Debug)]
 pub struct Index {
     options: IndexOptions,
     objects: BTreeMap<Kind, BTreeMap<ObjectKey, Object>>,
-    dirty: BTreeSet<String>,
+    dirty: BTreeMap<String, Dirty>,
     dirty_since: Option<Instant>,
+    /// Where each pod's view sits in the snapshot's pod-IP map.
+    pod_ips: HashMap<ObjectKey, IpAddr>,
     tx: watch::Sender<Arc<Snapshot>>,
+}
+
+/// The labels a Service selector is matched against, or `None` for an object without any.
+fn pod_labels(object: Option<&Object>) -> Option<&BTreeMap<String, String>> {
+    match object {
+        Some(Object::Pod(pod)) => pod.metadata.labels.as_ref(),
+        _ => None,
+    }
 }
 
 impl Index {
@@ -214,8 +240,9 @@ impl Index {
         let index = Index {
             options,
             objects: Kind::ALL.iter().map(|k| (*k, BTreeMap::new())).collect(),
-            dirty: BTreeSet::new(),
+            dirty: BTreeMap::new(),
             dirty_since: None,
+            pod_ips: HashMap::new(),
             tx,
         };
         (index, rx)
@@ -231,40 +258,107 @@ impl Index {
         self.objects.iter().map(|(k, m)| (*k, m.len())).collect()
     }
 
-    fn mark(&mut self, namespace: String) {
-        self.dirty_since.get_or_insert_with(Instant::now);
-        self.dirty.insert(namespace);
-    }
-
     fn map(&mut self, kind: Kind) -> &mut BTreeMap<ObjectKey, Object> {
         self.objects.entry(kind).or_default()
     }
 
-    /// Adds or replaces an object; returns whether anything changed.
-    pub fn apply(&mut self, object: Object) -> bool {
-        let object = object.with_default_namespace();
-        let key = object.key();
-        let namespace = object.affected_namespace();
-        let map = self.map(object.kind());
-        if map.get(&key) == Some(&object) {
-            return false;
-        }
-        map.insert(key, object);
-        self.mark(namespace);
-        true
-    }
-
-    /// Removes an object; returns whether it was there.
-    pub fn delete(&mut self, kind: Kind, key: &ObjectKey) -> bool {
-        if self.map(kind).remove(key).is_none() {
-            return false;
-        }
+    /// Records which views a change of one object (from `old` to `new`, either absent) can
+    /// affect. Called with the index already holding `new`.
+    fn mark(&mut self, kind: Kind, key: &ObjectKey, old: Option<&Object>, new: Option<&Object>) {
+        self.dirty_since.get_or_insert_with(Instant::now);
         let namespace = if kind == Kind::Namespace {
             key.name.clone()
         } else {
             key.namespace.clone()
         };
-        self.mark(namespace);
+        // Computed before borrowing the dirty entry: it reads the index.
+        let pod_services = (kind == Kind::Pod
+            && !self.dirty.get(&namespace).is_some_and(|d| d.all))
+        .then(|| self.services_selecting(&namespace, [pod_labels(old), pod_labels(new)]));
+        let dirty = self.dirty.entry(namespace).or_default();
+        if dirty.all {
+            return;
+        }
+        match kind {
+            Kind::Namespace => dirty.all = true,
+            Kind::Service => {
+                dirty.services.insert(key.name.clone());
+            }
+            Kind::EndpointSlice => {
+                for object in [old, new].into_iter().flatten() {
+                    if let Object::EndpointSlice(slice) = object {
+                        let service = slice
+                            .metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get(meta::LABEL_SERVICE_NAME));
+                        if let Some(service) = service {
+                            dirty.services.insert(service.clone());
+                        }
+                    }
+                }
+            }
+            Kind::Pod => {
+                dirty.pods.insert(key.name.clone());
+                dirty.services.extend(pod_services.unwrap_or_default());
+            }
+            // Identities come from the pod's spec; a ServiceAccount only changes the counts
+            // (the entry makes publish look).
+            Kind::ServiceAccount => {}
+        }
+        if dirty.services.len() + dirty.pods.len() > MAX_DIRTY_PER_NAMESPACE {
+            *dirty = Dirty {
+                all: true,
+                ..Dirty::default()
+            };
+        }
+    }
+
+    /// The Services of a namespace whose endpoints a pod with any of these label sets can
+    /// be part of: those whose selector matches, and those without a selector (their
+    /// hand-made EndpointSlices may name the pod).
+    fn services_selecting(
+        &self,
+        namespace: &str,
+        label_sets: [Option<&BTreeMap<String, String>>; 2],
+    ) -> Vec<String> {
+        self.in_namespace(Kind::Service, namespace)
+            .filter_map(|object| match object {
+                Object::Service(service) => Some(service),
+                _ => None,
+            })
+            .filter(|service| {
+                let selector = service.spec.as_ref().and_then(|s| s.selector.as_ref());
+                match selector {
+                    Some(selector) if !selector.is_empty() => label_sets
+                        .iter()
+                        .any(|labels| meta::selector_matches(selector, *labels)),
+                    _ => true,
+                }
+            })
+            .map(|service| service.metadata.name.clone().unwrap_or_default())
+            .collect()
+    }
+
+    /// Adds or replaces an object; returns whether anything changed.
+    pub fn apply(&mut self, object: Object) -> bool {
+        let object = object.with_default_namespace();
+        let kind = object.kind();
+        let key = object.key();
+        let old = self.map(kind).insert(key.clone(), object.clone());
+        if old.as_ref().is_some_and(|old| old.same(&object)) {
+            return false;
+        }
+        self.mark(kind, &key, old.as_ref(), Some(&object));
+        true
+    }
+
+    /// Removes an object; returns whether it was there.
+    pub fn delete(&mut self, kind: Kind, key: &ObjectKey) -> bool {
+        let Some(old) = self.map(kind).remove(key) else {
+            return false;
+        };
+        self.mark(kind, key, Some(&old), None);
         true
     }
 
@@ -277,21 +371,25 @@ impl Index {
                 next.insert(object.key(), object);
             }
         }
-        let prev = std::mem::take(self.map(kind));
-        let mut touched = Vec::new();
-        for (key, object) in &prev {
-            if next.get(key) != Some(object) {
-                touched.push(object.affected_namespace());
+        let prev = std::mem::replace(self.map(kind), next);
+        let mut changes = Vec::new();
+        for (key, old) in &prev {
+            match self.objects.get(&kind).and_then(|m| m.get(key)) {
+                Some(new) if new.same(old) => {}
+                new => changes.push((key.clone(), Some(old.clone()), new.cloned())),
             }
         }
-        for (key, object) in &next {
-            if !prev.contains_key(key) {
-                touched.push(object.affected_namespace());
-            }
-        }
-        *self.map(kind) = next;
-        for namespace in touched {
-            self.mark(namespace);
+        let added: Vec<(ObjectKey, Option<Object>, Option<Object>)> = self
+            .objects
+            .get(&kind)
+            .into_iter()
+            .flatten()
+            .filter(|(key, _)| !prev.contains_key(*key))
+            .map(|(key, new)| (key.clone(), None, Some(new.clone())))
+            .collect();
+        changes.extend(added);
+        for (key, old, new) in changes {
+            self.mark(kind, &key, old.as_ref(), new.as_ref());
         }
     }
 
@@ -324,23 +422,9 @@ impl Index {
             cluster_ips: prev.cluster_ips.clone(),
             pods: prev.pods.clone(),
         };
-        next.services.retain(|k, _| !dirty.contains(&k.namespace));
-        next.cluster_ips
-            .retain(|_, k| !dirty.contains(&k.namespace));
-        next.pods.retain(|_, p| !dirty.contains(&p.meta.namespace));
         let mut changed = next.counts != prev.counts;
-        for namespace in &dirty {
-            let views = self.build_namespace(namespace, &prev);
-            changed |= views.changed;
-            for (key, view) in views.services {
-                for ip in &view.cluster_ips {
-                    next.cluster_ips.insert(*ip, key.clone());
-                }
-                next.services.insert(key, view);
-            }
-            for (ip, pod) in views.pods {
-                next.pods.insert(ip, pod);
-            }
+        for (namespace, dirty) in &dirty {
+            changed |= self.rebuild(namespace, dirty, &prev, &mut next);
         }
         if !changed {
             return None;
@@ -348,6 +432,124 @@ impl Index {
         let next = Arc::new(next);
         self.tx.send_replace(next.clone());
         Some(next)
+    }
+
+    /// Rebuilds the dirty views of one namespace into `next`; returns whether any changed.
+    fn rebuild(
+        &mut self,
+        namespace: &str,
+        dirty: &Dirty,
+        prev: &Snapshot,
+        next: &mut Snapshot,
+    ) -> bool {
+        let (services, pods): (Vec<String>, Vec<String>) = if dirty.all {
+            let names = |kind| {
+                self.in_namespace(kind, namespace)
+                    .map(|o| o.key().name)
+                    .collect::<Vec<_>>()
+            };
+            // Views of objects gone since the last publish must go as well.
+            let mut services = names(Kind::Service);
+            services.extend(
+                prev.services
+                    .keys()
+                    .filter(|k| k.namespace == namespace)
+                    .map(|k| k.name.clone()),
+            );
+            let mut pods = names(Kind::Pod);
+            pods.extend(
+                self.pod_ips
+                    .keys()
+                    .filter(|k| k.namespace == namespace)
+                    .map(|k| k.name.clone()),
+            );
+            services.sort();
+            services.dedup();
+            pods.sort();
+            pods.dedup();
+            (services, pods)
+        } else {
+            (
+                dirty.services.iter().cloned().collect(),
+                dirty.pods.iter().cloned().collect(),
+            )
+        };
+        let mut changed = false;
+        let mut pod_ips = Vec::new();
+        {
+            let ctx = NamespaceCtx::new(self, namespace);
+            for name in services {
+                let key = ObjectKey::new(namespace, name);
+                let old = prev.services.get(&key);
+                if let Some(old) = old {
+                    for ip in &old.cluster_ips {
+                        if next.cluster_ips.get(ip) == Some(&key) {
+                            next.cluster_ips.remove(ip);
+                        }
+                    }
+                }
+                let service = self
+                    .objects
+                    .get(&Kind::Service)
+                    .and_then(|m| m.get(&key))
+                    .and_then(|o| match o {
+                        Object::Service(s) => Some(s.as_ref()),
+                        _ => None,
+                    });
+                let Some(service) = service else {
+                    changed |= next.services.remove(&key).is_some();
+                    continue;
+                };
+                let view = service_view(&ctx, service, old.map(Arc::as_ref));
+                let view = match old {
+                    Some(old) if **old == view => old.clone(),
+                    _ => {
+                        changed = true;
+                        Arc::new(view)
+                    }
+                };
+                for ip in &view.cluster_ips {
+                    next.cluster_ips.insert(*ip, key.clone());
+                }
+                next.services.insert(key, view);
+            }
+            for name in pods {
+                let key = ObjectKey::new(namespace, name);
+                let old_ip = self.pod_ips.get(&key).copied();
+                let is_this_pod =
+                    |p: &Arc<PodView>| p.meta.name == key.name && p.meta.namespace == key.namespace;
+                let old = old_ip
+                    .and_then(|ip| prev.pods.get(&ip))
+                    .filter(|p| is_this_pod(p));
+                if let Some(ip) = old_ip
+                    && next.pods.get(&ip).is_some_and(is_this_pod)
+                {
+                    next.pods.remove(&ip);
+                }
+                let view = ctx.pod(&key.name).and_then(|pod| pod_view(&ctx, pod));
+                let view = match (view, old) {
+                    (Some(view), Some(old)) if **old == view => Some(old.clone()),
+                    (Some(view), _) => Some(Arc::new(view)),
+                    (None, _) => None,
+                };
+                changed |= match (&view, old) {
+                    (Some(view), Some(old)) => !Arc::ptr_eq(view, old),
+                    (None, None) => false,
+                    _ => true,
+                };
+                pod_ips.push((key, view.as_ref().map(|v| v.ip)));
+                if let Some(view) = view {
+                    next.pods.insert(view.ip, view);
+                }
+            }
+        }
+        for (key, ip) in pod_ips {
+            match ip {
+                Some(ip) => self.pod_ips.insert(key, ip),
+                None => self.pod_ips.remove(&key),
+            };
+        }
+        changed
     }
 
     fn in_namespace<'a>(
@@ -363,27 +565,31 @@ impl Index {
             .take_while(move |(k, _)| k.namespace == namespace)
             .map(|(_, o)| o)
     }
+}
 
-    fn build_namespace(&self, namespace: &str, prev: &Snapshot) -> NamespaceViews {
-        let ns_object = self
+/// What endpoint derivation needs to know about one namespace; the costlier lookups are
+/// built on first use, once per publish.
+struct NamespaceCtx<'a> {
+    name: &'a str,
+    namespace: Option<&'a Namespace>,
+    pods: Option<&'a BTreeMap<ObjectKey, Object>>,
+    slices: HashMap<&'a str, Vec<&'a EndpointSlice>>,
+    pods_by_label: OnceCell<HashMap<(&'a str, &'a str), Vec<&'a Pod>>>,
+    options: &'a IndexOptions,
+}
+
+impl<'a> NamespaceCtx<'a> {
+    fn new(index: &'a Index, name: &'a str) -> Self {
+        let namespace = index
             .objects
             .get(&Kind::Namespace)
-            .and_then(|m| m.get(&ObjectKey::new("", namespace)))
+            .and_then(|m| m.get(&ObjectKey::new("", name)))
             .and_then(|o| match o {
                 Object::Namespace(ns) => Some(ns.as_ref()),
                 _ => None,
             });
-        let pods: BTreeMap<&str, &Pod> = self
-            .in_namespace(Kind::Pod, namespace)
-            .filter_map(|o| match o {
-                Object::Pod(p) => {
-                    Some((p.metadata.name.as_deref().unwrap_or_default(), p.as_ref()))
-                }
-                _ => None,
-            })
-            .collect();
         let mut slices: HashMap<&str, Vec<&EndpointSlice>> = HashMap::new();
-        for object in self.in_namespace(Kind::EndpointSlice, namespace) {
+        for object in index.in_namespace(Kind::EndpointSlice, name) {
             if let Object::EndpointSlice(slice) = object {
                 let service = slice
                     .metadata
@@ -398,78 +604,68 @@ impl Index {
                 }
             }
         }
-        let ctx = NamespaceCtx {
-            namespace: ns_object,
-            pods: &pods,
-            options: &self.options,
-        };
-
-        let prev_count = prev
-            .services
-            .keys()
-            .filter(|k| k.namespace == namespace)
-            .count()
-            + prev
-                .pods
-                .values()
-                .filter(|p| p.meta.namespace == namespace)
-                .count();
-        let mut views = NamespaceViews::default();
-        for object in self.in_namespace(Kind::Service, namespace) {
-            let Object::Service(service) = object else {
-                continue;
-            };
-            let key = object.key();
-            let own_slices = slices
-                .get(key.name.as_str())
-                .map(Vec::as_slice)
-                .unwrap_or_default();
-            let old = prev.services.get(&key);
-            let view = service_view(&ctx, service, own_slices, old.map(Arc::as_ref));
-            let view = match old {
-                Some(old) if **old == view => old.clone(),
-                _ => {
-                    views.changed = true;
-                    Arc::new(view)
-                }
-            };
-            views.services.push((key, view));
+        Self {
+            name,
+            namespace,
+            pods: index.objects.get(&Kind::Pod),
+            slices,
+            pods_by_label: OnceCell::new(),
+            options: &index.options,
         }
-        for pod in pods.values() {
-            let Some(view) = pod_view(&ctx, pod) else {
-                continue;
-            };
-            let view = match prev.pods.get(&view.ip) {
-                Some(old) if **old == view => old.clone(),
-                _ => {
-                    views.changed = true;
-                    Arc::new(view)
-                }
-            };
-            views.pods.push((view.ip, view));
-        }
-        if views.services.len() + views.pods.len() != prev_count {
-            views.changed = true;
-        }
-        views
     }
-}
 
-#[derive(Default)]
-struct NamespaceViews {
-    services: Vec<(ObjectKey, Arc<ServiceView>)>,
-    pods: Vec<(IpAddr, Arc<PodView>)>,
-    changed: bool,
-}
+    /// A pod of the namespace by name.
+    fn pod(&self, name: &str) -> Option<&'a Pod> {
+        match self.pods?.get(&ObjectKey::new(self.name, name))? {
+            Object::Pod(pod) => Some(pod.as_ref()),
+            _ => None,
+        }
+    }
 
-/// What endpoint derivation needs to know about one namespace.
-struct NamespaceCtx<'a> {
-    namespace: Option<&'a Namespace>,
-    pods: &'a BTreeMap<&'a str, &'a Pod>,
-    options: &'a IndexOptions,
-}
+    /// The pods a selector picks, in name order: candidates come from the shortest list of
+    /// pods carrying one of the selector's labels, so a namespace of many Services and pods
+    /// costs about the number of matching pods, not Services x pods.
+    fn selected_pods(&self, selector: &BTreeMap<String, String>) -> Vec<&'a Pod> {
+        if selector.is_empty() {
+            return Vec::new();
+        }
+        let by_label = self.pods_by_label.get_or_init(|| {
+            let mut by_label: HashMap<(&str, &str), Vec<&Pod>> = HashMap::new();
+            let start = ObjectKey::new(self.name, "");
+            let pods = self
+                .pods
+                .into_iter()
+                .flat_map(|m| m.range(start.clone()..))
+                .take_while(|(k, _)| k.namespace == self.name);
+            for (_, object) in pods {
+                if let Object::Pod(pod) = object {
+                    for (k, v) in pod.metadata.labels.iter().flatten() {
+                        by_label
+                            .entry((k.as_str(), v.as_str()))
+                            .or_default()
+                            .push(pod.as_ref());
+                    }
+                }
+            }
+            by_label
+        });
+        let shortest = selector
+            .iter()
+            .map(|(k, v)| {
+                by_label
+                    .get(&(k.as_str(), v.as_str()))
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+            })
+            .min_by_key(|pods| pods.len())
+            .unwrap_or_default();
+        shortest
+            .iter()
+            .filter(|pod| meta::selector_matches(selector, pod.metadata.labels.as_ref()))
+            .copied()
+            .collect()
+    }
 
-impl NamespaceCtx<'_> {
     /// The endpoint for a pod (or an unknown owner) at an address.
     fn endpoint(
         &self,
@@ -575,13 +771,22 @@ fn pod_view(ctx: &NamespaceCtx<'_>, pod: &Pod) -> Option<PodView> {
 fn service_view(
     ctx: &NamespaceCtx<'_>,
     service: &Service,
-    slices: &[&EndpointSlice],
     prev: Option<&ServiceView>,
 ) -> ServiceView {
     let key = ObjectKey::new(
         service.metadata.namespace.clone().unwrap_or_default(),
         service.metadata.name.clone().unwrap_or_default(),
     );
+    let slices = ctx
+        .slices
+        .get(key.name.as_str())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let from_pods = slices.is_empty() && ctx.options.endpoints_from_pods;
+    let selected = match spec_selector(service) {
+        Some(selector) if from_pods => ctx.selected_pods(selector),
+        _ => Vec::new(),
+    };
     let spec = service.spec.as_ref();
     let mut cluster_ips: Vec<IpAddr> = spec
         .and_then(|s| s.cluster_ips.clone())
@@ -602,10 +807,10 @@ fn service_view(
             continue;
         };
         let service_opaque = opaque.contains(port, sp.name.as_deref());
-        let set = if !slices.is_empty() || !ctx.options.endpoints_from_pods {
-            endpoints_from_slices(ctx, sp, slices, service_opaque)
+        let set = if from_pods {
+            endpoints_from_pods(ctx, service, &selected, sp, service_opaque)
         } else {
-            endpoints_from_pods(ctx, service, sp, service_opaque)
+            endpoints_from_slices(ctx, sp, slices, service_opaque)
         };
         let set = match prev.and_then(|p| p.ports.get(&port)) {
             Some(old) if **old == set => old.clone(),
@@ -618,6 +823,10 @@ fn service_view(
         cluster_ips,
         ports,
     }
+}
+
+fn spec_selector(service: &Service) -> Option<&BTreeMap<String, String>> {
+    service.spec.as_ref()?.selector.as_ref()
 }
 
 /// The ready endpoints of one Service port, read from its EndpointSlices.
@@ -656,7 +865,7 @@ fn endpoints_from_slices(
                 .as_ref()
                 .filter(|r| r.kind.as_deref() == Some("Pod"))
                 .and_then(|r| r.name.as_deref());
-            let pod = pod_name.and_then(|name| ctx.pods.get(name).copied());
+            let pod = pod_name.and_then(|name| ctx.pod(name));
             if let (Some(name), None, true) = (pod_name, pod, ctx.options.wait_for_pods) {
                 tracing::debug!(
                     pod = name,
@@ -683,21 +892,16 @@ fn endpoints_from_slices(
 fn endpoints_from_pods(
     ctx: &NamespaceCtx<'_>,
     service: &Service,
+    selected: &[&Pod],
     service_port: &ServicePort,
     service_opaque: bool,
 ) -> EndpointSet {
     let spec = service.spec.as_ref();
-    let Some(selector) = spec.and_then(|s| s.selector.as_ref()) else {
-        return EndpointSet::new();
-    };
     let publish_not_ready = spec
         .and_then(|s| s.publish_not_ready_addresses)
         .unwrap_or(false);
     let mut set = EndpointSet::new();
-    for pod in ctx.pods.values() {
-        if !meta::selector_matches(selector, pod.metadata.labels.as_ref()) {
-            continue;
-        }
+    for pod in selected {
         let Some(ip) = meta::pod_ip(pod) else {
             continue;
         };

@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 
 pub use health::{Health, HealthState};
@@ -195,12 +196,21 @@ pub async fn run(
         discovery = ?config.discovery,
         "controller serving"
     );
+    // Updates are small and latency-bound: without TCP_NODELAY, Nagle's algorithm meets the
+    // client's delayed ACKs and each update can wait ~40 ms.
+    let incoming = TcpListenerStream::new(grpc).map(|conn| {
+        conn.inspect(|stream| {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        })
+    });
     let served = tonic::transport::Server::builder()
         // Finds proxies that vanished without closing their streams.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(destination.into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()))
+        .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()))
         .await;
     // Whatever ended the gRPC server ends the rest too.
     let _ = stop_tx.send(true);

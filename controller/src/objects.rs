@@ -113,6 +113,19 @@ pub struct ObjectError {
 }
 
 impl Object {
+    /// Whether two objects are equal, cheaply when they are the same allocation (unchanged
+    /// files and relists hand the index the same `Arc`s again).
+    pub fn same(&self, other: &Object) -> bool {
+        match (self, other) {
+            (Object::Namespace(a), Object::Namespace(b)) => Arc::ptr_eq(a, b) || a == b,
+            (Object::Service(a), Object::Service(b)) => Arc::ptr_eq(a, b) || a == b,
+            (Object::EndpointSlice(a), Object::EndpointSlice(b)) => Arc::ptr_eq(a, b) || a == b,
+            (Object::Pod(a), Object::Pod(b)) => Arc::ptr_eq(a, b) || a == b,
+            (Object::ServiceAccount(a), Object::ServiceAccount(b)) => Arc::ptr_eq(a, b) || a == b,
+            _ => false,
+        }
+    }
+
     /// The object's kind.
     pub fn kind(&self) -> Kind {
         match self {
@@ -163,11 +176,15 @@ impl Object {
     /// The same object with its namespace filled in when it named none, as the API server
     /// would do on create; files often leave it out.
     pub fn with_default_namespace(mut self) -> Self {
-        if self.kind() != Kind::Namespace {
-            let meta = self.metadata_mut();
-            if meta.namespace.as_deref().is_none_or(str::is_empty) {
-                meta.namespace = Some(DEFAULT_NAMESPACE.to_owned());
-            }
+        // Checked before `metadata_mut`, which copies a shared object.
+        if self.kind() != Kind::Namespace
+            && self
+                .metadata()
+                .namespace
+                .as_deref()
+                .is_none_or(str::is_empty)
+        {
+            self.metadata_mut().namespace = Some(DEFAULT_NAMESPACE.to_owned());
         }
         self
     }

@@ -455,3 +455,109 @@ endpoints:
         );
     }
 }
+
+/// The incremental rebuild (only what a change can affect) must give exactly what a fresh
+/// index built from the same objects gives, after every step of a series of edits.
+#[test]
+fn incremental_rebuilds_match_a_fresh_build() {
+    let edits: Vec<(&str, &str)> = vec![
+        // A pod relabelled out of web's selector.
+        (
+            "relabel",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: web-plain, namespace: shop, labels: {app: gone}}\n\
+             spec: {containers: [{name: app, ports: [{name: http, containerPort: 8080}]}]}\nstatus: {podIP: 10.0.0.3}\n",
+        ),
+        // The not-ready pod becomes ready, with a new IP.
+        (
+            "ready",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: web-7d9f8-bbbbb, namespace: shop, labels: {app: web}}\n\
+             spec: {containers: [{name: app, ports: [{name: http, containerPort: 8080}]}]}\nstatus: {podIP: 10.0.0.22}\n",
+        ),
+        // The selector changes to pick the relabelled pod only.
+        (
+            "selector",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.11, selector: {app: gone}, ports: [{name: http, port: 80, targetPort: 8080}]}\n",
+        ),
+        // The slice of db drops an endpoint and names a new port.
+        (
+            "slice",
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: db-abc, namespace: shop, \
+             labels: {kubernetes.io/service-name: db}}\naddressType: IPv4\nports: [{port: 25432}]\n\
+             endpoints: [{addresses: [10.0.1.1], targetRef: {kind: Pod, name: db-0}}]\n",
+        ),
+        // The namespace turns on injection: every pod there becomes meshed.
+        (
+            "namespace",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, annotations: {mesh.dev/inject: enabled}}\n",
+        ),
+        // A new pod for the empty headless service.
+        (
+            "new pod",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: lone, namespace: shop, labels: {app: nothing}}\n\
+             spec: {containers: [{name: app}]}\nstatus: {podIP: 10.0.0.30}\n",
+        ),
+    ];
+    let targets = [
+        svc("web", 80),
+        svc("web", 5432),
+        svc("db", 5432),
+        svc("empty", 80),
+        addr("10.96.0.10:80"),
+        addr("10.96.0.11:80"),
+        addr("10.0.0.2:80"),
+        addr("10.0.0.22:80"),
+        addr("10.0.0.3:8080"),
+        addr("10.0.0.30:80"),
+        addr("10.0.1.1:5432"),
+    ];
+    let (mut incremental, rx) = loaded(SHOP, file_options());
+    let mut all = objects(SHOP);
+    for (name, edit) in edits {
+        for object in objects(edit) {
+            let key = (object.kind(), object.key());
+            all.retain(|o| (o.kind(), o.key()) != key);
+            all.push(object.clone());
+            incremental.apply(object);
+        }
+        incremental.publish();
+        let (_fresh, fresh_rx) = loaded_objects(all.clone());
+        let got = rx.borrow().clone();
+        let want = fresh_rx.borrow().clone();
+        for target in &targets {
+            assert_eq!(
+                got.resolve(target),
+                want.resolve(target),
+                "after {name}: {target}"
+            );
+        }
+        assert_eq!(got.counts, want.counts, "after {name}");
+    }
+    // Deleting pods and the service goes the same way.
+    for (kind, key) in [
+        (Kind::Pod, ObjectKey::new("shop", "web-7d9f8-aaaaa")),
+        (Kind::Service, ObjectKey::new("shop", "web")),
+        (Kind::Pod, ObjectKey::new("shop", "lone")),
+    ] {
+        incremental.delete(kind, &key);
+        all.retain(|o| (o.kind(), o.key()) != (kind, key.clone()));
+        incremental.publish();
+        let (_fresh, fresh_rx) = loaded_objects(all.clone());
+        let got = rx.borrow().clone();
+        let want = fresh_rx.borrow().clone();
+        for target in &targets {
+            assert_eq!(
+                got.resolve(target),
+                want.resolve(target),
+                "after deleting {key}: {target}"
+            );
+        }
+    }
+}
+
+fn loaded_objects(objects: Vec<Object>) -> (Index, watch::Receiver<Arc<Snapshot>>) {
+    let (mut index, rx) = Index::new(file_options());
+    index.replace_all(objects);
+    index.publish();
+    (index, rx)
+}

@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::discovery::Discovery;
 use crate::identity::{self, Identity};
 use crate::metrics::{Label, Metrics};
+use crate::outbound::PlanStore;
 use crate::policy::{InboundPolicy, PolicyStore};
 use crate::tls::TlsContext;
 use crate::{admin, inbound, outbound};
@@ -93,6 +94,8 @@ pub struct Context {
     pub tls: Option<Arc<TlsContext>>,
     /// Inbound policies per port.
     pub policies: PolicyStore,
+    /// Outbound routing plans per target.
+    pub plans: PlanStore,
     /// Fires when the proxy starts draining.
     pub drain: CancellationToken,
     /// Set once the proxy serves traffic.
@@ -205,6 +208,16 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
         addr: config.controller_addr.clone().unwrap_or_default(),
         source,
     })?;
+    let plans = PlanStore::new(
+        config.controller_addr.as_deref(),
+        config.workload.to_proto(),
+        config.connect_timeout,
+        config.discovery_timeout,
+    )
+    .map_err(|source| StartError::Controller {
+        addr: config.controller_addr.clone().unwrap_or_default(),
+        source,
+    })?;
     let local_id = Label::from(
         config
             .identity
@@ -220,6 +233,7 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
         discovery,
         tls,
         policies,
+        plans,
         drain: drain.clone(),
         ready: AtomicBool::new(false),
         local_id,

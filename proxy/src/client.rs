@@ -15,13 +15,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Uri;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::http::ReqBody;
 use crate::transport_header::TransportHeader;
 
 /// How to open a connection to one destination.
@@ -234,9 +234,9 @@ pub struct HttpClients {
     /// Dials the destination.
     pub dial: Arc<Dial>,
     /// Pooled HTTP/1 connections.
-    pub http1: Client<Connector, Incoming>,
+    pub http1: Client<Connector, ReqBody>,
     /// One multiplexed HTTP/2 connection.
-    pub http2: Client<Connector, Incoming>,
+    pub http2: Client<Connector, ReqBody>,
 }
 
 impl HttpClients {
@@ -262,7 +262,7 @@ impl HttpClients {
     }
 
     /// The client for a request of this HTTP version.
-    pub fn for_version(&self, version: http::Version) -> &Client<Connector, Incoming> {
+    pub fn for_version(&self, version: http::Version) -> &Client<Connector, ReqBody> {
         if version == http::Version::HTTP_2 {
             &self.http2
         } else {

@@ -5,8 +5,9 @@
 //! task per target keeps both current, reconnects with backoff when the stream breaks, and
 //! keeps serving the last known endpoints while the controller is unreachable.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use tracing::{debug, info, warn};
 use crate::balance::{self, Balancer};
 use crate::client::{Dial, HttpClients, MeshTls};
 use crate::metrics::Label;
+use crate::route::FailureAccrual;
 use crate::tls::TlsContext;
 
 /// What the proxy resolves.
@@ -56,6 +58,8 @@ pub struct Endpoint {
     pub tls: Option<MeshTls>,
     /// HTTP clients dialing this endpoint.
     pub clients: HttpClients,
+    /// Consecutive failures, for failure accrual.
+    failures: AtomicU32,
 }
 
 impl Endpoint {
@@ -90,6 +94,15 @@ pub struct Resolution {
     /// Balances over the ready endpoints.
     pub balancer: Balancer<Arc<Endpoint>>,
     state: watch::Receiver<State>,
+    members: Mutex<Members>,
+}
+
+/// Every discovered endpoint, and those failure accrual has ejected for now.
+#[derive(Debug, Default)]
+struct Members {
+    all: Vec<Arc<Endpoint>>,
+    ejected: HashSet<SocketAddr>,
+    backoff: HashMap<SocketAddr, Duration>,
 }
 
 impl Resolution {
@@ -106,6 +119,94 @@ impl Resolution {
     /// The current state, without waiting.
     pub fn current_state(&self) -> State {
         self.state.borrow().clone()
+    }
+
+    fn members(&self) -> std::sync::MutexGuard<'_, Members> {
+        match self.members.lock() {
+            Ok(members) => members,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Whether discovery knows any endpoint, ejected or not.
+    pub fn has_endpoints(&self) -> bool {
+        !self.members().all.is_empty()
+    }
+
+    fn set_endpoints(&self, all: Vec<Arc<Endpoint>>) {
+        let mut members = self.members();
+        members
+            .ejected
+            .retain(|addr| all.iter().any(|e| e.addr == *addr));
+        members.all = all;
+        self.rebalance(&members);
+    }
+
+    /// The balancer serves every endpoint that is not ejected.
+    fn rebalance(&self, members: &Members) {
+        self.balancer.update(
+            members
+                .all
+                .iter()
+                .filter(|endpoint| !members.ejected.contains(&endpoint.addr))
+                .map(|endpoint| balance::Endpoint {
+                    addr: endpoint.addr,
+                    weight: 0,
+                    meta: endpoint.clone(),
+                })
+                .collect(),
+        );
+    }
+
+    /// Feeds failure accrual (circuit breaking) with the outcome of one exchange with
+    /// `endpoint`. After `consecutive_failures` it is ejected from the balancer; after a
+    /// backoff it rejoins as a probe: a success restores it, a failure ejects it again for
+    /// twice as long (up to `max_backoff`). Returns true when this call ejected it.
+    pub fn report(
+        self: &Arc<Self>,
+        endpoint: &Endpoint,
+        success: bool,
+        accrual: &FailureAccrual,
+    ) -> bool {
+        if success {
+            if endpoint.failures.swap(0, Ordering::AcqRel) > 0 {
+                self.members().backoff.remove(&endpoint.addr);
+            }
+            return false;
+        }
+        let failures = endpoint.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        if failures < accrual.consecutive_failures {
+            return false;
+        }
+        let backoff = {
+            let mut members = self.members();
+            if members.ejected.contains(&endpoint.addr) {
+                return false;
+            }
+            let backoff = members
+                .backoff
+                .get(&endpoint.addr)
+                .map_or(accrual.min_backoff, |last| {
+                    (*last * 2).min(accrual.max_backoff)
+                });
+            members.backoff.insert(endpoint.addr, backoff);
+            members.ejected.insert(endpoint.addr);
+            self.rebalance(&members);
+            backoff
+        };
+        warn!(target = %self.key, endpoint = %endpoint.addr, failures, "endpoint ejected for {backoff:?}");
+        let resolution = Arc::downgrade(self);
+        let addr = endpoint.addr;
+        tokio::spawn(async move {
+            tokio::time::sleep(backoff).await;
+            if let Some(resolution) = resolution.upgrade() {
+                let mut members = resolution.members();
+                members.ejected.remove(&addr);
+                resolution.rebalance(&members);
+                info!(target = %resolution.key, endpoint = %addr, "ejected endpoint rejoins as a probe");
+            }
+        });
+        true
     }
 }
 
@@ -168,6 +269,7 @@ impl Discovery {
             key: key.clone(),
             balancer: Balancer::new(balance::Algorithm::default()),
             state: rx,
+            members: Mutex::new(Members::default()),
         });
         match &self.client {
             Some(client) => {
@@ -333,16 +435,7 @@ impl Watch {
             Some(Update::NoEndpoints(_)) => self.endpoints.clear(),
             None => {}
         }
-        resolution.balancer.update(
-            self.endpoints
-                .values()
-                .map(|endpoint| balance::Endpoint {
-                    addr: endpoint.addr,
-                    weight: 0,
-                    meta: endpoint.clone(),
-                })
-                .collect(),
-        );
+        resolution.set_endpoints(self.endpoints.values().cloned().collect());
         info!(target = %self.key, endpoints = self.endpoints.len(), "endpoints updated");
         let authority = authority
             .or_else(|| match &*self.state.borrow() {
@@ -393,6 +486,7 @@ impl Watch {
             opaque,
             tls,
             clients: HttpClients::new(dial, self.connect_timeout),
+            failures: AtomicU32::new(0),
         })
     }
 

@@ -3,17 +3,16 @@
 
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::Either;
-use hyper::body::Incoming;
 use tracing::debug;
 
 use crate::client::HttpClients;
-use crate::http::{ProxyBody, ProxyError, is_upgrade, strip_hop_by_hop};
+use crate::http::{ProxyBody, ProxyError, ReqBody, is_upgrade, strip_hop_by_hop};
 
 /// Sends `request` with `clients`, keeping `authority` as its Host/`:authority`, and returns
 /// the response ready for the client (hop-by-hop headers removed, upgrades spliced).
 pub async fn forward(
     clients: &HttpClients,
-    mut request: Request<Incoming>,
+    mut request: Request<ReqBody>,
     authority: &str,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let client_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
@@ -41,10 +40,10 @@ pub async fn forward(
 /// Rewrites a request for the upstream client: absolute URI with the request's authority (the
 /// connector ignores it and dials the chosen endpoint) and no hop-by-hop headers.
 fn prepare_request(
-    request: Request<Incoming>,
+    request: Request<ReqBody>,
     authority: &str,
     upgrade: bool,
-) -> Result<Request<Incoming>, ProxyError> {
+) -> Result<Request<ReqBody>, ProxyError> {
     let (mut parts, body) = request.into_parts();
     let path = parts
         .uri

@@ -10,6 +10,21 @@ use hyper::body::Incoming;
 /// The body of every response the proxy returns: the peer's, or one it wrote itself.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
+/// The body of every request the proxy sends: the client's, streamed, or a buffered copy
+/// (retries, mirrors).
+pub type ReqBody = Either<Incoming, Full<Bytes>>;
+
+/// Marks a response the proxy produced itself, for the layers above (retries).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyErrorKind {
+    /// Connecting failed: the request never reached the server, so retrying is safe.
+    ConnectFailed,
+    /// The exchange failed after connecting.
+    Upstream,
+    /// Any other error the proxy produced.
+    Other,
+}
+
 /// The header naming why the proxy itself answered a request.
 pub const MESH_ERROR: HeaderName = HeaderName::from_static("mesh-error");
 
@@ -114,6 +129,11 @@ impl ProxyError {
             );
         }
         response.headers_mut().insert(MESH_ERROR, header_value);
+        response.extensions_mut().insert(match self {
+            Self::ConnectFailed(_) => ProxyErrorKind::ConnectFailed,
+            Self::Upstream(_) => ProxyErrorKind::Upstream,
+            _ => ProxyErrorKind::Other,
+        });
         if let Self::RateLimited(_, retry_after) = self {
             let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             response

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
 use http::{Request, Response};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -263,6 +264,7 @@ impl InboundHttp {
             labels.authority = Label::from(authority.clone());
         }
         let uri_authority = authority.unwrap_or_else(|| labels.target_addr.0.to_string());
+        let request = request.map(Either::Left);
         match forward::forward(&self.clients, request, &uri_authority).await {
             Ok(mut response) => {
                 response.extensions_mut().insert(labels);

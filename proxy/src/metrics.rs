@@ -129,6 +129,24 @@ pub struct AuthzLabels {
     pub client_id: Label,
 }
 
+/// A retry decision's labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    /// The route.
+    pub route: Label,
+    /// `retried` or `budget exhausted`.
+    pub reason: Label,
+}
+
+/// A route's labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// The service.
+    pub authority: Label,
+    /// The route's name.
+    pub route: Label,
+}
+
 /// Latency buckets in milliseconds: fine below 10 ms where a mesh hop lives, coarse above.
 const LATENCY_BUCKETS_MS: [f64; 18] = [
     0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
@@ -169,6 +187,14 @@ pub struct Metrics {
     pub authz_audits: Family<AuthzLabels, Counter>,
     /// `inbound_http_ratelimit_total`: requests refused by a local rate limit.
     pub rate_limited: Family<AuthzLabels, Counter>,
+    /// `route_retry_total`: retries by route and outcome.
+    pub retries: Family<RetryLabels, Counter>,
+    /// `route_request_total`: requests by route.
+    pub route_requests: Family<RouteLabels, Counter>,
+    /// `route_fault_injection_total`: requests failed or delayed on purpose.
+    pub fault_injections: Family<RouteLabels, Counter>,
+    /// `endpoint_ejection_total`: endpoints ejected by failure accrual.
+    pub ejections: Family<RouteLabels, Counter>,
     /// `identity_cert_expiry_timestamp_seconds`: when the current certificate expires.
     pub identity_expiry: Gauge,
     /// `identity_cert_renewals_total`: certificates obtained.
@@ -250,6 +276,26 @@ impl Metrics {
             "HTTP requests refused by a local rate limit",
             rate_limited.clone(),
         );
+        let retries = Family::default();
+        registry.register(
+            "route_retry",
+            "Retries by route and outcome",
+            retries.clone(),
+        );
+        let route_requests = Family::default();
+        registry.register("route_request", "Requests by route", route_requests.clone());
+        let fault_injections = Family::default();
+        registry.register(
+            "route_fault_injection",
+            "Requests failed or delayed on purpose by a route's fault injection",
+            fault_injections.clone(),
+        );
+        let ejections = Family::default();
+        registry.register(
+            "endpoint_ejection",
+            "Endpoints ejected by failure accrual (circuit breaking)",
+            ejections.clone(),
+        );
         let identity_expiry = Gauge::default();
         registry.register(
             "identity_cert_expiry_timestamp_seconds",
@@ -287,6 +333,10 @@ impl Metrics {
             tcp_authz_denies,
             authz_audits,
             rate_limited,
+            retries,
+            route_requests,
+            fault_injections,
+            ejections,
             identity_expiry,
             identity_renewals,
             identity_failures,
@@ -298,6 +348,16 @@ impl Metrics {
         self.proxy_errors
             .get_or_create(&ErrorLabels {
                 direction,
+                reason: Label::new(reason),
+            })
+            .inc();
+    }
+
+    /// Counts a retry decision on `route`.
+    pub fn retry(&self, route: &str, reason: &'static str) {
+        self.retries
+            .get_or_create(&RetryLabels {
+                route: Label::new(route),
                 reason: Label::new(reason),
             })
             .inc();

@@ -122,7 +122,9 @@ impl Rule {
                 prefixes,
             } => client.identity.is_some_and(|id| {
                 *any || identities.iter().any(|allowed| allowed == id)
-                    || prefixes.iter().any(|prefix| id.starts_with(prefix.as_str()))
+                    || prefixes
+                        .iter()
+                        .any(|prefix| id.starts_with(prefix.as_str()))
             }),
         };
         network_ok && identity_ok

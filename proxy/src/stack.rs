@@ -5,6 +5,7 @@
 //! check of opaque connections, forwarding) are in `inbound.rs` and `outbound.rs`; what happens
 //! to each HTTP request is here.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use tower::ServiceBuilder;
@@ -14,15 +15,34 @@ use crate::authz::{Authz, AuthzLayer, ConnectionClient};
 use crate::http_metrics::{HttpMetrics, HttpMetricsLayer};
 use crate::inbound::InboundHttp;
 use crate::metrics::TargetLabels;
-use crate::outbound::OutboundHttp;
+use crate::outbound::{OutboundEndpoint, OutboundRouter};
 use crate::policy::PortPolicy;
 use crate::rate_limit::{RateLimit, RateLimitLayer};
+use crate::retry::{Retry, RetryLayer};
+use crate::timeout::{RequestTimeout, RequestTimeoutLayer};
 
-/// Outbound: metrics -> route to a balanced endpoint of the target and forward.
-pub fn outbound_http(ctx: &Arc<Context>, forward: OutboundHttp) -> HttpMetrics<OutboundHttp> {
+/// The outbound HTTP stack.
+pub type OutboundStack = HttpMetrics<OutboundRouter<RequestTimeout<Retry<OutboundEndpoint>>>>;
+
+/// Outbound: metrics -> router (target, plan, route, filters, weighted backend) -> the route's
+/// request timeout -> retries within the budget -> a balanced endpoint, one attempt.
+pub fn outbound_http(
+    ctx: &Arc<Context>,
+    orig_dst: Option<SocketAddr>,
+    client_ip: IpAddr,
+) -> OutboundStack {
+    let per_request = ServiceBuilder::new()
+        .layer(RequestTimeoutLayer)
+        .layer(RetryLayer::new(ctx.metrics.clone()))
+        .service(OutboundEndpoint::new(ctx.clone()));
     ServiceBuilder::new()
         .layer(HttpMetricsLayer::new(ctx.metrics.clone()))
-        .service(forward)
+        .service(OutboundRouter::new(
+            ctx.clone(),
+            orig_dst,
+            client_ip,
+            per_request,
+        ))
 }
 
 /// The inbound HTTP stack.

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod ca;
+pub mod outbound;
 pub mod policy;
 
 use std::collections::HashMap;
@@ -76,6 +77,15 @@ impl ScriptedDestination {
 
     /// Serves on 127.0.0.1:0 until `stop` fires; returns the URL.
     pub async fn serve(&self, stop: CancellationToken) -> String {
+        self.serve_with(None, stop).await
+    }
+
+    /// Serves Destination and, when given, OutboundPolicies on one address.
+    pub async fn serve_with(
+        &self,
+        outbound: Option<outbound::ScriptedOutbound>,
+        stop: CancellationToken,
+    ) -> String {
         let listener = loopback().await;
         let addr = listener.local_addr().expect("addr");
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -83,6 +93,10 @@ impl ScriptedDestination {
             .add_service(destination::destination_server::DestinationServer::new(
                 self.clone(),
             ))
+            .add_optional_service(
+                outbound
+                    .map(mesh_proto::policy::outbound_policies_server::OutboundPoliciesServer::new),
+            )
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned());
         tokio::spawn(server);
         format!("http://{addr}")
@@ -204,7 +218,11 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Self {
-        let listener = loopback().await;
+        Self::serve(name, loopback().await).await
+    }
+
+    /// A backend on a listener the test bound.
+    pub async fn serve(name: &str, listener: TcpListener) -> Self {
         let addr = listener.local_addr().expect("addr");
         let stop = CancellationToken::new();
         let name: Arc<str> = Arc::from(name);
@@ -289,6 +307,15 @@ async fn answer(name: &str, mut request: Request<Incoming>) -> Response<Full<Byt
         Response::new(Full::new(body))
     } else if path == "/large" {
         Response::new(Full::new(Bytes::from(vec![b'x'; number("bytes") as usize])))
+    } else if path == "/flaky" {
+        // Fails deterministically: the first `fail` of every 10 requests get 500.
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut response = Response::new(Full::new(Bytes::from_static(b"flaky\n")));
+        if n % 10 < number("fail") {
+            *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        }
+        response
     } else if let Some(status) = path.strip_prefix("/status/") {
         let mut response = Response::new(Full::new(Bytes::from_static(b"as asked\n")));
         *response.status_mut() =
@@ -393,6 +420,60 @@ fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A keep-alive HTTP/1 client of a proxy's outbound listener, sending absolute-form requests
+/// as an application using it as its HTTP proxy would.
+pub struct ProxyClient {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl ProxyClient {
+    pub async fn connect(proxy: &Running) -> Self {
+        let stream = tokio::net::TcpStream::connect(proxy.outbound_addr)
+            .await
+            .expect("connect outbound");
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(connection);
+        Self { sender }
+    }
+
+    /// GETs `url` with `headers`; returns the status, the `x-backend` header and the body.
+    pub async fn get(&mut self, url: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+        let uri: http::Uri = url.parse().expect("url");
+        let mut builder = Request::get(url).header(
+            http::header::HOST,
+            uri.authority().expect("authority").as_str(),
+        );
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        self.sender.ready().await.expect("connection ready");
+        let response = tokio::time::timeout(
+            Duration::from_secs(10),
+            self.sender
+                .send_request(builder.body(Full::default()).expect("request")),
+        )
+        .await
+        .expect("response in time")
+        .expect("response");
+        let status = response.status().as_u16();
+        let backend = response
+            .headers()
+            .get("x-backend")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        (status, backend, String::from_utf8_lossy(&body).into_owned())
+    }
 }
 
 /// GETs a path on a proxy's admin server.

@@ -1,0 +1,178 @@
+//! The innermost outbound service: picks an endpoint of the chosen backend (or the direct
+//! destination), forwards one attempt with the route's response timeout, and feeds the
+//! latency estimate and failure accrual with the outcome.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use tracing::warn;
+
+use super::outbound_labels;
+use super::router::{Dispatch, DispatchTarget};
+use crate::app::Context;
+use crate::client::HttpClients;
+use crate::forward;
+use crate::http::{ProxyBody, ProxyError, ReqBody, is_grpc};
+use crate::metrics::{Direction, Label, RouteLabels, TargetLabels};
+use crate::retry::RouteInfo;
+
+/// See the module documentation.
+#[derive(Clone, Debug)]
+pub struct OutboundEndpoint {
+    ctx: Arc<Context>,
+}
+
+impl OutboundEndpoint {
+    /// Forwards with the proxy's clients.
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self { ctx }
+    }
+
+    async fn attempt(self, request: Request<ReqBody>) -> Response<ProxyBody> {
+        let grpc = is_grpc(&request);
+        let Some(dispatch) = request.extensions().get::<Dispatch>().cloned() else {
+            return self.error(
+                ProxyError::BadRequest("request reached the endpoint layer unrouted".into()),
+                grpc,
+                None,
+            );
+        };
+        let timeout = request.extensions().get::<RouteInfo>().and_then(|route| {
+            route
+                .0
+                .retry
+                .as_ref()
+                .and_then(|retry| retry.per_try_timeout)
+                .or(route.0.response_timeout)
+        });
+        match &dispatch.target {
+            DispatchTarget::Direct(clients) => {
+                let labels = self.labels(&dispatch, clients);
+                self.send(clients, request, &dispatch, timeout, labels, grpc)
+                    .await
+                    .0
+            }
+            DispatchTarget::Balanced(resolution) => {
+                let Some(pick) = resolution.balancer.pick(dispatch.hash) else {
+                    let detail = if resolution.has_endpoints() {
+                        format!(
+                            "every endpoint of {} is ejected after consecutive failures",
+                            dispatch.logical.0
+                        )
+                    } else {
+                        format!("{} has no ready endpoints", dispatch.logical.0)
+                    };
+                    let labels = outbound_labels(
+                        &self.ctx,
+                        dispatch.logical.clone(),
+                        dispatch.logical.0.to_string(),
+                        None,
+                    );
+                    return self.error(ProxyError::NoEndpoints(detail), grpc, Some(labels));
+                };
+                let endpoint = pick.meta().clone();
+                let labels = self.labels(&dispatch, &endpoint.clients);
+                let (response, success) = self
+                    .send(&endpoint.clients, request, &dispatch, timeout, labels, grpc)
+                    .await;
+                // Errors and timeouts count as latency too, so a stalled endpoint looks slow.
+                pick.complete();
+                if let Some(accrual) = &dispatch.accrual
+                    && resolution.report(&endpoint, success, accrual)
+                {
+                    self.ctx
+                        .metrics
+                        .ejections
+                        .get_or_create(&RouteLabels {
+                            authority: dispatch.logical.clone(),
+                            route: Label::from(endpoint.addr.to_string()),
+                        })
+                        .inc();
+                }
+                response
+            }
+        }
+    }
+
+    /// Sends one attempt; returns the response and whether it counts as a success for
+    /// failure accrual (no proxy error, no 5xx).
+    async fn send(
+        &self,
+        clients: &HttpClients,
+        request: Request<ReqBody>,
+        dispatch: &Dispatch,
+        timeout: Option<Duration>,
+        labels: TargetLabels,
+        grpc: bool,
+    ) -> (Response<ProxyBody>, bool) {
+        let sent = forward::forward(clients, request, &dispatch.uri_authority);
+        let result = match timeout {
+            None => sent.await,
+            Some(timeout) => match tokio::time::timeout(timeout, sent).await {
+                Ok(result) => result,
+                Err(_elapsed) => Err(ProxyError::Timeout(format!(
+                    "{} sent no response headers within {timeout:?}",
+                    clients.dial.socket_addr()
+                ))),
+            },
+        };
+        match result {
+            Ok(mut response) => {
+                let success = !response.status().is_server_error();
+                response.extensions_mut().insert(labels);
+                (response, success)
+            }
+            Err(error) => (self.error(error, grpc, Some(labels)), false),
+        }
+    }
+
+    fn labels(&self, dispatch: &Dispatch, clients: &HttpClients) -> TargetLabels {
+        outbound_labels(
+            &self.ctx,
+            dispatch.logical.clone(),
+            clients.dial.socket_addr().to_string(),
+            clients.dial.tls_identity(),
+        )
+    }
+
+    fn error(
+        &self,
+        error: ProxyError,
+        grpc: bool,
+        labels: Option<TargetLabels>,
+    ) -> Response<ProxyBody> {
+        warn!(
+            reason = error.reason(),
+            detail = error.detail(),
+            "outbound request failed"
+        );
+        self.ctx
+            .metrics
+            .proxy_error(Direction::Outbound, error.reason());
+        let mut response = error.to_response(grpc);
+        if let Some(labels) = labels {
+            response.extensions_mut().insert(labels);
+        }
+        response
+    }
+}
+
+impl tower::Service<Request<ReqBody>> for OutboundEndpoint {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.attempt(request).await) })
+    }
+}

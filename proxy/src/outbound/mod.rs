@@ -1,0 +1,258 @@
+//! The outbound side: connections from the local application, captured by iptables (the
+//! original destination names the target) or sent to the listener as to an HTTP proxy (the
+//! request's authority names it).
+//!
+//! Per connection: find the target, detect the protocol, then serve HTTP through the outbound
+//! stack (`stack::outbound_http`: router, timeout, retries, endpoint) or forward opaque bytes
+//! to a balanced endpoint.
+
+mod endpoint;
+mod plans;
+mod router;
+
+pub use endpoint::OutboundEndpoint;
+pub use plans::PlanStore;
+pub use router::{Dispatch, DispatchTarget, OutboundRouter};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Request, Response};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::app::{Context, accept_loop};
+use crate::capture;
+use crate::client::Dial;
+use crate::detect::{self, PrefixedIo, Protocol};
+use crate::discovery::{State, TargetKey};
+use crate::http::ProxyBody;
+use crate::metrics::{Direction, Label, TargetLabels};
+use crate::{server, stack, tcp};
+
+/// Accepts outbound connections until the drain starts.
+pub async fn serve(listener: TcpListener, ctx: Arc<Context>, connections: TaskTracker) {
+    let drain = ctx.drain.clone();
+    accept_loop(
+        listener,
+        "outbound",
+        drain,
+        connections,
+        move |stream, peer| {
+            let ctx = ctx.clone();
+            async move { connection(stream, peer, ctx).await }
+        },
+    )
+    .await;
+}
+
+async fn connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
+    let local = stream.local_addr().ok();
+    // A captured connection's original destination differs from our own listener address;
+    // a connection made to the listener itself is an application using us as an HTTP proxy.
+    let orig_dst = capture::original_dst(&stream)
+        .ok()
+        .filter(|dst| Some(*dst) != local);
+    if let Some(dst) = orig_dst
+        && ctx.config.opaque_ports.contains(&dst.port())
+    {
+        return forward_tcp(stream, TargetKey::Addr(dst), &ctx).await;
+    }
+    let (protocol, prefix) = match detect::detect(&mut stream, ctx.config.detect_timeout).await {
+        Ok(detected) => detected,
+        Err(error) => {
+            debug!(%peer, %error, "connection failed during detection");
+            return;
+        }
+    };
+    let io = PrefixedIo::new(prefix, stream);
+    match (protocol, orig_dst) {
+        (Protocol::Http1 | Protocol::Http2, _) => {
+            let service = stack::outbound_http(&ctx, orig_dst, peer.ip());
+            server::serve_http(io, protocol, service, ctx.drain.clone()).await;
+        }
+        (Protocol::Tls | Protocol::Opaque, Some(dst)) => {
+            forward_tcp(io, TargetKey::Addr(dst), &ctx).await;
+        }
+        (Protocol::Tls | Protocol::Opaque, None) => {
+            ctx.metrics.proxy_error(Direction::Outbound, "no target");
+            warn!(%peer, "a non-HTTP connection to the outbound listener has no original destination; closing it");
+        }
+    }
+}
+
+/// Forwards an opaque connection to a balanced endpoint of the target, or to the target
+/// itself when discovery doesn't know it.
+async fn forward_tcp<C>(client: C, key: TargetKey, ctx: &Context)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let resolution = ctx.discovery.resolve(key.clone());
+    let state = resolution.state(ctx.config.discovery_timeout).await;
+    let (dial, authority, _pick) = match state {
+        State::Known { authority } => match resolution.balancer.pick(None) {
+            Some(pick) => (pick.meta().tcp_dial(&authority.0), authority, Some(pick)),
+            None => {
+                ctx.metrics.proxy_error(Direction::Outbound, "no endpoints");
+                warn!(target = %key, "no endpoints; closing the connection");
+                return;
+            }
+        },
+        State::NotFound | State::Pending => match &key {
+            TargetKey::Addr(addr) => (Dial::Direct(*addr), Label::from(key.to_string()), None),
+            TargetKey::Authority(_) => {
+                ctx.metrics
+                    .proxy_error(Direction::Outbound, "discovery unavailable");
+                return;
+            }
+        },
+    };
+    let labels = outbound_labels(
+        ctx,
+        authority,
+        dial.socket_addr().to_string(),
+        dial.tls_identity(),
+    );
+    if let Err(error) = tcp::forward(
+        client,
+        &dial,
+        ctx.config.connect_timeout,
+        &ctx.metrics,
+        &labels,
+    )
+    .await
+    {
+        debug!(target = %key, %error, "TCP forward ended with an error");
+    }
+}
+
+/// The metric labels of outbound traffic; `server_id` is the identity the peer proved.
+fn outbound_labels(
+    ctx: &Context,
+    authority: Label,
+    target_addr: String,
+    server_id: Option<&str>,
+) -> TargetLabels {
+    TargetLabels {
+        direction: Direction::Outbound,
+        authority,
+        target_addr: Label::from(target_addr),
+        tls: Label::new(if server_id.is_some() { "true" } else { "false" }),
+        client_id: if server_id.is_some() {
+            ctx.local_id()
+        } else {
+            Label::default()
+        },
+        server_id: Label::new(server_id.unwrap_or_default()),
+    }
+}
+
+/// An HTTP proxy CONNECT: answer 200, then forward the tunnel's bytes as TCP.
+fn connect_tunnel(
+    ctx: Arc<Context>,
+    mut request: Request<Incoming>,
+    key: TargetKey,
+) -> Response<ProxyBody> {
+    let upgrade = hyper::upgrade::on(&mut request);
+    let key = match &key {
+        TargetKey::Authority(authority) => match authority.parse::<SocketAddr>() {
+            Ok(addr) => TargetKey::Addr(addr),
+            Err(_) => key,
+        },
+        TargetKey::Addr(_) => key,
+    };
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => {
+                let io = hyper_util::rt::TokioIo::new(upgraded);
+                let resolution = ctx.discovery.resolve(key.clone());
+                let state = resolution.state(ctx.config.discovery_timeout).await;
+                match (state, &key) {
+                    (State::NotFound | State::Pending, TargetKey::Authority(authority)) => {
+                        // Not a mesh service: resolve the name as the app would have.
+                        match router::direct_target(&key).await {
+                            Ok(addr) => forward_tcp(io, TargetKey::Addr(addr), &ctx).await,
+                            Err(_) => debug!(%authority, "CONNECT target does not resolve"),
+                        }
+                    }
+                    _ => forward_tcp(io, key, &ctx).await,
+                }
+            }
+            Err(error) => debug!(%error, "CONNECT upgrade failed"),
+        }
+    });
+    Response::new(Either::Right(Full::default()))
+}
+
+/// The request's `host:port`: from an absolute URI or the Host header, with the scheme's
+/// default port when none is given.
+pub fn request_authority<B>(request: &Request<B>) -> Option<String> {
+    let authority = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            request
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })?;
+    if authority.is_empty() {
+        return None;
+    }
+    if has_port(&authority) {
+        return Some(authority);
+    }
+    let port = if request.uri().scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    };
+    Some(format!("{authority}:{port}"))
+}
+
+fn has_port(authority: &str) -> bool {
+    if let Some(rest) = authority.strip_prefix('[') {
+        // An IPv6 literal: the port, if any, follows the closing bracket.
+        return rest
+            .split_once(']')
+            .is_some_and(|(_, after)| after.starts_with(':'));
+    }
+    authority
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn authority_of(uri: &str, host: Option<&str>) -> Option<String> {
+        let mut builder = Request::builder().uri(uri);
+        if let Some(host) = host {
+            builder = builder.header("host", host);
+        }
+        request_authority(&builder.body(()).expect("request"))
+    }
+
+    #[test]
+    fn authorities_get_their_default_port() {
+        let cases = [
+            ("http://books.shop:8080/x", None, Some("books.shop:8080")),
+            ("http://books.shop/x", None, Some("books.shop:80")),
+            ("/x", Some("books.shop"), Some("books.shop:80")),
+            ("/x", Some("books.shop:9090"), Some("books.shop:9090")),
+            ("/x", Some("[::1]:9090"), Some("[::1]:9090")),
+            ("/x", Some("[::1]"), Some("[::1]:80")),
+            ("https://secure.shop/x", None, Some("secure.shop:443")),
+            ("/x", None, None),
+        ];
+        for (uri, host, want) in cases {
+            assert_eq!(authority_of(uri, host).as_deref(), want, "{uri} {host:?}");
+        }
+    }
+}

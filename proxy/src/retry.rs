@@ -1,0 +1,399 @@
+//! Retries: which failures are retried, a budget that keeps retries from multiplying load, and
+//! the tower layer that replays a buffered request.
+//!
+//! A request is retried only when its route asks for it, its body fits the bound (bodies are
+//! buffered to be replayed; larger ones pass through once), the failure matches the route's
+//! conditions, the per-request limit allows, and the route's budget has a token.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Either, Full, Limited};
+use tower::{Layer, Service, ServiceExt};
+use tracing::debug;
+
+use crate::http::{ProxyBody, ProxyErrorKind, ReqBody};
+use crate::metrics::Metrics;
+use crate::route::RouteParams;
+
+/// Which failures are retried.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetryConditions {
+    five_xx: bool,
+    gateway_error: bool,
+    connect_failure: bool,
+    reset: bool,
+    statuses: Vec<u16>,
+    grpc_codes: Vec<u32>,
+}
+
+/// gRPC status codes by their lower-case names.
+const GRPC_CODES: &[(&str, u32)] = &[
+    ("cancelled", 1),
+    ("unknown", 2),
+    ("deadline-exceeded", 4),
+    ("resource-exhausted", 8),
+    ("internal", 13),
+    ("unavailable", 14),
+];
+
+impl RetryConditions {
+    /// Parses `5xx`, `gateway-error`, `connect-failure`, `reset`, status codes and gRPC code
+    /// names (`unavailable`, `deadline-exceeded`, ...).
+    pub fn parse(conditions: &[String]) -> Result<Self, String> {
+        let mut parsed = Self::default();
+        for condition in conditions {
+            let condition = condition.trim().to_ascii_lowercase().replace('_', "-");
+            match condition.as_str() {
+                "5xx" => parsed.five_xx = true,
+                "gateway-error" => parsed.gateway_error = true,
+                "connect-failure" => parsed.connect_failure = true,
+                "reset" => parsed.reset = true,
+                other => {
+                    if let Ok(status) = other.parse::<u16>()
+                        && (100..600).contains(&status)
+                    {
+                        parsed.statuses.push(status);
+                    } else if let Some((_, code)) =
+                        GRPC_CODES.iter().find(|(name, _)| *name == other)
+                    {
+                        parsed.grpc_codes.push(*code);
+                    } else {
+                        return Err(format!(
+                            "{other:?} is not a retry condition (5xx, gateway-error, connect-failure, reset, a status code, or a gRPC code name)"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(parsed)
+    }
+
+    /// Whether a response calls for a retry.
+    pub fn should_retry(&self, response: &Response<ProxyBody>) -> bool {
+        let status = response.status();
+        let proxy_error = response.extensions().get::<ProxyErrorKind>();
+        if let Some(kind) = proxy_error {
+            match kind {
+                ProxyErrorKind::ConnectFailed if self.connect_failure || self.gateway_error => {
+                    return true;
+                }
+                ProxyErrorKind::Upstream if self.reset => return true,
+                _ => {}
+            }
+        }
+        if self.five_xx && status.is_server_error() {
+            return true;
+        }
+        if self.gateway_error
+            && matches!(
+                status,
+                StatusCode::BAD_GATEWAY
+                    | StatusCode::SERVICE_UNAVAILABLE
+                    | StatusCode::GATEWAY_TIMEOUT
+            )
+        {
+            return true;
+        }
+        if self.statuses.contains(&status.as_u16()) {
+            return true;
+        }
+        if !self.grpc_codes.is_empty()
+            && let Some(code) = response
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u32>().ok())
+        {
+            return self.grpc_codes.contains(&code);
+        }
+        false
+    }
+}
+
+/// A route's retry settings.
+#[derive(Debug)]
+pub struct RetryParams {
+    /// Which failures are retried.
+    pub conditions: RetryConditions,
+    /// Retries per request, at most.
+    pub limit: u32,
+    /// Timeout of each attempt.
+    pub per_try_timeout: Option<Duration>,
+    /// Bodies above this are not buffered, so not retried.
+    pub max_body_bytes: usize,
+    /// The route's budget.
+    pub budget: Arc<RetryBudget>,
+}
+
+/// Seconds of history a budget keeps, at most; longer TTLs are capped.
+const BUDGET_SLOTS: usize = 60;
+
+/// A retry budget over a sliding window of one-second slots: retries allowed =
+/// `min_per_second x window + ratio x requests in the window`. Lock-free: requests deposit
+/// into the current slot with atomics.
+#[derive(Debug)]
+pub struct RetryBudget {
+    ratio: f32,
+    min_per_second: u32,
+    window: u64,
+    started: Instant,
+    slots: Vec<Slot>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    second: AtomicU64,
+    requests: AtomicU32,
+    retries: AtomicU32,
+}
+
+impl RetryBudget {
+    /// A budget of `ratio` retries per request plus `min_per_second`, over `ttl`.
+    pub fn new(ratio: f32, min_per_second: u32, ttl: Duration) -> Self {
+        let window = ttl.as_secs().clamp(1, BUDGET_SLOTS as u64);
+        Self {
+            ratio,
+            min_per_second,
+            window,
+            started: Instant::now(),
+            slots: (0..BUDGET_SLOTS).map(|_| Slot::default()).collect(),
+        }
+    }
+
+    fn slot(&self, now: Instant) -> &Slot {
+        // Seconds are counted from 1 so a zeroed slot is never mistaken for the current one.
+        let second = now.duration_since(self.started).as_secs() + 1;
+        let slot = &self.slots[(second % BUDGET_SLOTS as u64) as usize];
+        let seen = slot.second.load(Ordering::Acquire);
+        if seen != second
+            && slot
+                .second
+                .compare_exchange(seen, second, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            slot.requests.store(0, Ordering::Release);
+            slot.retries.store(0, Ordering::Release);
+        }
+        slot
+    }
+
+    /// Counts an original request.
+    pub fn deposit(&self) {
+        self.deposit_at(Instant::now());
+    }
+
+    fn deposit_at(&self, now: Instant) {
+        self.slot(now).requests.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Takes a retry token; false when the budget is spent.
+    pub fn withdraw(&self) -> bool {
+        self.withdraw_at(Instant::now())
+    }
+
+    fn withdraw_at(&self, now: Instant) -> bool {
+        let current = now.duration_since(self.started).as_secs() + 1;
+        let (mut requests, mut retries) = (0u64, 0u64);
+        for slot in &self.slots {
+            let second = slot.second.load(Ordering::Acquire);
+            if second != 0 && second + self.window > current && second <= current {
+                requests += u64::from(slot.requests.load(Ordering::Acquire));
+                retries += u64::from(slot.retries.load(Ordering::Acquire));
+            }
+        }
+        // Floored: the f32 ratio widened to f64 is a hair above its decimal value.
+        let allowed = (f64::from(self.min_per_second) * self.window as f64
+            + f64::from(self.ratio) * requests as f64)
+            .floor();
+        if (retries as f64) < allowed {
+            self.slot(now).retries.fetch_add(1, Ordering::AcqRel);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The route chosen for a request, put in its extensions by the router for the layers below.
+#[derive(Clone, Debug)]
+pub struct RouteInfo(pub Arc<RouteParams>);
+
+/// Adds retries to a service.
+#[derive(Clone, Debug)]
+pub struct RetryLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl RetryLayer {
+    /// Counts retries in `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Retry {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// See [`RetryLayer`].
+#[derive(Clone, Debug)]
+pub struct Retry<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> Service<Request<ReqBody>> for Retry<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ProxyBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let Some(route) = request.extensions().get::<RouteInfo>().cloned() else {
+            return Box::pin(self.inner.call(request));
+        };
+        let Some(retry) = route.0.retry.as_ref() else {
+            return Box::pin(self.inner.call(request));
+        };
+        retry.budget.deposit();
+        let max_body = retry.max_body_bytes;
+        let fits = request
+            .body()
+            .size_hint()
+            .upper()
+            .is_some_and(|upper| upper <= max_body as u64);
+        if !fits {
+            debug!(route = %route.0.name, "body too large or unknown to replay; not retrying");
+            return Box::pin(self.inner.call(request));
+        }
+        let inner = self.inner.clone();
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let retry = match route.0.retry.as_ref() {
+                Some(retry) => retry,
+                None => return inner.oneshot(request).await,
+            };
+            let (parts, body) = request.into_parts();
+            let body = match Limited::new(body, retry.max_body_bytes).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(error) => {
+                    let error = crate::http::ProxyError::BadRequest(format!(
+                        "reading the request body: {error}"
+                    ));
+                    return Ok(error.to_response(false));
+                }
+            };
+            let build =
+                |body: Bytes| Request::from_parts(parts.clone(), Either::Right(Full::new(body)));
+            let mut attempt = 0;
+            loop {
+                let response = inner.clone().oneshot(build(body.clone())).await?;
+                if attempt >= retry.limit || !retry.conditions.should_retry(&response) {
+                    return Ok(response);
+                }
+                if !retry.budget.withdraw() {
+                    metrics.retry(&route.0.name, "budget exhausted");
+                    return Ok(response);
+                }
+                metrics.retry(&route.0.name, "retried");
+                attempt += 1;
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conditions_parse_and_refuse_unknown_ones() {
+        let conditions = RetryConditions::parse(&[
+            "5xx".into(),
+            "connect-failure".into(),
+            "429".into(),
+            "UNAVAILABLE".into(),
+        ])
+        .expect("valid");
+        assert!(conditions.five_xx && conditions.connect_failure);
+        assert_eq!(conditions.statuses, vec![429]);
+        assert_eq!(conditions.grpc_codes, vec![14]);
+        let error = RetryConditions::parse(&["sometimes".into()]).expect_err("unknown");
+        assert!(error.contains("sometimes"));
+    }
+
+    fn response(status: u16, grpc: Option<&str>) -> Response<ProxyBody> {
+        let mut response = Response::new(Either::Right(Full::default()));
+        *response.status_mut() = StatusCode::from_u16(status).expect("status");
+        if let Some(code) = grpc {
+            response
+                .headers_mut()
+                .insert("grpc-status", code.parse().expect("value"));
+        }
+        response
+    }
+
+    #[test]
+    fn responses_are_classified_for_retry() {
+        let five_xx = RetryConditions::parse(&["5xx".into()]).expect("valid");
+        assert!(five_xx.should_retry(&response(500, None)));
+        assert!(!five_xx.should_retry(&response(404, None)));
+        let gateway = RetryConditions::parse(&["gateway-error".into()]).expect("valid");
+        assert!(gateway.should_retry(&response(503, None)));
+        assert!(!gateway.should_retry(&response(500, None)));
+        let grpc = RetryConditions::parse(&["unavailable".into()]).expect("valid");
+        assert!(grpc.should_retry(&response(200, Some("14"))));
+        assert!(!grpc.should_retry(&response(200, Some("5"))));
+        let mut refused = response(502, None);
+        refused
+            .extensions_mut()
+            .insert(ProxyErrorKind::ConnectFailed);
+        let connect = RetryConditions::parse(&["connect-failure".into()]).expect("valid");
+        assert!(connect.should_retry(&refused));
+        assert!(!connect.should_retry(&response(502, None)));
+    }
+
+    #[test]
+    fn the_budget_allows_the_minimum_plus_the_ratio() {
+        let budget = RetryBudget::new(0.2, 1, Duration::from_secs(10));
+        let now = Instant::now();
+        // 10 s x 1/s minimum = 10 retries with no traffic at all.
+        let free = (0..100).filter(|_| budget.withdraw_at(now)).count();
+        assert_eq!(free, 10);
+        // 100 requests add 20 more.
+        for _ in 0..100 {
+            budget.deposit_at(now);
+        }
+        let more = (0..100).filter(|_| budget.withdraw_at(now)).count();
+        assert_eq!(more, 20);
+        // Once the window has passed, the old retries no longer count.
+        let later = now + Duration::from_secs(11);
+        assert!(budget.withdraw_at(later));
+    }
+}

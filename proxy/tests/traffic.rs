@@ -1,0 +1,494 @@
+//! Traffic management through a real outbound proxy driven by a (scripted) controller's
+//! outbound policies: splits, header routing, retries within a budget, timeouts, circuit
+//! breaking, consistent hashing, fault injection, filters and live policy changes.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mesh_proto::policy::{self, backend, filter, header_match, path_match};
+use mesh_proto::prost_types;
+use support::outbound::ScriptedOutbound;
+use support::*;
+use tokio_util::sync::CancellationToken;
+
+const BOOKS: &str = "books.shop.svc.cluster.local:8080";
+const STABLE: &str = "books-stable.shop.svc.cluster.local:8080";
+const CANARY: &str = "books-canary.shop.svc.cluster.local:8080";
+
+struct Mesh {
+    destination: ScriptedDestination,
+    outbound: ScriptedOutbound,
+    proxy: mesh_proxy::app::Running,
+    _stop: CancellationToken,
+}
+
+impl Mesh {
+    async fn new() -> Self {
+        let stop = CancellationToken::new();
+        let destination = ScriptedDestination::default();
+        let outbound = ScriptedOutbound::default();
+        let url = destination
+            .serve_with(Some(outbound.clone()), stop.clone())
+            .await;
+        let proxy = proxy(Some(&url)).await;
+        Self {
+            destination,
+            outbound,
+            proxy,
+            _stop: stop,
+        }
+    }
+
+    fn service(&self, authority: &str, backends: &[&Backend]) {
+        self.destination
+            .set(authority, backends.iter().map(|b| plain(b.addr)).collect());
+    }
+
+    fn service_addrs(&self, authority: &str, addrs: &[SocketAddr]) {
+        self.destination
+            .set(authority, addrs.iter().map(|a| plain(*a)).collect());
+    }
+
+    async fn client(&self) -> ProxyClient {
+        ProxyClient::connect(&self.proxy).await
+    }
+}
+
+fn to(authority: &str, weight: u32) -> policy::WeightedBackend {
+    policy::WeightedBackend {
+        weight,
+        backend: Some(policy::Backend {
+            kind: Some(backend::Kind::Authority(authority.into())),
+        }),
+    }
+}
+
+fn seconds(ms: u64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    })
+}
+
+fn plan(routes: Vec<policy::Route>) -> policy::OutboundPolicy {
+    policy::OutboundPolicy {
+        service: BOOKS.into(),
+        routes,
+        default_backends: vec![to(BOOKS, 1)],
+        ..Default::default()
+    }
+}
+
+fn route(name: &str, backends: Vec<policy::WeightedBackend>) -> policy::Route {
+    policy::Route {
+        name: name.into(),
+        backends,
+        ..Default::default()
+    }
+}
+
+async fn count_backends(client: &mut ProxyClient, n: usize, path: &str) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for _ in 0..n {
+        let (status, backend, body) = client.get(&format!("http://{BOOKS}{path}"), &[]).await;
+        assert_eq!(status, 200, "{body}");
+        *seen.entry(backend).or_insert(0) += 1;
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_90_10_split_lands_within_three_points() {
+    let mesh = Mesh::new().await;
+    let stable = Backend::start("stable").await;
+    let canary = Backend::start("canary").await;
+    mesh.service(STABLE, &[&stable]);
+    mesh.service(CANARY, &[&canary]);
+    mesh.service(BOOKS, &[&stable]);
+    mesh.outbound.set(
+        BOOKS,
+        plan(vec![route("split", vec![to(STABLE, 90), to(CANARY, 10)])]),
+    );
+    let mut client = mesh.client().await;
+    let seen = count_backends(&mut client, 2000, "/").await;
+    let canary_share = seen.get("canary").copied().unwrap_or(0) as f64 / 2000.0;
+    assert!(
+        (0.07..=0.13).contains(&canary_share),
+        "canary got {canary_share}: {seen:?}"
+    );
+    let (_, text) = admin_get(&mesh.proxy, "/metrics").await;
+    assert_eq!(
+        metric(&text, "route_request_total", &["route=\"split\""]),
+        2000.0
+    );
+}
+
+#[tokio::test]
+async fn a_header_match_sends_only_matching_requests_to_the_canary() {
+    let mesh = Mesh::new().await;
+    let stable = Backend::start("stable").await;
+    let canary = Backend::start("canary").await;
+    mesh.service(STABLE, &[&stable]);
+    mesh.service(CANARY, &[&canary]);
+    mesh.service(BOOKS, &[&stable]);
+    let mut canary_route = route("canary", vec![to(CANARY, 1)]);
+    canary_route.matches = vec![policy::RouteMatch {
+        headers: vec![policy::HeaderMatch {
+            name: "x-canary".into(),
+            value: Some(header_match::Value::Exact("yes".into())),
+        }],
+        ..Default::default()
+    }];
+    mesh.outbound.set(
+        BOOKS,
+        plan(vec![canary_route, route("rest", vec![to(STABLE, 1)])]),
+    );
+    let mut client = mesh.client().await;
+    for _ in 0..50 {
+        let (_, backend, _) = client
+            .get(&format!("http://{BOOKS}/"), &[("x-canary", "yes")])
+            .await;
+        assert_eq!(backend, "canary");
+        let (_, backend, _) = client.get(&format!("http://{BOOKS}/"), &[]).await;
+        assert_eq!(backend, "stable");
+    }
+}
+
+fn retrying(limit: u32, ratio: f32) -> policy::RetryPolicy {
+    policy::RetryPolicy {
+        conditions: vec!["5xx".into()],
+        limit,
+        per_try_timeout: None,
+        budget: Some(policy::RetryBudget {
+            ratio,
+            min_per_second: 1,
+            ttl: seconds(10_000),
+        }),
+        max_body_bytes: 0,
+    }
+}
+
+#[tokio::test]
+async fn retries_hide_a_flaky_backend_and_the_budget_caps_them() {
+    let mesh = Mesh::new().await;
+    let flaky = Backend::start("flaky").await;
+    mesh.service(BOOKS, &[&flaky]);
+    let mut policy = plan(vec![route("all", vec![])]);
+    // Three failures in ten answers need 3 retries per 7 requests: a 0.5 budget holds.
+    policy.retry = Some(retrying(3, 0.5));
+    mesh.outbound.set(BOOKS, policy.clone());
+    let mut client = mesh.client().await;
+    // 30% of the backend's answers fail, three in a row at most.
+    for i in 0..100 {
+        let (status, _, body) = client
+            .get(&format!("http://{BOOKS}/flaky?fail=3"), &[])
+            .await;
+        assert_eq!(status, 200, "request {i} failed despite retries: {body}");
+    }
+
+    // A backend that always fails: retries stop at the budget, not at 3 x requests.
+    let failing = Backend::start("failing").await;
+    let failing_authority = "failing.shop.svc.cluster.local:8080";
+    mesh.service(failing_authority, &[&failing]);
+    let mut failing_policy = policy;
+    failing_policy.service = failing_authority.into();
+    failing_policy.default_backends = vec![to(failing_authority, 1)];
+    failing_policy.routes = vec![route("broken", vec![])];
+    failing_policy.retry = Some(retrying(3, 0.2));
+    mesh.outbound.set(failing_authority, failing_policy);
+    for _ in 0..200 {
+        let (status, _, _) = client
+            .get(&format!("http://{failing_authority}/status/500"), &[])
+            .await;
+        assert_eq!(status, 500);
+    }
+    let (_, text) = admin_get(&mesh.proxy, "/metrics").await;
+    let retried = metric(
+        &text,
+        "route_retry_total",
+        &["route=\"broken\"", "reason=\"retried\""],
+    );
+    let refused = metric(
+        &text,
+        "route_retry_total",
+        &["route=\"broken\"", "reason=\"budget exhausted\""],
+    );
+    // 10 s x 1/s + 0.2 x 200 requests = 50 retries at most; without a budget it would be 600.
+    assert!(retried <= 50.0, "{retried} retries");
+    assert!(refused >= 100.0, "{refused} refusals");
+}
+
+#[tokio::test]
+async fn a_hung_backend_trips_the_request_timeout() {
+    let mesh = Mesh::new().await;
+    let slow = Backend::start("slow").await;
+    mesh.service(BOOKS, &[&slow]);
+    let mut policy = plan(vec![route("all", vec![])]);
+    policy.timeouts = Some(policy::Timeouts {
+        request: seconds(300),
+        response: None,
+        idle: None,
+    });
+    mesh.outbound.set(BOOKS, policy);
+    let mut client = mesh.client().await;
+    let started = std::time::Instant::now();
+    let (status, _, body) = client
+        .get(&format!("http://{BOOKS}/slow?ms=5000"), &[])
+        .await;
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("timeout"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn a_failing_endpoint_is_ejected_then_restored() {
+    let mesh = Mesh::new().await;
+    let healthy = Backend::start("healthy").await;
+    // An address with nothing listening: connections are refused.
+    let dead = loopback().await;
+    let dead_addr = dead.local_addr().expect("addr");
+    drop(dead);
+    mesh.service_addrs(BOOKS, &[healthy.addr, dead_addr]);
+    let mut policy = plan(vec![route("all", vec![])]);
+    policy.failure_accrual = Some(policy::FailureAccrual {
+        consecutive_failures: 3,
+        min_backoff: seconds(1000),
+        max_backoff: seconds(1000),
+    });
+    policy.balancer = Some(policy::Balancer {
+        kind: policy::balancer::Kind::RoundRobin as i32,
+        ..Default::default()
+    });
+    mesh.outbound.set(BOOKS, policy);
+    let mut client = mesh.client().await;
+    let mut failures = 0;
+    for _ in 0..40 {
+        let (status, _, _) = client.get(&format!("http://{BOOKS}/"), &[]).await;
+        if status != 200 {
+            failures += 1;
+        }
+    }
+    assert_eq!(failures, 3, "ejected after 3 consecutive failures");
+    let (_, text) = admin_get(&mesh.proxy, "/metrics").await;
+    assert_eq!(metric(&text, "endpoint_ejection_total", &[]), 1.0);
+
+    // The endpoint comes back on the same address; after the backoff a probe restores it.
+    let revived = tokio::net::TcpListener::bind(dead_addr)
+        .await
+        .expect("rebind the dead address");
+    let revived_backend = Backend::serve("revived", revived).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let seen = count_backends(&mut client, 20, "/").await;
+    assert!(seen.get("revived").copied().unwrap_or(0) >= 5, "{seen:?}");
+    drop(revived_backend);
+}
+
+#[tokio::test]
+async fn every_endpoint_ejected_fails_fast_with_a_clear_error() {
+    let mesh = Mesh::new().await;
+    let dead = loopback().await;
+    let dead_addr = dead.local_addr().expect("addr");
+    drop(dead);
+    mesh.service_addrs(BOOKS, &[dead_addr]);
+    let mut policy = plan(vec![route("all", vec![])]);
+    policy.failure_accrual = Some(policy::FailureAccrual {
+        consecutive_failures: 2,
+        min_backoff: seconds(60_000),
+        max_backoff: seconds(60_000),
+    });
+    mesh.outbound.set(BOOKS, policy);
+    let mut client = mesh.client().await;
+    for _ in 0..2 {
+        assert_eq!(client.get(&format!("http://{BOOKS}/"), &[]).await.0, 502);
+    }
+    let (status, _, body) = client.get(&format!("http://{BOOKS}/"), &[]).await;
+    assert_eq!(status, 503);
+    assert!(body.contains("ejected"), "{body}");
+}
+
+#[tokio::test]
+async fn consistent_hashing_keeps_each_key_on_one_endpoint() {
+    let mesh = Mesh::new().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    mesh.service(BOOKS, &[&a, &b, &c]);
+    let mut policy = plan(vec![route("all", vec![])]);
+    policy.balancer = Some(policy::Balancer {
+        kind: policy::balancer::Kind::ConsistentHash as i32,
+        hash_key: Some(policy::balancer::HashKey {
+            kind: Some(policy::balancer::hash_key::Kind::Header("x-user".into())),
+        }),
+        ewma_decay: None,
+    });
+    mesh.outbound.set(BOOKS, policy);
+    let mut client = mesh.client().await;
+    let mut owners = HashMap::new();
+    for round in 0..5 {
+        for user in 0..20 {
+            let user = format!("user-{user}");
+            let (_, backend, _) = client
+                .get(&format!("http://{BOOKS}/"), &[("x-user", &user)])
+                .await;
+            let owner = owners
+                .entry(user.clone())
+                .or_insert_with(|| backend.clone());
+            assert_eq!(*owner, backend, "{user} moved in round {round}");
+        }
+    }
+    let distinct: std::collections::HashSet<_> = owners.values().collect();
+    assert!(
+        distinct.len() >= 2,
+        "keys spread over endpoints: {owners:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_policy_change_under_load_drops_no_request() {
+    let mesh = Mesh::new().await;
+    let stable = Backend::start("stable").await;
+    let canary = Backend::start("canary").await;
+    mesh.service(STABLE, &[&stable]);
+    mesh.service(CANARY, &[&canary]);
+    mesh.service(BOOKS, &[&stable]);
+    mesh.outbound
+        .set(BOOKS, plan(vec![route("v1", vec![to(STABLE, 1)])]));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let mut client = mesh.client().await;
+        workers.push(tokio::spawn(async move {
+            let mut seen = HashMap::new();
+            for _ in 0..150 {
+                let (status, backend, body) = client.get(&format!("http://{BOOKS}/"), &[]).await;
+                assert_eq!(status, 200, "{body}");
+                *seen.entry(backend).or_insert(0) += 1;
+            }
+            seen
+        }));
+    }
+    for i in 0..10 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let target = if i % 2 == 0 { CANARY } else { STABLE };
+        mesh.outbound
+            .set(BOOKS, plan(vec![route("flip", vec![to(target, 1)])]));
+    }
+    let mut total = HashMap::new();
+    for worker in workers {
+        for (backend, n) in worker.await.expect("worker") {
+            *total.entry(backend).or_insert(0) += n;
+        }
+    }
+    assert_eq!(total.values().sum::<usize>(), 600);
+    assert!(total.contains_key("canary"), "{total:?}");
+}
+
+#[tokio::test]
+async fn an_invalid_policy_leaves_the_last_valid_one_in_force() {
+    let mesh = Mesh::new().await;
+    let stable = Backend::start("stable").await;
+    let canary = Backend::start("canary").await;
+    mesh.service(STABLE, &[&stable]);
+    mesh.service(CANARY, &[&canary]);
+    mesh.service(BOOKS, &[&stable]);
+    mesh.outbound
+        .set(BOOKS, plan(vec![route("to-canary", vec![to(CANARY, 1)])]));
+    let mut client = mesh.client().await;
+    assert_eq!(
+        client.get(&format!("http://{BOOKS}/"), &[]).await.1,
+        "canary"
+    );
+    let mut broken = route("broken", vec![to(STABLE, 1)]);
+    broken.matches = vec![policy::RouteMatch {
+        path: Some(policy::PathMatch {
+            kind: Some(path_match::Kind::Regex("([".into())),
+        }),
+        ..Default::default()
+    }];
+    mesh.outbound.set(BOOKS, plan(vec![broken]));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..10 {
+        assert_eq!(
+            client.get(&format!("http://{BOOKS}/"), &[]).await.1,
+            "canary"
+        );
+    }
+}
+
+#[tokio::test]
+async fn filters_inject_faults_modify_headers_rewrite_and_redirect() {
+    let mesh = Mesh::new().await;
+    let backend = Backend::start("books").await;
+    mesh.service(BOOKS, &[&backend]);
+    let prefix = |p: &str| {
+        vec![policy::RouteMatch {
+            path: Some(policy::PathMatch {
+                kind: Some(path_match::Kind::Prefix(p.into())),
+            }),
+            ..Default::default()
+        }]
+    };
+    let mut abort = route("abort", vec![]);
+    abort.matches = prefix("/abort");
+    abort.filters = vec![policy::Filter {
+        kind: Some(filter::Kind::FaultInjection(policy::FaultInjection {
+            abort_percent: 100,
+            abort_status: 418,
+            delay_percent: 0,
+            delay: None,
+        })),
+    }];
+    let mut rewrite = route("rewrite", vec![]);
+    rewrite.matches = prefix("/old");
+    rewrite.filters = vec![
+        policy::Filter {
+            kind: Some(filter::Kind::UrlRewrite(policy::UrlRewrite {
+                hostname: String::new(),
+                path: Some(policy::PathModifier {
+                    kind: Some(policy::path_modifier::Kind::Prefix("/new".into())),
+                }),
+            })),
+        },
+        policy::Filter {
+            kind: Some(filter::Kind::RequestHeaderModifier(
+                policy::HeaderModifier {
+                    add: vec![],
+                    set: vec![policy::Header {
+                        name: "host".into(),
+                        value: "rewritten.example:8080".into(),
+                    }],
+                    remove: vec![],
+                },
+            )),
+        },
+    ];
+    let mut redirect = route("redirect", vec![]);
+    redirect.matches = prefix("/moved");
+    redirect.filters = vec![policy::Filter {
+        kind: Some(filter::Kind::Redirect(policy::Redirect {
+            scheme: String::new(),
+            hostname: "elsewhere.example".into(),
+            path: None,
+            port: 0,
+            status: 301,
+        })),
+    }];
+    mesh.outbound
+        .set(BOOKS, plan(vec![abort, rewrite, redirect]));
+    let mut client = mesh.client().await;
+    let (status, _, body) = client.get(&format!("http://{BOOKS}/abort/x"), &[]).await;
+    assert_eq!(status, 418, "{body}");
+    let (status, _, body) = client.get(&format!("http://{BOOKS}/old/page"), &[]).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("path=/new/page"), "{body}");
+    assert!(body.contains("host=rewritten.example:8080"), "{body}");
+    let (status, _, _) = client.get(&format!("http://{BOOKS}/moved/here"), &[]).await;
+    assert_eq!(status, 301);
+    let (_, text) = admin_get(&mesh.proxy, "/metrics").await;
+    assert_eq!(
+        metric(&text, "route_fault_injection_total", &["route=\"abort\""]),
+        1.0
+    );
+}

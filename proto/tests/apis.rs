@@ -378,6 +378,11 @@ fn every_message_round_trips() {
             seconds: 60,
             nanos: 0,
         }),
+        from: Some(stats::ResourceRef {
+            kind: "deployment".into(),
+            namespace: "shop".into(),
+            name: "web".into(),
+        }),
     });
     round_trip(&stats::SummaryResponse {
         rows: vec![stats_row()],
@@ -388,6 +393,18 @@ fn every_message_round_trips() {
     });
     round_trip(&stats::EdgesResponse {
         edges: vec![edge()],
+        denials: vec![stats::Denial {
+            destination: Some(stats::ResourceRef {
+                kind: "deployment".into(),
+                namespace: "shop".into(),
+                name: "books".into(),
+            }),
+            policy: "default:deny".into(),
+            client_identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
+            count: 12,
+            rate: 0.2,
+            protocol: "http".into(),
+        }],
     });
 }
 
@@ -523,6 +540,7 @@ impl stats::stats_server::Stats for Everything {
     ) -> Result<Response<stats::EdgesResponse>, Status> {
         Ok(Response::new(stats::EdgesResponse {
             edges: vec![edge()],
+            denials: Vec::new(),
         }))
     }
 }
@@ -681,6 +699,7 @@ async fn every_service_answers_over_tonic_on_loopback() {
                 ..Default::default()
             }),
             window: None,
+            from: None,
         })
         .await
         .expect("Summary succeeds")

@@ -1,4 +1,9 @@
-//! The admin server: metrics, liveness, readiness, graceful shutdown and a config dump.
+//! The admin server: metrics, liveness, readiness, graceful shutdown, a config dump, and the
+//! Tap gRPC service.
+//!
+//! HTTP/1 and HTTP/2 share the port. Tap exposes request metadata, so it is served only to
+//! the pod itself (loopback) and, over mesh TLS, to the identity allowed to tap
+//! (`MESH_PROXY_TAP_IDENTITY`, the controller's by default).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -6,14 +11,17 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_proto::tap::tap_server::TapServer;
 use tokio::net::TcpListener;
+use tower::Service;
 use tracing::{debug, info};
 
 use crate::app::Context;
 use crate::discovery::State;
+use crate::tap::TapService;
 
 /// Serves the admin API until the task is aborted.
 pub async fn serve(listener: TcpListener, ctx: Arc<Context>) {
@@ -28,17 +36,63 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>) {
         };
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(handle(&ctx, peer, request)) }
-            });
-            if let Err(error) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(%error, "admin connection failed");
+            let mut first = [0u8; 1];
+            let is_tls = matches!(stream.peek(&mut first).await, Ok(1) if first[0] == 0x16);
+            match (is_tls, &ctx.tls) {
+                (true, Some(tls)) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+                    match acceptor.accept(stream).await {
+                        Ok(stream) => {
+                            let client = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|certs| certs.first())
+                                .and_then(crate::tls::spiffe_id);
+                            serve_connection(stream, ctx, peer, client).await;
+                        }
+                        Err(error) => debug!(%peer, %error, "admin TLS handshake failed"),
+                    }
+                }
+                _ => serve_connection(stream, ctx, peer, None).await,
             }
         });
+    }
+}
+
+async fn serve_connection<I>(io: I, ctx: Arc<Context>, peer: SocketAddr, client: Option<String>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let tap = TapServer::new(TapService::new(ctx.tap.clone()));
+    let may_tap = peer.ip().is_loopback()
+        || client
+            .as_deref()
+            .is_some_and(|id| Some(id) == ctx.config.tap_identity.as_deref());
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let ctx = ctx.clone();
+        let mut tap = tap.clone();
+        async move {
+            if request.uri().path().starts_with("/mesh.tap.v1.Tap/") {
+                if !may_tap {
+                    let denied = text(
+                        StatusCode::FORBIDDEN,
+                        "tap is only for the pod itself and the controller\n",
+                    );
+                    return Ok::<_, Infallible>(denied.map(Either::Left));
+                }
+                let response = match tap.call(request).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                };
+                return Ok(response.map(Either::Right));
+            }
+            Ok(handle(&ctx, peer, request).map(Either::Left))
+        }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(error) = builder.serve_connection(TokioIo::new(io), service).await {
+        debug!(%error, "admin connection failed");
     }
 }
 

@@ -20,6 +20,7 @@ use crate::identity::{self, Identity};
 use crate::metrics::{Label, Metrics};
 use crate::outbound::PlanStore;
 use crate::policy::{InboundPolicy, PolicyStore};
+use crate::tap::TapHub;
 use crate::tls::TlsContext;
 use crate::{admin, inbound, outbound};
 use mesh_proto::identity::identity_client::IdentityClient;
@@ -96,6 +97,8 @@ pub struct Context {
     pub policies: PolicyStore,
     /// Outbound routing plans per target.
     pub plans: PlanStore,
+    /// Live taps in progress.
+    pub tap: Arc<TapHub>,
     /// Fires when the proxy starts draining.
     pub drain: CancellationToken,
     /// Set once the proxy serves traffic.
@@ -234,6 +237,7 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
         tls,
         policies,
         plans,
+        tap: Arc::new(TapHub::default()),
         drain: drain.clone(),
         ready: AtomicBool::new(false),
         local_id,

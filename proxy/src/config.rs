@@ -57,6 +57,8 @@ pub struct Config {
     pub identity: Option<IdentityConfig>,
     /// The inbound policy of ports no Server covers (and while the controller is silent).
     pub default_inbound_policy: DefaultPolicy,
+    /// The identity allowed to tap this proxy over mesh TLS (the controller's).
+    pub tap_identity: Option<String>,
 }
 
 /// How the proxy obtains and checks certificates.
@@ -178,7 +180,16 @@ impl Config {
                 reason,
             })?,
         };
+        let tap_identity = env.get("MESH_PROXY_TAP_IDENTITY").or_else(|| {
+            identity.as_ref().map(|identity| {
+                format!(
+                    "spiffe://{}/ns/mesh-system/sa/mesh-controller",
+                    identity.trust_domain()
+                )
+            })
+        });
         Ok(Self {
+            tap_identity,
             default_inbound_policy,
             identity,
             inbound_listen: env.socket_addr(

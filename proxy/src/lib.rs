@@ -30,6 +30,7 @@ pub mod retry;
 pub mod route;
 pub mod server;
 pub mod stack;
+pub mod tap;
 pub mod tcp;
 pub mod timeout;
 pub mod tls;

@@ -11,18 +11,19 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::detect::Protocol;
-use crate::http_metrics::ObservedBody;
 
 /// Serves `io` until the client closes it, or until `drain` fires: then in-flight requests
 /// finish and the connection closes (HTTP/2 GOAWAY, HTTP/1 `connection: close`).
-pub async fn serve_http<I, S>(io: I, protocol: Protocol, service: S, drain: CancellationToken)
+pub async fn serve_http<I, S, B>(io: I, protocol: Protocol, service: S, drain: CancellationToken)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: tower::Service<Request<Incoming>, Response = Response<ObservedBody>, Error = Infallible>
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let io = TokioIo::new(io);
     let service = TowerToHyperService::new(service);

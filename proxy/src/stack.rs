@@ -14,17 +14,18 @@ use crate::app::Context;
 use crate::authz::{Authz, AuthzLayer, ConnectionClient};
 use crate::http_metrics::{HttpMetrics, HttpMetricsLayer};
 use crate::inbound::InboundHttp;
-use crate::metrics::TargetLabels;
+use crate::metrics::{Direction, TargetLabels};
 use crate::outbound::{OutboundEndpoint, OutboundRouter};
 use crate::policy::PortPolicy;
 use crate::rate_limit::{RateLimit, RateLimitLayer};
 use crate::retry::{Retry, RetryLayer};
+use crate::tap::{Tap, TapLayer};
 use crate::timeout::{RequestTimeout, RequestTimeoutLayer};
 
 /// The outbound HTTP stack.
-pub type OutboundStack = HttpMetrics<OutboundRouter<RequestTimeout<Retry<OutboundEndpoint>>>>;
+pub type OutboundStack = Tap<HttpMetrics<OutboundRouter<RequestTimeout<Retry<OutboundEndpoint>>>>>;
 
-/// Outbound: metrics -> router (target, plan, route, filters, weighted backend) -> the route's
+/// Outbound: tap -> metrics -> router (target, plan, route, filters, weighted backend) -> the route's
 /// request timeout -> retries within the budget -> a balanced endpoint, one attempt.
 pub fn outbound_http(
     ctx: &Arc<Context>,
@@ -36,6 +37,7 @@ pub fn outbound_http(
         .layer(RetryLayer::new(ctx.metrics.clone()))
         .service(OutboundEndpoint::new(ctx.clone()));
     ServiceBuilder::new()
+        .layer(TapLayer::new(ctx.tap.clone(), Direction::Outbound))
         .layer(HttpMetricsLayer::new(ctx.metrics.clone()))
         .service(OutboundRouter::new(
             ctx.clone(),
@@ -46,9 +48,9 @@ pub fn outbound_http(
 }
 
 /// The inbound HTTP stack.
-pub type InboundStack = HttpMetrics<Authz<RateLimit<InboundHttp>>>;
+pub type InboundStack = Tap<HttpMetrics<Authz<RateLimit<InboundHttp>>>>;
 
-/// Inbound: metrics -> authorization policy -> local rate limit -> forward to the application.
+/// Inbound: tap -> metrics -> authorization policy -> local rate limit -> forward to the application.
 pub fn inbound_http(
     ctx: &Arc<Context>,
     forward: InboundHttp,
@@ -57,6 +59,7 @@ pub fn inbound_http(
     labels: TargetLabels,
 ) -> InboundStack {
     ServiceBuilder::new()
+        .layer(TapLayer::new(ctx.tap.clone(), Direction::Inbound))
         .layer(HttpMetricsLayer::new(ctx.metrics.clone()))
         .layer(AuthzLayer::new(
             policy.clone(),

@@ -15,8 +15,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use mesh_controller::{Config, Discovery};
 use mesh_proto::destination::destination_client::DestinationClient;
 use mesh_proto::destination::{Endpoint, GetDestination, Update, get_destination, update};
@@ -100,7 +100,11 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         if let Some(state) = &self.started {
-            let _ = Command::new("bash").arg(script()).arg("stop").arg(state).status();
+            let _ = Command::new("bash")
+                .arg(script())
+                .arg("stop")
+                .arg(state)
+                .status();
             let _ = std::fs::remove_dir_all(state);
         }
     }
@@ -142,7 +146,10 @@ impl Model {
                     let addr = addr_of(ep.addr.as_ref().expect("endpoints have addresses"));
                     // Every pod here runs the proxy: an endpoint without its identity would
                     // make a client connect in plaintext.
-                    assert!(ep.tls_identity.is_some(), "an endpoint without identity: {ep:?}");
+                    assert!(
+                        ep.tls_identity.is_some(),
+                        "an endpoint without identity: {ep:?}"
+                    );
                     shown.push(addr.to_string());
                     self.endpoints.insert(addr, ep.clone());
                 }
@@ -269,8 +276,10 @@ async fn kubernetes_changes_arrive_as_diffs() {
     namespaces
         .create(
             &PostParams::default(),
-            &serde_json::from_value(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
-                .expect("namespace fits the schema"),
+            &serde_json::from_value(
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+            )
+            .expect("namespace fits the schema"),
         )
         .await
         .expect("create the test namespace");
@@ -287,8 +296,10 @@ async fn kubernetes_changes_arrive_as_diffs() {
     accounts
         .create(
             &PostParams::default(),
-            &serde_json::from_value(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "web"}}))
-                .expect("service account fits the schema"),
+            &serde_json::from_value(
+                json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "web"}}),
+            )
+            .expect("service account fits the schema"),
         )
         .await
         .expect("create the service account");
@@ -310,8 +321,12 @@ async fn kubernetes_changes_arrive_as_diffs() {
         .expect("the API server assigns a cluster IP");
 
     // The controller, in-process, on loopback ports.
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind gRPC");
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind admin");
     let grpc_addr = grpc.local_addr().expect("gRPC address");
     let config = Config::new(Discovery::Kubernetes {
         kubeconfig: Some(cluster.kubeconfig.clone()),
@@ -330,7 +345,13 @@ async fn kubernetes_changes_arrive_as_diffs() {
         .expect("the service resolves")
         .into_inner();
     let mut model = Model::default();
-    settle(&mut web, &mut model, &["10.244.0.11:8080", "10.244.0.12:8080"], true).await;
+    settle(
+        &mut web,
+        &mut model,
+        &["10.244.0.11:8080", "10.244.0.12:8080"],
+        true,
+    )
+    .await;
     let ep = &model.endpoints[&"10.244.0.11:8080".parse::<SocketAddr>().expect("address")];
     assert_eq!(
         ep.tls_identity.as_ref().map(|t| t.spiffe_id.clone()),
@@ -338,8 +359,14 @@ async fn kubernetes_changes_arrive_as_diffs() {
         "the meshed pod's identity: {ep:?}"
     );
     assert_eq!(ep.inbound_proxy_port, 4143);
-    assert_eq!(ep.metric_labels.get("pod").map(String::as_str), Some("web-1"));
-    assert_eq!(ep.metric_labels.get("serviceaccount").map(String::as_str), Some("web"));
+    assert_eq!(
+        ep.metric_labels.get("pod").map(String::as_str),
+        Some("web-1")
+    );
+    assert_eq!(
+        ep.metric_labels.get("serviceaccount").map(String::as_str),
+        Some("web")
+    );
 
     // The same service by cluster IP.
     let by_ip: SocketAddr = format!("{cluster_ip}:80").parse().expect("cluster IP");
@@ -374,7 +401,13 @@ async fn kubernetes_changes_arrive_as_diffs() {
 
     // One is no longer ready.
     set_pod_status(&pods, "web-1", "10.244.0.11", false).await;
-    let seen = settle(&mut web, &mut model, &["10.244.0.12:8080", "10.244.0.13:8080"], true).await;
+    let seen = settle(
+        &mut web,
+        &mut model,
+        &["10.244.0.12:8080", "10.244.0.13:8080"],
+        true,
+    )
+    .await;
     assert_eq!(seen, ["-10.244.0.11:8080"]);
 
     // One is deleted.
@@ -385,7 +418,8 @@ async fn kubernetes_changes_arrive_as_diffs() {
     assert_eq!(seen, ["-10.244.0.12:8080"]);
 
     // The port changes: the new address comes before the old one goes.
-    let port_patch = json!({"spec": {"ports": [{"name": "http", "port": 80, "targetPort": "alt"}]}});
+    let port_patch =
+        json!({"spec": {"ports": [{"name": "http", "port": 80, "targetPort": "alt"}]}});
     services
         .patch("web", &PatchParams::default(), &Patch::Merge(&port_patch))
         .await
@@ -396,13 +430,24 @@ async fn kubernetes_changes_arrive_as_diffs() {
     // The API server restarts mid-watch: the watches recover and the stream stays right.
     if cluster.restart_apiserver() {
         create_pod(&pods, "web-4", "10.244.0.14").await;
-        let seen =
-            settle(&mut web, &mut model, &["10.244.0.13:9090", "10.244.0.14:9090"], true).await;
+        let seen = settle(
+            &mut web,
+            &mut model,
+            &["10.244.0.13:9090", "10.244.0.14:9090"],
+            true,
+        )
+        .await;
         assert_eq!(seen, ["+10.244.0.14:9090"]);
     } else {
         eprintln!("controller_kubernetes: not restarting an API server this test did not start");
         create_pod(&pods, "web-4", "10.244.0.14").await;
-        settle(&mut web, &mut model, &["10.244.0.13:9090", "10.244.0.14:9090"], true).await;
+        settle(
+            &mut web,
+            &mut model,
+            &["10.244.0.13:9090", "10.244.0.14:9090"],
+            true,
+        )
+        .await;
     }
 
     // The service is deleted: the stream says so and stays open.

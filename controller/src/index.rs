@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::endpoints::{EndpointInfo, EndpointSet, PodMeta, TargetState};
 use crate::meta::{self, MeshedPod, MeshedRule, PortSet};
 use crate::objects::{Kind, Object, ObjectKey};
+use crate::policy::{PolicyInputs, PolicyStore};
 use crate::target::Target;
 
 /// How the index derives endpoints; differs between backends.
@@ -140,6 +141,12 @@ impl Resolution {
 }
 
 impl Snapshot {
+    /// Every pod with an IP of its own, in no particular order: the pods the stats scraper
+    /// visits (`crate::stats`).
+    pub fn pods(&self) -> impl Iterator<Item = &Arc<PodView>> {
+        self.pods.values()
+    }
+
     /// The service view by key.
     pub fn service(&self, key: &ObjectKey) -> Option<&Arc<ServiceView>> {
         self.services.get(key)
@@ -223,6 +230,8 @@ pub struct Index {
     /// Where each pod's view sits in the snapshot's pod-IP map.
     pod_ips: HashMap<ObjectKey, IpAddr>,
     tx: watch::Sender<Arc<Snapshot>>,
+    /// The raw objects policy reads, published with each snapshot (see `policy::store`).
+    policy: PolicyStore,
 }
 
 /// The labels a Service selector is matched against, or `None` for an object without any.
@@ -244,6 +253,7 @@ impl Index {
             dirty_since: None,
             pod_ips: HashMap::new(),
             tx,
+            policy: PolicyStore::new(),
         };
         (index, rx)
     }
@@ -251,6 +261,11 @@ impl Index {
     /// Another receiver of the snapshots.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.tx.subscribe()
+    }
+
+    /// A receiver of the policy inputs, published with the snapshots.
+    pub fn subscribe_policy(&self) -> watch::Receiver<Arc<PolicyInputs>> {
+        self.policy.subscribe()
     }
 
     /// The number of objects of each kind now held (published or not).
@@ -343,6 +358,7 @@ impl Index {
     /// Adds or replaces an object; returns whether anything changed.
     pub fn apply(&mut self, object: Object) -> bool {
         let object = object.with_default_namespace();
+        self.policy.apply(&object);
         let kind = object.kind();
         let key = object.key();
         let old = self.map(kind).insert(key.clone(), object.clone());
@@ -355,6 +371,7 @@ impl Index {
 
     /// Removes an object; returns whether it was there.
     pub fn delete(&mut self, kind: Kind, key: &ObjectKey) -> bool {
+        self.policy.delete(kind, key);
         let Some(old) = self.map(kind).remove(key) else {
             return false;
         };
@@ -371,6 +388,7 @@ impl Index {
                 next.insert(object.key(), object);
             }
         }
+        self.policy.replace_kind(kind, next.values());
         let prev = std::mem::replace(self.map(kind), next);
         let mut changes = Vec::new();
         for (key, old) in &prev {
@@ -408,6 +426,7 @@ impl Index {
     /// Folds the changes since the last call into a new snapshot and sends it, unless no
     /// view changed. Returns the snapshot sent, if any.
     pub fn publish(&mut self) -> Option<Arc<Snapshot>> {
+        self.policy.publish();
         if self.dirty.is_empty() {
             return None;
         }

@@ -23,6 +23,7 @@ pub mod kubernetes;
 pub mod meta;
 pub mod metrics;
 pub mod objects;
+pub mod policy;
 pub mod target;
 
 use std::future::Future;
@@ -69,6 +70,31 @@ pub struct Config {
     pub cluster_domain: String,
     /// How long a `Destination.Get` waits for discovery's first sync before UNAVAILABLE.
     pub sync_wait: Duration,
+    /// The identity CA; without it the Identity service is not served (no mTLS).
+    pub identity: Option<IdentityOptions>,
+}
+
+/// Where the identity CA's issuer comes from and how it signs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityOptions {
+    /// A folder in cert-manager's layout: `tls.crt`, `tls.key` (the issuer), `ca.crt` (the
+    /// trust anchors). Reread when its files change, so an issuer rotates without a restart.
+    pub dir: PathBuf,
+    /// How long issued leaf certificates are valid.
+    pub leaf_lifetime: Duration,
+    /// How often the folder is checked for a new issuer.
+    pub reload_interval: Duration,
+}
+
+impl IdentityOptions {
+    /// The issuer in `dir`, 24 h leaves, checked every 10 s.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            leaf_lifetime: identity::DEFAULT_LEAF_LIFETIME,
+            reload_interval: Duration::from_secs(10),
+        }
+    }
 }
 
 impl Config {
@@ -79,6 +105,7 @@ impl Config {
             trust_domain: "cluster.local".to_owned(),
             cluster_domain: "cluster.local".to_owned(),
             sync_wait: Duration::from_secs(10),
+            identity: None,
         }
     }
 }
@@ -103,6 +130,15 @@ pub enum Error {
     /// The admin server failed.
     #[error("admin server: {0}")]
     Admin(#[source] std::io::Error),
+    /// The identity issuer could not be loaded.
+    #[error("identity issuer in {path}: {source}")]
+    Identity {
+        /// The identity folder.
+        path: PathBuf,
+        /// Why it does not load.
+        #[source]
+        source: identity::LoadError,
+    },
 }
 
 /// Runs the controller: discovery, the gRPC server on `grpc`, the admin server on `admin`,
@@ -113,7 +149,32 @@ pub async fn run(
     admin: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let metrics = Metrics::new();
+    let identity_metrics = identity::IdentityMetrics::new();
+    let metrics = Metrics::with_registrations(|registry| identity_metrics.register(registry));
+    // Loaded before anything starts, so a bad identity folder fails the start, not a proxy.
+    let issuer = match &config.identity {
+        Some(options) => {
+            let loaded =
+                identity::Issuer::from_dir(&options.dir).map_err(|source| Error::Identity {
+                    path: options.dir.clone(),
+                    source,
+                })?;
+            tracing::info!(
+                dir = %options.dir.display(),
+                subject = loaded.subject(),
+                leaf_lifetime = ?options.leaf_lifetime,
+                "identity CA loaded"
+            );
+            Some(identity::SharedIssuer::new(loaded, &identity_metrics))
+        }
+        None => {
+            tracing::warn!(
+                "no identity folder (--identity-dir): the Identity service is NOT served, so \
+                 proxies get no certificates and run without mTLS"
+            );
+            None
+        }
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_tx = std::sync::Arc::new(stop_tx);
     let signal = stop_tx.clone();
@@ -125,7 +186,7 @@ pub async fn run(
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
-    let (health, snapshots, backend) = match &config.discovery {
+    let (health, snapshots, backend, authenticator) = match &config.discovery {
         Discovery::File { dir, poll_interval } => {
             let meta = std::fs::metadata(dir).map_err(|e| Error::ConfigDir {
                 path: dir.clone(),
@@ -145,6 +206,14 @@ pub async fn run(
                 wait_for_pods: false,
             });
             let health = Health::new(format!("the first scan of {}", dir.display()));
+            // The file backend's ServiceAccounts declare the tokens; refreshed on every change.
+            let tokens = std::sync::Arc::new(identity::StaticTokens::default());
+            tokio::spawn(refresh_static_tokens(
+                index.subscribe_policy(),
+                tokens.clone(),
+                stop_rx.clone(),
+            ));
+            let authenticator: std::sync::Arc<dyn identity::TokenAuthenticator> = tokens;
             let backend = tokio::spawn(file::run(
                 dir.clone(),
                 *poll_interval,
@@ -153,7 +222,7 @@ pub async fn run(
                 metrics.clone(),
                 stop_rx.clone(),
             ));
-            (health, snapshots, backend)
+            (health, snapshots, backend, authenticator)
         }
         Discovery::Kubernetes { kubeconfig } => {
             let client = kubernetes::client(kubeconfig.as_deref()).await?;
@@ -165,6 +234,8 @@ pub async fn run(
             });
             let health =
                 Health::new("the first list of Namespaces, Services, EndpointSlices and Pods");
+            let authenticator: std::sync::Arc<dyn identity::TokenAuthenticator> =
+                std::sync::Arc::new(identity::TokenReviewAuthenticator::new(client.clone()));
             let backend = tokio::spawn(kubernetes::run(
                 client,
                 index,
@@ -172,9 +243,32 @@ pub async fn run(
                 metrics.clone(),
                 stop_rx.clone(),
             ));
-            (health, snapshots, backend)
+            (health, snapshots, backend, authenticator)
         }
     };
+    let identity_service = issuer.map(|issuer| {
+        if let Some(options) = &config.identity {
+            tokio::spawn(identity::watch_issuer_dir(
+                options.dir.clone(),
+                options.reload_interval,
+                issuer.clone(),
+                stopped(stop_rx.clone()),
+            ));
+        }
+        identity::IdentityService::new(
+            identity::IdentityConfig {
+                leaf_lifetime: config
+                    .identity
+                    .as_ref()
+                    .map_or(identity::DEFAULT_LEAF_LIFETIME, |o| o.leaf_lifetime),
+                ..identity::IdentityConfig::new(config.trust_domain.clone())
+            },
+            issuer,
+            authenticator,
+            identity_metrics,
+        )
+        .into_server()
+    });
 
     let admin_server = tokio::spawn(admin::serve(
         admin,
@@ -183,6 +277,7 @@ pub async fn run(
         stopped(stop_rx.clone()),
     ));
 
+    // Scrapes the proxies the index knows; serves Stats.Summary/Edges (meshctl stat, dashboard).
     let destination = DestinationService::new(
         snapshots,
         health,
@@ -210,6 +305,7 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(destination.into_server())
+        .add_optional_service(identity_service)
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()))
         .await;
     // Whatever ended the gRPC server ends the rest too.
@@ -220,5 +316,24 @@ pub async fn run(
     match admin_result {
         Ok(result) => result.map_err(Error::Admin),
         Err(join) => Err(Error::Admin(std::io::Error::other(join))),
+    }
+}
+
+/// Keeps the file backend's identity tokens equal to what its ServiceAccounts declare, until
+/// `shutdown` turns true.
+async fn refresh_static_tokens(
+    mut inputs: watch::Receiver<std::sync::Arc<policy::PolicyInputs>>,
+    tokens: std::sync::Arc<identity::StaticTokens>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let current = inputs.borrow_and_update().clone();
+        let service_accounts: Vec<_> = current.service_accounts().cloned().collect();
+        tokens.set_service_accounts(&service_accounts);
+        tracing::debug!(tokens = tokens.len(), "identity tokens refreshed");
+        tokio::select! {
+            changed = inputs.changed() => if changed.is_err() { return },
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
     }
 }

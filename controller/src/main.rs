@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use mesh_controller::{Config, Discovery};
+use mesh_controller::{Config, Discovery, IdentityOptions};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -70,6 +70,26 @@ struct Args {
         default_value = "cluster.local"
     )]
     cluster_domain: String,
+    /// The identity CA's folder in cert-manager's layout (`tls.crt`, `tls.key`, `ca.crt`).
+    /// Without it the Identity service is not served and proxies run without mTLS.
+    #[arg(long, env = "MESH_CONTROLLER_IDENTITY_DIR")]
+    identity_dir: Option<PathBuf>,
+    /// How long issued leaf certificates are valid (`24h`, `90m`).
+    #[arg(
+        long,
+        env = "MESH_CONTROLLER_IDENTITY_LEAF_LIFETIME",
+        default_value = "24h",
+        value_parser = parse_duration
+    )]
+    identity_leaf_lifetime: Duration,
+    /// How often the identity folder is checked for a rotated issuer (`10s`).
+    #[arg(
+        long,
+        env = "MESH_CONTROLLER_IDENTITY_RELOAD_INTERVAL",
+        default_value = "10s",
+        value_parser = parse_duration
+    )]
+    identity_reload_interval: Duration,
     /// Log filter: a level (`info`, `debug`) or tracing directives (`mesh_controller=debug`).
     #[arg(long, env = "MESH_CONTROLLER_LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -96,6 +116,11 @@ fn main() -> anyhow::Result<()> {
     let config = Config {
         trust_domain: args.trust_domain.clone(),
         cluster_domain: args.cluster_domain.clone(),
+        identity: args.identity_dir.clone().map(|dir| IdentityOptions {
+            leaf_lifetime: args.identity_leaf_lifetime,
+            reload_interval: args.identity_reload_interval,
+            ..IdentityOptions::new(dir)
+        }),
         ..Config::new(discovery)
     };
 
@@ -114,6 +139,10 @@ fn main() -> anyhow::Result<()> {
             .await
             .context("controller failed")
     })
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    mesh_controller::policy::duration::parse(text).map_err(|e| e.to_string())
 }
 
 /// Resolves on SIGTERM or ctrl-c.

@@ -79,7 +79,14 @@ impl Default for Metrics {
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
+        Self::with_registrations(|_| {})
+    }
+
+    /// Creates and registers every metric, plus those `register` adds (the identity CA's, the
+    /// policy servers'): they share the `mesh_controller_` prefix and the one `/metrics`.
+    pub fn with_registrations(register: impl FnOnce(&mut Registry)) -> Self {
         let mut registry = Registry::with_prefix("mesh_controller");
+        register(&mut registry);
         let m = Self {
             registry: Arc::new(Registry::default()),
             discovery_events: Family::default(),

@@ -573,8 +573,8 @@ fn services(
                     PlanError::Addresses("more Services than 10.78.0.0/16 holds".to_owned())
                 })?;
                 next += 1;
-                if !taken.contains_key(&ip) {
-                    taken.insert(ip, String::new());
+                if let std::collections::btree_map::Entry::Vacant(entry) = taken.entry(ip) {
+                    entry.insert(String::new());
                     break Some(ip);
                 }
             },

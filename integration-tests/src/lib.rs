@@ -1,3 +1,8 @@
 //! End-to-end tests of the mesh: real processes on loopback, network-namespace "pods" with
 //! real iptables capture, and a real Kubernetes API server. Helpers live here; the tests live
 //! in `tests/`. Nothing in the product depends on this crate.
+
+mod binaries;
+pub mod netns;
+
+pub use binaries::bin_path;

@@ -31,6 +31,8 @@ fmt-check:
 demo *ARGS: setup
     cargo run --quiet --bin meshctl -- demo {{ARGS}}
 
-# Benchmarks (the benchmark issue): not yet.
-bench *ARGS:
-    @echo "just bench: not yet (benchmark issue)"; exit 1
+# Benchmarks: the mesh beside a direct path and HAProxy; writes BENCHMARKS.md and
+# bench-results.json. `just bench` takes under 10 minutes, `just bench quick` under 2.
+bench *ARGS: setup
+    scripts/bench-setup
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true; cargo run --release -p mesh-bench -- {{ARGS}}

@@ -1,0 +1,281 @@
+//! `mesh-bench`: runs the benchmark scenarios with real processes on loopback and writes
+//! BENCHMARKS.md and bench-results.json at the repository root. `just bench` runs it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use mesh_bench::child::{Service, free_addr};
+use mesh_bench::machine::Machine;
+use mesh_bench::measure::{self, Generator};
+use mesh_bench::pki::TestCa;
+use mesh_bench::plan::{Plan, ScalePlan};
+use mesh_bench::report::Report;
+use mesh_bench::topology::{self, Backend, Binaries, Running};
+use mesh_bench::{backend, procfs, scale};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Every scenario at 1,000 and 5,000 rps; under 10 minutes.
+    Full,
+    /// Shorter runs at 1,000 rps only, a smaller controller scenario; under 2 minutes.
+    Quick,
+}
+
+/// Benchmarks the mesh against a direct path and HAProxy, with real processes on loopback.
+#[derive(Debug, Parser)]
+#[command(name = "mesh-bench", version, about)]
+struct Args {
+    /// How much to measure.
+    #[arg(value_enum, default_value = "full")]
+    mode: Mode,
+    /// Where to write BENCHMARKS.md and bench-results.json (default: the repository root).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Use the release binaries as they are instead of running `cargo build --release`.
+    #[arg(long)]
+    no_build: bool,
+    /// Take mesh-proxy and mesh-controller from this folder (implies --no-build), e.g. a
+    /// release build of another checkout.
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Skip scenario 5 (controller scale).
+    #[arg(long)]
+    skip_scale: bool,
+    /// A note for the report (repeatable), e.g. where the binaries came from.
+    #[arg(long = "note")]
+    notes: Vec<String>,
+}
+
+/// The whole run must stay under this; scenario 5 is skipped if the rest ran long.
+const BUDGET: Duration = Duration::from_secs(9 * 60);
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn say(message: &str) {
+    eprintln!("mesh-bench: {message}");
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(args))
+}
+
+fn release_dir(repo: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo.join("target"))
+        .join("release")
+}
+
+fn cargo_build(repo: &Path) -> Result<()> {
+    say("building mesh-proxy and mesh-controller (release)");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .current_dir(repo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "mesh-proxy",
+            "-p",
+            "mesh-controller",
+            "--bins",
+        ])
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build --release -p mesh-proxy -p mesh-controller failed");
+    }
+    Ok(())
+}
+
+async fn run(args: Args) -> Result<()> {
+    let started = Instant::now();
+    let repo = repo_root();
+    let mut plan = match args.mode {
+        Mode::Full => Plan::full(),
+        Mode::Quick => Plan::quick(),
+    };
+    if args.skip_scale {
+        plan.scale = None;
+    }
+    if !args.no_build && args.bin_dir.is_none() {
+        cargo_build(&repo)?;
+    }
+    let bin_dir = args.bin_dir.clone().unwrap_or_else(|| release_dir(&repo));
+    let binaries = Binaries {
+        proxy: bin_dir.join("mesh-proxy"),
+        controller: bin_dir.join("mesh-controller"),
+    };
+    for binary in [&binaries.proxy, &binaries.controller] {
+        if !binary.is_file() {
+            bail!(
+                "{} is missing: run `cargo build --release -p mesh-proxy -p mesh-controller`",
+                binary.display()
+            );
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("mesh-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    say(&format!(
+        "working in {} (logs of every process)",
+        dir.display()
+    ));
+
+    let proxy = binaries.proxy.display().to_string();
+    let machine = Machine::detect(
+        &repo,
+        &[
+            ("mesh-proxy", proxy.as_str(), &["--version"]),
+            ("oha", "oha", &["--version"]),
+            ("h2load", "h2load", &["--version"]),
+            ("nginx", "nginx", &["-v"]),
+            ("haproxy", "haproxy", &["-v"]),
+        ],
+    );
+    let mut notes = args.notes.clone();
+    if let Some(dir) = &args.bin_dir {
+        notes.push(format!(
+            "mesh-proxy and mesh-controller from {} (not built from this checkout).",
+            dir.display()
+        ));
+    }
+    let result = measure_topologies(&plan, &binaries, &dir, &mut notes).await;
+    let topologies = match result {
+        Ok(t) => t,
+        Err(error) => {
+            say(&format!("failed; the logs are in {}", dir.display()));
+            return Err(error);
+        }
+    };
+
+    let scale = match &plan.scale {
+        None => None,
+        Some(_) if started.elapsed() > BUDGET - Duration::from_secs(90) => {
+            notes.push("Scenario 5 skipped: the other scenarios used the time budget.".into());
+            None
+        }
+        Some(scale_plan) => match controller_scale(scale_plan, &binaries, &dir).await {
+            Ok(result) => Some(result),
+            Err(error) => {
+                say(&format!("scenario 5 failed: {error:#}"));
+                notes.push(format!("Scenario 5 failed: {error:#}"));
+                None
+            }
+        },
+    };
+
+    let report = Report {
+        machine,
+        plan,
+        topologies,
+        scale,
+        notes,
+        elapsed_s: started.elapsed().as_secs_f64(),
+    };
+    let out_dir = args.out_dir.unwrap_or(repo);
+    let json = out_dir.join("bench-results.json");
+    let md = out_dir.join("BENCHMARKS.md");
+    std::fs::write(&json, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", json.display()))?;
+    std::fs::write(&md, report.markdown()).with_context(|| format!("writing {}", md.display()))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    say(&format!(
+        "wrote {} and {} in {:.0} s",
+        md.display(),
+        json.display(),
+        report.elapsed_s
+    ));
+    Ok(())
+}
+
+/// Scenarios 1 to 4: start everything, measure, stop everything.
+async fn measure_topologies(
+    plan: &Plan,
+    binaries: &Binaries,
+    dir: &Path,
+    notes: &mut Vec<String>,
+) -> Result<Vec<measure::TopologyResult>> {
+    let localhost = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    let backend_addrs = Backend {
+        http1: free_addr(localhost)?,
+        http2: free_addr(localhost)?,
+    };
+    let mut running = Running::default();
+    let nginx = backend::start_nginx(dir, backend_addrs.http1, backend_addrs.http2).await?;
+    let nginx_pid = running.keep(nginx)?;
+    let mut topologies = vec![topology::direct(backend_addrs, nginx_pid)];
+    let ca = Arc::new(TestCa::new()?);
+    say("starting the controller and two pairs of mesh proxies");
+    topologies
+        .extend(topology::start_meshes(binaries, backend_addrs, &ca, dir, &mut running).await?);
+    let limit = procfs::open_files_limit().unwrap_or(1024);
+    let maxconn = (limit.saturating_sub(200) / 2).max(plan.idle_connections as u64 + 100);
+    say("starting two HAProxy processes");
+    match topology::start_haproxy(backend_addrs, &ca, dir, &mut running, maxconn).await {
+        Ok(haproxy) => topologies.push(haproxy),
+        Err(error) => {
+            say(&format!("HAProxy did not start: {error:#}"));
+            notes.push(format!("HAProxy (scenario 4) did not start: {error:#}"));
+        }
+    }
+    let ctx = measure::Bench {
+        ticks: procfs::ticks_per_second(),
+        our_pids: running.pids(),
+        generator: Generator::External,
+        dir: dir.to_path_buf(),
+    };
+    let result = measure::measure_all(&ctx, plan, &topologies, &|line| say(line)).await;
+    if let Err(error) = running.check_alive() {
+        say(&format!("{error:#}"));
+    }
+    running.stop().await;
+    result
+}
+
+/// Scenario 5 with the real controller binary.
+async fn controller_scale(
+    plan: &ScalePlan,
+    binaries: &Binaries,
+    dir: &Path,
+) -> Result<scale::ScaleResult> {
+    say(&format!(
+        "scenario 5: {} services x {} pods, {} streams",
+        plan.services, plan.endpoints, plan.streams
+    ));
+    let config = dir.join("scale-config");
+    scale::write_files(plan, &config)?;
+    let started = Instant::now();
+    let (controller, url, _admin): (Service, String, _) = topology::start_controller(
+        &binaries.controller,
+        &config,
+        dir,
+        "scale-controller",
+        plan.poll_interval,
+    )
+    .await?;
+    let ready_s = started.elapsed().as_secs_f64();
+    let result = scale::measure(plan, &config, &url, controller.pid()?, ready_s).await;
+    controller.stop().await;
+    let result = result?;
+    say(&format!(
+        "    propagation p50 {:.1} ms, p99 {:.1} ms; RSS {:.1} MiB with {} streams",
+        result.propagation_p50_ms,
+        result.propagation_p99_ms,
+        result.rss_streams_kib as f64 / 1024.0,
+        result.streams_open
+    ));
+    Ok(result)
+}

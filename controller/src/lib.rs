@@ -24,6 +24,7 @@ pub mod meta;
 pub mod metrics;
 pub mod objects;
 pub mod policy;
+pub mod stats;
 pub mod target;
 
 use std::future::Future;
@@ -278,6 +279,12 @@ pub async fn run(
     ));
 
     // Scrapes the proxies the index knows; serves Stats.Summary/Edges (meshctl stat, dashboard).
+    // Scrapes the proxies the index knows; serves Stats.Summary/Edges (meshctl stat, dashboard).
+    let stats = stats::spawn(
+        snapshots.clone(),
+        stats::StatsConfig::default(),
+        stop_rx.clone(),
+    );
     let destination = DestinationService::new(
         snapshots,
         health,
@@ -305,6 +312,7 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(destination.into_server())
+        .add_service(stats.into_server())
         .add_optional_service(identity_service)
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()))
         .await;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use mesh_controller::{Config, Discovery, IdentityOptions};
 use tracing_subscriber::EnvFilter;
 
@@ -21,6 +21,9 @@ enum Backend {
 #[derive(Debug, Parser)]
 #[command(name = "mesh-controller", version, about)]
 struct Args {
+    /// Something else than running the controller.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Where discovery reads the cluster from.
     #[arg(
         long,
@@ -95,8 +98,22 @@ struct Args {
     log_level: String,
 }
 
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the CRDs the controller reads (policy.mesh.dev and the Gateway API routes) as
+    /// one YAML stream, for `kubectl apply -f -`.
+    Crds,
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Command::Crds) = args.command {
+        print!(
+            "{}",
+            mesh_controller::policy::crds::crd_stream().context("generating the CRDs")?
+        );
+        return Ok(());
+    }
     let filter = EnvFilter::try_new(&args.log_level)
         .with_context(|| format!("invalid --log-level {:?}", args.log_level))?;
     tracing_subscriber::fmt().with_env_filter(filter).init();

@@ -374,7 +374,16 @@ fn root_mode_client_reaches_server_by_name_through_both_proxies_and_down_removes
         Duration::from_secs(10),
         || {
             let metrics = http_get(&admin, "/metrics").ok()?;
-            let total = counter(&metrics, "request_total", &["direction=\"inbound\""]);
+            // Over mutual TLS, with the client's SPIFFE identity.
+            let total = counter(
+                &metrics,
+                "request_total",
+                &[
+                    "direction=\"inbound\"",
+                    "tls=\"true\"",
+                    "client_id=\"spiffe://cluster.local/ns/demo/sa/default\"",
+                ],
+            );
             (total > 0.0).then_some(total)
         },
         || http_get(&admin, "/metrics").unwrap_or_else(|e| e.to_string()),

@@ -149,6 +149,9 @@ pub struct UpArgs {
     /// When `up` fails, leave what started running for inspection instead of removing it.
     #[arg(long)]
     keep_on_failure: bool,
+    /// Run without identity: no CA, no certificates, plaintext between the proxies.
+    #[arg(long)]
+    no_identity: bool,
 }
 
 /// Parses `500ms`, `90s`, `2m`.

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::bail;
 
-use super::plan::{Mode, Role};
+use super::plan::Role;
 use super::state::{self, ContainerStatus, PodState, State};
 
 pub fn status(state_dir: &Path, json: bool) -> anyhow::Result<()> {
@@ -27,11 +27,7 @@ pub fn status(state_dir: &Path, json: bool) -> anyhow::Result<()> {
 
 /// The mode, the controller's addresses and the pods' table.
 pub fn print_summary(state: &State) {
-    let mode = match state.mode {
-        Mode::Root => "root",
-        Mode::Loopback => "loopback",
-    };
-    println!("mode: {} ({})", mode, state.mode.describe());
+    println!("mode: {} ({})", state.mode.name(), state.mode.describe());
     let from_host = |endpoint: &state::Endpoint| {
         endpoint
             .from_host
@@ -53,10 +49,7 @@ pub fn print_summary(state: &State) {
 
 /// The table of pods: namespace, name, IP, ready containers, status, restarts, mode.
 pub fn pods_table(state: &State) -> String {
-    let mode = match state.mode {
-        Mode::Root => "root",
-        Mode::Loopback => "loopback",
-    };
+    let mode = state.mode.name();
     let mut rows = vec![[
         "NAMESPACE".to_owned(),
         "NAME".to_owned(),

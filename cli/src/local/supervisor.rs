@@ -256,6 +256,11 @@ impl Supervisor {
         for pod in &plan.pods {
             std::fs::create_dir_all(&pod.log_dir)
                 .with_context(|| format!("creating {}", pod.log_dir.display()))?;
+            for file in &pod.files {
+                write_private(&file.path, &file.contents, file.owner).with_context(|| {
+                    format!("writing {} for pod {}", file.path.display(), pod.key())
+                })?;
+            }
         }
         if let (Some(router), Some(bridge)) = (&plan.network.router_netns, &plan.network.bridge) {
             netns::create_router(
@@ -852,6 +857,28 @@ fn spawn(
         Some(netns) => netns::in_netns(netns, move || command.spawn()),
         None => command.spawn(),
     }
+}
+
+/// Writes a secret file readable by its owner only (the uid given, or us).
+fn write_private(path: &Path, contents: &str, owner: Option<u32>) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+        // The folder must let the owner through to the file.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let mut file = File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents.as_bytes())?;
+    if let Some(uid) = owner {
+        std::os::unix::fs::chown(path, Some(uid), Some(uid))?;
+    }
+    Ok(())
 }
 
 /// Appends one line of ours to a log file, marked as the runtime's.

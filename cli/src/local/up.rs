@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 
 use super::manifest::Manifests;
-use super::plan::{self, Mode, Plan, PlanOptions};
+use mesh_controller::identity::GeneratedCa;
+
+use super::plan::{self, IdentityInput, Mode, Plan, PlanOptions};
 use super::process::{self, INSTANCE_ENV};
 use super::state::{self, ContainerStatus, PodPhase, State};
 use super::{ModeArg, UpArgs, down, status};
@@ -20,7 +22,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let state_dir = args.state_dir.resolve();
     check_instance_name(&args.instance)?;
     let mode = choose_mode(args.mode)?;
-    eprintln!("meshctl local: {}", mode.describe());
+    eprintln!("meshctl local: {} mode: {}", mode.name(), mode.describe());
 
     refuse_or_clean_previous(&state_dir)?;
     let manifests = Manifests::read(&args.files)?;
@@ -36,6 +38,19 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         controller_port: args.controller_port,
         controller_admin_port: args.controller_admin_port,
         inject_all: args.inject_all,
+        identity: None,
+    };
+    let (options, ca) = if args.no_identity {
+        (options, None)
+    } else {
+        let (identity, ca) = new_identity(&state_dir)?;
+        (
+            PlanOptions {
+                identity: Some(identity),
+                ..options
+            },
+            Some(ca),
+        )
     };
     let plan = plan::plan(&manifests, &options)?;
     if plan.pods.is_empty() {
@@ -54,6 +69,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
 
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating the state folder {}", state_dir.display()))?;
+    if let (Some(ca), Some(identity)) = (&ca, &options.identity) {
+        ca.write_dir(&identity.dir)
+            .with_context(|| format!("writing the identity CA into {}", identity.dir.display()))?;
+    }
     state::write_json(&state::plan_file(&state_dir), &plan)
         .with_context(|| format!("writing the plan into {}", state_dir.display()))?;
     let mut supervisor = start_supervisor(&state_dir)?;
@@ -76,6 +95,26 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             Err(anyhow::anyhow!(failure.summary))
         }
     }
+}
+
+/// A fresh CA for this local mesh (the controller's own generator) and the secret the
+/// ServiceAccount tokens are derived from.
+fn new_identity(state_dir: &Path) -> anyhow::Result<(IdentityInput, GeneratedCa)> {
+    use rand::Rng as _;
+    let ca = GeneratedCa::generate(
+        "cluster.local",
+        Duration::from_secs(365 * 24 * 3600),
+        Duration::from_secs(30 * 24 * 3600),
+    )
+    .context("generating the local mesh's identity CA")?;
+    let mut token_secret = [0u8; 32];
+    rand::rng().fill(&mut token_secret);
+    let identity = IdentityInput {
+        dir: state_dir.join("identity"),
+        trust_anchors_pem: ca.trust_anchor.cert_pem.clone(),
+        token_secret,
+    };
+    Ok((identity, ca))
 }
 
 /// Instance names become namespace and file names: keep them to DNS labels.

@@ -70,6 +70,7 @@ fn options(mode: Mode) -> PlanOptions {
         controller_port: 8086,
         controller_admin_port: 9990,
         inject_all: false,
+        identity: None,
     }
 }
 
@@ -339,4 +340,60 @@ fn expansion_follows_kubernetes() {
     for (text, want) in cases {
         assert_eq!(expand(text, &vars), want, "{text:?}");
     }
+}
+
+#[test]
+fn identity_gives_each_proxy_its_service_account_token_and_the_anchors() {
+    let options = PlanOptions {
+        identity: Some(IdentityInput {
+            dir: PathBuf::from("/run/mesh-local/identity"),
+            trust_anchors_pem: "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n".into(),
+            token_secret: [7; 32],
+        }),
+        ..options(Mode::Root)
+    };
+    let plan = plan(&manifests(APP), &options).expect("plans");
+    assert!(
+        plan.controller
+            .argv
+            .contains(&"--identity-dir=/run/mesh-local/identity".to_owned())
+    );
+    let web = &plan.pods[0];
+    let proxy = &web.init_containers[1];
+    assert_eq!(
+        env(proxy, "MESH_PROXY_IDENTITY"),
+        Some("spiffe://cluster.local/ns/shop/sa/default")
+    );
+    let token_file = env(proxy, "MESH_PROXY_IDENTITY_TOKEN_FILE").expect("a token file");
+    assert!(
+        token_file.starts_with(&format!("/run/mesh-local/volumes/shop/{}/", web.name)),
+        "{token_file}"
+    );
+    let file = web
+        .files
+        .iter()
+        .find(|f| f.path == Path::new(token_file))
+        .expect("the token file is written");
+    assert_eq!(file.owner, Some(2102));
+    // The controller's ServiceAccount carries the same token.
+    let account = plan
+        .objects
+        .iter()
+        .find(|o| o.file == "serviceaccount.shop.default.yaml")
+        .expect("shop's default ServiceAccount");
+    assert_eq!(
+        account.object["metadata"]["annotations"]["mesh.dev/identity-token"],
+        file.contents.as_str()
+    );
+    assert_eq!(file.contents.len(), 64);
+    // Another account, another token.
+    let other = plan
+        .objects
+        .iter()
+        .find(|o| o.file == "serviceaccount.other.default.yaml")
+        .expect("other's default ServiceAccount");
+    assert_ne!(
+        other.object["metadata"]["annotations"]["mesh.dev/identity-token"],
+        file.contents.as_str()
+    );
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use mesh_proto::common::WorkloadRef;
 
+use crate::access_log::AccessLogFormat;
 use crate::policy::DefaultPolicy;
 
 /// A bad configuration value, naming the variable and the value.
@@ -59,6 +60,8 @@ pub struct Config {
     pub default_inbound_policy: DefaultPolicy,
     /// The identity allowed to tap this proxy over mesh TLS (the controller's).
     pub tap_identity: Option<String>,
+    /// One line per request on stdout, in this format; off when None.
+    pub access_log: Option<AccessLogFormat>,
 }
 
 /// How the proxy obtains and checks certificates.
@@ -188,7 +191,16 @@ impl Config {
                 )
             })
         });
+        let access_log = match env.get("MESH_PROXY_ACCESS_LOG").filter(|v| !v.is_empty()) {
+            None => None,
+            Some(value) => Some(value.parse().map_err(|reason| ConfigError {
+                var: "MESH_PROXY_ACCESS_LOG".into(),
+                value: value.clone(),
+                reason,
+            })?),
+        };
         Ok(Self {
+            access_log,
             tap_identity,
             default_inbound_policy,
             identity,
@@ -428,6 +440,7 @@ mod tests {
             ("MESH_PROXY_CONTROLLER_ADDR", "127.0.0.1:8086"),
             ("MESH_PROXY_LOG_FORMAT", "xml"),
             ("MESH_PROXY_DEFAULT_INBOUND_POLICY", "allow-everything"),
+            ("MESH_PROXY_ACCESS_LOG", "xml"),
             ("MESH_PROXY_IDENTITY", "web"),
         ];
         for (var, value) in cases {

@@ -8,6 +8,7 @@
 //! Start reading at `stack.rs` (the HTTP request path of each side), then `outbound.rs` and
 //! `inbound.rs` (the connection path), then `app.rs` (startup and drain).
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod authz;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use tower::ServiceBuilder;
 
+use crate::access_log::{AccessLog, AccessLogLayer};
 use crate::app::Context;
 use crate::authz::{Authz, AuthzLayer, ConnectionClient};
 use crate::http_metrics::{HttpMetrics, HttpMetricsLayer};
@@ -23,9 +24,10 @@ use crate::tap::{Tap, TapLayer};
 use crate::timeout::{RequestTimeout, RequestTimeoutLayer};
 
 /// The outbound HTTP stack.
-pub type OutboundStack = Tap<HttpMetrics<OutboundRouter<RequestTimeout<Retry<OutboundEndpoint>>>>>;
+pub type OutboundStack =
+    Tap<AccessLog<HttpMetrics<OutboundRouter<RequestTimeout<Retry<OutboundEndpoint>>>>>>;
 
-/// Outbound: tap -> metrics -> router (target, plan, route, filters, weighted backend) -> the route's
+/// Outbound: tap -> access log -> metrics -> router (target, plan, route, filters, weighted backend) -> the route's
 /// request timeout -> retries within the budget -> a balanced endpoint, one attempt.
 pub fn outbound_http(
     ctx: &Arc<Context>,
@@ -38,6 +40,10 @@ pub fn outbound_http(
         .service(OutboundEndpoint::new(ctx.clone()));
     ServiceBuilder::new()
         .layer(TapLayer::new(ctx.tap.clone(), Direction::Outbound))
+        .layer(AccessLogLayer::new(
+            ctx.config.access_log,
+            Direction::Outbound,
+        ))
         .layer(HttpMetricsLayer::new(ctx.metrics.clone()))
         .service(OutboundRouter::new(
             ctx.clone(),
@@ -48,9 +54,9 @@ pub fn outbound_http(
 }
 
 /// The inbound HTTP stack.
-pub type InboundStack = Tap<HttpMetrics<Authz<RateLimit<InboundHttp>>>>;
+pub type InboundStack = Tap<AccessLog<HttpMetrics<Authz<RateLimit<InboundHttp>>>>>;
 
-/// Inbound: tap -> metrics -> authorization policy -> local rate limit -> forward to the application.
+/// Inbound: tap -> access log -> metrics -> authorization policy -> local rate limit -> forward to the application.
 pub fn inbound_http(
     ctx: &Arc<Context>,
     forward: InboundHttp,
@@ -60,6 +66,10 @@ pub fn inbound_http(
 ) -> InboundStack {
     ServiceBuilder::new()
         .layer(TapLayer::new(ctx.tap.clone(), Direction::Inbound))
+        .layer(AccessLogLayer::new(
+            ctx.config.access_log,
+            Direction::Inbound,
+        ))
         .layer(HttpMetricsLayer::new(ctx.metrics.clone()))
         .layer(AuthzLayer::new(
             policy.clone(),

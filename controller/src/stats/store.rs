@@ -133,24 +133,11 @@ impl Store {
         self.pods
             .values()
             .map(|pod| {
-                let samples = self.rings.get(&pod.ip).map(|ring| &ring.samples);
-                let (seconds, delta) = match samples.and_then(|s| Some((s.front()?, s.back()?))) {
-                    Some((_, latest)) => {
-                        let samples = samples.into_iter().flatten();
-                        let start = samples
-                            .filter(|(at, _)| latest.0.duration_since(*at) >= window)
-                            .last()
-                            .or_else(|| self.rings.get(&pod.ip)?.samples.front());
-                        match start {
-                            Some(start) if start.0 < latest.0 => (
-                                latest.0.duration_since(start.0).as_secs_f64(),
-                                latest.1.delta(&start.1),
-                            ),
-                            _ => (0.0, ProxySample::default()),
-                        }
-                    }
-                    None => (0.0, ProxySample::default()),
-                };
+                let (seconds, delta) = self
+                    .rings
+                    .get(&pod.ip)
+                    .and_then(|ring| window_of(&ring.samples, window))
+                    .unwrap_or((0.0, ProxySample::default()));
                 PodWindow {
                     pod: pod.clone(),
                     seconds,
@@ -159,6 +146,25 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// The seconds spanned and the delta over `window` of one ring, if it has two samples.
+fn window_of(
+    samples: &VecDeque<(Instant, Arc<ProxySample>)>,
+    window: Duration,
+) -> Option<(f64, ProxySample)> {
+    let (latest_at, latest) = samples.back()?;
+    let (start_at, start) = samples
+        .iter()
+        .rev()
+        .find(|(at, _)| latest_at.duration_since(*at) >= window)
+        .or_else(|| samples.front())?;
+    (start_at < latest_at).then(|| {
+        (
+            latest_at.duration_since(*start_at).as_secs_f64(),
+            latest.delta(start),
+        )
+    })
 }
 
 #[cfg(test)]

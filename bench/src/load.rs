@@ -398,11 +398,16 @@ pub async fn open_idle(entry: &Entry, count: usize, parallel: usize) -> IdleConn
         for _ in 0..batch {
             let (entry, authority) = (entry.clone(), authority.clone());
             set.spawn(async move {
-                let mut sender = connect(&entry).await?;
-                if !request(&mut sender, &authority).await? {
-                    bail!("a request on a new connection was not answered with 2xx");
-                }
-                Ok(sender)
+                let open = async {
+                    let mut sender = connect(&entry).await?;
+                    if !request(&mut sender, &authority).await? {
+                        bail!("a request on a new connection was not answered with 2xx");
+                    }
+                    Ok(sender)
+                };
+                tokio::time::timeout(Duration::from_secs(10), open)
+                    .await
+                    .context("a new connection's first request took over 10 s")?
             });
         }
         while let Some(joined) = set.join_next().await {

@@ -44,6 +44,10 @@ struct Args {
     /// Skip scenario 5 (controller scale).
     #[arg(long)]
     skip_scale: bool,
+    /// Start the topologies, print where they listen and their pids, keep them up this many
+    /// seconds (for profiling with perf or valgrind), then stop without measuring.
+    #[arg(long, value_name = "SECONDS")]
+    hold: Option<u64>,
     /// A note for the report (repeatable), e.g. where the binaries came from.
     #[arg(long = "note")]
     notes: Vec<String>,
@@ -69,7 +73,28 @@ fn main() -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run(args))
+    runtime.block_on(async {
+        // On ctrl-c or SIGTERM the run is dropped, and with it every process it started.
+        tokio::select! {
+            result = run(args) => result,
+            () = interrupted() => bail!("interrupted; every process the benchmark started is stopped"),
+        }
+    })
+}
+
+async fn interrupted() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
 }
 
 fn release_dir(repo: &Path) -> PathBuf {
@@ -152,7 +177,11 @@ async fn run(args: Args) -> Result<()> {
             dir.display()
         ));
     }
-    let result = measure_topologies(&plan, &binaries, &dir, &mut notes).await;
+    let result = measure_topologies(&plan, &binaries, &dir, &mut notes, args.hold).await;
+    if args.hold.is_some() {
+        let _ = std::fs::remove_dir_all(&dir);
+        return result.map(|_| ());
+    }
     let topologies = match result {
         Ok(t) => t,
         Err(error) => {
@@ -207,6 +236,7 @@ async fn measure_topologies(
     binaries: &Binaries,
     dir: &Path,
     notes: &mut Vec<String>,
+    hold: Option<u64>,
 ) -> Result<Vec<measure::TopologyResult>> {
     let localhost = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
     let backend_addrs = Backend {
@@ -230,6 +260,26 @@ async fn measure_topologies(
             say(&format!("HAProxy did not start: {error:#}"));
             notes.push(format!("HAProxy (scenario 4) did not start: {error:#}"));
         }
+    }
+    if let Some(seconds) = hold {
+        for t in &topologies {
+            let pids: Vec<String> = t
+                .watched
+                .iter()
+                .map(|w| format!("{} pid {}", w.role, w.pid))
+                .collect();
+            say(&format!(
+                "{}: http://{}/ with Host {:?}; {}",
+                t.title,
+                t.http1.addr,
+                t.http1.host.as_deref().unwrap_or("-"),
+                pids.join(", ")
+            ));
+        }
+        say(&format!("holding for {seconds} s"));
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        running.stop().await;
+        return Ok(Vec::new());
     }
     let ctx = measure::Bench {
         ticks: procfs::ticks_per_second(),

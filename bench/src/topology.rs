@@ -260,12 +260,12 @@ struct ProxySpec<'a> {
     identity: Option<(&'a str, &'a Path, &'a Path, &'a str)>,
 }
 
-/// Starts a mesh-proxy process; returns it and its outbound address once ready.
+/// Starts a mesh-proxy process; returns it, its outbound and its admin address once ready.
 async fn start_proxy(
     binary: &Path,
     spec: ProxySpec<'_>,
     log_dir: &Path,
-) -> Result<(Service, SocketAddr)> {
+) -> Result<(Service, SocketAddr, SocketAddr)> {
     let outbound = free_addr(LOCALHOST)?;
     let admin = free_addr(LOCALHOST)?;
     let mut command = Command::new(binary);
@@ -288,7 +288,7 @@ async fn start_proxy(
     let mut service = Service::spawn(spec.name, command, log_dir)?;
     service.wait_listening(admin, START).await?;
     wait_ready(&mut service, admin).await?;
-    Ok((service, outbound))
+    Ok((service, outbound, admin))
 }
 
 /// Starts the controller, the identity service and both meshes (plaintext and mutual TLS);
@@ -362,7 +362,7 @@ pub async fn start_meshes(
             identity_url.as_str(),
         ));
         // The client proxy's own inbound listener is unused; it gets a port of its own.
-        let (client, outbound) = start_proxy(
+        let (client, outbound, client_admin) = start_proxy(
             &binaries.proxy,
             ProxySpec {
                 name: &format!("{key}-client-proxy"),
@@ -373,7 +373,7 @@ pub async fn start_meshes(
             dir,
         )
         .await?;
-        let (server, _) = start_proxy(
+        let (server, _, server_admin) = start_proxy(
             &binaries.proxy,
             ProxySpec {
                 name: &format!("{key}-server-proxy"),
@@ -384,15 +384,24 @@ pub async fn start_meshes(
             dir,
         )
         .await?;
+        let http1 = Entry {
+            addr: outbound,
+            host: Some(service_host(&pod.app)),
+        };
+        check_path(
+            &http1,
+            client_admin,
+            server_admin,
+            tls.then_some(&server_id),
+        )
+        .await
+        .with_context(|| format!("checking the {title} path"))?;
         let client_pid = running.keep(client)?;
         let server_pid = running.keep(server)?;
         topologies.push(Topology {
             key: key.into(),
             title: title.into(),
-            http1: Entry {
-                addr: outbound,
-                host: Some(service_host(&pod.app)),
-            },
+            http1,
             http2: Some(Entry {
                 addr: outbound,
                 host: Some(format!("{}:80", service_host(&format!("{}-h2", pod.app)))),
@@ -412,9 +421,47 @@ pub async fn start_meshes(
     Ok(topologies)
 }
 
+/// Sends a few requests through a mesh and checks, from both proxies' metrics, that they
+/// took the meshed path: through the server proxy and, when `tls_peer` is set, over mutual
+/// TLS with that peer identity.
+async fn check_path(
+    entry: &Entry,
+    client_admin: SocketAddr,
+    server_admin: SocketAddr,
+    tls_peer: Option<&String>,
+) -> Result<()> {
+    let shape = crate::load::Shape {
+        connections: 1,
+        rate: None,
+        duration: Duration::from_millis(200),
+    };
+    let measured = crate::load::drive(entry, shape).await?;
+    if measured.ok == 0 || measured.errors > 0 {
+        bail!("requests through the mesh failed: {measured:?}");
+    }
+    let (_, client) = http_get(client_admin, "/metrics").await?;
+    let (_, server) = http_get(server_admin, "/metrics").await?;
+    let has = |text: &str, labels: &[&str]| {
+        text.lines()
+            .any(|l| l.starts_with("request_total") && labels.iter().all(|x| l.contains(x)))
+    };
+    if !has(&server, &["direction=\"inbound\""]) {
+        bail!("the server proxy counted no inbound request; its metrics:\n{server}");
+    }
+    if let Some(peer) = tls_peer {
+        let server_id = format!("server_id=\"{peer}\"");
+        if !has(&client, &["tls=\"true\"", &server_id]) {
+            bail!("the client proxy counted no request over mutual TLS to {peer}:\n{client}");
+        }
+    }
+    Ok(())
+}
+
 /// HAProxy's two configurations: the client side (plain HTTP in, TLS 1.3 out with a client
 /// certificate) and the server side (TLS 1.3 in, requiring a client certificate; plain HTTP
 /// to nginx). Both keep connections alive and reuse them, two threads each like mesh-proxy.
+/// `no strict-limits`: HAProxy reserves two descriptors per connection, more than the
+/// open-files limit allows for 10,000 connections, though the client side needs one each.
 pub fn haproxy_confs(
     dir: &Path,
     front: SocketAddr,
@@ -424,7 +471,7 @@ pub fn haproxy_confs(
 ) -> (String, String) {
     let dir = dir.display();
     let common = format!(
-        "global\n    nbthread 2\n    maxconn {maxconn}\n    ssl-default-bind-options ssl-min-ver TLSv1.3\n\
+        "global\n    nbthread 2\n    maxconn {maxconn}\n    no strict-limits\n    ssl-default-bind-options ssl-min-ver TLSv1.3\n\
          \x20   ssl-default-server-options ssl-min-ver TLSv1.3\n\
          defaults\n    mode http\n    timeout connect 5s\n    timeout client 600s\n    timeout server 600s\n\
          \x20   timeout http-keep-alive 600s\n    http-reuse always\n"

@@ -47,6 +47,7 @@ struct Args {
     )]
     admin_listen: Option<String>,
     /// The serving certificate chain (PEM); its CA is the webhook configuration's caBundle.
+    /// Re-read when it changes.
     #[arg(long, env = "MESH_INJECTOR_TLS_CERT")]
     tls_cert: PathBuf,
     /// The serving certificate's private key (PEM).

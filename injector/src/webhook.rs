@@ -8,6 +8,8 @@
 //!   the value). Anything else that goes wrong (the namespace cannot be read) admits the pod
 //!   unchanged, as `failurePolicy: Ignore` would if the webhook were down.
 //! - The server takes a bound listener, so tests serve on 127.0.0.1:0.
+//! - The serving certificate comes from files and is re-read when they change
+//!   ([`ReloadingCertificate`]), so a rotated Secret needs no restart.
 //!
 //! It owns no Kubernetes client of its own: namespace annotations come through a
 //! [`NamespaceSource`].
@@ -32,6 +34,7 @@ use hyper_util::service::TowerToHyperService;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
@@ -326,34 +329,42 @@ pub fn tls_config_from_pem(
     cert_pem: &[u8],
     key_pem: &[u8],
 ) -> Result<rustls::ServerConfig, TlsError> {
-    tls_config(cert_pem, key_pem, "(certificate)", "(key)")
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key = certified_key(cert_pem, key_pem, "(certificate)", "(key)", &provider)?;
+    server_config(provider, Arc::new(FixedCertificate(Arc::new(key))))
 }
 
-/// The TLS server configuration from the files given as `--tls-cert` and `--tls-key`.
+/// The TLS server configuration from the files given as `--tls-cert` and `--tls-key`, re-read
+/// when they change (see [`ReloadingCertificate`]).
 pub fn tls_config_from_files(
     cert_path: &Path,
     key_path: &Path,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|error| (path.display().to_string(), error.to_string()))
-    };
-    let cert_pem =
-        read(cert_path).map_err(|(path, reason)| TlsError::Certificate { path, reason })?;
-    let key_pem = read(key_path).map_err(|(path, reason)| TlsError::Key { path, reason })?;
-    tls_config(
-        &cert_pem,
-        &key_pem,
-        &cert_path.display().to_string(),
-        &key_path.display().to_string(),
-    )
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let resolver = ReloadingCertificate::load(cert_path, key_path, provider.clone())?;
+    server_config(provider, Arc::new(resolver))
 }
 
-fn tls_config(
+fn server_config(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    // The router speaks HTTP/1.1; the API server's webhook client falls back to it.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+fn certified_key(
     cert_pem: &[u8],
     key_pem: &[u8],
     cert_name: &str,
     key_name: &str,
-) -> Result<rustls::ServerConfig, TlsError> {
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<CertifiedKey, TlsError> {
     let certs = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|error| TlsError::Certificate {
@@ -370,14 +381,142 @@ fn tls_config(
         path: key_name.to_owned(),
         reason: format!("no PEM private key: {error}"),
     })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    // The router speaks HTTP/1.1; the API server's webhook client falls back to it.
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    Ok(CertifiedKey::from_der(certs, key, provider)?)
+}
+
+/// One certificate, always.
+#[derive(Debug)]
+struct FixedCertificate(Arc<CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for FixedCertificate {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// How often a handshake may look at the certificate files for changes.
+pub const CERTIFICATE_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The serving certificate from files, re-read when their contents change, so a rotated
+/// certificate (a renewed Secret, cert-manager) is served without a restart. A
+/// rotation that cannot be loaded (half-written files, a key that does not match) keeps the
+/// previous certificate and is retried at the next check.
+#[derive(Debug)]
+pub struct ReloadingCertificate {
+    cert_path: std::path::PathBuf,
+    key_path: std::path::PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    check_interval: Duration,
+    loaded: std::sync::Mutex<Loaded>,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    key: Arc<CertifiedKey>,
+    /// The files' contents the key was built from. Contents, not modification times: those
+    /// are coarse on some filesystems, and a Secret volume swaps a symlink.
+    pem: PemFiles,
+    checked: Instant,
+}
+
+/// The contents of the certificate and key files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PemFiles {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+impl ReloadingCertificate {
+    /// Loads the certificate and key, failing when they cannot serve TLS.
+    pub fn load(
+        cert_path: &Path,
+        key_path: &Path,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> Result<Self, TlsError> {
+        let pem = read_pem_files(cert_path, key_path)?;
+        let key = certified_key_from_files(&pem, cert_path, key_path, &provider)?;
+        Ok(ReloadingCertificate {
+            cert_path: cert_path.to_owned(),
+            key_path: key_path.to_owned(),
+            provider,
+            check_interval: CERTIFICATE_CHECK_INTERVAL,
+            loaded: std::sync::Mutex::new(Loaded {
+                key: Arc::new(key),
+                pem,
+                checked: Instant::now(),
+            }),
+        })
+    }
+
+    /// Looks at the files at most once per `interval` (tests use zero).
+    pub fn with_check_interval(mut self, interval: Duration) -> Self {
+        self.check_interval = interval;
+        self
+    }
+
+    /// The certificate to serve now.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        // A panic elsewhere while holding the lock leaves valid data: keep serving it.
+        let mut loaded = self
+            .loaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if loaded.checked.elapsed() >= self.check_interval {
+            loaded.checked = Instant::now();
+            let changed = read_pem_files(&self.cert_path, &self.key_path)
+                .ok()
+                .filter(|pem| *pem != loaded.pem);
+            if let Some(pem) = changed {
+                match certified_key_from_files(
+                    &pem,
+                    &self.cert_path,
+                    &self.key_path,
+                    &self.provider,
+                ) {
+                    Ok(key) => {
+                        tracing::info!(cert = %self.cert_path.display(), "serving certificate reloaded");
+                        loaded.key = Arc::new(key);
+                        loaded.pem = pem;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "the changed serving certificate cannot be used; keeping the previous one");
+                    }
+                }
+            }
+        }
+        loaded.key.clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ReloadingCertificate {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+fn read_pem_files(cert_path: &Path, key_path: &Path) -> Result<PemFiles, TlsError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|error| (path.display().to_string(), error.to_string()))
+    };
+    Ok(PemFiles {
+        cert: read(cert_path).map_err(|(path, reason)| TlsError::Certificate { path, reason })?,
+        key: read(key_path).map_err(|(path, reason)| TlsError::Key { path, reason })?,
+    })
+}
+
+fn certified_key_from_files(
+    pem: &PemFiles,
+    cert_path: &Path,
+    key_path: &Path,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<CertifiedKey, TlsError> {
+    certified_key(
+        &pem.cert,
+        &pem.key,
+        &cert_path.display().to_string(),
+        &key_path.display().to_string(),
+        provider,
+    )
 }
 
 /// Serves `router` over TLS on `listener` until `shutdown` resolves, then lets open

@@ -377,3 +377,46 @@ async fn serves_admission_reviews_over_tls() {
         .expect("the server task")
         .expect("the server ends cleanly");
 }
+
+#[test]
+fn a_rotated_certificate_is_served_without_a_restart() {
+    let dir = std::env::temp_dir().join(format!("mesh-injector-certs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let write = |certified: &rcgen::CertifiedKey<rcgen::KeyPair>| {
+        std::fs::write(&cert_path, certified.cert.pem()).expect("write the cert");
+        std::fs::write(&key_path, certified.signing_key.serialize_pem()).expect("write the key");
+    };
+    let generate =
+        || rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("a certificate");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let (first, second) = (generate(), generate());
+    write(&first);
+    let resolver = ReloadingCertificate::load(&cert_path, &key_path, provider.clone())
+        .expect("the first certificate loads")
+        .with_check_interval(Duration::ZERO);
+    let served = |resolver: &ReloadingCertificate| resolver.current().cert[0].clone();
+    assert_eq!(served(&resolver), *first.cert.der());
+
+    write(&second);
+    assert_eq!(
+        served(&resolver),
+        *second.cert.der(),
+        "the rotation is picked up"
+    );
+
+    std::fs::write(&cert_path, "half-written").expect("write garbage");
+    assert_eq!(
+        served(&resolver),
+        *second.cert.der(),
+        "a broken rotation keeps the last good certificate"
+    );
+
+    // A key that does not match its certificate is refused at start.
+    std::fs::write(&cert_path, first.cert.pem()).expect("write the cert");
+    std::fs::write(&key_path, second.signing_key.serialize_pem()).expect("write the key");
+    let error =
+        ReloadingCertificate::load(&cert_path, &key_path, provider).expect_err("mismatched key");
+    assert!(matches!(error, TlsError::Config(_)), "{error}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

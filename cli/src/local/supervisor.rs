@@ -618,6 +618,18 @@ fn container_state(container: &ContainerPlan, runner: &Runner) -> ContainerState
             exit_code: 0,
             reason: "Skipped".to_owned(),
         }
+    } else if let (Some(ContainerStatus::Terminated { exit_code, .. }), false, Some(delay)) = (
+        &runner.status,
+        runner.is_running(),
+        runner.next_start.and(runner.backoff),
+    ) {
+        // Exited and waiting out its restart delay, as `kubectl get pods` shows it.
+        ContainerStatus::Waiting {
+            reason: "CrashLoopBackOff".to_owned(),
+            message: format!(
+                "back-off {delay:?} restarting failed container (exit status {exit_code})"
+            ),
+        }
     } else {
         runner.status.clone().unwrap_or(ContainerStatus::Waiting {
             reason: if container.init {

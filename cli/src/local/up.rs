@@ -66,6 +66,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         );
     }
     check_ports(&plan)?;
+    if mode == Mode::Loopback {
+        warn_shared_ports(&plan);
+    }
 
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating the state folder {}", state_dir.display()))?;
@@ -262,6 +265,36 @@ fn check_ports(plan: &Plan) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Loopback pods share this machine's ports: two pods declaring the same container port both
+/// bind it unless each binds its own pod IP. Said before they crash-loop on it.
+fn warn_shared_ports(plan: &Plan) {
+    let mut owners: std::collections::BTreeMap<i64, Vec<String>> = Default::default();
+    for pod in &plan.pods {
+        let ports = pod
+            .object
+            .pointer("/spec/containers")
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .flat_map(|c| {
+                c.get("ports")
+                    .and_then(serde_json::Value::as_array)
+                    .into_iter()
+                    .flatten()
+            })
+            .filter_map(|p| p.get("containerPort").and_then(serde_json::Value::as_i64));
+        for port in ports.collect::<std::collections::BTreeSet<_>>() {
+            owners.entry(port).or_default().push(pod.key());
+        }
+    }
+    for (port, pods) in owners.into_iter().filter(|(_, pods)| pods.len() > 1) {
+        eprintln!(
+            "meshctl local: warning: pods {} all declare port {port}; in loopback mode they share this machine's ports, so each must bind its own pod IP (env from fieldRef status.podIP), not 0.0.0.0",
+            pods.join(", ")
+        );
+    }
 }
 
 /// Starts `meshctl local supervise` detached: its own process group, output to

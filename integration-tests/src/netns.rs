@@ -38,7 +38,10 @@ fn is_root() -> bool {
         .is_ok_and(|output| output.status.success() && output.stdout.trim_ascii() == b"0")
 }
 
-/// A network namespace `mesh-t-<random>` with its loopback up, deleted on drop.
+/// Prefix of every namespace made here: `mesh-t-<creator pid>-<random>`.
+const NAME_PREFIX: &str = "mesh-t-";
+
+/// A network namespace `mesh-t-<pid>-<random>` with its loopback up, deleted on drop.
 #[derive(Debug)]
 pub struct NetNs {
     name: String,
@@ -47,8 +50,9 @@ pub struct NetNs {
 impl NetNs {
     /// Creates the namespace. Panics when it cannot (tests cannot go on without it).
     pub fn new() -> NetNs {
+        remove_orphans();
         let netns = NetNs {
-            name: format!("mesh-t-{}", unique_suffix()),
+            name: format!("{NAME_PREFIX}{}-{}", std::process::id(), unique_suffix()),
         };
         run_checked(Command::new("ip").args(["netns", "add", &netns.name]));
         netns.run(["ip", "link", "set", "lo", "up"]);
@@ -167,6 +171,30 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Deletes the namespaces of test processes that are gone. A test killed by its timeout
+/// (nextest sends SIGTERM, then SIGKILL) runs no `Drop`, so its namespace outlives it; the
+/// creator's pid in the name tells an orphan from a namespace still in use.
+fn remove_orphans() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(creator) = name
+            .strip_prefix(NAME_PREFIX)
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{creator}")).exists() {
+            continue;
+        }
+        eprintln!("netns: deleting {name}, left behind by process {creator}");
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
     }
 }
 

@@ -18,6 +18,12 @@ fn mesh_proxy() -> PathBuf {
     bin_path("mesh-proxy")
 }
 
+/// Builds `mesh-proxy` first: a test killed by its timeout mid-build runs no `Drop`, so a
+/// namespace created before the build would be left behind.
+fn build_before_creating_namespaces() {
+    mesh_proxy();
+}
+
 /// Runs `mesh-proxy init FLAGS...` in `netns`, returning its stdout.
 fn init(netns: &NetNs, flags: &[&str]) -> String {
     let mut argv: Vec<OsString> = vec![mesh_proxy().into(), "init".into()];
@@ -97,6 +103,7 @@ fn init_installs_rules_idempotently_and_remove_deletes_them() {
     if !require_root("init_installs_rules_idempotently_and_remove_deletes_them") {
         return;
     }
+    build_before_creating_namespaces();
     let netns = NetNs::new();
     let check_ipv6 = ipv6_capture_available(&netns);
     let flags = [
@@ -213,6 +220,7 @@ fn init_rejects_a_bad_value_by_name() {
     if !require_root("init_rejects_a_bad_value_by_name") {
         return;
     }
+    build_before_creating_namespaces();
     let netns = NetNs::new();
     let output = netns
         .command(mesh_proxy())
@@ -235,6 +243,7 @@ fn outbound_connection_to_a_cluster_ip_is_redirected_with_its_original_destinati
     ) {
         return;
     }
+    build_before_creating_namespaces();
     let netns = NetNs::new();
     // Service IPs that the local mesh routes to `lo`, as NETNS.md describes.
     netns.run(["ip", "route", "add", "local", "10.96.0.10/32", "dev", "lo"]);
@@ -299,6 +308,7 @@ fn inbound_connection_is_redirected_and_the_proxy_reaches_its_own_pod_through_in
     ) {
         return;
     }
+    build_before_creating_namespaces();
     let client = NetNs::new();
     let server = NetNs::new();
     client.link(&server, "10.77.0.1/24", "10.77.0.2/24");

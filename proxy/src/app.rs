@@ -22,6 +22,7 @@ use crate::outbound::PlanStore;
 use crate::policy::{InboundPolicy, PolicyStore};
 use crate::tap::TapHub;
 use crate::tls::TlsContext;
+use crate::trace::Tracer;
 use crate::{admin, inbound, outbound};
 use mesh_proto::identity::identity_client::IdentityClient;
 use mesh_proto::tonic;
@@ -99,6 +100,8 @@ pub struct Context {
     pub plans: PlanStore,
     /// Live taps in progress.
     pub tap: Arc<TapHub>,
+    /// Span export, when a collector is configured.
+    pub tracer: Option<Arc<Tracer>>,
     /// Fires when the proxy starts draining.
     pub drain: CancellationToken,
     /// Set once the proxy serves traffic.
@@ -221,6 +224,27 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
         addr: config.controller_addr.clone().unwrap_or_default(),
         source,
     })?;
+    let tracer = match &config.trace_collector {
+        Some(collector) => {
+            let service = match (&config.workload.name, &config.workload.namespace) {
+                (name, ns) if !name.is_empty() => format!("{name}.{ns}"),
+                _ => "mesh-proxy".to_string(),
+            };
+            Some(Arc::new(
+                Tracer::start(
+                    collector,
+                    service,
+                    config.trace_sample_rate,
+                    metrics.spans_dropped.clone(),
+                )
+                .map_err(|source| StartError::Controller {
+                    addr: collector.clone(),
+                    source,
+                })?,
+            ))
+        }
+        None => None,
+    };
     let local_id = Label::from(
         config
             .identity
@@ -238,6 +262,7 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
         policies,
         plans,
         tap: Arc::new(TapHub::default()),
+        tracer,
         drain: drain.clone(),
         ready: AtomicBool::new(false),
         local_id,

@@ -62,6 +62,10 @@ pub struct Config {
     pub tap_identity: Option<String>,
     /// One line per request on stdout, in this format; off when None.
     pub access_log: Option<AccessLogFormat>,
+    /// The OTLP/gRPC collector spans go to (`http://collector:4317`); tracing is off without.
+    pub trace_collector: Option<String>,
+    /// Share of new traces recorded, 0..=1 (traces started upstream follow their parent).
+    pub trace_sample_rate: f64,
 }
 
 /// How the proxy obtains and checks certificates.
@@ -199,7 +203,30 @@ impl Config {
                 reason,
             })?),
         };
+        let trace_collector = env
+            .get("MESH_PROXY_TRACE_COLLECTOR")
+            .filter(|v| !v.is_empty());
+        if let Some(collector) = &trace_collector
+            && !(collector.starts_with("http://") || collector.starts_with("https://"))
+        {
+            return Err(ConfigError {
+                var: "MESH_PROXY_TRACE_COLLECTOR".into(),
+                value: collector.clone(),
+                reason: "expected a URL like http://otel-collector.monitoring:4317".into(),
+            });
+        }
+        let trace_sample_rate: f64 =
+            env.parse("MESH_PROXY_TRACE_SAMPLE_RATE", 0.01, "a number from 0 to 1")?;
+        if !(0.0..=1.0).contains(&trace_sample_rate) {
+            return Err(ConfigError {
+                var: "MESH_PROXY_TRACE_SAMPLE_RATE".into(),
+                value: trace_sample_rate.to_string(),
+                reason: "expected a number from 0 to 1".into(),
+            });
+        }
         Ok(Self {
+            trace_collector,
+            trace_sample_rate,
             access_log,
             tap_identity,
             default_inbound_policy,
@@ -441,6 +468,8 @@ mod tests {
             ("MESH_PROXY_LOG_FORMAT", "xml"),
             ("MESH_PROXY_DEFAULT_INBOUND_POLICY", "allow-everything"),
             ("MESH_PROXY_ACCESS_LOG", "xml"),
+            ("MESH_PROXY_TRACE_SAMPLE_RATE", "2"),
+            ("MESH_PROXY_TRACE_COLLECTOR", "collector:4317"),
             ("MESH_PROXY_IDENTITY", "web"),
         ];
         for (var, value) in cases {

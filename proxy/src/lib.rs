@@ -35,4 +35,5 @@ pub mod tap;
 pub mod tcp;
 pub mod timeout;
 pub mod tls;
+pub mod trace;
 pub mod transport_header;

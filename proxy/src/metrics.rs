@@ -195,6 +195,8 @@ pub struct Metrics {
     pub fault_injections: Family<RouteLabels, Counter>,
     /// `endpoint_ejection_total`: endpoints ejected by failure accrual.
     pub ejections: Family<RouteLabels, Counter>,
+    /// `trace_spans_dropped_total`: spans not exported (queue full or collector failing).
+    pub spans_dropped: Counter,
     /// `identity_cert_expiry_timestamp_seconds`: when the current certificate expires.
     pub identity_expiry: Gauge,
     /// `identity_cert_renewals_total`: certificates obtained.
@@ -296,6 +298,12 @@ impl Metrics {
             "Endpoints ejected by failure accrual (circuit breaking)",
             ejections.clone(),
         );
+        let spans_dropped = Counter::default();
+        registry.register(
+            "trace_spans_dropped",
+            "Spans dropped because the export queue was full or the collector failed",
+            spans_dropped.clone(),
+        );
         let identity_expiry = Gauge::default();
         registry.register(
             "identity_cert_expiry_timestamp_seconds",
@@ -337,6 +345,7 @@ impl Metrics {
             route_requests,
             fault_injections,
             ejections,
+            spans_dropped,
             identity_expiry,
             identity_renewals,
             identity_failures,

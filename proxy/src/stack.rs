@@ -22,12 +22,13 @@ use crate::rate_limit::{RateLimit, RateLimitLayer};
 use crate::retry::{Retry, RetryLayer};
 use crate::tap::{Tap, TapLayer};
 use crate::timeout::{RequestTimeout, RequestTimeoutLayer};
+use crate::trace::{Trace, TraceLayer};
 
 /// The outbound HTTP stack.
 pub type OutboundStack =
-    Tap<AccessLog<HttpMetrics<OutboundRouter<RequestTimeout<Retry<OutboundEndpoint>>>>>>;
+    Tap<Trace<AccessLog<HttpMetrics<OutboundRouter<RequestTimeout<Retry<OutboundEndpoint>>>>>>>;
 
-/// Outbound: tap -> access log -> metrics -> router (target, plan, route, filters, weighted backend) -> the route's
+/// Outbound: tap -> trace -> access log -> metrics -> router (target, plan, route, filters, weighted backend) -> the route's
 /// request timeout -> retries within the budget -> a balanced endpoint, one attempt.
 pub fn outbound_http(
     ctx: &Arc<Context>,
@@ -40,6 +41,7 @@ pub fn outbound_http(
         .service(OutboundEndpoint::new(ctx.clone()));
     ServiceBuilder::new()
         .layer(TapLayer::new(ctx.tap.clone(), Direction::Outbound))
+        .layer(TraceLayer::new(ctx.tracer.clone(), Direction::Outbound))
         .layer(AccessLogLayer::new(
             ctx.config.access_log,
             Direction::Outbound,
@@ -54,9 +56,9 @@ pub fn outbound_http(
 }
 
 /// The inbound HTTP stack.
-pub type InboundStack = Tap<AccessLog<HttpMetrics<Authz<RateLimit<InboundHttp>>>>>;
+pub type InboundStack = Tap<Trace<AccessLog<HttpMetrics<Authz<RateLimit<InboundHttp>>>>>>;
 
-/// Inbound: tap -> access log -> metrics -> authorization policy -> local rate limit -> forward to the application.
+/// Inbound: tap -> trace -> access log -> metrics -> authorization policy -> local rate limit -> forward to the application.
 pub fn inbound_http(
     ctx: &Arc<Context>,
     forward: InboundHttp,
@@ -66,6 +68,7 @@ pub fn inbound_http(
 ) -> InboundStack {
     ServiceBuilder::new()
         .layer(TapLayer::new(ctx.tap.clone(), Direction::Inbound))
+        .layer(TraceLayer::new(ctx.tracer.clone(), Direction::Inbound))
         .layer(AccessLogLayer::new(
             ctx.config.access_log,
             Direction::Inbound,

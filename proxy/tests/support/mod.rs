@@ -268,6 +268,7 @@ impl Drop for Backend {
 }
 
 async fn answer(name: &str, mut request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let traceparent = request.headers().get("traceparent").cloned();
     let path = request.uri().path().to_string();
     let query = request.uri().query().unwrap_or("").to_string();
     let number = |key: &str| -> u64 {
@@ -341,6 +342,11 @@ async fn answer(name: &str, mut request: Request<Incoming>) -> Response<Full<Byt
     response
         .headers_mut()
         .insert("x-backend", name.parse().expect("header value"));
+    if let Some(traceparent) = traceparent {
+        response
+            .headers_mut()
+            .insert("x-seen-traceparent", traceparent);
+    }
     response
 }
 

@@ -12,7 +12,9 @@ build:
     cargo build --workspace --bins
 
 # Everything CI runs: format check, clippy with warnings denied, then every test.
+# The binaries are built first: end-to-end tests run them as real processes.
 test: setup fmt-check lint
+    cargo build --workspace --bins
     cargo nextest run --workspace --all-targets --no-tests=fail
 
 # Clippy over every crate and target, warnings denied.

@@ -3,9 +3,9 @@
 
 use clap::{Parser, Subcommand};
 
-mod inject;
 mod demo;
 mod demo_app;
+mod inject;
 mod local;
 
 /// The mesh's command line: install and check the mesh, mesh workloads, watch their traffic,

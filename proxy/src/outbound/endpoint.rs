@@ -10,7 +10,6 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
-use tracing::warn;
 
 use super::outbound_labels;
 use super::router::{Dispatch, DispatchTarget};
@@ -18,7 +17,7 @@ use crate::app::Context;
 use crate::client::HttpClients;
 use crate::forward;
 use crate::http::{ProxyBody, ProxyError, ReqBody, is_grpc};
-use crate::metrics::{Direction, Label, RouteLabels, TargetLabels};
+use crate::metrics::{Label, RouteLabels, TargetLabels};
 use crate::retry::RouteInfo;
 
 /// See the module documentation.
@@ -36,7 +35,8 @@ impl OutboundEndpoint {
     async fn attempt(self, request: Request<ReqBody>) -> Response<ProxyBody> {
         let grpc = is_grpc(&request);
         let Some(dispatch) = request.extensions().get::<Dispatch>().cloned() else {
-            return self.error(
+            return super::error_response(
+                &self.ctx,
                 ProxyError::BadRequest("request reached the endpoint layer unrouted".into()),
                 grpc,
                 None,
@@ -73,7 +73,12 @@ impl OutboundEndpoint {
                         dispatch.logical.0.to_string(),
                         None,
                     );
-                    return self.error(ProxyError::NoEndpoints(detail), grpc, Some(labels));
+                    return super::error_response(
+                        &self.ctx,
+                        ProxyError::NoEndpoints(detail),
+                        grpc,
+                        Some(labels),
+                    );
                 };
                 let endpoint = pick.meta().clone();
                 let labels = self.labels(&dispatch, &endpoint.clients);
@@ -127,7 +132,10 @@ impl OutboundEndpoint {
                 response.extensions_mut().insert(labels);
                 (response, success)
             }
-            Err(error) => (self.error(error, grpc, Some(labels)), false),
+            Err(error) => (
+                super::error_response(&self.ctx, error, grpc, Some(labels)),
+                false,
+            ),
         }
     }
 
@@ -138,27 +146,6 @@ impl OutboundEndpoint {
             clients.dial.socket_addr().to_string(),
             clients.dial.tls_identity(),
         )
-    }
-
-    fn error(
-        &self,
-        error: ProxyError,
-        grpc: bool,
-        labels: Option<TargetLabels>,
-    ) -> Response<ProxyBody> {
-        warn!(
-            reason = error.reason(),
-            detail = error.detail(),
-            "outbound request failed"
-        );
-        self.ctx
-            .metrics
-            .proxy_error(Direction::Outbound, error.reason());
-        let mut response = error.to_response(grpc);
-        if let Some(labels) = labels {
-            response.extensions_mut().insert(labels);
-        }
-        response
     }
 }
 

@@ -150,6 +150,27 @@ fn outbound_labels(
     }
 }
 
+/// The answer to an outbound request the proxy cannot forward: logged, counted, and labelled
+/// for the metrics layer when the target is known.
+fn error_response(
+    ctx: &Context,
+    error: crate::http::ProxyError,
+    grpc: bool,
+    labels: Option<TargetLabels>,
+) -> Response<ProxyBody> {
+    warn!(
+        reason = error.reason(),
+        detail = error.detail(),
+        "outbound request failed"
+    );
+    ctx.metrics.proxy_error(Direction::Outbound, error.reason());
+    let mut response = error.to_response(grpc);
+    if let Some(labels) = labels {
+        response.extensions_mut().insert(labels);
+    }
+    response
+}
+
 /// An HTTP proxy CONNECT: answer 200, then forward the tunnel's bytes as TCP.
 fn connect_tunnel(
     ctx: Arc<Context>,

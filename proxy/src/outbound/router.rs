@@ -17,14 +17,14 @@ use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tower::{Service, ServiceExt};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{connect_tunnel, outbound_labels, request_authority};
 use crate::app::Context;
 use crate::client::HttpClients;
 use crate::discovery::{Resolution, State, TargetKey};
 use crate::http::{ProxyBody, ProxyError, ReqBody, is_grpc};
-use crate::metrics::{Direction, Label, RouteLabels, TargetLabels};
+use crate::metrics::{Label, RouteLabels, TargetLabels};
 use crate::retry::RouteInfo;
 use crate::route::{
     BackendRef, FailureAccrual, Fault, Filter, HashKey, OutboundPlan, Route, pick_backend,
@@ -100,7 +100,8 @@ where
             (Some(dst), _) => TargetKey::Addr(dst),
             (None, Some(authority)) => TargetKey::Authority(authority.clone()),
             (None, None) => {
-                return self.error(
+                return super::error_response(
+                    &self.ctx,
                     ProxyError::BadRequest("the request names no authority (Host)".into()),
                     grpc,
                     None,
@@ -164,7 +165,7 @@ where
                     DispatchTarget::Direct(Box::new(self.ctx.direct_clients(addr))),
                     logical.unwrap_or_else(|| Label::from(key.to_string())),
                 ),
-                Err(error) => return self.error(error, grpc, None),
+                Err(error) => return super::error_response(&self.ctx, error, grpc, None),
             },
         };
         let mut hash = None;
@@ -363,27 +364,6 @@ where
                 pick.complete();
             }
         });
-    }
-
-    fn error(
-        &self,
-        error: ProxyError,
-        grpc: bool,
-        labels: Option<TargetLabels>,
-    ) -> Response<ProxyBody> {
-        warn!(
-            reason = error.reason(),
-            detail = error.detail(),
-            "outbound request failed"
-        );
-        self.ctx
-            .metrics
-            .proxy_error(Direction::Outbound, error.reason());
-        let mut response = error.to_response(grpc);
-        if let Some(labels) = labels {
-            response.extensions_mut().insert(labels);
-        }
-        response
     }
 }
 

@@ -3,10 +3,12 @@
 
 use clap::{Parser, Subcommand};
 
+mod dashboard;
 mod demo;
 mod demo_app;
 mod inject;
 mod local;
+mod stat;
 
 /// The mesh's command line: install and check the mesh, mesh workloads, watch their traffic,
 /// and run the whole mesh on this machine.
@@ -42,6 +44,14 @@ enum Command {
     /// Run one service of the demo app (what `meshctl demo`'s pods run).
     #[command(name = "demo-app", hide = true)]
     DemoApp(demo_app::DemoAppArgs),
+    /// Traffic statistics per workload, pod, namespace, authority or route (from the controller).
+    Stat(stat::StatArgs),
+    /// Who calls whom, with which identities, and what policy refused.
+    Edges(stat::EdgesArgs),
+    /// A live terminal dashboard of the mesh's traffic.
+    Dashboard(dashboard::DashboardArgs),
+    /// The whole mesh on this machine: a demo app in a local mesh, then the dashboard.
+    Demo(demo::DemoArgs),
     /// Add the mesh to every pod and pod template of Kubernetes YAML (FILE or -), to stdout.
     Inject(inject::InjectArgs),
     /// Remove what `meshctl inject` added from Kubernetes YAML (FILE or -), to stdout.
@@ -54,6 +64,10 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Local(args) => local::run(args, global.namespace.as_deref()),
         Command::DemoApp(args) => demo_app::run(args),
+        Command::Stat(args) => stat::run_stat(args, global.namespace.as_deref()),
+        Command::Edges(args) => stat::run_edges(args, global.namespace.as_deref()),
+        Command::Dashboard(args) => dashboard::run(args, global.namespace.as_deref()),
+        Command::Demo(args) => demo::run(args),
         Command::Inject(args) => inject::run_inject(&args, global.namespace.as_deref()),
         Command::Uninject(args) => inject::run_uninject(&args),
         Command::Version => {

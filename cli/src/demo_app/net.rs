@@ -228,9 +228,18 @@ pub fn grpc_channel(
 mod tests {
     use super::*;
 
+    /// LISTEN_ADDR, PORT, POD_IP, behind an HTTP proxy, and the address wanted.
+    type ListenCase<'a> = (
+        Option<&'a str>,
+        Option<&'a str>,
+        Option<&'a str>,
+        bool,
+        &'a str,
+    );
+
     #[test]
     fn listen_addresses_follow_the_mode() {
-        let cases: &[(Option<&str>, Option<&str>, Option<&str>, bool, &str)] = &[
+        let cases: &[ListenCase] = &[
             // Root mode: every address of the pod's own namespace.
             (None, Some("8080"), Some("10.77.0.3"), false, "0.0.0.0:8080"),
             (None, None, None, false, "0.0.0.0:9000"),

@@ -41,7 +41,7 @@ where
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| handler(request));
+            let service = service_fn(handler);
             // Closed or broken connections are the client's business: nothing to report.
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)

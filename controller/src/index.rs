@@ -320,6 +320,9 @@ impl Index {
             // Identities come from the pod's spec; a ServiceAccount only changes the counts
             // (the entry makes publish look).
             Kind::ServiceAccount => {}
+            // Policy kinds feed `policy::store`, not discovery's views.
+            kind if kind.is_policy() => {}
+            _ => {}
         }
         if dirty.services.len() + dirty.pods.len() > MAX_DIRTY_PER_NAMESPACE {
             *dirty = Dirty {

@@ -68,7 +68,7 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, crate::Error> {
 
 /// One watcher event, reduced to what the index needs.
 #[derive(Debug)]
-enum Change {
+pub(crate) enum Change {
     Apply(Object),
     Delete(Object),
     Init,
@@ -95,6 +95,9 @@ pub(crate) async fn run(
 ) {
     // Big enough to absorb a relist page without stalling the watchers.
     let (tx, mut rx) = mpsc::channel::<(Kind, Change)>(1024);
+    // The policy kinds' watchers (`policy::watch`) tolerate missing CRDs and do not hold back
+    // the sync.
+    let policy_watchers = crate::policy::watch::spawn_watchers(&client, &tx);
     let watchers = [
         tokio::spawn(forward(
             Api::<Namespace>::all(client.clone()),
@@ -139,7 +142,7 @@ pub(crate) async fn run(
             tracing::info!(counts = ?index.counts(), "kubernetes discovery synced");
         }
     }
-    for watcher in watchers {
+    for watcher in watchers.into_iter().chain(policy_watchers) {
         watcher.abort();
     }
 }

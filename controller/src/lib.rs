@@ -73,6 +73,9 @@ pub struct Config {
     pub sync_wait: Duration,
     /// The identity CA; without it the Identity service is not served (no mTLS).
     pub identity: Option<IdentityOptions>,
+    /// The inbound policy of ports no Server covers, unless the pod or its namespace names
+    /// one (`config.mesh.dev/default-inbound-policy`).
+    pub default_inbound_policy: policy::inbound::DefaultPolicy,
 }
 
 /// Where the identity CA's issuer comes from and how it signs.
@@ -107,6 +110,7 @@ impl Config {
             cluster_domain: "cluster.local".to_owned(),
             sync_wait: Duration::from_secs(10),
             identity: None,
+            default_inbound_policy: policy::inbound::DefaultPolicy::AllUnauthenticated,
         }
     }
 }
@@ -151,7 +155,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let identity_metrics = identity::IdentityMetrics::new();
-    let metrics = Metrics::with_registrations(|registry| identity_metrics.register(registry));
+    let policy_metrics = policy::metrics::PolicyMetrics::new();
+    let metrics = Metrics::with_registrations(|registry| {
+        identity_metrics.register(registry);
+        policy_metrics.register(registry);
+    });
     // Loaded before anything starts, so a bad identity folder fails the start, not a proxy.
     let issuer = match &config.identity {
         Some(options) => {
@@ -187,7 +195,8 @@ pub async fn run(
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
-    let (health, snapshots, backend, authenticator) = match &config.discovery {
+    let (health, snapshots, backend, authenticator, policy_inputs, kube_client) =
+        match &config.discovery {
         Discovery::File { dir, poll_interval } => {
             let meta = std::fs::metadata(dir).map_err(|e| Error::ConfigDir {
                 path: dir.clone(),
@@ -215,6 +224,7 @@ pub async fn run(
                 stop_rx.clone(),
             ));
             let authenticator: std::sync::Arc<dyn identity::TokenAuthenticator> = tokens;
+            let policy_inputs = index.subscribe_policy();
             let backend = tokio::spawn(file::run(
                 dir.clone(),
                 *poll_interval,
@@ -223,7 +233,7 @@ pub async fn run(
                 metrics.clone(),
                 stop_rx.clone(),
             ));
-            (health, snapshots, backend, authenticator)
+            (health, snapshots, backend, authenticator, policy_inputs, None)
         }
         Discovery::Kubernetes { kubeconfig } => {
             let client = kubernetes::client(kubeconfig.as_deref()).await?;
@@ -237,6 +247,8 @@ pub async fn run(
                 Health::new("the first list of Namespaces, Services, EndpointSlices and Pods");
             let authenticator: std::sync::Arc<dyn identity::TokenAuthenticator> =
                 std::sync::Arc::new(identity::TokenReviewAuthenticator::new(client.clone()));
+            let policy_inputs = index.subscribe_policy();
+            let kube_client = Some(client.clone());
             let backend = tokio::spawn(kubernetes::run(
                 client,
                 index,
@@ -244,7 +256,7 @@ pub async fn run(
                 metrics.clone(),
                 stop_rx.clone(),
             ));
-            (health, snapshots, backend, authenticator)
+            (health, snapshots, backend, authenticator, policy_inputs, kube_client)
         }
     };
     let identity_service = issuer.map(|issuer| {
@@ -279,12 +291,37 @@ pub async fn run(
     ));
 
     // Scrapes the proxies the index knows; serves Stats.Summary/Edges (meshctl stat, dashboard).
-    // Scrapes the proxies the index knows; serves Stats.Summary/Edges (meshctl stat, dashboard).
     let stats = stats::spawn(
         snapshots.clone(),
         stats::StatsConfig::default(),
         stop_rx.clone(),
     );
+    let policy_context = policy::server::PolicyContext {
+        inputs: policy_inputs.clone(),
+        health: health.clone(),
+        sync_wait: config.sync_wait,
+        shutdown: stop_rx.clone(),
+        metrics: policy_metrics.clone(),
+    };
+    let outbound_settings = policy::outbound::OutboundSettings {
+        cluster_domain: config.cluster_domain.clone(),
+    };
+    tokio::spawn(policy::report::run(
+        policy_inputs,
+        outbound_settings.clone(),
+        policy_metrics,
+        kube_client,
+        stop_rx.clone(),
+    ));
+    let inbound_policies = policy::server::InboundPoliciesService::new(
+        policy_context.clone(),
+        policy::inbound::InboundSettings {
+            trust_domain: config.trust_domain.clone(),
+            cluster_default: config.default_inbound_policy,
+        },
+    );
+    let outbound_policies =
+        policy::server::OutboundPoliciesService::new(policy_context, outbound_settings);
     let destination = DestinationService::new(
         snapshots,
         health,
@@ -314,6 +351,8 @@ pub async fn run(
         .add_service(destination.into_server())
         .add_service(stats.into_server())
         .add_optional_service(identity_service)
+        .add_service(inbound_policies.into_server())
+        .add_service(outbound_policies.into_server())
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()))
         .await;
     // Whatever ended the gRPC server ends the rest too.

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use mesh_controller::policy::inbound::DefaultPolicy;
 use mesh_controller::{Config, Discovery, IdentityOptions};
 use tracing_subscriber::EnvFilter;
 
@@ -93,6 +94,14 @@ struct Args {
         value_parser = parse_duration
     )]
     identity_reload_interval: Duration,
+    /// The inbound policy of ports no Server covers, unless the pod or its namespace names
+    /// one: all-unauthenticated, all-authenticated, cluster-authenticated, deny or audit.
+    #[arg(
+        long,
+        env = "MESH_CONTROLLER_DEFAULT_INBOUND_POLICY",
+        default_value = "all-unauthenticated"
+    )]
+    default_inbound_policy: DefaultPolicy,
     /// Log filter: a level (`info`, `debug`) or tracing directives (`mesh_controller=debug`).
     #[arg(long, env = "MESH_CONTROLLER_LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -138,6 +147,7 @@ fn main() -> anyhow::Result<()> {
             reload_interval: args.identity_reload_interval,
             ..IdentityOptions::new(dir)
         }),
+        default_inbound_policy: args.default_inbound_policy,
         ..Config::new(discovery)
     };
 

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use crate::policy::kinds::PolicyObject;
+
 /// The namespace of a namespaced object that names none, as `kubectl apply` assumes.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -23,17 +25,53 @@ pub enum Kind {
     Pod,
     /// core/v1 ServiceAccount.
     ServiceAccount,
+    // Policy kinds (see `crate::policy::kinds`): no discovery view reads them.
+    /// policy.mesh.dev Server.
+    Server,
+    /// policy.mesh.dev AuthorizationPolicy.
+    AuthorizationPolicy,
+    /// policy.mesh.dev MeshTLSAuthentication.
+    MeshTLSAuthentication,
+    /// policy.mesh.dev NetworkAuthentication.
+    NetworkAuthentication,
+    /// policy.mesh.dev HTTPLocalRateLimitPolicy.
+    HTTPLocalRateLimitPolicy,
+    /// gateway.networking.k8s.io HTTPRoute.
+    HTTPRoute,
+    /// gateway.networking.k8s.io GRPCRoute.
+    GRPCRoute,
 }
 
 impl Kind {
     /// Every kind, in a fixed order (metrics report each, even when zero).
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Namespace,
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
         Kind::ServiceAccount,
+        Kind::Server,
+        Kind::AuthorizationPolicy,
+        Kind::MeshTLSAuthentication,
+        Kind::NetworkAuthentication,
+        Kind::HTTPLocalRateLimitPolicy,
+        Kind::HTTPRoute,
+        Kind::GRPCRoute,
     ];
+
+    /// Whether this is a policy kind (read by `crate::policy`, not by discovery's views).
+    pub fn is_policy(self) -> bool {
+        matches!(
+            self,
+            Kind::Server
+                | Kind::AuthorizationPolicy
+                | Kind::MeshTLSAuthentication
+                | Kind::NetworkAuthentication
+                | Kind::HTTPLocalRateLimitPolicy
+                | Kind::HTTPRoute
+                | Kind::GRPCRoute
+        )
+    }
 
     /// The Kubernetes kind name.
     pub fn as_str(self) -> &'static str {
@@ -43,6 +81,13 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Pod => "Pod",
             Kind::ServiceAccount => "ServiceAccount",
+            Kind::Server => "Server",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::MeshTLSAuthentication => "MeshTLSAuthentication",
+            Kind::NetworkAuthentication => "NetworkAuthentication",
+            Kind::HTTPLocalRateLimitPolicy => "HTTPLocalRateLimitPolicy",
+            Kind::HTTPRoute => "HTTPRoute",
+            Kind::GRPCRoute => "GRPCRoute",
         }
     }
 }
@@ -97,6 +142,8 @@ pub enum Object {
     Pod(Arc<Pod>),
     /// A ServiceAccount (counted; the identity comes from the pod's `serviceAccountName`).
     ServiceAccount(Arc<ServiceAccount>),
+    /// A policy CRD or Gateway API route, read by `crate::policy`.
+    Policy(PolicyObject),
 }
 
 /// A document that looked like one of our kinds but does not fit its schema.
@@ -122,6 +169,7 @@ impl Object {
             (Object::EndpointSlice(a), Object::EndpointSlice(b)) => Arc::ptr_eq(a, b) || a == b,
             (Object::Pod(a), Object::Pod(b)) => Arc::ptr_eq(a, b) || a == b,
             (Object::ServiceAccount(a), Object::ServiceAccount(b)) => Arc::ptr_eq(a, b) || a == b,
+            (Object::Policy(a), Object::Policy(b)) => a.same(b),
             _ => false,
         }
     }
@@ -134,6 +182,7 @@ impl Object {
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::Pod(_) => Kind::Pod,
             Object::ServiceAccount(_) => Kind::ServiceAccount,
+            Object::Policy(o) => o.kind(),
         }
     }
 
@@ -144,6 +193,7 @@ impl Object {
             Object::EndpointSlice(o) => &o.metadata,
             Object::Pod(o) => &o.metadata,
             Object::ServiceAccount(o) => &o.metadata,
+            Object::Policy(o) => o.metadata(),
         }
     }
 
@@ -154,6 +204,7 @@ impl Object {
             Object::EndpointSlice(o) => &mut Arc::make_mut(o).metadata,
             Object::Pod(o) => &mut Arc::make_mut(o).metadata,
             Object::ServiceAccount(o) => &mut Arc::make_mut(o).metadata,
+            Object::Policy(o) => o.metadata_mut(),
         }
     }
 
@@ -238,7 +289,10 @@ impl Object {
             ("discovery.k8s.io/v1", "EndpointSlice") => {
                 Object::EndpointSlice(Arc::new(serde_json::from_value(value).map_err(wrap)?))
             }
-            _ => return Ok(None),
+            _ => match PolicyObject::from_value(&api_version, &kind, value) {
+                Some(read) => Object::Policy(read.map_err(wrap)?),
+                None => return Ok(None),
+            },
         };
         Ok(Some(object))
     }

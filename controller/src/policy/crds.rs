@@ -33,6 +33,7 @@ pub const VERSION: &str = "v1alpha1";
     version = "v1alpha1",
     kind = "Server",
     namespaced,
+    derive = "PartialEq",
     shortname = "srv",
     printcolumn = r#"{"name":"Port","type":"string","jsonPath":".spec.port"}"#,
     printcolumn = r#"{"name":"Protocol","type":"string","jsonPath":".spec.proxyProtocol"}"#
@@ -97,6 +98,7 @@ pub struct ObjectRef {
     version = "v1alpha1",
     kind = "AuthorizationPolicy",
     namespaced,
+    derive = "PartialEq",
     shortname = "authzpolicy",
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.targetRef.name"}"#
 )]
@@ -119,6 +121,7 @@ pub struct AuthorizationPolicySpec {
     version = "v1alpha1",
     kind = "MeshTLSAuthentication",
     namespaced,
+    derive = "PartialEq",
     shortname = "meshtlsauthn"
 )]
 #[serde(rename_all = "camelCase")]
@@ -140,6 +143,7 @@ pub struct MeshTLSAuthenticationSpec {
     version = "v1alpha1",
     kind = "NetworkAuthentication",
     namespaced,
+    derive = "PartialEq",
     shortname = "netauthn"
 )]
 #[serde(rename_all = "camelCase")]
@@ -166,6 +170,7 @@ pub struct NetworkSpec {
     version = "v1alpha1",
     kind = "HTTPLocalRateLimitPolicy",
     namespaced,
+    derive = "PartialEq",
     shortname = "ratelimit"
 )]
 #[serde(rename_all = "camelCase")]

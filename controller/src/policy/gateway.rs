@@ -289,6 +289,7 @@ pub struct RouteParentStatus {
     version = "v1",
     kind = "HTTPRoute",
     namespaced,
+    derive = "PartialEq",
     status = "RouteStatus",
     printcolumn = r#"{"name":"Hostnames","type":"string","jsonPath":".spec.hostnames"}"#
 )]
@@ -356,6 +357,7 @@ pub struct GRPCRouteRule {
     version = "v1",
     kind = "GRPCRoute",
     namespaced,
+    derive = "PartialEq",
     status = "RouteStatus"
 )]
 #[serde(rename_all = "camelCase")]

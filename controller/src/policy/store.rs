@@ -16,6 +16,12 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use tokio::sync::watch;
 
+use super::crds::{
+    AuthorizationPolicy, HTTPLocalRateLimitPolicy, MeshTLSAuthentication, NetworkAuthentication,
+    Server,
+};
+use super::gateway::{GRPCRoute, HTTPRoute};
+use super::kinds::PolicyObject;
 use crate::objects::{Kind, Object, ObjectKey};
 
 /// The objects of one namespace that policy reads, by name.
@@ -29,14 +35,89 @@ pub struct NamespaceObjects {
     pub services: BTreeMap<String, Arc<Service>>,
     /// ServiceAccounts: the file backend's identity tokens.
     pub service_accounts: BTreeMap<String, Arc<ServiceAccount>>,
+    /// Servers.
+    pub servers: BTreeMap<String, Arc<Server>>,
+    /// AuthorizationPolicies.
+    pub authorization_policies: BTreeMap<String, Arc<AuthorizationPolicy>>,
+    /// MeshTLSAuthentications.
+    pub mesh_tls_authentications: BTreeMap<String, Arc<MeshTLSAuthentication>>,
+    /// NetworkAuthentications.
+    pub network_authentications: BTreeMap<String, Arc<NetworkAuthentication>>,
+    /// HTTPLocalRateLimitPolicies.
+    pub rate_limits: BTreeMap<String, Arc<HTTPLocalRateLimitPolicy>>,
+    /// HTTPRoutes.
+    pub http_routes: BTreeMap<String, Arc<HTTPRoute>>,
+    /// GRPCRoutes.
+    pub grpc_routes: BTreeMap<String, Arc<GRPCRoute>>,
+}
+
+/// Expands `$apply!(kind, field, pattern binding the object's Arc)` for every named kind, so
+/// the per-kind code is written once.
+macro_rules! named_kinds {
+    ($apply:ident) => {
+        $apply!(Kind::Pod, pods, o, Object::Pod(o));
+        $apply!(Kind::Service, services, o, Object::Service(o));
+        $apply!(
+            Kind::ServiceAccount,
+            service_accounts,
+            o,
+            Object::ServiceAccount(o)
+        );
+        $apply!(
+            Kind::Server,
+            servers,
+            o,
+            Object::Policy(PolicyObject::Server(o))
+        );
+        $apply!(
+            Kind::AuthorizationPolicy,
+            authorization_policies,
+            o,
+            Object::Policy(PolicyObject::AuthorizationPolicy(o))
+        );
+        $apply!(
+            Kind::MeshTLSAuthentication,
+            mesh_tls_authentications,
+            o,
+            Object::Policy(PolicyObject::MeshTLSAuthentication(o))
+        );
+        $apply!(
+            Kind::NetworkAuthentication,
+            network_authentications,
+            o,
+            Object::Policy(PolicyObject::NetworkAuthentication(o))
+        );
+        $apply!(
+            Kind::HTTPLocalRateLimitPolicy,
+            rate_limits,
+            o,
+            Object::Policy(PolicyObject::HTTPLocalRateLimitPolicy(o))
+        );
+        $apply!(
+            Kind::HTTPRoute,
+            http_routes,
+            o,
+            Object::Policy(PolicyObject::HTTPRoute(o))
+        );
+        $apply!(
+            Kind::GRPCRoute,
+            grpc_routes,
+            o,
+            Object::Policy(PolicyObject::GRPCRoute(o))
+        );
+    };
 }
 
 impl NamespaceObjects {
     fn is_empty(&self) -> bool {
-        self.namespace.is_none()
-            && self.pods.is_empty()
-            && self.services.is_empty()
-            && self.service_accounts.is_empty()
+        let mut empty = self.namespace.is_none();
+        macro_rules! check {
+            ($kind:path, $field:ident, $o:ident, $pattern:pat) => {
+                empty &= self.$field.is_empty();
+            };
+        }
+        named_kinds!(check);
+        empty
     }
 
     /// Whether storing `object` (or removing, for `None`) under `name` would change anything.
@@ -52,74 +133,81 @@ impl NamespaceObjects {
                 _ => true,
             }
         }
-        match (kind, object) {
-            (Kind::Namespace, Some(Object::Namespace(ns))) => !self
-                .namespace
-                .as_ref()
-                .is_some_and(|old| Arc::ptr_eq(old, ns) || old == ns),
-            (Kind::Namespace, None) => self.namespace.is_some(),
-            (Kind::Pod, Some(Object::Pod(o))) => differs(&self.pods, name, Some(o)),
-            (Kind::Pod, None) => differs::<Pod>(&self.pods, name, None),
-            (Kind::Service, Some(Object::Service(o))) => differs(&self.services, name, Some(o)),
-            (Kind::Service, None) => differs::<Service>(&self.services, name, None),
-            (Kind::ServiceAccount, Some(Object::ServiceAccount(o))) => {
-                differs(&self.service_accounts, name, Some(o))
-            }
-            (Kind::ServiceAccount, None) => {
-                differs::<ServiceAccount>(&self.service_accounts, name, None)
-            }
-            _ => false,
+        if kind == Kind::Namespace {
+            return match object {
+                Some(Object::Namespace(ns)) => !self
+                    .namespace
+                    .as_ref()
+                    .is_some_and(|old| Arc::ptr_eq(old, ns) || old == ns),
+                _ => self.namespace.is_some(),
+            };
         }
+        macro_rules! check {
+            ($kind:path, $field:ident, $o:ident, $pattern:pat) => {
+                if kind == $kind {
+                    return match object {
+                        Some($pattern) => differs(&self.$field, name, Some($o)),
+                        _ => differs(&self.$field, name, None),
+                    };
+                }
+            };
+        }
+        named_kinds!(check);
+        false
     }
 
     /// Inserts (`Some`) or removes (`None`) one object of `kind` named `name`. Kinds policy
     /// does not read are ignored.
     fn set(&mut self, kind: Kind, name: &str, object: Option<&Object>) {
-        fn put<T>(map: &mut BTreeMap<String, Arc<T>>, name: &str, value: Option<&Arc<T>>) {
-            match value {
-                Some(value) => {
-                    map.insert(name.to_owned(), value.clone());
-                }
-                None => {
-                    map.remove(name);
-                }
-            }
+        if kind == Kind::Namespace {
+            self.namespace = match object {
+                Some(Object::Namespace(ns)) => Some(ns.clone()),
+                _ => None,
+            };
+            return;
         }
-        match (kind, object) {
-            (Kind::Namespace, Some(Object::Namespace(ns))) => self.namespace = Some(ns.clone()),
-            (Kind::Namespace, None) => self.namespace = None,
-            (Kind::Pod, Some(Object::Pod(o))) => put(&mut self.pods, name, Some(o)),
-            (Kind::Pod, None) => put::<Pod>(&mut self.pods, name, None),
-            (Kind::Service, Some(Object::Service(o))) => put(&mut self.services, name, Some(o)),
-            (Kind::Service, None) => put::<Service>(&mut self.services, name, None),
-            (Kind::ServiceAccount, Some(Object::ServiceAccount(o))) => {
-                put(&mut self.service_accounts, name, Some(o))
-            }
-            (Kind::ServiceAccount, None) => {
-                put::<ServiceAccount>(&mut self.service_accounts, name, None)
-            }
-            _ => {}
+        macro_rules! put {
+            ($kind:path, $field:ident, $o:ident, $pattern:pat) => {
+                if kind == $kind {
+                    match object {
+                        Some($pattern) => {
+                            self.$field.insert(name.to_owned(), $o.clone());
+                        }
+                        _ => {
+                            self.$field.remove(name);
+                        }
+                    }
+                    return;
+                }
+            };
         }
+        named_kinds!(put);
     }
 
     /// The names of the objects of `kind` held.
     fn names(&self, kind: Kind) -> Vec<String> {
-        match kind {
-            Kind::Namespace => self.namespace.iter().map(|_| String::new()).collect(),
-            Kind::Pod => self.pods.keys().cloned().collect(),
-            Kind::Service => self.services.keys().cloned().collect(),
-            Kind::ServiceAccount => self.service_accounts.keys().cloned().collect(),
-            _ => Vec::new(),
+        if kind == Kind::Namespace {
+            return self.namespace.iter().map(|_| String::new()).collect();
         }
+        macro_rules! names {
+            ($kind:path, $field:ident, $o:ident, $pattern:pat) => {
+                if kind == $kind {
+                    return self.$field.keys().cloned().collect();
+                }
+            };
+        }
+        named_kinds!(names);
+        Vec::new()
     }
 }
 
 /// Whether policy reads objects of this kind.
 fn stored(kind: Kind) -> bool {
-    matches!(
-        kind,
-        Kind::Namespace | Kind::Pod | Kind::Service | Kind::ServiceAccount
-    )
+    kind.is_policy()
+        || matches!(
+            kind,
+            Kind::Namespace | Kind::Pod | Kind::Service | Kind::ServiceAccount
+        )
 }
 
 /// An immutable view of the objects policy reads, at one moment.

@@ -1,0 +1,243 @@
+//! The policy gRPC servers: `InboundPolicies.Watch` and `OutboundPolicies.Watch`.
+//!
+//! Each stream is one task that computes its policy with the pure functions
+//! (`policy::inbound`, `policy::outbound`) from the current [`PolicyInputs`], sends it, and
+//! computes it again on every new snapshot, sending only when it differs from what the client
+//! last got (snapshots that arrive while a slow client is being sent to are coalesced by the
+//! `watch` channel). The servers decide nothing themselves.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_proto::policy::inbound_policies_server::{InboundPolicies, InboundPoliciesServer};
+use mesh_proto::policy::outbound_policies_server::{OutboundPolicies, OutboundPoliciesServer};
+use mesh_proto::policy::{
+    InboundPolicyRequest, InboundServer, OutboundPolicy, OutboundPolicyRequest,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::inbound::{self, InboundSettings};
+use super::metrics::PolicyMetrics;
+use super::outbound::{self, OutboundSettings};
+use super::store::PolicyInputs;
+use crate::health::Health;
+
+/// Policies buffered per stream before the stream's task waits for the client.
+const STREAM_BUFFER: usize = 4;
+
+/// What both servers share.
+#[derive(Debug, Clone)]
+pub struct PolicyContext {
+    /// The policy inputs, as the index publishes them.
+    pub inputs: watch::Receiver<Arc<PolicyInputs>>,
+    /// Discovery's health: streams wait for the first sync.
+    pub health: Health,
+    /// How long a request waits for the first sync before UNAVAILABLE.
+    pub sync_wait: Duration,
+    /// Turns true when the controller stops.
+    pub shutdown: watch::Receiver<bool>,
+    /// The policy metrics.
+    pub metrics: PolicyMetrics,
+}
+
+impl PolicyContext {
+    async fn wait_synced(&self) -> Result<(), Status> {
+        if self.health.wait_synced(self.sync_wait).await {
+            Ok(())
+        } else {
+            Err(Status::unavailable(format!(
+                "discovery has not synced yet: {}",
+                self.health.state().waiting_for
+            )))
+        }
+    }
+
+    /// Streams `first`, then whatever `next` computes from each new snapshot: `Some` is the
+    /// policy now (sent when it differs from the last one sent), `None` keeps the last one.
+    fn spawn_stream<T, F>(
+        &self,
+        api: &'static str,
+        first: T,
+        mut next: F,
+    ) -> ReceiverStream<Result<T, Status>>
+    where
+        T: PartialEq + Clone + Send + Sync + 'static,
+        F: FnMut(&PolicyInputs) -> Option<T> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let mut inputs = self.inputs.clone();
+        let mut shutdown = self.shutdown.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let _active = metrics.stream_guard(api);
+            // Marks the current snapshot seen: `first` was computed from it or an older one,
+            // and a newer one arriving meanwhile still wakes the loop.
+            inputs.borrow_and_update();
+            if tx.send(Ok(first.clone())).await.is_err() {
+                return;
+            }
+            metrics.update_sent(api);
+            let mut last = first;
+            loop {
+                let stopping = tokio::select! {
+                    changed = inputs.changed() => if changed.is_err() { return } else { false },
+                    _ = tx.closed() => return,
+                    // `wait_for`'s guard is not `Send`: nothing may await inside this arm.
+                    _ = shutdown.wait_for(|stop| *stop) => true,
+                };
+                if stopping {
+                    let _ = tx
+                        .send(Err(Status::unavailable("the controller is shutting down")))
+                        .await;
+                    return;
+                }
+                let snapshot = inputs.borrow_and_update().clone();
+                let Some(policy) = next(&snapshot) else {
+                    continue;
+                };
+                if policy == last {
+                    continue;
+                }
+                if tx.send(Ok(policy.clone())).await.is_err() {
+                    return;
+                }
+                metrics.update_sent(api);
+                last = policy;
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+/// `InboundPolicies`: the policy of one port of one workload.
+#[derive(Debug, Clone)]
+pub struct InboundPoliciesService {
+    context: PolicyContext,
+    settings: Arc<InboundSettings>,
+}
+
+impl InboundPoliciesService {
+    /// A server computing policies with `settings`.
+    pub fn new(context: PolicyContext, settings: InboundSettings) -> Self {
+        Self {
+            context,
+            settings: Arc::new(settings),
+        }
+    }
+
+    /// The tonic server for this service.
+    pub fn into_server(self) -> InboundPoliciesServer<Self> {
+        InboundPoliciesServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl InboundPolicies for InboundPoliciesService {
+    type WatchStream = ReceiverStream<Result<InboundServer, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<InboundPolicyRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let request = request.into_inner();
+        let workload = request
+            .workload
+            .filter(|w| !w.namespace.is_empty())
+            .ok_or_else(|| Status::invalid_argument("the request names no workload namespace"))?;
+        let port = u16::try_from(request.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("port {} is not in 1..=65535", request.port))
+            })?;
+        self.context.wait_synced().await?;
+        let settings = self.settings.clone();
+        let first =
+            inbound::inbound_server(&self.context.inputs.borrow(), &workload, port, &settings);
+        tracing::debug!(
+            namespace = %workload.namespace,
+            pod = %workload.pod,
+            port,
+            policy = %first.name,
+            "inbound policy stream opened"
+        );
+        Ok(Response::new(self.context.spawn_stream(
+            "inbound",
+            first,
+            move |inputs| Some(inbound::inbound_server(inputs, &workload, port, &settings)),
+        )))
+    }
+}
+
+/// `OutboundPolicies`: routes, retries, timeouts and balancing for one target.
+#[derive(Debug, Clone)]
+pub struct OutboundPoliciesService {
+    context: PolicyContext,
+    settings: Arc<OutboundSettings>,
+}
+
+impl OutboundPoliciesService {
+    /// A server computing policies with `settings`.
+    pub fn new(context: PolicyContext, settings: OutboundSettings) -> Self {
+        Self {
+            context,
+            settings: Arc::new(settings),
+        }
+    }
+
+    /// The tonic server for this service.
+    pub fn into_server(self) -> OutboundPoliciesServer<Self> {
+        OutboundPoliciesServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl OutboundPolicies for OutboundPoliciesService {
+    type WatchStream = ReceiverStream<Result<OutboundPolicy, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<OutboundPolicyRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let request = request.into_inner();
+        let source = request.source.unwrap_or_default();
+        let wanted =
+            outbound::TargetRequest::from_proto(request.target.as_ref(), &source, &self.settings)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.context.wait_synced().await?;
+        let settings = self.settings.clone();
+        let (target, outcome) = {
+            let inputs = self.context.inputs.borrow();
+            let target = outbound::resolve_target(&inputs, &wanted)
+                .ok_or_else(|| Status::not_found(format!("{wanted} is not a Service port")))?;
+            let outcome = outbound::outbound_policy(&inputs, &target, &source, &settings);
+            (target, outcome)
+        };
+        // A target with neither routes nor annotations has no policy: the proxy then routes
+        // by discovery alone.
+        let first = outcome
+            .policy
+            .ok_or_else(|| Status::not_found(format!("{target} has no outbound policy")))?;
+        tracing::debug!(%target, "outbound policy stream opened");
+        Ok(Response::new(self.context.spawn_stream(
+            "outbound",
+            first,
+            move |inputs| {
+                let outcome = outbound::outbound_policy(inputs, &target, &source, &settings);
+                // An invalid route or annotation keeps the last valid policy (reported by
+                // `policy::report`); a policy that went away becomes the plain one, which
+                // routes exactly as discovery alone would.
+                if !outcome.problems.is_empty() {
+                    return None;
+                }
+                Some(
+                    outcome
+                        .policy
+                        .unwrap_or_else(|| outbound::plain_policy(&target, &settings)),
+                )
+            },
+        )))
+    }
+}

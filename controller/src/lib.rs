@@ -197,68 +197,82 @@ pub async fn run(
 
     let (health, snapshots, backend, authenticator, policy_inputs, kube_client) =
         match &config.discovery {
-        Discovery::File { dir, poll_interval } => {
-            let meta = std::fs::metadata(dir).map_err(|e| Error::ConfigDir {
-                path: dir.clone(),
-                reason: e.to_string(),
-            })?;
-            if !meta.is_dir() {
-                return Err(Error::ConfigDir {
+            Discovery::File { dir, poll_interval } => {
+                let meta = std::fs::metadata(dir).map_err(|e| Error::ConfigDir {
                     path: dir.clone(),
-                    reason: "not a folder".to_owned(),
+                    reason: e.to_string(),
+                })?;
+                if !meta.is_dir() {
+                    return Err(Error::ConfigDir {
+                        path: dir.clone(),
+                        reason: "not a folder".to_owned(),
+                    });
+                }
+                let (index, snapshots) = Index::new(IndexOptions {
+                    trust_domain: config.trust_domain.clone(),
+                    meshed_rule: MeshedRule::InjectAnnotation,
+                    endpoints_from_pods: true,
+                    // Hand-written slices may name pods the files do not define.
+                    wait_for_pods: false,
                 });
+                let health = Health::new(format!("the first scan of {}", dir.display()));
+                // The file backend's ServiceAccounts declare the tokens; refreshed on every change.
+                let tokens = std::sync::Arc::new(identity::StaticTokens::default());
+                tokio::spawn(refresh_static_tokens(
+                    index.subscribe_policy(),
+                    tokens.clone(),
+                    stop_rx.clone(),
+                ));
+                let authenticator: std::sync::Arc<dyn identity::TokenAuthenticator> = tokens;
+                let policy_inputs = index.subscribe_policy();
+                let backend = tokio::spawn(file::run(
+                    dir.clone(),
+                    *poll_interval,
+                    index,
+                    health.clone(),
+                    metrics.clone(),
+                    stop_rx.clone(),
+                ));
+                (
+                    health,
+                    snapshots,
+                    backend,
+                    authenticator,
+                    policy_inputs,
+                    None,
+                )
             }
-            let (index, snapshots) = Index::new(IndexOptions {
-                trust_domain: config.trust_domain.clone(),
-                meshed_rule: MeshedRule::InjectAnnotation,
-                endpoints_from_pods: true,
-                // Hand-written slices may name pods the files do not define.
-                wait_for_pods: false,
-            });
-            let health = Health::new(format!("the first scan of {}", dir.display()));
-            // The file backend's ServiceAccounts declare the tokens; refreshed on every change.
-            let tokens = std::sync::Arc::new(identity::StaticTokens::default());
-            tokio::spawn(refresh_static_tokens(
-                index.subscribe_policy(),
-                tokens.clone(),
-                stop_rx.clone(),
-            ));
-            let authenticator: std::sync::Arc<dyn identity::TokenAuthenticator> = tokens;
-            let policy_inputs = index.subscribe_policy();
-            let backend = tokio::spawn(file::run(
-                dir.clone(),
-                *poll_interval,
-                index,
-                health.clone(),
-                metrics.clone(),
-                stop_rx.clone(),
-            ));
-            (health, snapshots, backend, authenticator, policy_inputs, None)
-        }
-        Discovery::Kubernetes { kubeconfig } => {
-            let client = kubernetes::client(kubeconfig.as_deref()).await?;
-            let (index, snapshots) = Index::new(IndexOptions {
-                trust_domain: config.trust_domain.clone(),
-                meshed_rule: MeshedRule::ProxyPresent,
-                endpoints_from_pods: false,
-                wait_for_pods: true,
-            });
-            let health =
-                Health::new("the first list of Namespaces, Services, EndpointSlices and Pods");
-            let authenticator: std::sync::Arc<dyn identity::TokenAuthenticator> =
-                std::sync::Arc::new(identity::TokenReviewAuthenticator::new(client.clone()));
-            let policy_inputs = index.subscribe_policy();
-            let kube_client = Some(client.clone());
-            let backend = tokio::spawn(kubernetes::run(
-                client,
-                index,
-                health.clone(),
-                metrics.clone(),
-                stop_rx.clone(),
-            ));
-            (health, snapshots, backend, authenticator, policy_inputs, kube_client)
-        }
-    };
+            Discovery::Kubernetes { kubeconfig } => {
+                let client = kubernetes::client(kubeconfig.as_deref()).await?;
+                let (index, snapshots) = Index::new(IndexOptions {
+                    trust_domain: config.trust_domain.clone(),
+                    meshed_rule: MeshedRule::ProxyPresent,
+                    endpoints_from_pods: false,
+                    wait_for_pods: true,
+                });
+                let health =
+                    Health::new("the first list of Namespaces, Services, EndpointSlices and Pods");
+                let authenticator: std::sync::Arc<dyn identity::TokenAuthenticator> =
+                    std::sync::Arc::new(identity::TokenReviewAuthenticator::new(client.clone()));
+                let policy_inputs = index.subscribe_policy();
+                let kube_client = Some(client.clone());
+                let backend = tokio::spawn(kubernetes::run(
+                    client,
+                    index,
+                    health.clone(),
+                    metrics.clone(),
+                    stop_rx.clone(),
+                ));
+                (
+                    health,
+                    snapshots,
+                    backend,
+                    authenticator,
+                    policy_inputs,
+                    kube_client,
+                )
+            }
+        };
     let identity_service = issuer.map(|issuer| {
         if let Some(options) = &config.identity {
             tokio::spawn(identity::watch_issuer_dir(

@@ -29,8 +29,11 @@ fmt:
 fmt-check:
     cargo fmt --all -- --check
 
-# Run the mesh on this machine.
+# Run the mesh on this machine: the demo app in a local mesh, then the live dashboard
+# (`just demo --headless --duration 30s` prints a summary instead). `local up` runs the
+# mesh-proxy and mesh-controller built beside meshctl, so all three are built first.
 demo *ARGS: setup
+    cargo build --quiet --bin meshctl --bin mesh-proxy --bin mesh-controller
     cargo run --quiet --bin meshctl -- demo {{ARGS}}
 
 # Benchmarks: the mesh beside a direct path and HAProxy; writes BENCHMARKS.md and

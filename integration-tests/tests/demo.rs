@@ -3,8 +3,9 @@
 //! books and authors and exit 0; and the dashboard, driven in tmux, must start, sort, filter,
 //! drill in and quit, taking the mesh down.
 //!
-//! Both need root and say so loudly when they cannot run (failing under CI=true). Every wait
-//! is bounded, and a guard takes the local mesh down when a test fails half way.
+//! Those two need root and say so loudly when they cannot run (failing under CI=true); the
+//! headless demo in loopback mode (apps through `HTTP_PROXY`) runs anywhere. Every wait is
+//! bounded, and a guard takes the local mesh down when a test fails half way.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -39,13 +40,13 @@ impl DemoMesh {
         }
     }
 
-    /// `meshctl demo ARGS --state-dir DIR --instance NAME` as words.
-    fn demo_args(&self, extra: &[&str]) -> Vec<String> {
+    /// `meshctl demo ARGS --mode MODE --state-dir DIR --instance NAME` as words.
+    fn demo_args(&self, mode: &str, extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = vec!["demo".into()];
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         args.extend([
             "--mode".into(),
-            "root".into(),
+            mode.into(),
             "--state-dir".into(),
             self.state_dir.display().to_string(),
             "--instance".into(),
@@ -145,14 +146,41 @@ fn demo_headless_reports_traffic_and_mtls_for_every_service() {
         return;
     }
     let mesh = DemoMesh::new("h");
-    let args = mesh.demo_args(&["--headless", "--duration", "20s"]);
+    let args = mesh.demo_args("root", &["--headless", "--duration", "20s"]);
     let (success, stdout, stderr) = run_bounded(&mesh.meshctl, &args, Duration::from_secs(300));
     assert!(
         success,
         "meshctl demo --headless failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
+    assert_healthy_summary(&stdout);
+    assert!(
+        stderr.contains("taking the local mesh down"),
+        "the demo takes its mesh down\n{stderr}"
+    );
+    assert!(!mesh.state_dir.exists(), "the state folder is removed");
+    assert_eq!(mesh.namespaces_left(), Vec::<String>::new());
+}
+
+/// Loopback mode runs anywhere (no root): the apps reach each other through their proxy as
+/// `HTTP_PROXY` (HTTP/1.1 in absolute form, HTTP/2 and gRPC by authority), still with mTLS.
+#[test]
+fn demo_headless_in_loopback_mode_reports_traffic_and_mtls() {
+    let mesh = DemoMesh::new("l");
+    let args = mesh.demo_args("loopback", &["--headless", "--duration", "15s"]);
+    let (success, stdout, stderr) = run_bounded(&mesh.meshctl, &args, Duration::from_secs(300));
+    assert!(
+        success,
+        "meshctl demo --headless --mode loopback failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert_healthy_summary(&stdout);
+    assert!(!mesh.state_dir.exists(), "the state folder is removed");
+}
+
+/// The summary has traffic and mTLS for web, books and authors, web mostly succeeds, and
+/// the denial of traffic's calls to archive shows with its policy.
+fn assert_healthy_summary(stdout: &str) {
     for workload in ["web", "books", "authors"] {
-        let row = summary_row(&stdout, workload);
+        let row = summary_row(stdout, workload);
         let rps: f64 = row[4]
             .parse()
             .unwrap_or_else(|_| panic!("{workload}: RPS {:?} is not a number", row[4]));
@@ -164,7 +192,7 @@ fn demo_headless_reports_traffic_and_mtls_for_every_service() {
         assert_eq!(row[2], "1/1", "{workload} is meshed: {row:?}");
     }
     assert!(
-        percent(summary_row(&stdout, "web")[3]) > 50.0,
+        percent(summary_row(stdout, "web")[3]) > 50.0,
         "web mostly succeeds\n{stdout}"
     );
     assert!(
@@ -172,12 +200,6 @@ fn demo_headless_reports_traffic_and_mtls_for_every_service() {
         "the denial of traffic's calls to archive is reported\n{stdout}"
     );
     assert!(stdout.contains("The mesh is healthy."), "{stdout}");
-    assert!(
-        stderr.contains("taking the local mesh down"),
-        "the demo takes its mesh down\n{stderr}"
-    );
-    assert!(!mesh.state_dir.exists(), "the state folder is removed");
-    assert_eq!(mesh.namespaces_left(), Vec::<String>::new());
 }
 
 /// A tmux session running a command, killed on drop.
@@ -282,7 +304,7 @@ fn demo_dashboard_in_tmux_starts_sorts_drills_in_and_quits() {
     let exit_file = mesh.state_dir.with_extension("exit");
     let _ = std::fs::remove_file(&exit_file);
     let args: Vec<String> = mesh
-        .demo_args(&[])
+        .demo_args("root", &[])
         .iter()
         .map(|arg| format!("'{arg}'"))
         .collect();

@@ -283,6 +283,80 @@ mod tests {
         assert!(error.contains("POD_IP"), "{error}");
     }
 
+    /// A fake HTTP proxy on 127.0.0.1:0: answers one request with 200 and hands back the
+    /// request's bytes as received.
+    async fn fake_proxy() -> (SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the fake proxy");
+        let addr = listener.local_addr().expect("bound");
+        let received = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("a connection");
+            let mut request = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut chunk).await.expect("read the request");
+                if n == 0 {
+                    break;
+                }
+                request.extend_from_slice(&chunk[..n]);
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            request
+        });
+        (addr, received)
+    }
+
+    #[tokio::test]
+    async fn behind_an_http_proxy_http1_requests_go_to_the_proxy_in_absolute_form() {
+        let (proxy, received) = fake_proxy().await;
+        let client = http_client(Some(proxy), HttpVersion::Http1);
+        let request = http::Request::get("http://books.demo.svc.cluster.local:8080/books/7")
+            .body(Full::new(Bytes::new()))
+            .expect("a request");
+        let response = tokio::time::timeout(Duration::from_secs(5), client.request(request))
+            .await
+            .expect("answered in time")
+            .expect("answered");
+        assert_eq!(response.status(), 200);
+        let request = String::from_utf8(received.await.expect("the proxy ran"))
+            .expect("an HTTP/1 head is text");
+        assert!(
+            request
+                .starts_with("GET http://books.demo.svc.cluster.local:8080/books/7 HTTP/1.1\r\n"),
+            "{request}"
+        );
+        assert!(
+            request
+                .to_ascii_lowercase()
+                .contains("host: books.demo.svc.cluster.local:8080"),
+            "{request}"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_proxy_requests_go_to_the_host_in_origin_form() {
+        let (server, received) = fake_proxy().await;
+        let client = http_client(None, HttpVersion::Http1);
+        let request = http::Request::get(format!("http://{server}/books/7"))
+            .body(Full::new(Bytes::new()))
+            .expect("a request");
+        let response = tokio::time::timeout(Duration::from_secs(5), client.request(request))
+            .await
+            .expect("answered in time")
+            .expect("answered");
+        assert_eq!(response.status(), 200);
+        let request = String::from_utf8(received.await.expect("the server ran"))
+            .expect("an HTTP/1 head is text");
+        assert!(
+            request.starts_with("GET /books/7 HTTP/1.1\r\n"),
+            "{request}"
+        );
+    }
+
     #[test]
     fn proxies_parse_with_or_without_a_scheme() {
         for (text, want) in [

@@ -383,7 +383,12 @@ fn draw_drill(frame: &mut Frame, app: &App, area: Rect) {
     draw_named_stats(
         frame,
         routes,
-        " Routes (outbound) ".to_owned(),
+        if routes.is_empty() && !waiting {
+            // Proxies count requests per route only where an outbound policy applies.
+            " Routes (outbound; none reported) ".to_owned()
+        } else {
+            " Routes (outbound) ".to_owned()
+        },
         "ROUTE",
         routes_area,
     );

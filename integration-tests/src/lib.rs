@@ -3,6 +3,7 @@
 //! in `tests/`. Nothing in the product depends on this crate.
 
 mod binaries;
+pub mod cluster;
 pub mod netns;
 
 pub use binaries::bin_path;

@@ -10,14 +10,13 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use mesh_controller::{Config, Discovery};
+use mesh_integration_tests::cluster::Cluster;
 use mesh_proto::destination::destination_client::DestinationClient;
 use mesh_proto::destination::{Endpoint, GetDestination, Update, get_destination, update};
 use serde_json::json;
@@ -27,103 +26,6 @@ use tonic::Streaming;
 /// Bound on every wait for the API server, the EndpointSlice controller and the stream.
 const WAIT: Duration = Duration::from_secs(30);
 const NODE: &str = "mesh-test-node";
-
-/// A cluster to test against; stops it on drop when this test started it.
-struct Cluster {
-    kubeconfig: PathBuf,
-    /// The state folder, when this test started the cluster (and may restart its API server).
-    started: Option<PathBuf>,
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/k8s-test-cluster")
-}
-
-fn free_port() -> Option<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
-    Some(listener.local_addr().ok()?.port())
-}
-
-impl Cluster {
-    fn get() -> Option<Cluster> {
-        if let Some(kubeconfig) = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()) {
-            eprintln!("controller_kubernetes: using the cluster of KUBECONFIG={kubeconfig:?}");
-            return Some(Cluster {
-                kubeconfig: PathBuf::from(kubeconfig),
-                started: None,
-            });
-        }
-        let state = std::env::temp_dir().join(format!("mesh-k8s-test-{}", std::process::id()));
-        let (Some(api), Some(etcd), Some(peer)) = (free_port(), free_port(), free_port()) else {
-            return unavailable("no free loopback ports");
-        };
-        let output = Command::new("bash")
-            .arg(script())
-            .arg("start")
-            .arg(&state)
-            .env("API_PORT", api.to_string())
-            .env("ETCD_PORT", etcd.to_string())
-            .env("ETCD_PEER", peer.to_string())
-            .output();
-        let cluster = Cluster {
-            kubeconfig: state.join("kubeconfig"),
-            started: Some(state),
-        };
-        match output {
-            Ok(out) if out.status.success() => Some(cluster),
-            Ok(out) => unavailable(&format!(
-                "scripts/k8s-test-cluster start failed ({}):\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            )),
-            Err(e) => unavailable(&format!("cannot run scripts/k8s-test-cluster: {e}")),
-        }
-    }
-
-    /// Restarts the API server (same flags, same etcd); false when this test did not start
-    /// the cluster.
-    fn restart_apiserver(&self) -> bool {
-        let Some(state) = &self.started else {
-            return false;
-        };
-        let status = Command::new("bash")
-            .arg(script())
-            .arg("restart-apiserver")
-            .arg(state)
-            .status()
-            .expect("run scripts/k8s-test-cluster restart-apiserver");
-        assert!(status.success(), "the API server restarts: {status}");
-        true
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if let Some(state) = &self.started {
-            let _ = Command::new("bash")
-                .arg(script())
-                .arg("stop")
-                .arg(state)
-                .status();
-            let _ = std::fs::remove_dir_all(state);
-        }
-    }
-}
-
-fn unavailable(reason: &str) -> Option<Cluster> {
-    let banner = "!".repeat(78);
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "\n{banner}\ncontroller_kubernetes: CI=true and no Kubernetes API server could be \
-             started, so this test FAILS rather than pass unseen.\n{reason}\n{banner}"
-        );
-    }
-    eprintln!(
-        "\n{banner}\nSKIPPED controller_kubernetes: no Kubernetes API server.\n{reason}\n\
-         Set KUBECONFIG or make scripts/k8s-test-cluster work (in CI this test fails).\n{banner}"
-    );
-    None
-}
 
 /// What the client has been told: endpoints by address.
 #[derive(Default)]
@@ -258,7 +160,7 @@ fn authority(text: String) -> GetDestination {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_changes_arrive_as_diffs() {
-    let Some(cluster) = Cluster::get() else {
+    let Some(cluster) = Cluster::get("controller_kubernetes") else {
         return;
     };
     let client = Client::try_from(

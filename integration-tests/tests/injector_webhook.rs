@@ -12,8 +12,6 @@
 //! else one started by `scripts/k8s-test-cluster` on free loopback ports. When no cluster can
 //! be had the test fails under `CI=true` and skips loudly otherwise.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,102 +24,23 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use mesh_injector::MeshConfig;
 use mesh_injector::metrics::{AdmissionResult, Metrics};
 use mesh_injector::webhook::{self, KubeNamespaces, Webhook};
+use mesh_integration_tests::cluster::Cluster;
 use serde_json::json;
 
 /// Bound on every wait for the API server and its controllers.
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A cluster to test against; stops it on drop when this test started it. (The same recipe as
-/// controller_kubernetes.rs.)
-struct Cluster {
-    kubeconfig: PathBuf,
-    started: Option<PathBuf>,
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/k8s-test-cluster")
-}
-
-fn free_port() -> Option<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
-    Some(listener.local_addr().ok()?.port())
-}
-
-impl Cluster {
-    fn get() -> Option<Cluster> {
-        if let Some(kubeconfig) = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()) {
-            eprintln!("injector_webhook: using the cluster of KUBECONFIG={kubeconfig:?}");
-            return Some(Cluster {
-                kubeconfig: PathBuf::from(kubeconfig),
-                started: None,
-            });
-        }
-        let state = std::env::temp_dir().join(format!("mesh-k8s-injector-{}", std::process::id()));
-        let (Some(api), Some(etcd), Some(peer)) = (free_port(), free_port(), free_port()) else {
-            return unavailable("no free loopback ports");
-        };
-        let output = Command::new("bash")
-            .arg(script())
-            .arg("start")
-            .arg(&state)
-            .env("API_PORT", api.to_string())
-            .env("ETCD_PORT", etcd.to_string())
-            .env("ETCD_PEER", peer.to_string())
-            .output();
-        let cluster = Cluster {
-            kubeconfig: state.join("kubeconfig"),
-            started: Some(state),
-        };
-        match output {
-            Ok(out) if out.status.success() => Some(cluster),
-            Ok(out) => unavailable(&format!(
-                "scripts/k8s-test-cluster start failed ({}):\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            )),
-            Err(e) => unavailable(&format!("cannot run scripts/k8s-test-cluster: {e}")),
-        }
-    }
-
-    async fn client(&self) -> Client {
-        let kubeconfig =
-            kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("read the kubeconfig");
-        let config = kube::Config::from_custom_kubeconfig(
-            kubeconfig,
-            &kube::config::KubeConfigOptions::default(),
-        )
-        .await
-        .expect("a client config from the kubeconfig");
-        Client::try_from(config).expect("a Kubernetes client")
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if let Some(state) = &self.started {
-            let _ = Command::new("bash")
-                .arg(script())
-                .arg("stop")
-                .arg(state)
-                .status();
-            let _ = std::fs::remove_dir_all(state);
-        }
-    }
-}
-
-fn unavailable(reason: &str) -> Option<Cluster> {
-    let banner = "!".repeat(78);
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "\n{banner}\ninjector_webhook: CI=true and no Kubernetes API server could be \
-             started, so this test FAILS rather than pass unseen.\n{reason}\n{banner}"
-        );
-    }
-    eprintln!(
-        "\n{banner}\nSKIPPED injector_webhook: no Kubernetes API server.\n{reason}\n\
-         Set KUBECONFIG or make scripts/k8s-test-cluster work (in CI this test fails).\n{banner}"
-    );
-    None
+/// A client of the test cluster.
+async fn client(cluster: &Cluster) -> Client {
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(&cluster.kubeconfig).expect("read the kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .expect("a client config from the kubeconfig");
+    Client::try_from(config).expect("a Kubernetes client")
 }
 
 /// A CA and a serving certificate for 127.0.0.1 signed by it: (CA PEM, cert PEM, key PEM).
@@ -221,10 +140,10 @@ async fn create_namespace(client: &Client, name: &str, meshed: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_server_injects_through_the_webhook() {
-    let Some(cluster) = Cluster::get() else {
+    let Some(cluster) = Cluster::get("injector_webhook") else {
         return;
     };
-    let client = cluster.client().await;
+    let client = client(&cluster).await;
     let run = async {
         let id = std::process::id();
         let meshed = format!("mesh-inj-meshed-{id}");

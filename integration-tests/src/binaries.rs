@@ -86,5 +86,11 @@ fn target_dir_and_profile() -> (PathBuf, String) {
         .parent()
         .expect("the profile directory sits in the target directory")
         .to_path_buf();
+    // With a separate build directory (`CARGO_BUILD_BUILD_DIR`, e.g. several worktrees sharing
+    // one build cache) the test binary lives in the build directory, while the binaries
+    // belong in this tree's own target directory.
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or(target_dir);
     (target_dir, profile)
 }

@@ -7,6 +7,8 @@ mod dashboard;
 mod demo;
 mod demo_app;
 mod inject;
+mod install;
+mod kubernetes;
 mod local;
 mod stat;
 
@@ -56,6 +58,10 @@ enum Command {
     Inject(inject::InjectArgs),
     /// Remove what `meshctl inject` added from Kubernetes YAML (FILE or -), to stdout.
     Uninject(inject::UninjectArgs),
+    /// Print (or apply, with --apply) everything the mesh's control plane needs in a cluster.
+    Install(install::InstallArgs),
+    /// Print (or delete, with --delete) what `meshctl install` created.
+    Uninstall(install::UninstallArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,6 +76,8 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Inject(args) => inject::run_inject(&args, global.namespace.as_deref()),
         Command::Uninject(args) => inject::run_uninject(&args),
+        Command::Install(args) => install::run_install(args, &global),
+        Command::Uninstall(args) => install::run_uninstall(args, &global),
         Command::Version => {
             println!("meshctl {}", env!("CARGO_PKG_VERSION"));
             Ok(())

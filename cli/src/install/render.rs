@@ -1,0 +1,425 @@
+//! The objects of an install, built from [`Values`]. The Helm chart's templates
+//! (`charts/mesh/templates/`) build the same objects from the same values; `chart_test` keeps
+//! the two equal, so a change here is a change there.
+
+use serde_json::{Value, json};
+
+use super::values::Values;
+
+/// The CRDs every install carries, generated from the controller's types (policy) and the
+/// Gateway API subset it reads; the chart ships the same files in `crds/`.
+pub fn crds() -> Result<Vec<Value>, String> {
+    let mut objects = Vec::new();
+    for (name, yaml) in CRD_FILES {
+        let crd: Value = serde_saphyr::from_str(yaml).map_err(|e| format!("{name}: {e}"))?;
+        objects.push(crd);
+    }
+    Ok(objects)
+}
+
+/// The chart's `crds/` folder, compiled in.
+const CRD_FILES: &[(&str, &str)] = &[
+    (
+        "policy.mesh.dev_servers.yaml",
+        include_str!("../../../charts/mesh/crds/policy.mesh.dev_servers.yaml"),
+    ),
+    (
+        "policy.mesh.dev_authorizationpolicies.yaml",
+        include_str!("../../../charts/mesh/crds/policy.mesh.dev_authorizationpolicies.yaml"),
+    ),
+    (
+        "policy.mesh.dev_meshtlsauthentications.yaml",
+        include_str!("../../../charts/mesh/crds/policy.mesh.dev_meshtlsauthentications.yaml"),
+    ),
+    (
+        "policy.mesh.dev_networkauthentications.yaml",
+        include_str!("../../../charts/mesh/crds/policy.mesh.dev_networkauthentications.yaml"),
+    ),
+    (
+        "policy.mesh.dev_httplocalratelimitpolicies.yaml",
+        include_str!(
+            "../../../charts/mesh/crds/policy.mesh.dev_httplocalratelimitpolicies.yaml"
+        ),
+    ),
+    (
+        "gateway.networking.k8s.io_httproutes.yaml",
+        include_str!("../../../charts/mesh/crds/gateway.networking.k8s.io_httproutes.yaml"),
+    ),
+    (
+        "gateway.networking.k8s.io_grpcroutes.yaml",
+        include_str!("../../../charts/mesh/crds/gateway.networking.k8s.io_grpcroutes.yaml"),
+    ),
+];
+
+/// Names of the install's objects, shared with `check` and `uninstall`.
+pub mod names {
+    pub const CONTROLLER: &str = "mesh-controller";
+    pub const INJECTOR: &str = "mesh-injector";
+    pub const ISSUER_SECRET: &str = "mesh-identity-issuer";
+    pub const TRUST_ROOTS: &str = "mesh-identity-trust-roots";
+    pub const TRUST_ROOTS_KEY: &str = "ca-bundle.crt";
+    pub const INJECTOR_TLS_SECRET: &str = "mesh-injector-tls";
+    pub const CONFIG: &str = "mesh-config";
+    pub const WEBHOOK: &str = "mesh-injector";
+}
+
+const GRPC_PORT: u16 = 8086;
+const CONTROLLER_ADMIN_PORT: u16 = 9990;
+const INJECTOR_HTTPS_PORT: u16 = 8443;
+const INJECTOR_ADMIN_PORT: u16 = 9995;
+/// The control plane runs as this non-root user.
+const CONTROL_PLANE_UID: u16 = 2103;
+
+/// Every object of the install but the CRDs, in the order they are applied: the namespace,
+/// then who may do what, then secrets and config, then workloads, and the webhook last (it
+/// must not call an injector that is not there yet; with `Ignore` it would only skip pods).
+pub fn control_plane(values: &Values) -> Vec<Value> {
+    let ns = values.namespace.as_str();
+    vec![
+        json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {
+                "name": ns,
+                "labels": {
+                    "mesh.dev/control-plane-ns": ns,
+                    // The webhook's namespaceSelector skips the control plane's own pods.
+                    "mesh.dev/inject": "disabled",
+                },
+            },
+        }),
+        service_account(values, names::CONTROLLER),
+        service_account(values, names::INJECTOR),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": names::CONTROLLER, "labels": labels(values, "controller")},
+            "rules": [
+                // Discovery and policy: read-only.
+                {"apiGroups": [""], "resources": ["namespaces", "services", "pods"],
+                 "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                 "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["policy.mesh.dev"],
+                 "resources": ["servers", "authorizationpolicies", "meshtlsauthentications",
+                               "networkauthentications", "httplocalratelimitpolicies"],
+                 "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["gateway.networking.k8s.io"],
+                 "resources": ["httproutes", "grpcroutes"], "verbs": ["get", "list", "watch"]},
+                // Route conditions (Accepted, ResolvedRefs) are written to status only.
+                {"apiGroups": ["gateway.networking.k8s.io"],
+                 "resources": ["httproutes/status", "grpcroutes/status"],
+                 "verbs": ["patch", "update"]},
+                // Identity: a proxy's ServiceAccount token is checked before signing its CSR.
+                {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+                 "verbs": ["create"]},
+            ],
+        }),
+        cluster_role_binding(values, names::CONTROLLER, "controller"),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": names::INJECTOR, "labels": labels(values, "injector")},
+            "rules": [
+                // Namespace annotations are defaults for their pods' injection.
+                {"apiGroups": [""], "resources": ["namespaces"],
+                 "verbs": ["get", "list", "watch"]},
+            ],
+        }),
+        cluster_role_binding(values, names::INJECTOR, "injector"),
+        json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/tls",
+            "metadata": {"name": names::ISSUER_SECRET, "namespace": ns,
+                         "labels": labels(values, "identity")},
+            // cert-manager's layout, so cert-manager can take over the issuer's rotation.
+            "stringData": {
+                "tls.crt": values.identity.issuer.crt_pem,
+                "tls.key": values.identity.issuer.key_pem,
+                "ca.crt": values.identity.trust_anchors_pem,
+            },
+        }),
+        json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": names::TRUST_ROOTS, "namespace": ns,
+                         "labels": labels(values, "identity")},
+            "data": {names::TRUST_ROOTS_KEY: values.identity.trust_anchors_pem},
+        }),
+        json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/tls",
+            "metadata": {"name": names::INJECTOR_TLS_SECRET, "namespace": ns,
+                         "labels": labels(values, "injector")},
+            "stringData": {
+                "tls.crt": values.webhook.crt_pem,
+                "tls.key": values.webhook.key_pem,
+                "ca.crt": values.webhook.ca_bundle_pem,
+            },
+        }),
+        json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": names::CONFIG, "namespace": ns, "labels": labels(values, "config")},
+            // What `meshctl check` and a reader need to know of the install, keys excluded.
+            "data": {
+                "trustDomain": values.trust_domain,
+                "clusterDomain": values.cluster_domain,
+                "ha": values.ha.to_string(),
+                "proxyImage": values.image.proxy,
+                "defaultInboundPolicy": values.proxy.default_inbound_policy,
+            },
+        }),
+        controller_deployment(values),
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": names::CONTROLLER, "namespace": ns,
+                         "labels": labels(values, "controller")},
+            "spec": {
+                "selector": selector("controller"),
+                "ports": [
+                    {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc"},
+                    {"name": "admin", "port": CONTROLLER_ADMIN_PORT, "targetPort": "admin"},
+                ],
+            },
+        }),
+        injector_deployment(values),
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": names::INJECTOR, "namespace": ns,
+                         "labels": labels(values, "injector")},
+            "spec": {
+                "selector": selector("injector"),
+                "ports": [{"name": "https", "port": 443, "targetPort": "https"}],
+            },
+        }),
+        webhook_configuration(values),
+    ]
+}
+
+fn labels(values: &Values, component: &str) -> Value {
+    json!({
+        "app.kubernetes.io/name": format!("mesh-{component}"),
+        "app.kubernetes.io/part-of": "mesh",
+        "mesh.dev/control-plane-ns": values.namespace,
+    })
+}
+
+fn selector(component: &str) -> Value {
+    json!({"mesh.dev/control-plane-component": component})
+}
+
+fn service_account(values: &Values, name: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": name, "namespace": values.namespace,
+                     "labels": labels(values, name.trim_start_matches("mesh-"))},
+    })
+}
+
+fn cluster_role_binding(values: &Values, name: &str, component: &str) -> Value {
+    json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": name, "labels": labels(values, component)},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": values.namespace}],
+    })
+}
+
+fn replicas(values: &Values) -> u8 {
+    if values.ha { 3 } else { 1 }
+}
+
+/// The pod template's scheduling: with HA, replicas prefer different nodes (required would
+/// leave replicas pending on a cluster with fewer nodes than replicas).
+fn affinity(values: &Values, component: &str) -> Value {
+    if !values.ha {
+        return Value::Null;
+    }
+    json!({
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [{
+                "weight": 100,
+                "podAffinityTerm": {
+                    "labelSelector": {"matchLabels": selector(component)},
+                    "topologyKey": "kubernetes.io/hostname",
+                },
+            }],
+        },
+    })
+}
+
+fn container_security() -> Value {
+    json!({
+        "runAsNonRoot": true,
+        "runAsUser": CONTROL_PLANE_UID,
+        "readOnlyRootFilesystem": true,
+        "allowPrivilegeEscalation": false,
+        "capabilities": {"drop": ["ALL"]},
+    })
+}
+
+fn deployment(values: &Values, name: &str, component: &str, pod_spec: Value) -> Value {
+    let mut pod_labels = labels(values, component);
+    if let (Value::Object(map), Value::Object(sel)) = (&mut pod_labels, selector(component)) {
+        map.extend(sel);
+    }
+    let mut spec = pod_spec;
+    if let Value::Object(map) = &mut spec {
+        map.insert("serviceAccountName".into(), json!(name));
+        let affinity = affinity(values, component);
+        if !affinity.is_null() {
+            map.insert("affinity".into(), affinity);
+        }
+    }
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": values.namespace,
+                     "labels": labels(values, component)},
+        "spec": {
+            "replicas": replicas(values),
+            "selector": {"matchLabels": selector(component)},
+            "template": {
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": {"mesh.dev/inject": "disabled"},
+                },
+                "spec": spec,
+            },
+        },
+    })
+}
+
+fn controller_deployment(values: &Values) -> Value {
+    let pod = json!({
+        "containers": [{
+            "name": "controller",
+            "image": values.image.controller,
+            "imagePullPolicy": values.image.pull_policy,
+            "args": [
+                "--discovery=kubernetes",
+                format!("--grpc-listen=0.0.0.0:{GRPC_PORT}"),
+                format!("--admin-listen=0.0.0.0:{CONTROLLER_ADMIN_PORT}"),
+                format!("--trust-domain={}", values.trust_domain),
+                format!("--cluster-domain={}", values.cluster_domain),
+                "--identity-dir=/var/run/mesh/identity",
+                format!("--identity-leaf-lifetime={}", values.identity.leaf_lifetime),
+                format!("--default-inbound-policy={}", values.proxy.default_inbound_policy),
+                format!("--log-level={}", values.controller_log_level),
+            ],
+            "ports": [
+                {"name": "grpc", "containerPort": GRPC_PORT},
+                {"name": "admin", "containerPort": CONTROLLER_ADMIN_PORT},
+            ],
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": "admin"}},
+            "livenessProbe": {"httpGet": {"path": "/live", "port": "admin"}},
+            "resources": {"requests": {"cpu": "100m", "memory": "50Mi"}},
+            "securityContext": container_security(),
+            "volumeMounts": [
+                {"name": "identity", "mountPath": "/var/run/mesh/identity", "readOnly": true},
+            ],
+        }],
+        "volumes": [{"name": "identity", "secret": {"secretName": names::ISSUER_SECRET}}],
+    });
+    deployment(values, names::CONTROLLER, "controller", pod)
+}
+
+fn injector_deployment(values: &Values) -> Value {
+    let controller_addr = format!(
+        "http://{}.{}.svc.{}:{GRPC_PORT}",
+        names::CONTROLLER,
+        values.namespace,
+        values.cluster_domain
+    );
+    let pod = json!({
+        "containers": [{
+            "name": "injector",
+            "image": values.image.injector,
+            "imagePullPolicy": values.image.pull_policy,
+            "args": [
+                format!("--listen=0.0.0.0:{INJECTOR_HTTPS_PORT}"),
+                format!("--admin-listen=0.0.0.0:{INJECTOR_ADMIN_PORT}"),
+                "--tls-cert=/var/run/mesh/tls/tls.crt",
+                "--tls-key=/var/run/mesh/tls/tls.key",
+                format!("--controller-addr={controller_addr}"),
+                format!("--trust-domain={}", values.trust_domain),
+                format!("--trust-anchors-file=/var/run/mesh/trust-roots/{}", names::TRUST_ROOTS_KEY),
+                format!("--proxy-image={}", values.image.proxy),
+                format!("--default-inbound-policy={}", values.proxy.default_inbound_policy),
+                format!("--proxy-log-level={}", values.proxy.log_level),
+                format!("--proxy-cpu-request={}", values.proxy.cpu_request),
+                format!("--proxy-cpu-limit={}", values.proxy.cpu_limit),
+                format!("--proxy-memory-request={}", values.proxy.memory_request),
+                format!("--proxy-memory-limit={}", values.proxy.memory_limit),
+                format!("--log-level={}", values.controller_log_level),
+            ],
+            "ports": [
+                {"name": "https", "containerPort": INJECTOR_HTTPS_PORT},
+                {"name": "admin", "containerPort": INJECTOR_ADMIN_PORT},
+            ],
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": "admin"}},
+            "livenessProbe": {"httpGet": {"path": "/live", "port": "admin"}},
+            "resources": {"requests": {"cpu": "50m", "memory": "20Mi"}},
+            "securityContext": container_security(),
+            "volumeMounts": [
+                {"name": "tls", "mountPath": "/var/run/mesh/tls", "readOnly": true},
+                {"name": "trust-roots", "mountPath": "/var/run/mesh/trust-roots", "readOnly": true},
+            ],
+        }],
+        "volumes": [
+            {"name": "tls", "secret": {"secretName": names::INJECTOR_TLS_SECRET}},
+            {"name": "trust-roots", "configMap": {"name": names::TRUST_ROOTS}},
+        ],
+    });
+    deployment(values, names::INJECTOR, "injector", pod)
+}
+
+fn webhook_configuration(values: &Values) -> Value {
+    let client_config = if values.webhook.url.is_empty() {
+        json!({"service": {"name": names::INJECTOR, "namespace": values.namespace,
+                           "path": "/inject", "port": 443}})
+    } else {
+        json!({"url": values.webhook.url})
+    };
+    let mut client_config = client_config;
+    if let Value::Object(map) = &mut client_config {
+        map.insert(
+            "caBundle".into(),
+            base64_encode(values.webhook.ca_bundle_pem.as_bytes()),
+        );
+    }
+    json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": names::WEBHOOK, "labels": labels(values, "injector")},
+        "webhooks": [{
+            "name": "inject.mesh.dev",
+            "clientConfig": client_config,
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                       "resources": ["pods"], "scope": "Namespaced"}],
+            // Namespaces labelled out (the control plane's own) are never sent; kube-system
+            // is refused by the injector itself, since 1.20 has no namespace name label.
+            "namespaceSelector": {"matchExpressions": [
+                {"key": "mesh.dev/inject", "operator": "NotIn", "values": ["disabled"]},
+            ]},
+            "failurePolicy": values.webhook.failure_policy,
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": values.webhook.timeout_seconds,
+            "reinvocationPolicy": "Never",
+        }],
+    })
+}
+
+/// Standard base64 with padding, as the API expects `[]byte` fields (k8s-openapi's
+/// `ByteString` serializes so).
+pub fn base64_encode(bytes: &[u8]) -> Value {
+    serde_json::to_value(k8s_openapi::ByteString(bytes.to_vec())).unwrap_or(Value::Null)
+}

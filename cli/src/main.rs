@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod check;
 mod dashboard;
 mod demo;
 mod demo_app;
@@ -62,6 +63,8 @@ enum Command {
     Install(install::InstallArgs),
     /// Print (or delete, with --delete) what `meshctl install` created.
     Uninstall(install::UninstallArgs),
+    /// Check that the mesh is installed and healthy (or, with --pre, that it can be).
+    Check(check::CheckArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         Command::Uninject(args) => inject::run_uninject(&args),
         Command::Install(args) => install::run_install(args, &global),
         Command::Uninstall(args) => install::run_uninstall(args, &global),
+        Command::Check(args) => check::run(args, &global),
         Command::Version => {
             println!("meshctl {}", env!("CARGO_PKG_VERSION"));
             Ok(())

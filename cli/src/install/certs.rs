@@ -49,12 +49,13 @@ pub struct IdentityPem {
 impl IdentityPem {
     /// A new trust anchor and an issuer it signed.
     pub fn generate(trust_domain: &str) -> Result<Self, CertError> {
-        let ca = GeneratedCa::generate(trust_domain, ANCHOR_LIFETIME, ISSUER_LIFETIME).map_err(
-            |e| CertError::Generate {
-                what: "the identity trust anchor and issuer",
-                reason: e.to_string(),
-            },
-        )?;
+        let ca =
+            GeneratedCa::generate(trust_domain, ANCHOR_LIFETIME, ISSUER_LIFETIME).map_err(|e| {
+                CertError::Generate {
+                    what: "the identity trust anchor and issuer",
+                    reason: e.to_string(),
+                }
+            })?;
         Ok(Self {
             trust_anchors: ca.trust_anchor.cert_pem,
             issuer_crt: ca.issuer.cert_pem,
@@ -238,30 +239,55 @@ mod tests {
             trust_anchors: one.trust_anchors,
             ..other
         };
-        let error = mixed.validate("--identity-issuer-certificate-file").expect_err("refused");
-        assert!(error.to_string().contains("not signed by any trust anchor"), "{error}");
-        assert!(error.to_string().contains("--identity-issuer-certificate-file"));
+        let error = mixed
+            .validate("--identity-issuer-certificate-file")
+            .expect_err("refused");
+        assert!(
+            error.to_string().contains("not signed by any trust anchor"),
+            "{error}"
+        );
+        assert!(
+            error
+                .to_string()
+                .contains("--identity-issuer-certificate-file")
+        );
     }
 
     #[test]
     fn the_webhook_certificate_chains_to_its_bundle_and_names_the_url_host() {
-        let webhook = WebhookPem::generate("mesh-system", "cluster.local", "https://127.0.0.1:9443/inject")
-            .expect("generated");
+        let webhook = WebhookPem::generate(
+            "mesh-system",
+            "cluster.local",
+            "https://127.0.0.1:9443/inject",
+        )
+        .expect("generated");
         let ca = &parse_bundle(&webhook.ca_bundle, "ca").expect("parses")[0];
         let leaf = &parse_bundle(&webhook.crt, "crt").expect("parses")[0];
         assert!(leaf.is_signed_by(ca));
         assert!(!ca.is_signed_by(leaf));
         let (_, cert) = X509Certificate::from_der(&leaf.der).expect("x509");
-        let sans = format!("{:?}", cert.subject_alternative_name().expect("ok").expect("some"));
+        let sans = format!(
+            "{:?}",
+            cert.subject_alternative_name().expect("ok").expect("some")
+        );
         assert!(sans.contains("mesh-injector.mesh-system.svc"), "{sans}");
         assert!(sans.contains("[127, 0, 0, 1]"), "{sans}");
     }
 
     #[test]
     fn url_hosts() {
-        assert_eq!(url_host("https://127.0.0.1:8443/inject").as_deref(), Some("127.0.0.1"));
-        assert_eq!(url_host("https://[::1]:8443/inject").as_deref(), Some("::1"));
-        assert_eq!(url_host("https://injector.example/inject").as_deref(), Some("injector.example"));
+        assert_eq!(
+            url_host("https://127.0.0.1:8443/inject").as_deref(),
+            Some("127.0.0.1")
+        );
+        assert_eq!(
+            url_host("https://[::1]:8443/inject").as_deref(),
+            Some("::1")
+        );
+        assert_eq!(
+            url_host("https://injector.example/inject").as_deref(),
+            Some("injector.example")
+        );
         assert_eq!(url_host(""), None);
     }
 }

@@ -149,8 +149,7 @@ fn assert_same_objects(values: &values::Values) {
     );
     for (key, object) in &installed {
         assert_eq!(
-            object,
-            &charted[key],
+            object, &charted[key],
             "{key} differs between meshctl install (left) and the chart (right)"
         );
     }
@@ -177,5 +176,8 @@ fn the_chart_refuses_missing_keys_like_helm() {
     let mut tree = values_tree(&values);
     tree["identity"]["issuer"]["crtPEM"] = json!("");
     let error = render_chart(&tree).expect_err("refused");
-    assert!(error.contains("identity.issuer.crtPEM is required"), "{error}");
+    assert!(
+        error.contains("identity.issuer.crtPEM is required"),
+        "{error}"
+    );
 }

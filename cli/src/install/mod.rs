@@ -86,10 +86,9 @@ pub fn run_install(args: InstallArgs, global: &GlobalArgs) -> anyhow::Result<()>
         objects.extend(render::control_plane(&values));
         match &client {
             Some(client) => {
+                let objects = keep_foreign_crds(client, objects).await?;
                 kubernetes::apply(client, &objects).await?;
-                println!(
-                    "installed; `meshctl check` tells when the control plane is ready"
-                );
+                println!("installed; `meshctl check` tells when the control plane is ready");
                 Ok(())
             }
             None => print_yaml(&objects),
@@ -121,6 +120,35 @@ pub fn run_uninstall(args: UninstallArgs, global: &GlobalArgs) -> anyhow::Result
         let client = kubernetes::client(global).await?;
         kubernetes::delete(&client, &objects).await
     })
+}
+
+/// Leaves out our Gateway API subset where the cluster has the Gateway API's own CRDs (those
+/// without our note): they are a superset, and replacing them would break other users.
+async fn keep_foreign_crds(client: &kube::Client, objects: Vec<Value>) -> anyhow::Result<Vec<Value>> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
+    let mut kept = Vec::with_capacity(objects.len());
+    for object in objects {
+        let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        if object["kind"] == "CustomResourceDefinition" && name.ends_with(".gateway.networking.k8s.io") {
+            let existing = crds
+                .get_opt(name)
+                .await
+                .with_context(|| format!("reading CustomResourceDefinition {name}"))?;
+            let foreign = existing.is_some_and(|crd| {
+                !crd.metadata
+                    .annotations
+                    .unwrap_or_default()
+                    .contains_key("mesh.dev/note")
+            });
+            if foreign {
+                println!("kept the cluster's own CustomResourceDefinition {name}");
+                continue;
+            }
+        }
+        kept.push(object);
+    }
+    Ok(kept)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -37,9 +37,7 @@ const CRD_FILES: &[(&str, &str)] = &[
     ),
     (
         "policy.mesh.dev_httplocalratelimitpolicies.yaml",
-        include_str!(
-            "../../../charts/mesh/crds/policy.mesh.dev_httplocalratelimitpolicies.yaml"
-        ),
+        include_str!("../../../charts/mesh/crds/policy.mesh.dev_httplocalratelimitpolicies.yaml"),
     ),
     (
         "gateway.networking.k8s.io_httproutes.yaml",
@@ -181,8 +179,9 @@ pub fn control_plane(values: &Values) -> Vec<Value> {
             "spec": {
                 "selector": selector("controller"),
                 "ports": [
-                    {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc"},
-                    {"name": "admin", "port": CONTROLLER_ADMIN_PORT, "targetPort": "admin"},
+                    {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP"},
+                    {"name": "admin", "port": CONTROLLER_ADMIN_PORT, "targetPort": "admin",
+                     "protocol": "TCP"},
                 ],
             },
         }),
@@ -194,7 +193,9 @@ pub fn control_plane(values: &Values) -> Vec<Value> {
                          "labels": labels(values, "injector")},
             "spec": {
                 "selector": selector("injector"),
-                "ports": [{"name": "https", "port": 443, "targetPort": "https"}],
+                // The protocol is spelled out: server-side apply on older API servers needs
+                // every key of the ports list.
+                "ports": [{"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"}],
             },
         }),
         webhook_configuration(values),

@@ -140,7 +140,10 @@ impl Values {
         if !matches!(self.webhook.failure_policy.as_str(), "Ignore" | "Fail") {
             return invalid(
                 "webhook.failurePolicy",
-                format!("{:?} is neither Ignore nor Fail", self.webhook.failure_policy),
+                format!(
+                    "{:?} is neither Ignore nor Fail",
+                    self.webhook.failure_policy
+                ),
             );
         }
         if !(1..=30).contains(&self.webhook.timeout_seconds) {
@@ -205,7 +208,10 @@ mod tests {
     #[test]
     fn bad_values_name_the_field() {
         let error = values_with("webhook: {failurePolicy: Sometimes}").expect_err("refused");
-        assert!(error.to_string().contains("webhook.failurePolicy"), "{error}");
+        assert!(
+            error.to_string().contains("webhook.failurePolicy"),
+            "{error}"
+        );
         let error = values_with("proxy: {defaultInboundPolicy: everyone}").expect_err("refused");
         assert!(
             error.to_string().contains("proxy.defaultInboundPolicy"),
@@ -214,6 +220,9 @@ mod tests {
         let error = values_with("proxyy: {}").expect_err("refused");
         assert!(error.to_string().contains("proxyy"), "{error}");
         let error = values_with("ha: maybe").expect_err("refused");
-        assert!(error.to_string().contains("ha") || error.to_string().contains("bool"), "{error}");
+        assert!(
+            error.to_string().contains("ha") || error.to_string().contains("bool"),
+            "{error}"
+        );
     }
 }

@@ -222,12 +222,22 @@ pub fn crds() -> Vec<(
     for crd in &mut gateway {
         keep_unknown_fields(crd);
         crd.metadata.annotations = Some(
-            [(
-                "mesh.dev/note".to_owned(),
-                "The subset of the Gateway API the mesh reads, with spec and status kept open. \
-                 Skip this file when the cluster already has the Gateway API CRDs."
-                    .to_owned(),
-            )]
+            [
+                (
+                    "mesh.dev/note".to_owned(),
+                    "The subset of the Gateway API the mesh reads, with spec and status kept \
+                     open. Skip this file when the cluster already has the Gateway API CRDs."
+                        .to_owned(),
+                ),
+                // The API server refuses a CRD of a *.k8s.io group without this annotation;
+                // a value starting with "unapproved" is accepted and says what this is.
+                (
+                    "api-approved.kubernetes.io".to_owned(),
+                    "unapproved, the mesh's subset of the Gateway API; the Gateway API's own \
+                     CRDs replace it"
+                        .to_owned(),
+                ),
+            ]
             .into(),
         );
     }

@@ -8,6 +8,7 @@ mod demo;
 mod demo_app;
 mod inject;
 mod local;
+mod observability;
 mod stat;
 
 /// The mesh's command line: install and check the mesh, mesh workloads, watch their traffic,
@@ -56,6 +57,12 @@ enum Command {
     Inject(inject::InjectArgs),
     /// Remove what `meshctl inject` added from Kubernetes YAML (FILE or -), to stdout.
     Uninject(inject::UninjectArgs),
+    /// The Grafana dashboards of the mesh: list them, print one, or write them all.
+    Dashboards(observability::DashboardsArgs),
+    /// Print a Prometheus scrape configuration for the proxies and the control plane
+    /// (Kubernetes pod discovery, or with --local the local mesh's static targets).
+    #[command(name = "prometheus-config")]
+    PrometheusConfig(observability::PrometheusConfigArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,6 +77,8 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Inject(args) => inject::run_inject(&args, global.namespace.as_deref()),
         Command::Uninject(args) => inject::run_uninject(&args),
+        Command::Dashboards(args) => observability::run_dashboards(args),
+        Command::PrometheusConfig(args) => observability::run_prometheus_config(args),
         Command::Version => {
             println!("meshctl {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -193,11 +193,11 @@ fn local_state(state_dir: Option<&Path>) -> anyhow::Result<Value> {
         .output()
         .context("running `meshctl local status` to find the local mesh")?;
     if !output.status.success() {
-        bail!(
-            "no local mesh to scrape ({}); start one with `meshctl local up -f FILE` or \
-             `meshctl demo --keep`",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
+        // The first line is the reason; a backtrace may follow.
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let reason = stderr.lines().next().unwrap_or_default();
+        let reason = reason.strip_prefix("Error: ").unwrap_or(reason);
+        bail!("no local mesh to scrape: {reason}; or run `meshctl demo --keep`");
     }
     serde_json::from_slice(&output.stdout).context("reading `meshctl local status -o json`")
 }

@@ -150,12 +150,7 @@ fn dashboard(name: &str) -> anyhow::Result<(&'static str, &'static str)> {
         .iter()
         .find(|(stem, _)| *stem == wanted || stem.strip_prefix("mesh-") == Some(wanted))
         .copied()
-        .with_context(|| {
-            format!(
-                "no dashboard {name:?}; there are: {}",
-                names().join(", ")
-            )
-        })
+        .with_context(|| format!("no dashboard {name:?}; there are: {}", names().join(", ")))
 }
 
 fn write_dashboards(dir: &Path, dashboards: &[(&str, &str)]) -> anyhow::Result<()> {
@@ -379,14 +374,19 @@ mod tests {
         })
         .collect();
         let embedded: BTreeSet<String> = names().into_iter().map(str::to_owned).collect();
-        assert_eq!(files, embedded, "every dashboard file is embedded, and only those");
+        assert_eq!(
+            files, embedded,
+            "every dashboard file is embedded, and only those"
+        );
         let mut uids = BTreeSet::new();
         for (name, text) in DASHBOARDS {
             let dashboard: Value = serde_json::from_str(text)
                 .unwrap_or_else(|error| panic!("{name}: not JSON: {error}"));
             assert!(dashboard["schemaVersion"].as_u64() >= Some(36), "{name}");
             assert!(uids.insert(dashboard["uid"].as_str().expect("uid").to_owned()));
-            let variables = dashboard["templating"]["list"].as_array().expect("templating");
+            let variables = dashboard["templating"]["list"]
+                .as_array()
+                .expect("templating");
             assert_eq!(variables[0]["name"], "datasource", "{name}");
             assert_eq!(variables[0]["query"], "prometheus", "{name}");
             let panels = dashboard["panels"].as_array().expect("panels");
@@ -397,7 +397,11 @@ mod tests {
                 assert!(ids.insert(id), "{name}: panel id {id} twice");
                 assert_eq!(panel["datasource"]["uid"], "${datasource}", "{name}");
                 let targets = panel["targets"].as_array().expect("targets");
-                assert!(!targets.is_empty(), "{name}: {} has no query", panel["title"]);
+                assert!(
+                    !targets.is_empty(),
+                    "{name}: {} has no query",
+                    panel["title"]
+                );
                 for target in targets {
                     assert!(target["expr"].as_str().is_some_and(|e| !e.is_empty()));
                 }
@@ -448,7 +452,10 @@ mod tests {
         ] {
             assert!(config.contains(want), "missing {want:?} in\n{config}");
         }
-        assert!(!config.contains("plain"), "an unmeshed pod is not scraped\n{config}");
+        assert!(
+            !config.contains("plain"),
+            "an unmeshed pod is not scraped\n{config}"
+        );
 
         let empty = json!({"controller": {}, "pods": []});
         assert!(local_config(&empty, "1s").is_err());

@@ -186,8 +186,15 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
                     next += 1;
                 }
                 let is_call = chars.get(next) == Some(&'(');
-                if ["by", "without", "on", "ignoring", "group_left", "group_right"]
-                    .contains(&word.as_str())
+                if [
+                    "by",
+                    "without",
+                    "on",
+                    "ignoring",
+                    "group_left",
+                    "group_right",
+                ]
+                .contains(&word.as_str())
                 {
                     skip_group = true;
                 } else if !is_call && !KEYWORDS.contains(&word.as_str()) {
@@ -245,22 +252,32 @@ fn every_dashboard_query_names_only_metrics_the_mesh_exports() {
         policy.register(registry);
     });
     known.extend(exposed_names(&controller.encode()));
-    known.extend(exposed_names(&mesh_injector::metrics::Metrics::new().encode()));
+    known.extend(exposed_names(
+        &mesh_injector::metrics::Metrics::new().encode(),
+    ));
     // Process metrics the proxy writes by hand, and Prometheus's own per-target series.
     known.extend(["process_cpu_seconds_total".to_owned(), "up".to_owned()]);
-    assert!(known.contains("request_total") && known.contains("mesh_injector_admission_requests_total"));
+    assert!(
+        known.contains("request_total") && known.contains("mesh_injector_admission_requests_total")
+    );
 
     let dashboards = dashboards();
     let mut unknown = Vec::new();
     for query in queries(&dashboards) {
         for name in metric_names(&query.expr) {
             if !known.contains(&name) {
-                unknown.push(format!("{} / {}: {name} in {}", query.dashboard, query.panel, query.expr));
+                unknown.push(format!(
+                    "{} / {}: {name} in {}",
+                    query.dashboard, query.panel, query.expr
+                ));
             }
         }
     }
     for (name, dashboard) in &dashboards {
-        for variable in dashboard["templating"]["list"].as_array().expect("templating") {
+        for variable in dashboard["templating"]["list"]
+            .as_array()
+            .expect("templating")
+        {
             if let Some(query) = variable["query"]["query"].as_str() {
                 let (metric, _) = label_values(query).expect("label_values(METRIC, LABEL)");
                 for metric in metric_names(&metric) {
@@ -271,7 +288,11 @@ fn every_dashboard_query_names_only_metrics_the_mesh_exports() {
             }
         }
     }
-    assert!(unknown.is_empty(), "queries name metrics nobody exports:\n{}", unknown.join("\n"));
+    assert!(
+        unknown.is_empty(),
+        "queries name metrics nobody exports:\n{}",
+        unknown.join("\n")
+    );
 }
 
 #[test]
@@ -288,7 +309,10 @@ fn metric_names_skips_labels_functions_and_groupings() {
 
 /// `label_values(SELECTOR, LABEL)` split into its selector and label.
 fn label_values(query: &str) -> Option<(String, String)> {
-    let inner = query.trim().strip_prefix("label_values(")?.strip_suffix(')')?;
+    let inner = query
+        .trim()
+        .strip_prefix("label_values(")?
+        .strip_suffix(')')?;
     let (selector, label) = inner.rsplit_once(',')?;
     Some((selector.trim().to_owned(), label.trim().to_owned()))
 }
@@ -321,7 +345,9 @@ fn api(base: &str, path: &str, params: &[(&str, &str)]) -> Option<Value> {
     let mut command = Command::new("curl");
     command.args(["-sS", "--fail", "--max-time", "5", "-G"]);
     for (key, value) in params {
-        command.arg("--data-urlencode").arg(format!("{key}={value}"));
+        command
+            .arg("--data-urlencode")
+            .arg(format!("{key}={value}"));
     }
     command.arg(format!("{base}{path}"));
     let output = command.output().ok()?;
@@ -348,7 +374,10 @@ fn query(base: &str, expr: &str) -> Vec<Value> {
         )
     });
     assert_eq!(answer["status"], "success", "query {expr:?}: {answer}");
-    answer["data"]["result"].as_array().cloned().unwrap_or_default()
+    answer["data"]["result"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// A running Prometheus, killed on drop.
@@ -377,7 +406,10 @@ impl Prometheus {
         let log = std::fs::File::create(dir.join("prometheus.log")).expect("log file");
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config_file.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg("--storage.tsdb.retention.time=1h")
             .stdin(Stdio::null())
@@ -496,7 +528,11 @@ fn scenario_manifest(meshctl: &Path) -> String {
          failure-accrual.mesh.dev/min-backoff: \"50ms\"\n    \
          failure-accrual.mesh.dev/max-backoff: \"200ms\"\n",
     );
-    let manifest = annotate(manifest, "authors", "    fault.mesh.dev/abort-percent: \"2\"\n");
+    let manifest = annotate(
+        manifest,
+        "authors",
+        "    fault.mesh.dev/abort-percent: \"2\"\n",
+    );
     format!("{manifest}\n---\n{BOOKS_RATE_LIMIT}")
 }
 
@@ -529,7 +565,10 @@ spec:
 /// read from Prometheus with its `label_values` query and the variables before it.
 fn combinations(base: &str, dashboard: &Value) -> Vec<BTreeMap<String, String>> {
     let mut combos = vec![BTreeMap::new()];
-    for variable in dashboard["templating"]["list"].as_array().expect("templating") {
+    for variable in dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating")
+    {
         let Some(definition) = variable["query"]["query"].as_str() else {
             continue;
         };
@@ -559,10 +598,17 @@ fn combinations(base: &str, dashboard: &Value) -> Vec<BTreeMap<String, String>> 
 
 #[test]
 fn every_dashboard_panel_has_data_in_a_real_prometheus_scraping_a_local_mesh() {
-    if Command::new("prometheus").arg("--version").output().is_err() {
+    if Command::new("prometheus")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         let message = "every_dashboard_panel_has_data_in_a_real_prometheus_scraping_a_local_mesh: \
                        NOT RUN: prometheus is not installed (run scripts/setup)";
-        assert!(std::env::var("CI").map_or(true, |ci| ci != "true"), "{message}");
+        assert!(
+            std::env::var("CI").map_or(true, |ci| ci != "true"),
+            "{message}"
+        );
         eprintln!("{message}");
         return;
     }
@@ -600,17 +646,26 @@ fn every_dashboard_panel_has_data_in_a_real_prometheus_scraping_a_local_mesh() {
         String::from_utf8_lossy(&config.stderr)
     );
     let config = String::from_utf8(config.stdout).expect("UTF-8 config");
-    assert!(config.contains("job_name: mesh-proxy") && config.contains("job_name: mesh-controller"));
+    assert!(
+        config.contains("job_name: mesh-proxy") && config.contains("job_name: mesh-controller")
+    );
     let prometheus = Prometheus::start(&mesh.dir, &config);
 
     // Every target up: five proxies and the controller.
-    prometheus.wait_for("every target to be scraped", Duration::from_secs(30), |base| {
-        let Some(targets) = api(base, "/api/v1/targets", &[]) else {
-            return false;
-        };
-        let active = targets["activeTargets"].as_array().cloned().unwrap_or_default();
-        active.len() == 6 && active.iter().all(|t| t["health"] == "up")
-    });
+    prometheus.wait_for(
+        "every target to be scraped",
+        Duration::from_secs(30),
+        |base| {
+            let Some(targets) = api(base, "/api/v1/targets", &[]) else {
+                return false;
+            };
+            let active = targets["activeTargets"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            active.len() == 6 && active.iter().all(|t| t["health"] == "up")
+        },
+    );
     // Opaque TCP: CONNECT tunnels through traffic's outbound proxy (its HTTP-proxy mode) are
     // forwarded as TCP and counted in tcp_* on both sides; archive refuses them per connection.
     let state = mesh.state();
@@ -623,30 +678,45 @@ fn every_dashboard_panel_has_data_in_a_real_prometheus_scraping_a_local_mesh() {
     for service in ["web", "web", "web", "archive", "archive"] {
         // Outcomes vary (archive refuses, web sometimes fails); only the tunnels matter here.
         let _ = Command::new("curl")
-            .args(["-sS", "-o", "/dev/null", "--max-time", "5", "--proxytunnel", "--proxy"])
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "5",
+                "--proxytunnel",
+                "--proxy",
+            ])
             .arg(format!("http://{traffic_ip}:4140"))
             .arg(format!("http://{service}.demo.svc.cluster.local:8080/"))
             .output();
     }
     // Traffic with its retries and ejections, over more than one rate window.
-    prometheus.wait_for("traffic, retries and ejections", Duration::from_secs(45), |base| {
-        [
-            "sum(rate(request_total[20s])) > 0",
-            "sum(route_retry_total) > 0",
-            "sum(endpoint_ejection_total) > 0",
-            "sum(inbound_http_ratelimit_total) > 0",
-            "sum(inbound_tcp_authz_deny_total) > 0",
-        ]
-        .iter()
-        .all(|expr| !query(base, expr).is_empty())
-    });
+    prometheus.wait_for(
+        "traffic, retries and ejections",
+        Duration::from_secs(45),
+        |base| {
+            [
+                "sum(rate(request_total[20s])) > 0",
+                "sum(route_retry_total) > 0",
+                "sum(endpoint_ejection_total) > 0",
+                "sum(inbound_http_ratelimit_total) > 0",
+                "sum(inbound_tcp_authz_deny_total) > 0",
+            ]
+            .iter()
+            .all(|expr| !query(base, expr).is_empty())
+        },
+    );
     std::thread::sleep(Duration::from_secs(5));
 
     let dashboards = dashboards();
     let mut combos_by_dashboard = BTreeMap::new();
     for (name, dashboard) in &dashboards {
         let combos = combinations(&prometheus.base, dashboard);
-        assert!(!combos.is_empty(), "{name}: no values for its variables in the scrape");
+        assert!(
+            !combos.is_empty(),
+            "{name}: no values for its variables in the scrape"
+        );
         combos_by_dashboard.insert(name.clone(), combos);
     }
     let mut missing = Vec::new();
@@ -659,7 +729,9 @@ fn every_dashboard_panel_has_data_in_a_real_prometheus_scraping_a_local_mesh() {
             .any(|combo| !query(&prometheus.base, &substitute(&query_.expr, combo)).is_empty());
         checked += 1;
         match (has_data, exemption(&query_)) {
-            (true, Some(_)) => exempt_with_data.push(format!("{} / {}", query_.dashboard, query_.panel)),
+            (true, Some(_)) => {
+                exempt_with_data.push(format!("{} / {}", query_.dashboard, query_.panel))
+            }
             (false, None) => missing.push(format!(
                 "{} / {} ({}): {}",
                 query_.dashboard, query_.panel, query_.ref_id, query_.expr

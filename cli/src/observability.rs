@@ -274,9 +274,10 @@ fn local_config(state: &Value, interval: &str) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// Kubernetes pod discovery: the `mesh-admin` port of every `mesh-proxy` container (a native
-/// sidecar is an init container; both are discovered), and the controller's and injector's
-/// admin ports in the control plane's namespace.
+/// Kubernetes pod discovery: the `mesh-admin` port of every `mesh-proxy` container, and the
+/// controller's and injector's admin ports in the control plane's namespace. A native sidecar
+/// is an init container, whose ports Prometheus discovers too (2.40 and later, as
+/// `__meta_kubernetes_pod_container_init="true"`).
 fn kubernetes_config(interval: &str, control_plane_namespace: &str) -> String {
     let mut out = String::new();
     header(&mut out, interval, "Kubernetes pod discovery");

@@ -41,3 +41,7 @@ demo *ARGS: setup
 bench *ARGS: setup
     scripts/bench-setup
     ulimit -n "$(ulimit -Hn)" 2>/dev/null || true; cargo run --release -p mesh-bench -- {{ARGS}}
+
+# Regenerate the Grafana dashboards (charts/mesh/dashboards/*.json) from scripts/dashboards.py.
+dashboards:
+    python3 scripts/dashboards.py

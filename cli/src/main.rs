@@ -11,6 +11,7 @@ mod inject;
 mod install;
 mod kubernetes;
 mod local;
+mod observability;
 mod stat;
 
 /// The mesh's command line: install and check the mesh, mesh workloads, watch their traffic,
@@ -65,6 +66,12 @@ enum Command {
     Uninstall(install::UninstallArgs),
     /// Check that the mesh is installed and healthy (or, with --pre, that it can be).
     Check(check::CheckArgs),
+    /// The Grafana dashboards of the mesh: list them, print one, or write them all.
+    Dashboards(observability::DashboardsArgs),
+    /// Print a Prometheus scrape configuration for the proxies and the control plane
+    /// (Kubernetes pod discovery, or with --local the local mesh's static targets).
+    #[command(name = "prometheus-config")]
+    PrometheusConfig(observability::PrometheusConfigArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,6 +89,8 @@ fn main() -> anyhow::Result<()> {
         Command::Install(args) => install::run_install(args, &global),
         Command::Uninstall(args) => install::run_uninstall(args, &global),
         Command::Check(args) => check::run(args, &global),
+        Command::Dashboards(args) => observability::run_dashboards(args),
+        Command::PrometheusConfig(args) => observability::run_prometheus_config(args),
         Command::Version => {
             println!("meshctl {}", env!("CARGO_PKG_VERSION"));
             Ok(())

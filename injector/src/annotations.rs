@@ -42,8 +42,15 @@ pub const DEFAULT_INBOUND_POLICY: &str = "config.mesh.dev/default-inbound-policy
 /// How long the proxy drains in-flight work when the pod stops.
 pub const SHUTDOWN_GRACE_PERIOD: &str = "config.mesh.dev/shutdown-grace-period";
 
+/// Where the proxy sends its OpenTelemetry spans (OTLP/gRPC): `host:port` or a URL.
+pub const TRACE_COLLECTOR: &str = "config.mesh.dev/trace-collector";
+/// The share of new traces the proxy samples, from 0 to 1.
+pub const TRACE_SAMPLE_RATE: &str = "config.mesh.dev/trace-sample-rate";
+/// One line per request on the proxy's stdout: `json` or `apache`.
+pub const ACCESS_LOG: &str = "config.mesh.dev/access-log";
+
 /// Every `config.mesh.dev/*` annotation injection reads.
-pub const CONFIG_ANNOTATIONS: [&str; 12] = [
+pub const CONFIG_ANNOTATIONS: [&str; 15] = [
     SKIP_INBOUND_PORTS,
     SKIP_OUTBOUND_PORTS,
     SKIP_SUBNETS,
@@ -56,6 +63,9 @@ pub const CONFIG_ANNOTATIONS: [&str; 12] = [
     PROXY_IMAGE,
     DEFAULT_INBOUND_POLICY,
     SHUTDOWN_GRACE_PERIOD,
+    TRACE_COLLECTOR,
+    TRACE_SAMPLE_RATE,
+    ACCESS_LOG,
 ];
 
 /// Where a setting came from.
@@ -242,6 +252,24 @@ impl<'a> Annotations<'a> {
                 }
             })
             .transpose()?;
+        let trace_collector = self
+            .get(TRACE_COLLECTOR)
+            .map(|value| collector_url(value.trimmed()).map_err(|reason| value.error(reason)))
+            .transpose()?;
+        let trace_sample_rate = self
+            .get(TRACE_SAMPLE_RATE)
+            .map(|value| match value.trimmed().parse::<f64>() {
+                Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(value.trimmed().to_owned()),
+                _ => Err(value.error("not a number from 0 to 1, like 0.1")),
+            })
+            .transpose()?;
+        let access_log = self
+            .get(ACCESS_LOG)
+            .map(|value| match value.trimmed() {
+                format @ ("json" | "apache") => Ok(format.to_owned()),
+                _ => Err(value.error("expected json or apache")),
+            })
+            .transpose()?;
         Ok(Settings {
             skip_inbound_ports: port_list(SKIP_INBOUND_PORTS)?,
             skip_outbound_ports: port_list(SKIP_OUTBOUND_PORTS)?,
@@ -252,6 +280,9 @@ impl<'a> Annotations<'a> {
             image,
             default_inbound_policy,
             shutdown_grace_period,
+            trace_collector,
+            trace_sample_rate,
+            access_log,
         })
     }
 
@@ -338,6 +369,12 @@ pub(crate) struct Settings {
     pub image: String,
     pub default_inbound_policy: InboundPolicy,
     pub shutdown_grace_period: Option<String>,
+    /// `MESH_PROXY_TRACE_COLLECTOR`: the collector's URL (`http://` added to `host:port`).
+    pub trace_collector: Option<String>,
+    /// `MESH_PROXY_TRACE_SAMPLE_RATE`, as annotated.
+    pub trace_sample_rate: Option<String>,
+    /// `MESH_PROXY_ACCESS_LOG`: `json` or `apache`.
+    pub access_log: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -350,6 +387,30 @@ pub(crate) struct ProxyResources {
 pub(crate) struct RequestAndLimit {
     pub request: Option<String>,
     pub limit: Option<String>,
+}
+
+/// The proxy's collector URL from `host:port` (plain OTLP/gRPC, as collectors serve inside a
+/// cluster) or an `http://` / `https://` URL with a host and a port; the proxy takes only URLs.
+fn collector_url(text: &str) -> Result<String, String> {
+    const EXPECTED: &str = "not a collector address like otel-collector.monitoring:4317 or \
+                            http://otel-collector.monitoring:4317";
+    let (scheme, rest) = match text.split_once("://") {
+        Some((scheme @ ("http" | "https"), rest)) => (scheme, rest),
+        Some(_) => return Err(EXPECTED.to_owned()),
+        None => ("http", text),
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| EXPECTED.to_owned())?;
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '[' | ']' | ':'));
+    let port_ok = port.parse::<u16>().is_ok_and(|port| port > 0);
+    if host_ok && port_ok {
+        Ok(format!("{scheme}://{host}:{port}"))
+    } else {
+        Err(EXPECTED.to_owned())
+    }
 }
 
 /// The non-empty, trimmed items of a comma list (a trailing comma is not an error).

@@ -486,6 +486,15 @@ fn proxy_container(
     if let Some(period) = &settings.shutdown_grace_period {
         env.push(value_env("MESH_PROXY_SHUTDOWN_GRACE_PERIOD", period));
     }
+    for (name, value) in [
+        ("MESH_PROXY_TRACE_COLLECTOR", &settings.trace_collector),
+        ("MESH_PROXY_TRACE_SAMPLE_RATE", &settings.trace_sample_rate),
+        ("MESH_PROXY_ACCESS_LOG", &settings.access_log),
+    ] {
+        if let Some(value) = value {
+            env.push(value_env(name, value));
+        }
+    }
     let mut volume_mounts = None;
     if identity {
         let service_account = spec

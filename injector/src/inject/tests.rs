@@ -328,6 +328,10 @@ fn the_proxy_is_configured_by_its_environment() {
     for unset in [
         "MESH_PROXY_OPAQUE_PORTS",
         "MESH_PROXY_SHUTDOWN_GRACE_PERIOD",
+        // Tracing and access logs are off unless annotated.
+        "MESH_PROXY_TRACE_COLLECTOR",
+        "MESH_PROXY_TRACE_SAMPLE_RATE",
+        "MESH_PROXY_ACCESS_LOG",
     ] {
         assert_eq!(env(&pod, unset), None, "{unset}");
     }
@@ -558,7 +562,7 @@ const SKIP_PORTS_FOR_TEST: &str = annotations::SKIP_INBOUND_PORTS;
 #[test]
 fn each_annotation_takes_effect() {
     type Check = fn(&Pod);
-    let cases: [(&str, &str, Check); 16] = [
+    let cases: [(&str, &str, Check); 21] = [
         (annotations::SKIP_INBOUND_PORTS, " 22, 8000-8010 ", |pod| {
             assert!(init_args(pod).contains(&"--skip-inbound-ports=22,8000-8010".to_owned()))
         }),
@@ -655,6 +659,38 @@ fn each_annotation_takes_effect() {
                 env(pod, "MESH_PROXY_SHUTDOWN_GRACE_PERIOD").as_deref(),
                 Some("30s")
             )
+        }),
+        (
+            annotations::TRACE_COLLECTOR,
+            "otel-collector.monitoring:4317",
+            |pod| {
+                assert_eq!(
+                    env(pod, "MESH_PROXY_TRACE_COLLECTOR").as_deref(),
+                    Some("http://otel-collector.monitoring:4317")
+                )
+            },
+        ),
+        (
+            annotations::TRACE_COLLECTOR,
+            " https://collector.example:4317/ ",
+            |pod| {
+                assert_eq!(
+                    env(pod, "MESH_PROXY_TRACE_COLLECTOR").as_deref(),
+                    Some("https://collector.example:4317")
+                )
+            },
+        ),
+        (annotations::TRACE_SAMPLE_RATE, "0.25", |pod| {
+            assert_eq!(
+                env(pod, "MESH_PROXY_TRACE_SAMPLE_RATE").as_deref(),
+                Some("0.25")
+            )
+        }),
+        (annotations::ACCESS_LOG, "json", |pod| {
+            assert_eq!(env(pod, "MESH_PROXY_ACCESS_LOG").as_deref(), Some("json"))
+        }),
+        (annotations::ACCESS_LOG, "apache", |pod| {
+            assert_eq!(env(pod, "MESH_PROXY_ACCESS_LOG").as_deref(), Some("apache"))
         }),
     ];
     for (annotation, value, check) in cases {
@@ -782,6 +818,46 @@ fn bad_values_refuse_injection_naming_the_annotation_and_value() {
             annotations::SHUTDOWN_GRACE_PERIOD,
             "10",
             r#"config.mesh.dev/shutdown-grace-period: "10": not a duration"#,
+        ),
+        (
+            annotations::TRACE_COLLECTOR,
+            "otel-collector",
+            r#"config.mesh.dev/trace-collector: "otel-collector": not a collector address"#,
+        ),
+        (
+            annotations::TRACE_COLLECTOR,
+            "grpc://otel:4317",
+            r#"config.mesh.dev/trace-collector: "grpc://otel:4317": not a collector address"#,
+        ),
+        (
+            annotations::TRACE_COLLECTOR,
+            "otel:99999",
+            r#"config.mesh.dev/trace-collector: "otel:99999": not a collector address"#,
+        ),
+        (
+            annotations::TRACE_COLLECTOR,
+            "otel collector:4317",
+            r#"config.mesh.dev/trace-collector: "otel collector:4317": not a collector address"#,
+        ),
+        (
+            annotations::TRACE_SAMPLE_RATE,
+            "1.5",
+            r#"config.mesh.dev/trace-sample-rate: "1.5": not a number from 0 to 1"#,
+        ),
+        (
+            annotations::TRACE_SAMPLE_RATE,
+            "10%",
+            r#"config.mesh.dev/trace-sample-rate: "10%": not a number from 0 to 1"#,
+        ),
+        (
+            annotations::TRACE_SAMPLE_RATE,
+            "NaN",
+            r#"config.mesh.dev/trace-sample-rate: "NaN": not a number from 0 to 1"#,
+        ),
+        (
+            annotations::ACCESS_LOG,
+            "xml",
+            r#"config.mesh.dev/access-log: "xml": expected json or apache"#,
         ),
         (
             annotations::INJECT,

@@ -65,9 +65,9 @@ fn services(block: u8, annotations: &str) -> String {
 fn route(stable: i64, canary: i64) -> String {
     format!(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: books, namespace: shop}}\n\
-         spec:\n  parentRefs: [{{group: '', kind: Service, name: books, port: 80}}]\n  rules:\n\
+         spec:\n  parentRefs: [{{group: '', kind: Service, name: books, port: 80}}]\n  rules:\n  \
          - matches: [{{headers: [{{name: x-canary, value: 'true'}}]}}]\n    \
-           backendRefs: [{{name: books-canary, port: 80}}]\n\
+           backendRefs: [{{name: books-canary, port: 80}}]\n  \
          - backendRefs: [{{name: books-stable, port: 80, weight: {stable}}}, {{name: books-canary, port: 80, weight: {canary}}}]\n"
     )
 }

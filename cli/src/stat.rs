@@ -244,6 +244,7 @@ pub fn run_stat(args: StatArgs, namespace: Option<&str>) -> anyhow::Result<()> {
                 }
             );
         }
+        Output::Table if kind == "route" => print!("{}", route_table(&rows)),
         Output::Table => print!("{}", stat_table(&rows)),
     }
     Ok(())
@@ -378,6 +379,51 @@ pub fn stat_table(rows: &[StatsRow]) -> String {
             latency(requests.latency_ms_p99, known),
             percent(requests.mtls_share, known),
             tcp.open_connections.to_string(),
+        ]);
+    }
+    render_table(&lines)
+}
+
+/// The table of `meshctl stat route`: what each route's callers saw, retries included.
+/// `RETRIES` is retries per second; a route whose retries approach its RPS is failing behind
+/// them.
+pub fn route_table(rows: &[StatsRow]) -> String {
+    let mut lines = vec![
+        [
+            "NAMESPACE",
+            "ROUTE",
+            "SUCCESS",
+            "RPS",
+            "LATENCY_P50",
+            "LATENCY_P95",
+            "LATENCY_P99",
+            "RETRIES",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
+    for row in rows {
+        let resource = row.resource.clone().unwrap_or_default();
+        let requests = row.requests.unwrap_or_default();
+        let known = has_traffic(row);
+        let answered = requests.success_count + requests.failure_count > 0;
+        lines.push(vec![
+            or_dash(&resource.namespace),
+            resource.name,
+            percent(requests.success_rate, answered),
+            if known {
+                rate(requests.request_rate)
+            } else {
+                "-".to_owned()
+            },
+            latency(requests.latency_ms_p50, answered),
+            latency(requests.latency_ms_p95, answered),
+            latency(requests.latency_ms_p99, answered),
+            if known {
+                rate(requests.retry_rate)
+            } else {
+                "-".to_owned()
+            },
         ]);
     }
     render_table(&lines)
@@ -535,6 +581,8 @@ pub fn row_json(row: &StatsRow) -> serde_json::Value {
         "latency_ms_p95": requests.latency_ms_p95,
         "latency_ms_p99": requests.latency_ms_p99,
         "mtls_share": requests.mtls_share,
+        "retry_rate": requests.retry_rate,
+        "retry_count": requests.retry_count,
         "tcp_open_connections": tcp.open_connections,
         "tcp_read_bytes_rate": tcp.read_bytes_rate,
         "tcp_write_bytes_rate": tcp.write_bytes_rate,
@@ -588,6 +636,7 @@ mod tests {
                 latency_ms_p95: p50 * 2.0,
                 latency_ms_p99: p50 * 3.0,
                 mtls_share: mtls,
+                ..Default::default()
             }),
             tcp: Some(TcpStats {
                 open_connections: 2,
@@ -615,6 +664,34 @@ mod tests {
         assert_eq!(
             lines[2],
             "demo       traffic  1/1     -        -     -            -            -            -        2"
+        );
+    }
+
+    #[test]
+    fn the_route_table_shows_success_latency_and_retries() {
+        let mut get_book = row(
+            "books.demo.svc.cluster.local:8080/get-book",
+            20.0,
+            0.99,
+            4.0,
+            1.0,
+        );
+        get_book.resource = Some(ResourceRef {
+            kind: "route".into(),
+            namespace: "demo".into(),
+            name: "books.demo.svc.cluster.local:8080/get-book".into(),
+        });
+        if let Some(requests) = get_book.requests.as_mut() {
+            requests.retry_rate = 1.5;
+        }
+        let table = route_table(&[get_book]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "NAMESPACE  ROUTE                                       SUCCESS  RPS   LATENCY_P50  LATENCY_P95  LATENCY_P99  RETRIES",
+                "demo       books.demo.svc.cluster.local:8080/get-book  99.00%   20.0  4ms          8ms          12ms         1.5",
+            ]
         );
     }
 

@@ -262,6 +262,8 @@ fn stats_row() -> stats::StatsRow {
             latency_ms_p95: 7.0,
             latency_ms_p99: 12.25,
             mtls_share: 1.0,
+            retry_rate: 0.5,
+            retry_count: 30,
         }),
         tcp: Some(stats::TcpStats {
             open_connections: 4,

@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::discovery::Discovery;
 use crate::identity::{self, Identity};
 use crate::metrics::{Label, Metrics};
-use crate::outbound::PlanStore;
+use crate::outbound::{InFlight, PlanStore};
 use crate::policy::{InboundPolicy, PolicyStore};
 use crate::tap::TapHub;
 use crate::tls::TlsContext;
@@ -98,6 +98,8 @@ pub struct Context {
     pub policies: PolicyStore,
     /// Outbound routing plans per target.
     pub plans: PlanStore,
+    /// Requests in flight per backend, for the plans' concurrency limits.
+    pub in_flight: InFlight,
     /// Live taps in progress.
     pub tap: Arc<TapHub>,
     /// Span export, when a collector is configured.
@@ -261,6 +263,7 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
         tls,
         policies,
         plans,
+        in_flight: InFlight::default(),
         tap: Arc::new(TapHub::default()),
         tracer,
         drain: drain.clone(),

@@ -47,13 +47,17 @@ pub enum ProxyError {
     Unauthorized(String),
     /// A local rate limit is exceeded; retry after this long.
     RateLimited(String, std::time::Duration),
+    /// The backend already has its limit of requests in flight (the overflow circuit breaker).
+    Overloaded(String),
 }
 
 impl ProxyError {
     /// The HTTP status a client sees.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::NoEndpoints(_) | Self::DiscoveryUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoEndpoints(_) | Self::DiscoveryUnavailable(_) | Self::Overloaded(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::ConnectFailed(_) | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -73,6 +77,7 @@ impl ProxyError {
             Self::DiscoveryUnavailable(_) => "discovery unavailable",
             Self::Unauthorized(_) => "unauthorized",
             Self::RateLimited(..) => "rate limited",
+            Self::Overloaded(_) => "concurrency limit",
         }
     }
 
@@ -86,6 +91,7 @@ impl ProxyError {
             | Self::BadRequest(d)
             | Self::DiscoveryUnavailable(d)
             | Self::Unauthorized(d)
+            | Self::Overloaded(d)
             | Self::RateLimited(d, _) => d,
         }
     }

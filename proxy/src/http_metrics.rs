@@ -4,6 +4,11 @@
 //! response's extensions (it alone knows where the request went); this layer turns them into
 //! `request_total`, `response_latency_ms` (at response headers) and `response_total` (when the
 //! response body ends, so a gRPC status in trailers classifies the exchange).
+//!
+//! The outbound router also puts the route's [`RouteLabels`] there when a plan routed the
+//! request; they give `route_response_latency_ms` and `route_response_total` the same way, so
+//! per-route latency and success are measured exactly like the target's (filters, retries and
+//! proxy errors included).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,7 +24,9 @@ use hyper::body::Incoming;
 use tower::{Layer, Service};
 
 use crate::http::{ProxyBody, grpc_status_failed};
-use crate::metrics::{Classification, Metrics, ResponseLabels, TargetLabels};
+use crate::metrics::{
+    Classification, Metrics, ResponseLabels, RouteLabels, RouteResponseLabels, TargetLabels,
+};
 
 /// Adds request metrics to a service.
 #[derive(Clone, Debug)]
@@ -71,29 +78,44 @@ where
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
-            let recorder = response
+            let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+            let status = response.status();
+            let failed = status.is_server_error() || grpc_status_failed(response.headers());
+            let classification = if failed {
+                Classification::Failure
+            } else {
+                Classification::Success
+            };
+            let target = response
                 .extensions()
                 .get::<TargetLabels>()
                 .cloned()
                 .map(|target| {
                     metrics.requests.get_or_create(&target).inc();
-                    let status = response.status();
-                    let failed = status.is_server_error() || grpc_status_failed(response.headers());
                     let labels = ResponseLabels {
                         target,
                         status_code: status.as_u16(),
-                        classification: if failed {
-                            Classification::Failure
-                        } else {
-                            Classification::Success
-                        },
+                        classification,
                     };
                     metrics
                         .response_latency
                         .get_or_create(&labels)
-                        .observe(started.elapsed().as_secs_f64() * 1000.0);
-                    Recorder { metrics, labels }
+                        .observe(elapsed_ms);
+                    labels
                 });
+            let route = response.extensions().get::<RouteLabels>().cloned();
+            if let Some(route) = &route {
+                metrics
+                    .route_latency
+                    .get_or_create(route)
+                    .observe(elapsed_ms);
+            }
+            let recorder = (target.is_some() || route.is_some()).then(|| Recorder {
+                metrics,
+                classification,
+                target,
+                route,
+            });
             Ok(response.map(|inner| ObservedBody { inner, recorder }))
         })
     }
@@ -104,12 +126,26 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Counts the response once it ends.
 struct Recorder {
     metrics: Arc<Metrics>,
-    labels: ResponseLabels,
+    classification: Classification,
+    target: Option<ResponseLabels>,
+    route: Option<RouteLabels>,
 }
 
 impl Recorder {
     fn finish(self) {
-        self.metrics.responses.get_or_create(&self.labels).inc();
+        if let Some(mut labels) = self.target {
+            labels.classification = self.classification;
+            self.metrics.responses.get_or_create(&labels).inc();
+        }
+        if let Some(route) = self.route {
+            self.metrics
+                .route_responses
+                .get_or_create(&RouteResponseLabels {
+                    route,
+                    classification: self.classification,
+                })
+                .inc();
+        }
     }
 }
 
@@ -133,7 +169,7 @@ impl Body for ObservedBody {
                 if let (Some(trailers), Some(recorder)) = (frame.trailers_ref(), &mut self.recorder)
                     && grpc_status_failed(trailers)
                 {
-                    recorder.labels.classification = Classification::Failure;
+                    recorder.classification = Classification::Failure;
                 }
                 if self.inner.is_end_stream()
                     && let Some(recorder) = self.recorder.take()
@@ -143,7 +179,7 @@ impl Body for ObservedBody {
             }
             Some(Err(_)) => {
                 if let Some(mut recorder) = self.recorder.take() {
-                    recorder.labels.classification = Classification::Failure;
+                    recorder.classification = Classification::Failure;
                     recorder.finish();
                 }
             }

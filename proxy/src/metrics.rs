@@ -132,6 +132,8 @@ pub struct AuthzLabels {
 /// A retry decision's labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RetryLabels {
+    /// The service the route belongs to: route names such as `default` repeat across services.
+    pub authority: Label,
     /// The route.
     pub route: Label,
     /// `retried` or `budget exhausted`.
@@ -145,6 +147,25 @@ pub struct RouteLabels {
     pub authority: Label,
     /// The route's name.
     pub route: Label,
+}
+
+/// A route's response labels: the route's plus the outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteResponseLabels {
+    /// The route.
+    #[prometheus(flatten)]
+    pub route: RouteLabels,
+    /// `success` or `failure`, classified as `response_total` is.
+    pub classification: Classification,
+}
+
+/// A backend's labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// The service the request was sent to.
+    pub authority: Label,
+    /// The backend its route chose.
+    pub backend: Label,
 }
 
 /// Latency buckets in milliseconds: fine below 10 ms where a mesh hop lives, coarse above.
@@ -191,10 +212,20 @@ pub struct Metrics {
     pub retries: Family<RetryLabels, Counter>,
     /// `route_request_total`: requests by route.
     pub route_requests: Family<RouteLabels, Counter>,
+    /// `route_response_latency_ms`: time from a request to its response headers, by route,
+    /// retries and the route's filters included.
+    pub route_latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    /// `route_response_total`: responses by route and classification.
+    pub route_responses: Family<RouteResponseLabels, Counter>,
     /// `route_fault_injection_total`: requests failed or delayed on purpose.
     pub fault_injections: Family<RouteLabels, Counter>,
     /// `endpoint_ejection_total`: endpoints ejected by failure accrual.
     pub ejections: Family<RouteLabels, Counter>,
+    /// `backend_concurrency_overflow_total`: requests refused because their backend had its
+    /// limit of requests in flight.
+    pub concurrency_overflows: Family<BackendLabels, Counter>,
+    /// `backend_in_flight`: requests holding a slot of their backend's concurrency limit now.
+    pub backend_in_flight: Family<BackendLabels, Gauge>,
     /// `trace_spans_dropped_total`: spans not exported (queue full or collector failing).
     pub spans_dropped: Counter,
     /// `identity_cert_expiry_timestamp_seconds`: when the current certificate expires.
@@ -286,6 +317,21 @@ impl Metrics {
         );
         let route_requests = Family::default();
         registry.register("route_request", "Requests by route", route_requests.clone());
+        let route_latency =
+            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register(
+            "route_response_latency_ms",
+            "Time from a request to its response headers by route, retries included, in milliseconds",
+            route_latency.clone(),
+        );
+        let route_responses = Family::default();
+        registry.register(
+            "route_response",
+            "Responses by route and classification",
+            route_responses.clone(),
+        );
         let fault_injections = Family::default();
         registry.register(
             "route_fault_injection",
@@ -297,6 +343,18 @@ impl Metrics {
             "endpoint_ejection",
             "Endpoints ejected by failure accrual (circuit breaking)",
             ejections.clone(),
+        );
+        let concurrency_overflows = Family::default();
+        registry.register(
+            "backend_concurrency_overflow",
+            "Requests refused because their backend had its limit of requests in flight",
+            concurrency_overflows.clone(),
+        );
+        let backend_in_flight = Family::default();
+        registry.register(
+            "backend_in_flight",
+            "Requests in flight to backends that have a concurrency limit",
+            backend_in_flight.clone(),
         );
         let spans_dropped = Counter::default();
         registry.register(
@@ -343,8 +401,12 @@ impl Metrics {
             rate_limited,
             retries,
             route_requests,
+            route_latency,
+            route_responses,
             fault_injections,
             ejections,
+            concurrency_overflows,
+            backend_in_flight,
             spans_dropped,
             identity_expiry,
             identity_renewals,
@@ -363,9 +425,10 @@ impl Metrics {
     }
 
     /// Counts a retry decision on `route`.
-    pub fn retry(&self, route: &str, reason: &'static str) {
+    pub fn retry(&self, authority: &Label, route: &str, reason: &'static str) {
         self.retries
             .get_or_create(&RetryLabels {
+                authority: authority.clone(),
                 route: Label::new(route),
                 reason: Label::new(reason),
             })

@@ -22,6 +22,7 @@ use tracing::debug;
 
 use crate::http::{ProxyBody, ProxyErrorKind, ReqBody};
 use crate::metrics::Metrics;
+use crate::outbound::Dispatch;
 use crate::route::RouteParams;
 
 /// Which failures are retried.
@@ -294,6 +295,11 @@ where
         }
         let inner = self.inner.clone();
         let metrics = self.metrics.clone();
+        let authority = request
+            .extensions()
+            .get::<Dispatch>()
+            .map(|dispatch| dispatch.logical.clone())
+            .unwrap_or_default();
         Box::pin(async move {
             let retry = match route.0.retry.as_ref() {
                 Some(retry) => retry,
@@ -318,10 +324,10 @@ where
                     return Ok(response);
                 }
                 if !retry.budget.withdraw() {
-                    metrics.retry(&route.0.name, "budget exhausted");
+                    metrics.retry(&authority, &route.0.name, "budget exhausted");
                     return Ok(response);
                 }
-                metrics.retry(&route.0.name, "retried");
+                metrics.retry(&authority, &route.0.name, "retried");
                 attempt += 1;
             }
         })

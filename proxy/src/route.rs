@@ -3,6 +3,7 @@
 //! which weighted backend takes the request, what the route's filters do.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -172,6 +173,8 @@ pub struct OutboundPlan {
     pub hash_key: Option<HashKey>,
     /// Circuit breaking, when enabled.
     pub failure_accrual: Option<FailureAccrual>,
+    /// Most requests in flight to one backend; `None` is unlimited.
+    pub max_in_flight_per_backend: Option<NonZeroU32>,
 }
 
 /// What consistent hashing hashes.
@@ -284,6 +287,7 @@ impl OutboundPlan {
             algorithm,
             hash_key,
             failure_accrual,
+            max_in_flight_per_backend: NonZeroU32::new(policy.max_in_flight_per_backend),
         })
     }
 

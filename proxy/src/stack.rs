@@ -16,7 +16,7 @@ use crate::authz::{Authz, AuthzLayer, ConnectionClient};
 use crate::http_metrics::{HttpMetrics, HttpMetricsLayer};
 use crate::inbound::InboundHttp;
 use crate::metrics::{Direction, TargetLabels};
-use crate::outbound::{OutboundEndpoint, OutboundRouter};
+use crate::outbound::{ConcurrencyLimit, ConcurrencyLimitLayer, OutboundEndpoint, OutboundRouter};
 use crate::policy::PortPolicy;
 use crate::rate_limit::{RateLimit, RateLimitLayer};
 use crate::retry::{Retry, RetryLayer};
@@ -25,17 +25,23 @@ use crate::timeout::{RequestTimeout, RequestTimeoutLayer};
 use crate::trace::{Trace, TraceLayer};
 
 /// The outbound HTTP stack.
-pub type OutboundStack =
-    Tap<Trace<AccessLog<HttpMetrics<OutboundRouter<RequestTimeout<Retry<OutboundEndpoint>>>>>>>;
+pub type OutboundStack = Tap<
+    Trace<
+        AccessLog<
+            HttpMetrics<OutboundRouter<ConcurrencyLimit<RequestTimeout<Retry<OutboundEndpoint>>>>>,
+        >,
+    >,
+>;
 
-/// Outbound: tap -> trace -> access log -> metrics -> router (target, plan, route, filters, weighted backend) -> the route's
-/// request timeout -> retries within the budget -> a balanced endpoint, one attempt.
+/// Outbound: tap -> trace -> access log -> metrics -> router (target, plan, route, filters, weighted backend) -> the
+/// backend's concurrency limit -> the route's request timeout -> retries within the budget -> a balanced endpoint, one attempt.
 pub fn outbound_http(
     ctx: &Arc<Context>,
     orig_dst: Option<SocketAddr>,
     client_ip: IpAddr,
 ) -> OutboundStack {
     let per_request = ServiceBuilder::new()
+        .layer(ConcurrencyLimitLayer::new(ctx.clone()))
         .layer(RequestTimeoutLayer)
         .layer(RetryLayer::new(ctx.metrics.clone()))
         .service(OutboundEndpoint::new(ctx.clone()));

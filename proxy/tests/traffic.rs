@@ -124,6 +124,15 @@ async fn a_90_10_split_lands_within_three_points() {
         metric(&text, "route_request_total", &["route=\"split\""]),
         2000.0
     );
+    assert_eq!(
+        metric(
+            &text,
+            "route_response_latency_ms_count",
+            &[&format!("authority=\"{BOOKS}\""), "route=\"split\""]
+        ),
+        2000.0,
+        "every routed request has its latency observed"
+    );
 }
 
 #[tokio::test]
@@ -490,5 +499,93 @@ async fn filters_inject_faults_modify_headers_rewrite_and_redirect() {
     assert_eq!(
         metric(&text, "route_fault_injection_total", &["route=\"abort\""]),
         1.0
+    );
+}
+
+#[tokio::test]
+async fn a_backend_at_its_concurrency_limit_sheds_further_requests_with_503() {
+    let mesh = Mesh::new().await;
+    let slow = Backend::start("slow").await;
+    mesh.service(BOOKS, &[&slow]);
+    let mut policy = plan(vec![route("all", vec![])]);
+    policy.max_in_flight_per_backend = 2;
+    // Overflow must not be retried: the layer sits above retries.
+    policy.retry = Some(retrying(3, 1.0));
+    mesh.outbound.set(BOOKS, policy);
+
+    // Two requests the backend holds for a while fill the backend's two slots.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut client = mesh.client().await;
+        held.push(tokio::spawn(async move {
+            client
+                .get(&format!("http://{BOOKS}/slow?ms=4000"), &[])
+                .await
+        }));
+    }
+    // Wait (bounded) until both hold their slots: then a third request is refused at once.
+    let in_flight = [
+        &format!("authority=\"{BOOKS}\"") as &str,
+        &format!("backend=\"{BOOKS}\""),
+    ];
+    let mut full = false;
+    for _ in 0..300 {
+        let (_, text) = admin_get(&mesh.proxy, "/metrics").await;
+        if metric(&text, "backend_in_flight", &in_flight) == 2.0 {
+            full = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(full, "the two slow requests are in flight");
+    let mut probe = mesh.client().await;
+    let (status, _, body) = probe.get(&format!("http://{BOOKS}/"), &[]).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with("concurrency limit: ") && body.contains("2 requests in flight"),
+        "{body}"
+    );
+    // The refusal names itself in `mesh-error`, as every error the proxy makes does.
+    let headers = curl(&[
+        "--dump-header",
+        "-",
+        "--output",
+        "/dev/null",
+        "--proxy",
+        &format!("http://{}", mesh.proxy.outbound_addr),
+        &format!("http://{BOOKS}/"),
+    ])
+    .await
+    .to_ascii_lowercase();
+    assert!(
+        headers.starts_with("http/1.1 503") && headers.contains("mesh-error: concurrency limit: "),
+        "{headers}"
+    );
+    for request in held {
+        let (status, backend, body) = request.await.expect("held request");
+        assert_eq!((status, backend.as_str()), (200, "slow"), "{body}");
+    }
+    // The slots are free again once the responses are in.
+    let (status, _, body) = probe.get(&format!("http://{BOOKS}/"), &[]).await;
+    assert_eq!(status, 200, "{body}");
+
+    let (_, text) = admin_get(&mesh.proxy, "/metrics").await;
+    assert_eq!(metric(&text, "backend_in_flight", &in_flight), 0.0);
+    assert_eq!(
+        metric(
+            &text,
+            "backend_concurrency_overflow_total",
+            &[
+                &format!("authority=\"{BOOKS}\""),
+                &format!("backend=\"{BOOKS}\"")
+            ]
+        ),
+        2.0,
+        "the probe and curl were refused"
+    );
+    assert_eq!(
+        metric(&text, "route_retry_total", &["route=\"all\""]),
+        0.0,
+        "an overflow is not retried"
     );
 }

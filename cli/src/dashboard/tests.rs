@@ -34,6 +34,7 @@ fn row(resource: ResourceRef, rps: f64, success: f64, p50: f64, mtls: f64) -> St
             latency_ms_p95: p50 * 1.5,
             latency_ms_p99: p50 * 2.0,
             mtls_share: mtls,
+            ..Default::default()
         }),
         tcp: None,
     }

@@ -118,6 +118,9 @@ struct Totals {
     write_rate: f64,
     running_pods: u32,
     meshed_pods: u32,
+    /// Retries sent (route rows).
+    retries: f64,
+    retry_rate: f64,
 }
 
 impl Totals {
@@ -167,6 +170,8 @@ impl Totals {
                 latency_ms_p95: quantile(0.95),
                 latency_ms_p99: quantile(0.99),
                 mtls_share: share(self.tls_responses),
+                retry_rate: self.retry_rate,
+                retry_count: self.retries.round() as u64,
             }),
             tcp: Some(TcpStats {
                 open_connections: self.open_connections.round() as u64,
@@ -288,7 +293,7 @@ pub fn summary(
                 {
                     continue;
                 }
-                for (key, count) in &window.delta.routes {
+                for (key, counters) in &window.delta.routes {
                     let name = format!("{}/{}", key.authority, key.route);
                     if !name_ok(&name) {
                         continue;
@@ -296,10 +301,12 @@ pub fn summary(
                     let totals = rows
                         .entry((pod.namespace.clone(), name, "route".to_owned()))
                         .or_default();
-                    // Routes are counted, not classified: every request is reported as a
-                    // success so the counts add up; the rate is what matters.
-                    totals.successes += count;
-                    totals.rate += count / window.seconds;
+                    totals.successes += counters.successes;
+                    totals.failures += counters.failures;
+                    totals.rate += counters.requests / window.seconds;
+                    totals.retries += counters.retries;
+                    totals.retry_rate += counters.retries / window.seconds;
+                    totals.latency.merge(&counters.latency);
                 }
             }
         }

@@ -172,6 +172,22 @@ pub struct RouteKey {
     pub route: Arc<str>,
 }
 
+/// A route's series: `route_request_total`, `route_response_total` by classification,
+/// `route_response_latency_ms` and the retries of `route_retry_total{reason="retried"}`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteCounters {
+    /// Requests the route took.
+    pub requests: f64,
+    /// Responses classified as successes.
+    pub successes: f64,
+    /// Responses classified as failures.
+    pub failures: f64,
+    /// Retries sent (the budget's refusals are not retries).
+    pub retries: f64,
+    /// Latency to response headers, retries included.
+    pub latency: Histogram,
+}
+
 /// One scrape of one proxy, or the difference between two.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProxySample {
@@ -179,8 +195,8 @@ pub struct ProxySample {
     pub traffic: BTreeMap<TrafficKey, TrafficCounters>,
     /// Policy refusals.
     pub denials: BTreeMap<DenialKey, f64>,
-    /// Requests by route.
-    pub routes: BTreeMap<RouteKey, f64>,
+    /// Requests, outcomes, retries and latency by route.
+    pub routes: BTreeMap<RouteKey, RouteCounters>,
 }
 
 /// Interns label values: one scrape repeats the same few authorities and identities in
@@ -263,12 +279,31 @@ impl ProxySample {
                     };
                     *sample.denials.entry(key).or_default() += series.value;
                 }
-                "route_request_total" => {
+                "route_request_total"
+                | "route_response_total"
+                | "route_response_latency_ms_bucket"
+                | "route_retry_total" => {
                     let key = RouteKey {
                         authority: interner.get(series.label("authority")),
                         route: interner.get(series.label("route")),
                     };
-                    *sample.routes.entry(key).or_default() += series.value;
+                    let counters = sample.routes.entry(key).or_default();
+                    match series.name.as_str() {
+                        "route_request_total" => counters.requests += series.value,
+                        "route_response_total" if series.label("classification") == "failure" => {
+                            counters.failures += series.value;
+                        }
+                        "route_response_total" => counters.successes += series.value,
+                        "route_retry_total" if series.label("reason") == "retried" => {
+                            counters.retries += series.value;
+                        }
+                        "route_retry_total" => {}
+                        _ => {
+                            if let Ok(le) = series.label("le").parse::<f64>() {
+                                counters.latency.add(le, series.value);
+                            }
+                        }
+                    }
                 }
                 _ => {}
             }
@@ -310,8 +345,18 @@ impl ProxySample {
             .routes
             .iter()
             .map(|(key, now)| {
-                let then = earlier.routes.get(key).copied().unwrap_or(0.0);
-                (key.clone(), counter_delta(*now, then))
+                let then = earlier.routes.get(key);
+                let counter = |f: fn(&RouteCounters) -> f64| {
+                    counter_delta(f(now), then.map(f).unwrap_or(0.0))
+                };
+                let delta = RouteCounters {
+                    requests: counter(|c| c.requests),
+                    successes: counter(|c| c.successes),
+                    failures: counter(|c| c.failures),
+                    retries: counter(|c| c.retries),
+                    latency: now.latency.delta(then.map(|c| &c.latency)),
+                };
+                (key.clone(), delta)
             })
             .collect();
         ProxySample {

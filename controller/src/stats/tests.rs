@@ -10,9 +10,7 @@ use mesh_proto::stats::{Denial, Edge, ResourceRef, StatsRow};
 
 use super::aggregate::{self, FromFilter, Kind, Selector};
 use super::exposition;
-use super::sample::{
-    DenialKey, Direction, Histogram, ProxySample, RouteKey, TrafficCounters, TrafficKey,
-};
+use super::sample::{DenialKey, Direction, Histogram, ProxySample, TrafficCounters, TrafficKey};
 use super::store::{PodInfo, PodWindow};
 
 const TD: &str = "spiffe://cluster.local/ns/demo/sa";
@@ -532,18 +530,42 @@ fn denials_name_the_server_the_policy_and_the_client() {
     );
 }
 
+/// A proxy's route series after `requests` requests, `failures` of them failed, `retries`
+/// retried and `refused` refused by the budget; latencies land in the 10 ms bucket but for the
+/// slowest 5% at 500 ms.
+fn route_exposition(requests: u32, failures: u32, retries: u32, refused: u32) -> String {
+    let labels = "authority=\"books.demo.svc.cluster.local:8080\",route=\"get-book\"";
+    let slow = requests / 20;
+    let mut text = format!(
+        "route_request_total{{{labels}}} {requests}\n\
+         route_response_total{{{labels},classification=\"success\"}} {}\n\
+         route_response_total{{{labels},classification=\"failure\"}} {failures}\n\
+         route_retry_total{{{labels},reason=\"retried\"}} {retries}\n\
+         route_retry_total{{{labels},reason=\"budget exhausted\"}} {refused}\n",
+        requests - failures
+    );
+    for (le, count) in [
+        ("5.0", 0),
+        ("10.0", requests - slow),
+        ("500.0", requests),
+        ("+Inf", requests),
+    ] {
+        text.push_str(&format!(
+            "route_response_latency_ms_bucket{{le=\"{le}\",{labels}}} {count}\n"
+        ));
+    }
+    text
+}
+
 #[test]
-fn route_rows_count_route_requests() {
+fn route_rows_report_rate_success_latency_and_retries() {
+    let earlier = ProxySample::from_exposition(&exposition::parse(&route_exposition(100, 0, 0, 0)));
+    let later = ProxySample::from_exposition(&exposition::parse(&route_exposition(600, 25, 40, 7)));
     let mut pods = demo();
-    pods[1].delta.routes = BTreeMap::from([(
-        RouteKey {
-            authority: Arc::from("books.demo.svc.cluster.local:8080"),
-            route: Arc::from("get-book"),
-        },
-        50.0,
-    )]);
+    pods[1].delta.routes = later.delta(&earlier).routes;
     let rows = aggregate::summary(&pods, &selector("route", None, None), None);
     let got: Vec<Brief> = rows.iter().map(brief).collect();
+    // 500 requests over the 10 s window, 25 of them failed.
     assert_eq!(
         got,
         vec![b(
@@ -551,10 +573,22 @@ fn route_rows_count_route_requests() {
             "demo",
             "books.demo.svc.cluster.local:8080/get-book",
             (0, 0),
-            5.0,
-            1.0,
+            50.0,
+            0.95,
             0.0
         )]
+    );
+    let requests = rows[0].requests.unwrap_or_default();
+    assert_eq!((requests.success_count, requests.failure_count), (475, 25));
+    assert_eq!(requests.retry_count, 40, "budget refusals are not retries");
+    assert!((requests.retry_rate - 4.0).abs() < 1e-9, "{requests:?}");
+    assert!(
+        requests.latency_ms_p50 > 5.0 && requests.latency_ms_p50 <= 10.0,
+        "{requests:?}"
+    );
+    assert!(
+        requests.latency_ms_p99 > 10.0 && requests.latency_ms_p99 <= 500.0,
+        "{requests:?}"
     );
 }
 

@@ -3,13 +3,15 @@
 //! request's authority names it).
 //!
 //! Per connection: find the target, detect the protocol, then serve HTTP through the outbound
-//! stack (`stack::outbound_http`: router, timeout, retries, endpoint) or forward opaque bytes
+//! stack (`stack::outbound_http`: router, concurrency limit, timeout, retries, endpoint) or forward opaque bytes
 //! to a balanced endpoint.
 
+mod concurrency;
 mod endpoint;
 mod plans;
 mod router;
 
+pub use concurrency::{ConcurrencyLimit, ConcurrencyLimitLayer, InFlight, Slot};
 pub use endpoint::OutboundEndpoint;
 pub use plans::PlanStore;
 pub use router::{Dispatch, DispatchTarget, OutboundRouter};

@@ -8,6 +8,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context as TaskContext, Poll};
@@ -44,6 +45,10 @@ pub struct Dispatch {
     pub hash: Option<u64>,
     /// Circuit breaking, when the plan enables it.
     pub accrual: Option<FailureAccrual>,
+    /// The backend chosen, the key of its concurrency limit.
+    pub backend: TargetKey,
+    /// The plan's limit of requests in flight per backend, when it sets one.
+    pub max_in_flight: Option<NonZeroU32>,
 }
 
 /// The destination kind.
@@ -115,24 +120,24 @@ where
         let mut request = request.map(Either::Left);
         let mut uri_authority = authority.unwrap_or_else(|| key.to_string());
 
+        let mut route_labels = None;
         let (backend_key, route_info, logical) = match &plan {
             None => (key.clone(), None, None),
             Some(plan) => {
                 let route = plan.route(&request);
-                self.ctx
-                    .metrics
-                    .route_requests
-                    .get_or_create(&RouteLabels {
-                        authority: Label::new(&plan.service),
-                        route: Label::new(&route.params.name),
-                    })
-                    .inc();
-                if let Some(answer) = self
+                let labels = RouteLabels {
+                    authority: Label::new(&plan.service),
+                    route: Label::new(&route.params.name),
+                };
+                self.ctx.metrics.route_requests.get_or_create(&labels).inc();
+                if let Some(mut answer) = self
                     .apply_filters(plan, route, &mut request, &mut uri_authority, grpc)
                     .await
                 {
+                    answer.extensions_mut().insert(labels);
                     return answer;
                 }
+                route_labels = Some(labels);
                 let backend = pick_backend(plan.backends(route), rand::random::<u64>())
                     .cloned()
                     .map_or_else(|| key.clone(), backend_key);
@@ -170,6 +175,7 @@ where
         };
         let mut hash = None;
         let mut accrual = None;
+        let mut max_in_flight = None;
         if let Some(plan) = &plan {
             if let DispatchTarget::Balanced(resolution) = &target
                 && resolution.balancer.algorithm() != plan.algorithm
@@ -181,6 +187,7 @@ where
                 .as_ref()
                 .and_then(|key| hash_request(key, &request, self.client_ip));
             accrual = plan.failure_accrual.clone();
+            max_in_flight = plan.max_in_flight_per_backend;
         }
         let dispatch = Dispatch {
             target,
@@ -188,6 +195,8 @@ where
             uri_authority: Arc::from(uri_authority),
             hash,
             accrual,
+            backend: backend_key,
+            max_in_flight,
         };
         request.extensions_mut().insert(dispatch);
         if let Some(route_info) = route_info {
@@ -197,6 +206,10 @@ where
             Ok(response) => response,
             Err(never) => match never {},
         };
+        // The metrics layer measures the route's latency and outcome with these.
+        if let Some(labels) = route_labels {
+            response.extensions_mut().insert(labels);
+        }
         // Errors produced above the endpoint (timeouts) still need the target's labels.
         if response.extensions().get::<TargetLabels>().is_none() {
             let labels = outbound_labels(&self.ctx, logical.clone(), logical.0.to_string(), None);

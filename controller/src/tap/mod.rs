@@ -221,7 +221,7 @@ async fn tap_pod(
     tx: &mpsc::Sender<FromProxy>,
 ) -> Result<(), String> {
     let addr = SocketAddr::new(pod.ip, config.admin_port);
-    let channel = tokio::time::timeout(config.connect_timeout, connect(addr, pod, identity))
+    let channel = tokio::time::timeout(config.connect_timeout, connect(addr, pod.identity.as_deref(), identity))
         .await
         .map_err(|_| format!("no connection to {addr} within {:?}", config.connect_timeout))??;
     let mut stream = TapClient::new(channel)
@@ -270,17 +270,17 @@ fn describe(status: &Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
 }
 
-/// A gRPC channel to a proxy's admin port: mutual TLS as the controller when it has an
-/// identity (verifying the pod's), plaintext otherwise.
-async fn connect(
+/// A gRPC channel to a proxy's admin port at `addr`: mutual TLS as `identity` when given,
+/// accepting only a proxy proving `expected` (the pod's SPIFFE ID); plaintext otherwise.
+pub async fn connect(
     addr: SocketAddr,
-    pod: &PodInfo,
+    expected: Option<&str>,
     identity: Option<&ControllerIdentity>,
 ) -> Result<Channel, String> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|error| error.to_string())?
         .tcp_nodelay(true);
-    let (Some(identity), Some(expected)) = (identity, pod.identity.as_deref()) else {
+    let (Some(identity), Some(expected)) = (identity, expected) else {
         return endpoint
             .connect()
             .await

@@ -82,9 +82,9 @@ pub fn tap_match(
     method: Option<&str>,
     authority: Option<&str>,
 ) -> anyhow::Result<TapMatch> {
-    let (kind, name) = target
-        .split_once('/')
-        .with_context(|| format!("{target:?}: use KIND/NAME, e.g. deploy/web, pod/web-1, ns/demo"))?;
+    let (kind, name) = target.split_once('/').with_context(|| {
+        format!("{target:?}: use KIND/NAME, e.g. deploy/web, pod/web-1, ns/demo")
+    })?;
     if name.is_empty() {
         bail!("{target:?}: the name is missing after {kind}/");
     }
@@ -207,7 +207,11 @@ impl Exchange {
             _ => &self.destination_identity,
         };
         if !identity.is_empty() {
-            let side = if self.direction == "inbound" { "from" } else { "to" };
+            let side = if self.direction == "inbound" {
+                "from"
+            } else {
+                "to"
+            };
             line.push_str(&format!(" {side}={}", stat::short_identity(identity)));
         }
         line
@@ -273,8 +277,7 @@ impl Joiner {
                 let mut exchange = self.pending.remove(&key)?;
                 exchange.grpc_status = end.grpc_status;
                 exchange.error = end.error;
-                exchange.latency =
-                    duration(end.since_request_start.as_ref()).or(exchange.latency);
+                exchange.latency = duration(end.since_request_start.as_ref()).or(exchange.latency);
                 Some(exchange)
             }
         }
@@ -343,19 +346,26 @@ impl TopTable {
     /// The table as text.
     pub fn render(&self) -> String {
         let ms = |d: Option<Duration>| {
-            d.map_or("-".to_owned(), |d| stat::latency(d.as_secs_f64() * 1000.0, true))
+            d.map_or("-".to_owned(), |d| {
+                stat::latency(d.as_secs_f64() * 1000.0, true)
+            })
         };
         let mut lines = vec![
-            ["METHOD", "PATH", "COUNT", "SUCCESS", "BEST", "WORST", "LAST"]
-                .map(str::to_owned)
-                .to_vec(),
+            [
+                "METHOD", "PATH", "COUNT", "SUCCESS", "BEST", "WORST", "LAST",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
         ];
         for row in self.rows() {
             lines.push(vec![
                 row.method.clone(),
                 row.path.clone(),
                 row.count.to_string(),
-                stat::percent(row.successes as f64 / row.count.max(1) as f64, row.count > 0),
+                stat::percent(
+                    row.successes as f64 / row.count.max(1) as f64,
+                    row.count > 0,
+                ),
                 ms(row.best),
                 ms(row.worst),
                 ms(row.last),
@@ -477,8 +487,7 @@ pub fn run_top(args: TopArgs, namespace: Option<&str>) -> anyhow::Result<()> {
     let live = args.output == Output::Table && std::io::stdout().is_terminal();
     let table = block_on(async {
         let mut client = connect(&controller).await?;
-        let mut stream =
-            observe(&mut client, filter, TOP_REQUESTS, args.filter.duration).await?;
+        let mut stream = observe(&mut client, filter, TOP_REQUESTS, args.filter.duration).await?;
         let mut joiner = Joiner::default();
         let mut table = TopTable::default();
         let mut drawn = Instant::now();
@@ -547,7 +556,10 @@ mod tests {
             match want {
                 Ok((ns, workload)) => {
                     let got = got.expect(target);
-                    assert_eq!((got.namespace.as_str(), got.workload.as_str()), (ns, workload));
+                    assert_eq!(
+                        (got.namespace.as_str(), got.workload.as_str()),
+                        (ns, workload)
+                    );
                     assert_eq!(got.path_prefix, "/books");
                     assert_eq!(got.method, "GET");
                 }
@@ -608,11 +620,21 @@ mod tests {
         assert_eq!(done[0].reporter, "demo/books-1");
         assert_eq!(done[0].status, Some(200));
         assert_eq!(done[0].latency, Some(Duration::from_millis(6)));
-        assert_eq!(done[0].source_identity, "spiffe://cluster.local/ns/demo/sa/web");
+        assert_eq!(
+            done[0].source_identity,
+            "spiffe://cluster.local/ns/demo/sa/web"
+        );
         assert!(done[0].success());
         assert!(!done[1].success(), "a 403 is a denial, not a success");
-        assert!(done[0].line().contains("GET books:8080/books/1?x=1 status=200"));
-        assert!(joiner.push(a[2].clone()).is_none(), "an end without a start");
+        assert!(
+            done[0]
+                .line()
+                .contains("GET books:8080/books/1?x=1 status=200")
+        );
+        assert!(
+            joiner.push(a[2].clone()).is_none(),
+            "an end without a start"
+        );
 
         let mut table = TopTable::default();
         for exchange in &done {
@@ -620,7 +642,10 @@ mod tests {
         }
         table.add(&done[0]);
         let rows = table.rows();
-        assert_eq!(rows[0].path, "/books/1", "the query is not part of the path");
+        assert_eq!(
+            rows[0].path, "/books/1",
+            "the query is not part of the path"
+        );
         assert_eq!((rows[0].count, rows[0].successes), (2, 2));
         assert_eq!((rows[1].count, rows[1].successes), (1, 0));
         let text = table.render();

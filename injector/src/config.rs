@@ -103,10 +103,7 @@ impl MeshConfig {
     /// The controller's SPIFFE ID in this mesh's trust domain (`MESH_PROXY_TAP_IDENTITY`).
     pub fn controller_identity(&self) -> String {
         let (namespace, account) = CONTROLLER_SERVICE_ACCOUNT;
-        format!(
-            "spiffe://{}/ns/{namespace}/sa/{account}",
-            self.trust_domain
-        )
+        format!("spiffe://{}/ns/{namespace}/sa/{account}", self.trust_domain)
     }
 
     /// Checks what annotations are checked for, once, at start: quantities, a request not

@@ -49,7 +49,10 @@ impl Mesh {
     /// `meshctl ARGS --state-dir DIR`, killed after `limit`: (success, stdout, stderr).
     fn run(&self, args: &[&str], limit: Duration) -> (bool, String, String) {
         let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-        all.extend(["--state-dir".to_owned(), self.state_dir.display().to_string()]);
+        all.extend([
+            "--state-dir".to_owned(),
+            self.state_dir.display().to_string(),
+        ]);
         run_bounded(&self.meshctl, &all, limit)
     }
 }
@@ -122,16 +125,31 @@ fn meshctl_tap_and_top_watch_real_requests_through_the_controller_over_mtls() {
     .map(str::to_owned)
     .to_vec();
     let (ok, stdout, stderr) = run_bounded(&mesh.meshctl, &demo, Duration::from_secs(300));
-    assert!(ok, "meshctl demo --keep failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        ok,
+        "meshctl demo --keep failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
 
     // tap: books' proxy reports the requests web sends it, as JSON lines.
     let (ok, stdout, stderr) = mesh.run(
         &[
-            "tap", "deploy/books", "-n", "demo", "--max", "5", "--duration", "30s", "-o", "json",
+            "tap",
+            "deploy/books",
+            "-n",
+            "demo",
+            "--max",
+            "5",
+            "--duration",
+            "30s",
+            "-o",
+            "json",
         ],
         Duration::from_secs(60),
     );
-    assert!(ok, "meshctl tap failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        ok,
+        "meshctl tap failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     let lines: Vec<serde_json::Value> = stdout
         .lines()
         .map(|line| serde_json::from_str(line).expect("each line is JSON"))
@@ -144,8 +162,14 @@ fn meshctl_tap_and_top_watch_real_requests_through_the_controller_over_mtls() {
                 .is_some_and(|r| r.starts_with("demo/books")),
             "{line}"
         );
-        assert!(line["method"].as_str().is_some_and(|m| !m.is_empty()), "{line}");
-        assert!(line["path"].as_str().is_some_and(|p| p.starts_with('/')), "{line}");
+        assert!(
+            line["method"].as_str().is_some_and(|m| !m.is_empty()),
+            "{line}"
+        );
+        assert!(
+            line["path"].as_str().is_some_and(|p| p.starts_with('/')),
+            "{line}"
+        );
         assert!(line["status"].as_u64().is_some(), "{line}");
         assert!(line["latency_ms"].as_f64().is_some(), "{line}");
     }
@@ -169,7 +193,14 @@ fn meshctl_tap_and_top_watch_real_requests_through_the_controller_over_mtls() {
     // tap filters: a path no request has yields none (and says so).
     let (ok, stdout, stderr) = mesh.run(
         &[
-            "tap", "deploy/books", "-n", "demo", "--path", "/no-such-path", "--duration", "3s",
+            "tap",
+            "deploy/books",
+            "-n",
+            "demo",
+            "--path",
+            "/no-such-path",
+            "--duration",
+            "3s",
         ],
         Duration::from_secs(30),
     );
@@ -179,15 +210,28 @@ fn meshctl_tap_and_top_watch_real_requests_through_the_controller_over_mtls() {
 
     // top: the same traffic counted by path.
     let (ok, stdout, stderr) = mesh.run(
-        &["top", "deploy/books", "-n", "demo", "--duration", "4s", "-o", "json"],
+        &[
+            "top",
+            "deploy/books",
+            "-n",
+            "demo",
+            "--duration",
+            "4s",
+            "-o",
+            "json",
+        ],
         Duration::from_secs(30),
     );
-    assert!(ok, "meshctl top failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        ok,
+        "meshctl top failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     let rows: serde_json::Value = serde_json::from_str(&stdout).expect("top -o json is JSON");
     let rows = rows.as_array().expect("an array of rows");
     assert!(!rows.is_empty(), "top saw requests\n{stdout}");
     assert!(
-        rows.iter().all(|row| row["count"].as_u64().is_some_and(|c| c > 0)),
+        rows.iter()
+            .all(|row| row["count"].as_u64().is_some_and(|c| c > 0)),
         "{stdout}"
     );
 
@@ -248,7 +292,8 @@ fn meshctl_tap_and_top_watch_real_requests_through_the_controller_over_mtls() {
                 }),
                 ..Default::default()
             };
-            let describe = |status: tonic::Status| format!("{:?}: {}", status.code(), status.message());
+            let describe =
+                |status: tonic::Status| format!("{:?}: {}", status.code(), status.message());
             // A refusal is an HTTP 403 without gRPC headers: tonic reports it when the stream
             // is read, not when it opens.
             let mut stream = TapClient::new(channel)

@@ -99,8 +99,7 @@ where
 /// failure. A denial is not a success of the application: counted as one, a workload whose
 /// callers are all refused would show 100% success.
 fn classify(status: http::StatusCode, headers: &http::HeaderMap) -> Classification {
-    if status.is_server_error() || grpc_status_failed(headers) || headers.contains_key(MESH_ERROR)
-    {
+    if status.is_server_error() || grpc_status_failed(headers) || headers.contains_key(MESH_ERROR) {
         Classification::Failure
     } else {
         Classification::Success
@@ -210,13 +209,21 @@ mod tests {
                 headers(&[("mesh-error", "rate limited: web")]),
                 Classification::Failure,
             ),
-            (StatusCode::BAD_GATEWAY, headers(&[]), Classification::Failure),
+            (
+                StatusCode::BAD_GATEWAY,
+                headers(&[]),
+                Classification::Failure,
+            ),
             (
                 StatusCode::OK,
                 headers(&[("grpc-status", "7")]),
                 Classification::Failure,
             ),
-            (StatusCode::OK, headers(&[("grpc-status", "0")]), Classification::Success),
+            (
+                StatusCode::OK,
+                headers(&[("grpc-status", "0")]),
+                Classification::Success,
+            ),
         ];
         for (status, headers, want) in cases {
             assert_eq!(classify(status, &headers), want, "{status} {headers:?}");

@@ -61,7 +61,8 @@ pub async fn run(controller: String, namespace: Option<String>, feed: watch::Sen
     while !feed.is_closed() {
         let result: anyhow::Result<()> = async {
             let mut client = tap::connect(&controller).await?;
-            let mut stream = tap::observe(&mut client, filter.clone(), PER_TAP, TAP_DURATION).await?;
+            let mut stream =
+                tap::observe(&mut client, filter.clone(), PER_TAP, TAP_DURATION).await?;
             let mut joiner = Joiner::default();
             while let Some(event) = stream
                 .message()

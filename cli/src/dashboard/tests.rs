@@ -357,7 +357,13 @@ fn the_live_tap_pane_shows_the_latest_requests_newest_first_and_pauses() {
     );
     let mut tap = super::tap_feed::TapFeed::default();
     tap.push(exchange("demo/books-7d9f", "/books/1", 200, 3, "web"));
-    tap.push(exchange("demo/archive-5c4b", "/archive/9", 403, 1, "traffic"));
+    tap.push(exchange(
+        "demo/archive-5c4b",
+        "/archive/9",
+        403,
+        1,
+        "traffic",
+    ));
     app.apply_tap(Arc::new(tap.clone()));
     let screen = render(&app);
     let books = line_with(&screen, "/books/1");
@@ -395,9 +401,6 @@ fn the_tap_feed_keeps_a_bounded_history_and_taps_the_namespace_inbound() {
     );
     let filter = super::tap_feed::tap_match(Some("demo"));
     assert_eq!(filter.workload, "ns/demo");
-    assert_eq!(
-        filter.direction,
-        mesh_proto::tap::Direction::Inbound as i32
-    );
+    assert_eq!(filter.direction, mesh_proto::tap::Direction::Inbound as i32);
     assert_eq!(super::tap_feed::tap_match(None).workload, "");
 }

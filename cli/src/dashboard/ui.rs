@@ -262,7 +262,9 @@ fn draw_tap(frame: &mut Frame, app: &App, area: Rect) {
             Constraint::Min(20),
         ],
     )
-    .header(header_row(&["AT", "METHOD", "PATH", "STATUS", "LATENCY", "FROM"]))
+    .header(header_row(&[
+        "AT", "METHOD", "PATH", "STATUS", "LATENCY", "FROM",
+    ]))
     .block(block(title));
     frame.render_widget(table, area);
 }

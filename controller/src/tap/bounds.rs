@@ -239,7 +239,11 @@ mod tests {
                 "ns/demo",
                 Ok(vec!["demo/web-1", "demo/web-2", "demo/books-1"]),
             ),
-            ("", "deploy/web", Ok(vec!["demo/web-1", "demo/web-2", "other/web-1"])),
+            (
+                "",
+                "deploy/web",
+                Ok(vec!["demo/web-1", "demo/web-2", "other/web-1"]),
+            ),
             ("demo", "deploy/plain", Err(())),
             ("demo", "web", Err(())),
             ("demo", "widget/web", Err(())),
@@ -268,13 +272,25 @@ mod tests {
         let t0 = Instant::now();
         let mut bounds = StreamBounds::new(3, 2);
         assert_eq!(bounds.admit("a", &start(1), t0), Verdict::Send);
-        assert_eq!(bounds.admit("b", &start(1), t0), Verdict::Send, "another proxy's stream 1");
+        assert_eq!(
+            bounds.admit("b", &start(1), t0),
+            Verdict::Send,
+            "another proxy's stream 1"
+        );
         assert_eq!(bounds.admit("a", &start(2), t0), Verdict::Skip, "over 2/s");
         assert_eq!(bounds.admit("a", &end(2), t0), Verdict::Skip, "its end too");
         assert_eq!(bounds.skipped, 1);
         let t1 = t0 + Duration::from_secs(1);
-        assert_eq!(bounds.admit("a", &start(3), t1), Verdict::Send, "a new second");
-        assert_eq!(bounds.admit("a", &start(4), t1), Verdict::Skip, "the limit of 3");
+        assert_eq!(
+            bounds.admit("a", &start(3), t1),
+            Verdict::Send,
+            "a new second"
+        );
+        assert_eq!(
+            bounds.admit("a", &start(4), t1),
+            Verdict::Skip,
+            "the limit of 3"
+        );
         assert!(!bounds.done(), "three requests are open");
         for (reporter, id) in [("a", 1), ("b", 1), ("a", 3)] {
             assert_eq!(bounds.admit(reporter, &end(id), t1), Verdict::Send);

@@ -101,11 +101,11 @@ impl Tap for TapService {
         let request = request.into_inner();
         let filter = request.r#match.clone().unwrap_or_default();
         let snapshot = self.snapshots.borrow().clone();
-        let pods = bounds::select_pods(&pods_of(&snapshot), &filter).map_err(|error| match error
-        {
-            bounds::SelectError::BadWorkload(_) => Status::invalid_argument(error.to_string()),
-            bounds::SelectError::NoPods(_) => Status::not_found(error.to_string()),
-        })?;
+        let pods =
+            bounds::select_pods(&pods_of(&snapshot), &filter).map_err(|error| match error {
+                bounds::SelectError::BadWorkload(_) => Status::invalid_argument(error.to_string()),
+                bounds::SelectError::NoPods(_) => Status::not_found(error.to_string()),
+            })?;
         let asked = request
             .max_duration
             .and_then(|d| Duration::try_from(d).ok());
@@ -138,8 +138,7 @@ impl Tap for TapService {
             let config = self.config;
             tasks.push(tokio::spawn(async move {
                 let reporter = format!("{}/{}", pod.namespace, pod.name);
-                if let Err(error) = tap_pod(&pod, identity.as_deref(), config, request, &tx).await
-                {
+                if let Err(error) = tap_pod(&pod, identity.as_deref(), config, request, &tx).await {
                     tracing::debug!(%reporter, %error, "tap of a proxy failed");
                     let _ = tx.send(FromProxy::Failed(reporter, error)).await;
                 }
@@ -205,7 +204,10 @@ async fn merge(
         }
     }
     if bounds.skipped > 0 {
-        tracing::debug!(skipped = bounds.skipped, "tap skipped requests over its rate");
+        tracing::debug!(
+            skipped = bounds.skipped,
+            "tap skipped requests over its rate"
+        );
     }
     for task in tasks {
         task.abort();
@@ -221,9 +223,17 @@ async fn tap_pod(
     tx: &mpsc::Sender<FromProxy>,
 ) -> Result<(), String> {
     let addr = SocketAddr::new(pod.ip, config.admin_port);
-    let channel = tokio::time::timeout(config.connect_timeout, connect(addr, pod.identity.as_deref(), identity))
-        .await
-        .map_err(|_| format!("no connection to {addr} within {:?}", config.connect_timeout))??;
+    let channel = tokio::time::timeout(
+        config.connect_timeout,
+        connect(addr, pod.identity.as_deref(), identity),
+    )
+    .await
+    .map_err(|_| {
+        format!(
+            "no connection to {addr} within {:?}",
+            config.connect_timeout
+        )
+    })??;
     let mut stream = TapClient::new(channel)
         .observe(request)
         .await

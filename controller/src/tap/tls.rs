@@ -127,9 +127,8 @@ impl ControllerIdentity {
         let leaf = self.leaf()?;
         let mut roots = RootCertStore::empty();
         // An anchor rustls cannot use is skipped: the others still verify.
-        let _ = roots.add_parsable_certificates(
-            leaf.issuer.trust_anchors().certificates().iter().cloned(),
-        );
+        let _ = roots
+            .add_parsable_certificates(leaf.issuer.trust_anchors().certificates().iter().cloned());
         let verifier = SpiffeServerVerifier {
             roots: Arc::new(roots),
             expected: expected.to_owned(),
@@ -139,7 +138,10 @@ impl ControllerIdentity {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_client_auth_cert(leaf.chain.clone(), PrivateKeyDer::Pkcs8(leaf.key.clone_key()))?;
+            .with_client_auth_cert(
+                leaf.chain.clone(),
+                PrivateKeyDer::Pkcs8(leaf.key.clone_key()),
+            )?;
         // No ALPN: the admin port's TLS offers only the mesh's own value, and a client
         // offering none is served (the admin port then detects HTTP/2 by its preface).
         Ok(Arc::new(config))

@@ -13,6 +13,7 @@ mod kubernetes;
 mod local;
 mod observability;
 mod stat;
+mod tap;
 
 /// The mesh's command line: install and check the mesh, mesh workloads, watch their traffic,
 /// and run the whole mesh on this machine.
@@ -52,6 +53,10 @@ enum Command {
     Stat(stat::StatArgs),
     /// Who calls whom, with which identities, and what policy refused.
     Edges(stat::EdgesArgs),
+    /// Live requests of a workload, pod or namespace, as they happen (through the controller).
+    Tap(tap::TapArgs),
+    /// Live requests of a workload, pod or namespace, counted by method and path.
+    Top(tap::TopArgs),
     /// A live terminal dashboard of the mesh's traffic.
     Dashboard(dashboard::DashboardArgs),
     /// The whole mesh on this machine: a demo app in a local mesh, then the dashboard.
@@ -82,6 +87,8 @@ fn main() -> anyhow::Result<()> {
         Command::DemoApp(args) => demo_app::run(args),
         Command::Stat(args) => stat::run_stat(args, global.namespace.as_deref()),
         Command::Edges(args) => stat::run_edges(args, global.namespace.as_deref()),
+        Command::Tap(args) => tap::run_tap(args, global.namespace.as_deref()),
+        Command::Top(args) => tap::run_top(args, global.namespace.as_deref()),
         Command::Dashboard(args) => dashboard::run(args, global.namespace.as_deref()),
         Command::Demo(args) => demo::run(args),
         Command::Inject(args) => inject::run_inject(&args, global.namespace.as_deref()),

@@ -10,6 +10,7 @@
 //! The decisions are pure functions over snapshots, tested beside them: [`meta`] (meshed,
 //! identity, opaque ports, workload), [`index`] (endpoints of a Service port or a pod),
 //! [`endpoints`] (the diffs a stream sends), [`target`] (what a request names).
+//! [`stats`] and [`tap`] aggregate what the proxies report for meshctl.
 //! [`run`] takes already-bound listeners so tests run it on `127.0.0.1:0`.
 
 pub mod admin;
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod objects;
 pub mod policy;
 pub mod stats;
+pub mod tap;
 pub mod target;
 
 use std::future::Future;
@@ -273,6 +275,27 @@ pub async fn run(
                 )
             }
         };
+    // The controller's own identity, for tapping the proxies over mTLS.
+    let tap_identity = issuer.as_ref().and_then(|issuer| {
+        let account = identity::ServiceAccountName::new(
+            tap::tls::CONTROLLER_NAMESPACE,
+            tap::tls::CONTROLLER_SERVICE_ACCOUNT,
+        );
+        match identity::SpiffeId::new(&config.trust_domain, account) {
+            Ok(id) => Some(std::sync::Arc::new(tap::tls::ControllerIdentity::new(
+                id,
+                issuer.clone(),
+                config
+                    .identity
+                    .as_ref()
+                    .map_or(identity::DEFAULT_LEAF_LIFETIME, |o| o.leaf_lifetime),
+            ))),
+            Err(error) => {
+                tracing::warn!(%error, "no identity for the controller: tap runs without mTLS");
+                None
+            }
+        }
+    });
     let identity_service = issuer.map(|issuer| {
         if let Some(options) = &config.identity {
             tokio::spawn(identity::watch_issuer_dir(
@@ -336,6 +359,7 @@ pub async fn run(
     );
     let outbound_policies =
         policy::server::OutboundPoliciesService::new(policy_context, outbound_settings);
+    let tap = tap::TapService::new(snapshots.clone(), tap_identity, tap::TapConfig::default());
     let destination = DestinationService::new(
         snapshots,
         health,
@@ -364,6 +388,7 @@ pub async fn run(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(destination.into_server())
         .add_service(stats.into_server())
+        .add_service(tap.into_server())
         .add_optional_service(identity_service)
         .add_service(inbound_policies.into_server())
         .add_service(outbound_policies.into_server())

@@ -95,7 +95,17 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// The namespace and ServiceAccount the controller runs as: its SPIFFE ID is the only one
+/// the proxies serve tap to (the controller's `tap::tls` signs itself that identity).
+pub const CONTROLLER_SERVICE_ACCOUNT: (&str, &str) = ("mesh-system", "mesh-controller");
+
 impl MeshConfig {
+    /// The controller's SPIFFE ID in this mesh's trust domain (`MESH_PROXY_TAP_IDENTITY`).
+    pub fn controller_identity(&self) -> String {
+        let (namespace, account) = CONTROLLER_SERVICE_ACCOUNT;
+        format!("spiffe://{}/ns/{namespace}/sa/{account}", self.trust_domain)
+    }
+
     /// Checks what annotations are checked for, once, at start: quantities, a request not
     /// above its limit, the log filter, ports, URLs.
     pub fn validate(&self) -> Result<(), ConfigError> {

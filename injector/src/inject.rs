@@ -516,6 +516,9 @@ fn proxy_container(
             value_env("MESH_PROXY_IDENTITY_TOKEN_FILE", IDENTITY_TOKEN_FILE),
             value_env("MESH_PROXY_TRUST_ANCHORS", &config.trust_anchors_pem),
             value_env("MESH_PROXY_IDENTITY_ADDR", &config.identity_addr),
+            // Only the controller may tap this proxy (its admin port checks the client's
+            // SPIFFE ID); named here so the pod spec says who can watch its requests.
+            value_env("MESH_PROXY_TAP_IDENTITY", &config.controller_identity()),
         ]);
         volume_mounts = Some(vec![VolumeMount {
             name: IDENTITY_VOLUME.to_owned(),

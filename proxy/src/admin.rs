@@ -2,8 +2,8 @@
 //! Tap gRPC service.
 //!
 //! HTTP/1 and HTTP/2 share the port. Tap exposes request metadata, so it is served only to
-//! the pod itself (loopback) and, over mesh TLS, to the identity allowed to tap
-//! (`MESH_PROXY_TAP_IDENTITY`, the controller's by default).
+//! the pod itself (plaintext from loopback) and, over mesh TLS, to the identity allowed to
+//! tap (`MESH_PROXY_TAP_IDENTITY`, the controller's by default).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -65,10 +65,14 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let tap = TapServer::new(TapService::new(ctx.tap.clone()));
-    let may_tap = peer.ip().is_loopback()
-        || client
-            .as_deref()
-            .is_some_and(|id| Some(id) == ctx.config.tap_identity.as_deref());
+    // A TLS client is judged by the identity it proved, wherever it connects from: on a
+    // shared loopback (the local mesh without namespaces) every pod is "local", and a
+    // client presenting the wrong identity must still be refused. Plaintext is for the pod
+    // itself only.
+    let may_tap = match client.as_deref() {
+        Some(id) => Some(id) == ctx.config.tap_identity.as_deref(),
+        None => peer.ip().is_loopback(),
+    };
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let ctx = ctx.clone();
         let mut tap = tap.clone();

@@ -23,7 +23,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tower::{Layer, Service};
 
-use crate::http::{ProxyBody, grpc_status_failed};
+use crate::http::{MESH_ERROR, ProxyBody, grpc_status_failed};
 use crate::metrics::{
     Classification, Metrics, ResponseLabels, RouteLabels, RouteResponseLabels, TargetLabels,
 };
@@ -80,12 +80,7 @@ where
             let response = response.await?;
             let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
             let status = response.status();
-            let failed = status.is_server_error() || grpc_status_failed(response.headers());
-            let classification = if failed {
-                Classification::Failure
-            } else {
-                Classification::Success
-            };
+            let classification = classify(status, response.headers());
             let target = response
                 .extensions()
                 .get::<TargetLabels>()
@@ -118,6 +113,18 @@ where
             });
             Ok(response.map(|inner| ObservedBody { inner, recorder }))
         })
+    }
+}
+
+/// How a response counts at its headers: a 5xx, a non-OK gRPC status, or an answer a proxy
+/// made itself (`mesh-error`: a policy denial's 403, a rate limit's 429, a refused route) is a
+/// failure. A denial is not a success of the application: counted as one, a workload whose
+/// callers are all refused would show 100% success.
+fn classify(status: http::StatusCode, headers: &http::HeaderMap) -> Classification {
+    if status.is_server_error() || grpc_status_failed(headers) || headers.contains_key(MESH_ERROR) {
+        Classification::Failure
+    } else {
+        Classification::Success
     }
 }
 
@@ -205,6 +212,57 @@ impl Drop for ObservedBody {
     fn drop(&mut self) {
         if let Some(recorder) = self.recorder.take() {
             recorder.finish();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{HeaderMap, HeaderValue, StatusCode};
+
+    use super::*;
+
+    #[test]
+    fn proxy_answers_and_server_errors_are_failures() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.insert(*name, HeaderValue::from_static(value));
+            }
+            map
+        };
+        let cases = [
+            (StatusCode::OK, headers(&[]), Classification::Success),
+            (StatusCode::NOT_FOUND, headers(&[]), Classification::Success),
+            (StatusCode::FORBIDDEN, headers(&[]), Classification::Success),
+            (
+                StatusCode::FORBIDDEN,
+                headers(&[("mesh-error", "unauthorized: default:deny")]),
+                Classification::Failure,
+            ),
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                headers(&[("mesh-error", "rate limited: web")]),
+                Classification::Failure,
+            ),
+            (
+                StatusCode::BAD_GATEWAY,
+                headers(&[]),
+                Classification::Failure,
+            ),
+            (
+                StatusCode::OK,
+                headers(&[("grpc-status", "7")]),
+                Classification::Failure,
+            ),
+            (
+                StatusCode::OK,
+                headers(&[("grpc-status", "0")]),
+                Classification::Success,
+            ),
+        ];
+        for (status, headers, want) in cases {
+            assert_eq!(classify(status, &headers), want, "{status} {headers:?}");
         }
     }
 }

@@ -218,6 +218,10 @@ where
                 clients: ctx.direct_clients(app),
                 labels: labels.clone(),
             };
+            // The connection itself is counted like an opaque one, so a workload's open
+            // connections include its HTTP clients' (`stat`'s TCP column was 0 for them).
+            let connection_labels = labels.clone();
+            let _open = tcp::OpenConnection::new(&ctx.metrics, &connection_labels);
             let service = stack::inbound_http(&ctx, forward, policy, client, labels);
             server::serve_http(io, protocol, service, ctx.drain.clone()).await;
         }

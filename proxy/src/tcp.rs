@@ -7,14 +7,15 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::client::Dial;
 use crate::metrics::{Metrics, TargetLabels};
 
-/// Counts a connection open for as long as it lives.
-struct OpenConnection<'a> {
+/// Counts a connection open for as long as it lives: opaque forwards here, and the inbound
+/// HTTP connections (whose requests are counted per request too) in `inbound.rs`.
+pub(crate) struct OpenConnection<'a> {
     metrics: &'a Metrics,
     labels: &'a TargetLabels,
 }
 
 impl<'a> OpenConnection<'a> {
-    fn new(metrics: &'a Metrics, labels: &'a TargetLabels) -> Self {
+    pub(crate) fn new(metrics: &'a Metrics, labels: &'a TargetLabels) -> Self {
         metrics.tcp_opens.get_or_create(labels).inc();
         metrics.tcp_open_connections.get_or_create(labels).inc();
         Self { metrics, labels }

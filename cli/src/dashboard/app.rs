@@ -9,6 +9,7 @@ use mesh_proto::stats::{ResourceRef, StatsRow};
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 use super::feed::Feed;
+use super::tap_feed::TapFeed;
 
 /// Points of history kept per workload for its sparkline.
 pub const HISTORY: usize = 120;
@@ -87,6 +88,8 @@ pub struct App {
     pub history: BTreeMap<String, VecDeque<f64>>,
     /// The workload drilled into.
     pub drill_target: Option<ResourceRef>,
+    /// The latest requests of the live tap.
+    pub tap: Arc<TapFeed>,
 }
 
 /// A workload's key in the history: `namespace/kind/name`.
@@ -109,6 +112,14 @@ impl App {
             feed: Arc::new(Feed::default()),
             history: BTreeMap::new(),
             drill_target: None,
+            tap: Arc::new(TapFeed::default()),
+        }
+    }
+
+    /// Takes the live tap's latest requests, unless paused.
+    pub fn apply_tap(&mut self, tap: Arc<TapFeed>) {
+        if !self.paused {
+            self.tap = tap;
         }
     }
 

@@ -2,6 +2,8 @@
 //!
 //! - [`feed`]: a task asking the controller's Stats API every refresh period; the UI never
 //!   waits on the network, it reads the latest answers from a `watch` channel;
+//! - [`tap_feed`]: another task keeping a tap open on the controller, publishing the latest
+//!   requests the same way (the live tap pane);
 //! - [`app`]: the state and what keys do (sort, filter, pause, select, drill in, help);
 //! - [`ui`]: drawing, a pure function of the state.
 //!
@@ -10,6 +12,7 @@
 
 mod app;
 mod feed;
+mod tap_feed;
 mod ui;
 
 #[cfg(test)]
@@ -112,12 +115,22 @@ pub fn run_blocking(options: Options) -> anyhow::Result<()> {
         drill_rx,
     ));
 
+    let (tap_tx, mut tap_rx) = watch::channel(Arc::new(tap_feed::TapFeed::default()));
+    let tap_task = handle.spawn(tap_feed::run(
+        options.controller.clone(),
+        options.namespace.clone(),
+        tap_tx,
+    ));
+
     let mut terminal = ratatui::try_init().context("setting up the terminal")?;
     let mut app = app::App::new(options.title.clone());
     let result = (|| -> anyhow::Result<()> {
         loop {
             if feed_rx.has_changed().unwrap_or(false) {
                 app.apply(feed_rx.borrow_and_update().clone());
+            }
+            if tap_rx.has_changed().unwrap_or(false) {
+                app.apply_tap(tap_rx.borrow_and_update().clone());
             }
             terminal
                 .draw(|frame| ui::draw(frame, &app))
@@ -142,5 +155,6 @@ pub fn run_blocking(options: Options) -> anyhow::Result<()> {
     })();
     ratatui::restore();
     feed_task.abort();
+    tap_task.abort();
     result
 }

@@ -333,3 +333,75 @@ fn history_is_bounded() {
     }
     assert!(app.history.values().all(|h| h.len() == super::app::HISTORY));
 }
+
+fn exchange(reporter: &str, path: &str, status: u32, ms: u64, from: &str) -> crate::tap::Exchange {
+    crate::tap::Exchange {
+        reporter: reporter.into(),
+        direction: "inbound",
+        method: "GET".into(),
+        authority: "books.demo:8080".into(),
+        path: path.into(),
+        status: Some(status),
+        latency: Some(std::time::Duration::from_millis(ms)),
+        source_identity: identity(from),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn the_live_tap_pane_shows_the_latest_requests_newest_first_and_pauses() {
+    let mut app = app_with_data();
+    let screen = render(&app);
+    assert!(
+        screen.contains("Live requests (waiting for requests…)"),
+        "{screen}"
+    );
+    let mut tap = super::tap_feed::TapFeed::default();
+    tap.push(exchange("demo/books-7d9f", "/books/1", 200, 3, "web"));
+    tap.push(exchange(
+        "demo/archive-5c4b",
+        "/archive/9",
+        403,
+        1,
+        "traffic",
+    ));
+    app.apply_tap(Arc::new(tap.clone()));
+    let screen = render(&app);
+    let books = line_with(&screen, "/books/1");
+    for want in ["demo/books-7d9f", "GET", "200", "3ms", "ns/demo/sa/web"] {
+        assert!(books.contains(want), "{want:?} not in {books:?}");
+    }
+    let archive = line_with(&screen, "/archive/9");
+    assert!(
+        archive.contains("403") && archive.contains("ns/demo/sa/traffic"),
+        "{archive:?}"
+    );
+    let at = |needle: &str| screen.find(needle).expect("on screen");
+    assert!(at("/archive/9") < at("/books/1"), "newest first:\n{screen}");
+
+    // Paused, the pane stands still like the rest.
+    app.on_key(key(KeyCode::Char('p')));
+    tap.push(exchange("demo/books-7d9f", "/books/2", 200, 3, "web"));
+    app.apply_tap(Arc::new(tap.clone()));
+    assert!(!render(&app).contains("/books/2"));
+    app.on_key(key(KeyCode::Char('p')));
+    app.apply_tap(Arc::new(tap));
+    assert!(render(&app).contains("/books/2"));
+}
+
+#[test]
+fn the_tap_feed_keeps_a_bounded_history_and_taps_the_namespace_inbound() {
+    let mut tap = super::tap_feed::TapFeed::default();
+    for i in 0..(super::tap_feed::KEPT + 10) {
+        tap.push(exchange("demo/web-1", &format!("/{i}"), 200, 1, "traffic"));
+    }
+    assert_eq!(tap.exchanges.len(), super::tap_feed::KEPT);
+    assert_eq!(
+        tap.exchanges.front().map(|e| e.path.as_str()),
+        Some(format!("/{}", super::tap_feed::KEPT + 9).as_str())
+    );
+    let filter = super::tap_feed::tap_match(Some("demo"));
+    assert_eq!(filter.workload, "ns/demo");
+    assert_eq!(filter.direction, mesh_proto::tap::Direction::Inbound as i32);
+    assert_eq!(super::tap_feed::tap_match(None).workload, "");
+}

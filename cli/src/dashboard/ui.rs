@@ -200,14 +200,73 @@ fn draw_overview(frame: &mut Frame, app: &App, area: Rect) {
 
     draw_sparklines(frame, app, &workloads, spark_area);
 
-    let [edges_area, denials_area] = edges_and_denials_areas(bottom, app.feed.denials.len());
+    let [edges_area, tap_area, denials_area] =
+        edges_tap_and_denials_areas(bottom, app.feed.denials.len());
     draw_edges(
         frame,
         &app.feed.edges,
         " Edges (mTLS identities) ",
         edges_area,
     );
+    draw_tap(frame, app, tap_area);
     draw_denials(frame, &app.feed.denials, " Denied by policy ", denials_area);
+}
+
+/// Edges, the live tap, denials: the edges get what is left.
+fn edges_tap_and_denials_areas(area: Rect, denials: usize) -> [Rect; 3] {
+    Layout::vertical([
+        Constraint::Min(4),
+        Constraint::Length(10),
+        Constraint::Length((denials as u16 + 3).clamp(4, 8)),
+    ])
+    .areas(area)
+}
+
+/// The live tap: the latest requests the servers' proxies saw, newest first. A refusal (a
+/// policy's 403, a rate limit's 429) and a failure show in red.
+fn draw_tap(frame: &mut Frame, app: &App, area: Rect) {
+    let tap = &app.tap;
+    let title = match &tap.error {
+        Some(error) => format!(" Live requests — tap: {error} "),
+        None if tap.exchanges.is_empty() => " Live requests (waiting for requests…) ".to_owned(),
+        None => " Live requests ".to_owned(),
+    };
+    let rows = tap.exchanges.iter().map(|exchange| {
+        let style = if exchange.success() {
+            Style::new()
+        } else {
+            Style::new().fg(Color::Red)
+        };
+        let from = if exchange.source_identity.is_empty() {
+            "(no identity)".to_owned()
+        } else {
+            short_identity(&exchange.source_identity)
+        };
+        Row::new(vec![
+            Cell::from(exchange.reporter.clone()),
+            Cell::from(exchange.method.clone()),
+            Cell::from(exchange.path.clone()),
+            Cell::from(exchange.status_text()).style(style),
+            Cell::from(exchange.latency_text()),
+            Cell::from(from),
+        ])
+    });
+    let table = Table::new(
+        rows,
+        [
+            Constraint::Length(24),
+            Constraint::Length(7),
+            Constraint::Length(28),
+            Constraint::Length(12),
+            Constraint::Length(8),
+            Constraint::Min(20),
+        ],
+    )
+    .header(header_row(&[
+        "AT", "METHOD", "PATH", "STATUS", "LATENCY", "FROM",
+    ]))
+    .block(block(title));
+    frame.render_widget(table, area);
 }
 
 fn draw_sparklines(frame: &mut Frame, app: &App, workloads: &[&StatsRow], area: Rect) {

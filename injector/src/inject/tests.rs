@@ -314,6 +314,10 @@ fn the_proxy_is_configured_by_its_environment() {
             "MESH_PROXY_IDENTITY_ADDR",
             "http://mesh-controller.mesh-system.svc.cluster.local:8086",
         ),
+        (
+            "MESH_PROXY_TAP_IDENTITY",
+            "spiffe://cluster.local/ns/mesh-system/sa/mesh-controller",
+        ),
     ];
     for (name, value) in expected {
         assert_eq!(env(&pod, name).as_deref(), Some(value), "{name}");
@@ -453,6 +457,7 @@ fn without_trust_anchors_the_proxy_runs_without_identity() {
         "MESH_PROXY_IDENTITY_TOKEN_FILE",
         "MESH_PROXY_TRUST_ANCHORS",
         "MESH_PROXY_IDENTITY_ADDR",
+        "MESH_PROXY_TAP_IDENTITY",
     ] {
         assert_eq!(env(&pod, var), None, "{var}");
     }

@@ -1,8 +1,11 @@
 //! The workspace's binaries, built on demand for tests.
 //!
 //! An integration test can only use `CARGO_BIN_EXE_*` for binaries of its own package, so the
-//! product's binaries (`mesh-proxy`, `mesh-controller`, ...) are built here with `cargo build`,
-//! into the same target directory and profile as the running test, once per test process.
+//! product's binaries (`mesh-proxy`, `mesh-controller`, ...) are built here with `cargo build
+//! --workspace --bins`, into the same target directory and profile as the running test, once
+//! per test process. All of them at once, as `just build` does: building one package's binary
+//! alone unifies dependency features differently and recompiles half the dependency tree, so
+//! after `just build` this is a no-op.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,7 +16,7 @@ use std::sync::Mutex;
 static BUILT: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
 
 /// The path of the workspace binary `name` (e.g. `"mesh-proxy"`), freshly built. The first
-/// call per name runs `cargo build --bin NAME` (quick when nothing changed); later calls
+/// call runs `cargo build --workspace --bins` (quick when nothing changed); later calls
 /// return the same path. Panics with the build's output when the build fails: tests cannot
 /// go on without it.
 pub fn bin_path(name: &str) -> PathBuf {
@@ -39,7 +42,7 @@ fn build(name: &str) -> PathBuf {
     let mut command = Command::new(cargo);
     command
         .current_dir(workspace)
-        .args(["build", "--quiet", "--bin", name, "--target-dir"])
+        .args(["build", "--quiet", "--workspace", "--bins", "--target-dir"])
         .arg(&target_dir);
     match profile.as_str() {
         "debug" => {}
@@ -56,7 +59,7 @@ fn build(name: &str) -> PathBuf {
         .unwrap_or_else(|error| panic!("bin_path: cannot run {command:?}: {error}"));
     assert!(
         output.status.success(),
-        "bin_path: `cargo build --bin {name}` failed ({}):\n{}",
+        "bin_path: `cargo build --workspace --bins` (for {name}) failed ({}):\n{}",
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );

@@ -124,13 +124,18 @@ pub fn run_uninstall(args: UninstallArgs, global: &GlobalArgs) -> anyhow::Result
 
 /// Leaves out our Gateway API subset where the cluster has the Gateway API's own CRDs (those
 /// without our note): they are a superset, and replacing them would break other users.
-async fn keep_foreign_crds(client: &kube::Client, objects: Vec<Value>) -> anyhow::Result<Vec<Value>> {
+async fn keep_foreign_crds(
+    client: &kube::Client,
+    objects: Vec<Value>,
+) -> anyhow::Result<Vec<Value>> {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
     let mut kept = Vec::with_capacity(objects.len());
     for object in objects {
         let name = object["metadata"]["name"].as_str().unwrap_or_default();
-        if object["kind"] == "CustomResourceDefinition" && name.ends_with(".gateway.networking.k8s.io") {
+        if object["kind"] == "CustomResourceDefinition"
+            && name.ends_with(".gateway.networking.k8s.io")
+        {
             let existing = crds
                 .get_opt(name)
                 .await
@@ -345,6 +350,7 @@ pub fn values_tree(values: &Values) -> Value {
             "memoryLimit": values.proxy.memory_limit,
         },
         "controllerLogLevel": values.controller_log_level,
+        "dashboards": values.dashboards,
     })
 }
 

@@ -170,6 +170,51 @@ fn the_chart_renders_what_install_prints_with_ha_and_an_external_webhook() {
     })));
 }
 
+/// The chart's `templates/dashboards.yaml`: one ConfigMap per dashboard, its JSON a YAML
+/// double-quoted string (JSON's escapes are YAML's) with each `{{` of Grafana's legends
+/// escaped for the template engine.
+fn dashboards_template() -> String {
+    let mut text = String::from(
+        "# Generated from charts/mesh/dashboards/ by `MESH_UPDATE_CHART=1 cargo test -p meshctl chart`;\n\
+         # do not edit.\n{{- if .Values.dashboards }}\n",
+    );
+    for (name, json) in crate::observability::DASHBOARDS {
+        let literal = serde_json::to_string(&render::compact_json(json)).expect("a JSON string");
+        let literal = literal.replace("{{", "{{ \"{{\" }}");
+        text.push_str(&format!(
+            "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: grafana-dashboard-{name}\n  \
+             namespace: {{{{ .Values.namespace }}}}\n  labels:\n    app.kubernetes.io/name: mesh-dashboards\n    \
+             app.kubernetes.io/part-of: mesh\n    mesh.dev/control-plane-ns: {{{{ .Values.namespace }}}}\n    \
+             grafana_dashboard: \"1\"\ndata:\n  {name}.json: {literal}\n"
+        ));
+    }
+    text.push_str("{{- end }}\n");
+    text
+}
+
+#[test]
+fn the_dashboards_template_is_generated_from_the_dashboards() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/mesh/templates/dashboards.yaml");
+    let generated = dashboards_template();
+    if std::env::var_os("MESH_UPDATE_CHART").is_some() {
+        std::fs::write(&path, &generated).expect("write the template");
+    }
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        on_disk == generated,
+        "{} is out of date: run `MESH_UPDATE_CHART=1 cargo test -p meshctl chart` and commit it",
+        path.display()
+    );
+}
+
+#[test]
+fn without_dashboards_neither_makes_them() {
+    let values = values_for(json!({"dashboards": false}));
+    assert!(render::dashboards(&values).is_empty());
+    assert_same_objects(&values);
+}
+
 #[test]
 fn the_chart_refuses_missing_keys_like_helm() {
     let values = values_for(json!({}));

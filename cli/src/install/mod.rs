@@ -350,6 +350,7 @@ pub fn values_tree(values: &Values) -> Value {
             "memoryLimit": values.proxy.memory_limit,
         },
         "controllerLogLevel": values.controller_log_level,
+        "dashboards": values.dashboards,
     })
 }
 

@@ -73,7 +73,7 @@ const CONTROL_PLANE_UID: u16 = 2103;
 /// must not call an injector that is not there yet; with `Ignore` it would only skip pods).
 pub fn control_plane(values: &Values) -> Vec<Value> {
     let ns = values.namespace.as_str();
-    vec![
+    [
         json!({
             "apiVersion": "v1",
             "kind": "Namespace",
@@ -171,6 +171,10 @@ pub fn control_plane(values: &Values) -> Vec<Value> {
             },
         }),
         controller_deployment(values),
+    ]
+    .into_iter()
+    .chain(dashboards(values))
+    .chain([
         json!({
             "apiVersion": "v1",
             "kind": "Service",
@@ -199,7 +203,39 @@ pub fn control_plane(values: &Values) -> Vec<Value> {
             },
         }),
         webhook_configuration(values),
-    ]
+    ])
+    .collect()
+}
+
+/// The Grafana dashboards as ConfigMaps for Grafana's dashboard sidecar, each JSON compacted
+/// (the chart's generated `templates/dashboards.yaml` holds the same text).
+pub fn dashboards(values: &Values) -> Vec<Value> {
+    if !values.dashboards {
+        return Vec::new();
+    }
+    crate::observability::DASHBOARDS
+        .iter()
+        .map(|(name, json)| {
+            let mut labels = labels(values, "dashboards");
+            if let Value::Object(map) = &mut labels {
+                map.insert("grafana_dashboard".into(), json!("1"));
+            }
+            json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": format!("grafana-dashboard-{name}"),
+                             "namespace": values.namespace, "labels": labels},
+                "data": {format!("{name}.json"): compact_json(json)},
+            })
+        })
+        .collect()
+}
+
+/// The JSON on one line (the embedded files are checked JSON; text that is not is kept as is).
+pub fn compact_json(json: &str) -> String {
+    serde_json::from_str::<Value>(json)
+        .and_then(|value| serde_json::to_string(&value))
+        .unwrap_or_else(|_| json.to_owned())
 }
 
 fn labels(values: &Values, component: &str) -> Value {

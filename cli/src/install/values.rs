@@ -35,6 +35,7 @@ pub struct Values {
     pub webhook: Webhook,
     pub proxy: Proxy,
     pub controller_log_level: String,
+    pub dashboards: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -418,14 +418,14 @@ async fn webhook_check(client: &kube::Client, ns: &str) -> Outcome {
             renew,
         );
     }
-    if let Some(url) = webhook.client_config.url.as_deref() {
-        if let Err(e) = served_chain_ok(url, &bundle_pem).await {
-            return Outcome::fail(
-                NAME,
-                format!("the injector at {url} does not serve a certificate of the caBundle: {e}"),
-                "start the injector with the certificate of Secret mesh-injector-tls",
-            );
-        }
+    if let Some(url) = webhook.client_config.url.as_deref()
+        && let Err(e) = served_chain_ok(url, &bundle_pem).await
+    {
+        return Outcome::fail(
+            NAME,
+            format!("the injector at {url} does not serve a certificate of the caBundle: {e}"),
+            "start the injector with the certificate of Secret mesh-injector-tls",
+        );
     }
     Outcome::pass(
         NAME,

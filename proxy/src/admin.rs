@@ -79,11 +79,7 @@ where
         async move {
             if request.uri().path().starts_with("/mesh.tap.v1.Tap/") {
                 if !may_tap {
-                    let denied = text(
-                        StatusCode::FORBIDDEN,
-                        "tap is only for the pod itself and the controller\n",
-                    );
-                    return Ok::<_, Infallible>(denied.map(Either::Left));
+                    return Ok::<_, Infallible>(tap_refused().map(Either::Left));
                 }
                 let response = match tap.call(request).await {
                     Ok(response) => response,
@@ -106,6 +102,25 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// A gRPC refusal (trailers-only, PERMISSION_DENIED), so a tap client is told why rather
+/// than seeing an HTTP status it cannot place.
+fn tap_refused() -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", header::HeaderValue::from_static("7"));
+    headers.insert(
+        "grpc-message",
+        header::HeaderValue::from_static(
+            "tap is only for the pod itself (loopback) and the controller's identity",
+        ),
     );
     response
 }

@@ -28,6 +28,7 @@ pub mod policy;
 pub mod stats;
 pub mod tap;
 pub mod target;
+pub mod trace;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -63,7 +64,7 @@ pub enum Discovery {
 }
 
 /// Everything [`run`] needs besides its listeners.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The discovery backend.
     pub discovery: Discovery,
@@ -78,6 +79,8 @@ pub struct Config {
     /// The inbound policy of ports no Server covers, unless the pod or its namespace names
     /// one (`config.mesh.dev/default-inbound-policy`).
     pub default_inbound_policy: policy::inbound::DefaultPolicy,
+    /// Spans of the gRPC handlers, exported over OTLP; none without it.
+    pub trace: Option<trace::TraceOptions>,
 }
 
 /// Where the identity CA's issuer comes from and how it signs.
@@ -113,6 +116,7 @@ impl Config {
             sync_wait: Duration::from_secs(10),
             identity: None,
             default_inbound_policy: policy::inbound::DefaultPolicy::AllUnauthenticated,
+            trace: None,
         }
     }
 }
@@ -120,6 +124,9 @@ impl Config {
 /// Why the controller could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The trace collector's address is not a usable URL.
+    #[error("trace collector {0}")]
+    Trace(String),
     /// The config folder of the file backend is not a readable folder.
     #[error("config folder {path}: {reason}")]
     ConfigDir {
@@ -158,10 +165,28 @@ pub async fn run(
 ) -> Result<(), Error> {
     let identity_metrics = identity::IdentityMetrics::new();
     let policy_metrics = policy::metrics::PolicyMetrics::new();
+    let spans_dropped = prometheus_client::metrics::counter::Counter::default();
     let metrics = Metrics::with_registrations(|registry| {
         identity_metrics.register(registry);
         policy_metrics.register(registry);
+        registry.register(
+            "trace_spans_dropped",
+            "Spans not exported: the queue was full or the collector failed",
+            spans_dropped.clone(),
+        );
     });
+    let tracer = match &config.trace {
+        Some(options) => Some(std::sync::Arc::new(
+            mesh_trace::Tracer::start(
+                &options.collector,
+                "mesh-controller".to_owned(),
+                options.sample_rate,
+                spans_dropped,
+            )
+            .map_err(|e| Error::Trace(format!("{}: {e}", options.collector)))?,
+        )),
+        None => None,
+    };
     // Loaded before anything starts, so a bad identity folder fails the start, not a proxy.
     let issuer = match &config.identity {
         Some(options) => {
@@ -386,6 +411,7 @@ pub async fn run(
         // Finds proxies that vanished without closing their streams.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(trace::GrpcTraceLayer::new(tracer))
         .add_service(destination.into_server())
         .add_service(stats.into_server())
         .add_service(tap.into_server())

@@ -102,6 +102,18 @@ struct Args {
         default_value = "all-unauthenticated"
     )]
     default_inbound_policy: DefaultPolicy,
+    /// An OpenTelemetry collector (OTLP/gRPC, `http://host:4317`) for spans of the gRPC
+    /// handlers; none without it.
+    #[arg(long, env = "MESH_CONTROLLER_TRACE_COLLECTOR")]
+    trace_collector: Option<String>,
+    /// The share of new traces recorded (0 to 1); a caller's sampled trace is always joined.
+    #[arg(
+        long,
+        env = "MESH_CONTROLLER_TRACE_SAMPLE_RATE",
+        default_value_t = 0.01,
+        value_parser = parse_sample_rate
+    )]
+    trace_sample_rate: f64,
     /// Log filter: a level (`info`, `debug`) or tracing directives (`mesh_controller=debug`).
     #[arg(long, env = "MESH_CONTROLLER_LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -148,6 +160,13 @@ fn main() -> anyhow::Result<()> {
             ..IdentityOptions::new(dir)
         }),
         default_inbound_policy: args.default_inbound_policy,
+        trace: args
+            .trace_collector
+            .clone()
+            .map(|collector| mesh_controller::trace::TraceOptions {
+                collector,
+                sample_rate: args.trace_sample_rate,
+            }),
         ..Config::new(discovery)
     };
 
@@ -189,5 +208,12 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => tracing::info!("ctrl-c: shutting down"),
         _ = term => tracing::info!("SIGTERM: shutting down"),
+    }
+}
+
+fn parse_sample_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(rate),
+        _ => Err(format!("{text:?} is not a number from 0 to 1")),
     }
 }

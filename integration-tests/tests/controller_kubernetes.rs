@@ -358,7 +358,13 @@ async fn kubernetes_changes_arrive_as_diffs() {
         .await
         .expect("delete the service");
     let seen = settle(&mut web, &mut model, &[], false).await;
-    assert_eq!(seen, ["-10.244.0.13:9090,10.244.0.14:9090", "none(false)"]);
+    // The EndpointSlice controller may empty the slice before the Service's deletion reaches
+    // the controller: then "no endpoints, service exists" comes in between.
+    let mut expected = vec!["-10.244.0.13:9090,10.244.0.14:9090", "none(false)"];
+    if seen.len() == 3 {
+        expected.insert(1, "none(true)");
+    }
+    assert_eq!(seen, expected);
 
     let _ = stop.send(());
     tokio::time::timeout(WAIT, controller)

@@ -9,11 +9,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, verify_tls13_signature};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, ServerConfig};
 
 use crate::identity::Identity;
 
@@ -87,11 +85,11 @@ impl TlsContext {
         if let Some(config) = clients.get(expected_identity) {
             return Ok(config.clone());
         }
-        let verifier = SpiffeServerVerifier {
-            roots: self.identity.roots(),
-            expected: expected_identity.to_string(),
-            provider: self.provider.clone(),
-        };
+        let verifier = SpiffeServerVerifier::new(
+            self.identity.roots(),
+            expected_identity,
+            self.provider.clone(),
+        );
         let mut config = ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
@@ -104,102 +102,8 @@ impl TlsContext {
     }
 }
 
-/// The TLS server name sent for a SPIFFE identity. Our certificates carry no DNS names, so
-/// it is informational; it must only be a valid DNS name.
-pub fn server_name(identity: &str) -> ServerName<'static> {
-    let name = identity
-        .strip_prefix("spiffe://")
-        .and_then(|rest| {
-            let mut parts = rest.split('/');
-            let domain = parts.next()?;
-            let (_, ns, _, sa) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-            Some(format!("{sa}.{ns}.serviceaccount.identity.{domain}"))
-        })
-        .unwrap_or_else(|| "mesh.invalid".to_string());
-    ServerName::try_from(name)
-        .unwrap_or_else(|_| ServerName::try_from("mesh.invalid").expect("a valid DNS name"))
-}
-
-/// The SPIFFE ID in a certificate's URI SANs, if any.
-pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    let san = parsed.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|name| match name {
-        x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
-            Some((*uri).to_string())
-        }
-        _ => None,
-    })
-}
-
-/// Verifies that a server certificate chains to the anchors and names exactly one identity.
-#[derive(Debug)]
-struct SpiffeServerVerifier {
-    roots: Arc<RootCertStore>,
-    expected: String,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for SpiffeServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        match spiffe_id(end_entity) {
-            Some(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
-            Some(id) => Err(rustls::Error::General(format!(
-                "server identity is {id}, expected {}",
-                self.expected
-            ))),
-            None => Err(rustls::Error::General(format!(
-                "server certificate has no SPIFFE identity, expected {}",
-                self.expected
-            ))),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        // Only TLS 1.3 is offered; a TLS 1.2 handshake never reaches here.
-        Err(rustls::Error::General("TLS 1.2 is not allowed".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
+use mesh_spiffe::SpiffeServerVerifier;
+pub use mesh_spiffe::{server_name, spiffe_id};
 
 #[cfg(test)]
 mod tests {

@@ -10,11 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{CertificateParams, KeyPair};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, verify_tls13_signature};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::server::ParsedCertificate;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::{ClientConfig, RootCertStore};
 
 use crate::identity::{Issuer, SharedIssuer, SpiffeId};
 
@@ -129,11 +127,7 @@ impl ControllerIdentity {
         // An anchor rustls cannot use is skipped: the others still verify.
         let _ = roots
             .add_parsable_certificates(leaf.issuer.trust_anchors().certificates().iter().cloned());
-        let verifier = SpiffeServerVerifier {
-            roots: Arc::new(roots),
-            expected: expected.to_owned(),
-            provider: self.provider.clone(),
-        };
+        let verifier = SpiffeServerVerifier::new(Arc::new(roots), expected, self.provider.clone());
         let config = ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
@@ -148,112 +142,14 @@ impl ControllerIdentity {
     }
 }
 
-/// The TLS server name sent for a SPIFFE identity. Mesh certificates carry no DNS names, so
-/// it is informational, as in the proxy; it only has to be a valid DNS name.
-pub fn server_name(identity: &str) -> ServerName<'static> {
-    let name = identity
-        .strip_prefix("spiffe://")
-        .and_then(|rest| {
-            let mut parts = rest.split('/');
-            let domain = parts.next()?;
-            let (_, ns, _, sa) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-            Some(format!("{sa}.{ns}.serviceaccount.identity.{domain}"))
-        })
-        .unwrap_or_else(|| "mesh.invalid".to_owned());
-    ServerName::try_from(name)
-        .or_else(|_| ServerName::try_from("mesh.invalid"))
-        .unwrap_or(ServerName::IpAddress(
-            std::net::IpAddr::from([127, 0, 0, 1]).into(),
-        ))
-}
-
-/// The SPIFFE ID in a certificate's URI SANs, if any.
-fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
-    use x509_parser::prelude::FromDer;
-    let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(cert.as_ref()).ok()?;
-    let san = parsed.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|name| match name {
-        x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
-            Some((*uri).to_owned())
-        }
-        _ => None,
-    })
-}
-
-/// Verifies that a proxy's certificate chains to the anchors and names exactly the identity
-/// its pod has.
-#[derive(Debug)]
-struct SpiffeServerVerifier {
-    roots: Arc<RootCertStore>,
-    expected: String,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for SpiffeServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        match spiffe_id(end_entity) {
-            Some(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
-            Some(id) => Err(rustls::Error::General(format!(
-                "the proxy's identity is {id}, expected {}",
-                self.expected
-            ))),
-            None => Err(rustls::Error::General(format!(
-                "the proxy's certificate has no SPIFFE identity, expected {}",
-                self.expected
-            ))),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        // Only TLS 1.3 is offered; a TLS 1.2 handshake never reaches here.
-        Err(rustls::Error::General("TLS 1.2 is not allowed".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
+use mesh_spiffe::SpiffeServerVerifier;
+pub use mesh_spiffe::server_name;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::identity::{GeneratedCa, IdentityMetrics, ServiceAccountName};
+    use mesh_spiffe::spiffe_id;
 
     #[test]
     fn the_controller_signs_itself_a_leaf_for_its_identity_and_reuses_it() {

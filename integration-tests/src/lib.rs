@@ -5,5 +5,6 @@
 mod binaries;
 pub mod cluster;
 pub mod netns;
+pub mod process;
 
 pub use binaries::bin_path;

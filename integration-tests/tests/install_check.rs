@@ -11,7 +11,7 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -21,27 +21,11 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use mesh_integration_tests::bin_path;
 use mesh_integration_tests::cluster::Cluster;
+use mesh_integration_tests::process::{Process, free_port};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
 const NS: &str = "mesh-system";
-
-/// Kills the child on drop.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 fn meshctl(kubeconfig: &Path, args: &[&str]) -> Output {
     let output = Command::new(bin_path("meshctl"))

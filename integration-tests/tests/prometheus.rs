@@ -14,12 +14,12 @@
 //! fails.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use mesh_integration_tests::bin_path;
+use mesh_integration_tests::process::free_port;
 use serde_json::Value;
 
 /// Queries this scenario cannot give data to: (dashboard, panel title, reason). A title
@@ -355,14 +355,6 @@ fn substitute(text: &str, values: &BTreeMap<String, String>) -> String {
 }
 
 // ---- the real Prometheus ----
-
-/// A free loopback port (bound and released; Prometheus binds it right after).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free loopback port")
-}
 
 /// `curl` against the Prometheus HTTP API; the JSON answer's `data`, or None on any failure.
 fn api(base: &str, path: &str, params: &[(&str, &str)]) -> Option<Value> {

@@ -8,16 +8,17 @@
 //!
 //! Every wait is bounded; a guard takes the local mesh down when the test fails half way.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mesh_controller::identity::{
     IdentityMetrics, Issuer, ServiceAccountName, SharedIssuer, SpiffeId,
 };
 use mesh_controller::tap::tls::ControllerIdentity;
 use mesh_integration_tests::bin_path;
+use mesh_integration_tests::process::run_bounded;
 use mesh_proto::tap::ObserveRequest;
 use mesh_proto::tap::tap_client::TapClient;
 
@@ -55,49 +56,6 @@ impl Mesh {
         ]);
         run_bounded(&self.meshctl, &all, limit)
     }
-}
-
-/// Runs a command to its end, killing it after `limit`; returns (success, stdout, stderr).
-fn run_bounded(program: &Path, args: &[String], limit: Duration) -> (bool, String, String) {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("meshctl starts");
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let out_reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
-        text
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
-        text
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for meshctl") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let stdout = out_reader.join().unwrap_or_default();
-    let stderr = err_reader.join().unwrap_or_default();
-    assert!(
-        status.is_some(),
-        "meshctl {} did not finish within {limit:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        args.join(" ")
-    );
-    (status.is_some_and(|s| s.success()), stdout, stderr)
 }
 
 #[test]

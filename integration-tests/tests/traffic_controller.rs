@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -21,6 +21,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use mesh_integration_tests::bin_path;
+use mesh_integration_tests::process::Process;
 use tokio::net::{TcpListener, TcpStream};
 
 const BOOKS: &str = "books.shop.svc.cluster.local:80";
@@ -70,16 +71,6 @@ fn route(stable: i64, canary: i64) -> String {
            backendRefs: [{{name: books-canary, port: 80}}]\n  \
          - backendRefs: [{{name: books-stable, port: 80, weight: {stable}}}, {{name: books-canary, port: 80, weight: {canary}}}]\n"
     )
-}
-
-/// A process killed (and reaped) when the test ends, however it ends.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The controller over a folder, one proxy using it, and the two backends.

@@ -85,6 +85,13 @@ fn inbound_server() -> policy::InboundServer {
         }),
         mode: policy::inbound_server::Mode::Audit.into(),
         labels: HashMap::from([("kind".into(), "Server".into())]),
+        http_routes: vec![policy::InboundRoute {
+            name: "books-get".into(),
+            matches: vec![policy::RouteMatch {
+                method: "GET".into(),
+                ..Default::default()
+            }],
+        }],
     }
 }
 

@@ -1,5 +1,6 @@
 //! The authorization layer of the inbound HTTP stack: each request is checked against the
-//! port's policy; a refused request gets 403 (gRPC PERMISSION_DENIED) naming the policy.
+//! port's policy, on the HTTPRoute it takes; a refused request gets 403 (gRPC
+//! PERMISSION_DENIED) naming the policy, one that no route of the port matches 404.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::http::{ProxyBody, ProxyError, is_grpc};
 use crate::metrics::{AuthzLabels, Label, Metrics, TargetLabels};
-use crate::policy::{Client, PortPolicy, Verdict};
+use crate::policy::{Client, NoRoute, PortPolicy, Verdict};
 
 /// Who is calling on a connection, known once its TLS (if any) is done.
 #[derive(Clone, Debug)]
@@ -51,7 +52,7 @@ pub fn admit_connection(
     labels: &TargetLabels,
 ) -> bool {
     let policy = policy.current();
-    match policy.evaluate(&client.as_policy_client()) {
+    match policy.evaluate(&client.as_policy_client(), None) {
         Verdict::Allow(_) => true,
         Verdict::AuditDeny(name) => {
             metrics
@@ -140,7 +141,19 @@ where
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let layer = &self.layer;
         let policy = layer.policy.current();
-        match policy.evaluate(&layer.client.as_policy_client()) {
+        let route = match policy.route_of(&request) {
+            Ok(route) => route.cloned(),
+            Err(NoRoute) => {
+                let error = ProxyError::NoRoute(format!(
+                    "no HTTPRoute of {} matches {} {}",
+                    policy.name,
+                    request.method(),
+                    request.uri().path()
+                ));
+                return Box::pin(std::future::ready(Ok(layer.refusal(error, &request))));
+            }
+        };
+        match policy.evaluate(&layer.client.as_policy_client(), route.as_deref()) {
             Verdict::Allow(_) => Box::pin(self.inner.call(request)),
             Verdict::AuditDeny(name) => {
                 layer
@@ -157,15 +170,23 @@ where
                     .http_authz_denies
                     .get_or_create(&authz_labels(&name, &layer.labels))
                     .inc();
+                let on_route = route.map(|r| format!(" on route {r}")).unwrap_or_default();
                 let error = ProxyError::Unauthorized(format!(
-                    "policy {name} does not authorize {}",
+                    "policy {name} does not authorize {}{on_route}",
                     layer.client.describe()
                 ));
                 warn!(policy = %name, client = %layer.client.describe(), path = request.uri().path(), "request refused by policy");
-                let mut response = error.to_response(is_grpc(&request));
-                response.extensions_mut().insert(layer.labels.clone());
-                Box::pin(async move { Ok(response) })
+                Box::pin(std::future::ready(Ok(layer.refusal(error, &request))))
             }
         }
+    }
+}
+
+impl AuthzLayer {
+    /// The proxy's own answer to a refused request, labelled for the metrics layer above.
+    fn refusal(&self, error: ProxyError, request: &Request<Incoming>) -> Response<ProxyBody> {
+        let mut response = error.to_response(is_grpc(request));
+        response.extensions_mut().insert(self.labels.clone());
+        response
     }
 }

@@ -45,6 +45,8 @@ pub enum ProxyError {
     DiscoveryUnavailable(String),
     /// The inbound policy does not admit the client.
     Unauthorized(String),
+    /// The port has HTTPRoutes and none matches the request.
+    NoRoute(String),
     /// A local rate limit is exceeded; retry after this long.
     RateLimited(String, std::time::Duration),
     /// The backend already has its limit of requests in flight (the overflow circuit breaker).
@@ -62,6 +64,7 @@ impl ProxyError {
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::FORBIDDEN,
+            Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -76,6 +79,7 @@ impl ProxyError {
             Self::BadRequest(_) => "bad request",
             Self::DiscoveryUnavailable(_) => "discovery unavailable",
             Self::Unauthorized(_) => "unauthorized",
+            Self::NoRoute(_) => "no route",
             Self::RateLimited(..) => "rate limited",
             Self::Overloaded(_) => "concurrency limit",
         }
@@ -91,17 +95,20 @@ impl ProxyError {
             | Self::BadRequest(d)
             | Self::DiscoveryUnavailable(d)
             | Self::Unauthorized(d)
+            | Self::NoRoute(d)
             | Self::Overloaded(d)
             | Self::RateLimited(d, _) => d,
         }
     }
 
     /// The gRPC status code for gRPC clients: UNAVAILABLE, or DEADLINE_EXCEEDED for timeouts,
-    /// or INTERNAL for requests that cannot be routed.
+    /// PERMISSION_DENIED, RESOURCE_EXHAUSTED (rate limited), UNIMPLEMENTED (no route), or
+    /// INTERNAL for requests that cannot be routed.
     fn grpc_code(&self) -> u8 {
         match self {
             Self::Timeout(_) => 4,
             Self::Unauthorized(_) => 7,
+            Self::NoRoute(_) => 12,
             Self::RateLimited(..) => 8,
             Self::BadRequest(_) => 13,
             _ => 14,

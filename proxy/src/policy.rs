@@ -2,8 +2,9 @@
 //!
 //! The controller streams one `InboundServer` per port (`InboundPolicies.Watch`); it is
 //! compiled once into an [`InboundPolicy`] whose [`InboundPolicy::evaluate`] is a pure
-//! function of the client (address and proven identity). Without a controller answer the
-//! proxy's default policy applies.
+//! function of the client (address and proven identity) and, for an HTTP request, the
+//! HTTPRoute it takes ([`InboundPolicy::route_of`]). Without a controller answer the proxy's
+//! default policy applies.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use http::Request;
 use ipnet::IpNet;
 use mesh_proto::common::WorkloadRef;
 use mesh_proto::policy::{
@@ -22,6 +24,8 @@ use mesh_proto::policy::{
 use mesh_proto::tonic::{self, transport::Channel};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
+
+use crate::route::{Match, compile_match};
 
 /// The default inbound policy, when no Server resource covers a port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -105,10 +109,18 @@ struct Rule {
     name: Arc<str>,
     networks: Vec<Network>,
     authentication: Authentication,
+    /// When non-empty, only requests of these HTTPRoutes are admitted.
+    routes: Vec<Arc<str>>,
 }
 
 impl Rule {
-    fn admits(&self, client: &Client<'_>) -> bool {
+    fn admits(&self, client: &Client<'_>, route: Option<&str>) -> bool {
+        let route_ok = self.routes.is_empty()
+            || route.is_some_and(|route| self.routes.iter().any(|r| &**r == route));
+        route_ok && self.admits_client(client)
+    }
+
+    fn admits_client(&self, client: &Client<'_>) -> bool {
         let network_ok = self.networks.is_empty()
             || self.networks.iter().any(|network| {
                 network.net.contains(&client.ip)
@@ -214,6 +226,17 @@ impl RateLimits {
     }
 }
 
+/// One match of an HTTPRoute attached to the port.
+#[derive(Debug)]
+struct InboundRoute {
+    name: Arc<str>,
+    matches: Vec<Match>,
+}
+
+/// A request on a port with HTTPRoutes that none of them matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoRoute;
+
 /// The compiled policy of one inbound port.
 #[derive(Debug)]
 pub struct InboundPolicy {
@@ -221,6 +244,8 @@ pub struct InboundPolicy {
     pub name: Arc<str>,
     audit: bool,
     rules: Vec<Rule>,
+    /// The port's HTTPRoutes in precedence order; empty when it has none.
+    routes: Vec<InboundRoute>,
     /// Local rate limits, when any.
     pub rate_limits: Option<RateLimits>,
 }
@@ -233,6 +258,7 @@ impl InboundPolicy {
             name: name.clone(),
             networks: Vec::new(),
             authentication,
+            routes: Vec::new(),
         };
         let any_identity = Authentication::MeshTls {
             any: true,
@@ -259,6 +285,7 @@ impl InboundPolicy {
             name,
             audit,
             rules,
+            routes: Vec::new(),
             rate_limits: None,
         }
     }
@@ -309,19 +336,53 @@ impl InboundPolicy {
                 name: Arc::from(authorization.name.as_str()),
                 networks,
                 authentication,
+                routes: authorization
+                    .routes
+                    .iter()
+                    .map(|r| Arc::from(r.as_str()))
+                    .collect(),
+            });
+        }
+        let mut routes = Vec::with_capacity(server.http_routes.len());
+        for route in &server.http_routes {
+            routes.push(InboundRoute {
+                name: Arc::from(route.name.as_str()),
+                matches: route
+                    .matches
+                    .iter()
+                    .map(compile_match)
+                    .collect::<Result<_, _>>()
+                    .map_err(|reason| error(format!("route {}: {reason}", route.name)))?,
             });
         }
         Ok(Self {
             name: Arc::from(server.name.as_str()),
             audit: server.mode == inbound_server::Mode::Audit as i32,
             rules,
+            routes,
             rate_limits: server.rate_limit.as_ref().and_then(RateLimits::from_proto),
         })
     }
 
-    /// Checks a client.
-    pub fn evaluate(&self, client: &Client<'_>) -> Verdict {
-        match self.rules.iter().find(|rule| rule.admits(client)) {
+    /// The HTTPRoute a request takes: `Ok(None)` when the port has no routes, `Err` when it
+    /// has some and none matches.
+    pub fn route_of<B>(&self, request: &Request<B>) -> Result<Option<&Arc<str>>, NoRoute> {
+        if self.routes.is_empty() {
+            return Ok(None);
+        }
+        self.routes
+            .iter()
+            .find(|route| {
+                route.matches.is_empty() || route.matches.iter().any(|m| m.holds(request))
+            })
+            .map(|route| Some(&route.name))
+            .ok_or(NoRoute)
+    }
+
+    /// Checks a client, on `route` for an HTTP request (`None` for a TCP connection or a port
+    /// without routes: rules limited to routes do not admit it).
+    pub fn evaluate(&self, client: &Client<'_>, route: Option<&str>) -> Verdict {
+        match self.rules.iter().find(|rule| rule.admits(client, route)) {
             Some(rule) => Verdict::Allow(rule.name.clone()),
             None if self.audit => Verdict::AuditDeny(self.name.clone()),
             None => Verdict::Deny(self.name.clone()),
@@ -498,7 +559,7 @@ mod tests {
         ];
         for (default, identity, want) in cases {
             let policy = InboundPolicy::default_policy(default, "cluster.local");
-            let got = match policy.evaluate(&client("10.1.0.5", identity)) {
+            let got = match policy.evaluate(&client("10.1.0.5", identity), None) {
                 Verdict::Allow(_) => "allow",
                 Verdict::Deny(name) => {
                     assert_eq!(&*name, default.name());
@@ -576,7 +637,7 @@ mod tests {
             ),
         ];
         for (client, want) in cases {
-            assert_eq!(policy.evaluate(&client), want, "{client:?}");
+            assert_eq!(policy.evaluate(&client, None), want, "{client:?}");
         }
     }
 

@@ -140,8 +140,9 @@ impl ValueCondition {
     }
 }
 
+/// One route match: a request matches when every condition holds.
 #[derive(Debug, Default)]
-struct Match {
+pub struct Match {
     path: Option<PathCondition>,
     headers: Vec<(HeaderName, ValueCondition)>,
     query: Vec<(String, ValueCondition)>,
@@ -312,7 +313,8 @@ impl OutboundPlan {
 }
 
 impl Match {
-    fn holds<B>(&self, request: &Request<B>) -> bool {
+    /// Whether `request` meets every condition.
+    pub fn holds<B>(&self, request: &Request<B>) -> bool {
         if let Some(method) = &self.method
             && request.method() != method
         {
@@ -362,7 +364,8 @@ fn regex(text: &str) -> Result<Regex, String> {
     Regex::new(&format!("^(?:{text})$")).map_err(|e| format!("invalid regex {text:?}: {e}"))
 }
 
-fn compile_match(wire: &policy::RouteMatch) -> Result<Match, String> {
+/// Compiles a match from the controller (regexes once, here).
+pub fn compile_match(wire: &policy::RouteMatch) -> Result<Match, String> {
     let path = match wire.path.as_ref().and_then(|p| p.kind.as_ref()) {
         None => None,
         Some(path_match::Kind::Exact(exact)) => Some(PathCondition::Exact(exact.clone())),

@@ -141,6 +141,99 @@ async fn only_the_authorized_identity_gets_through() {
     );
 }
 
+/// A Server with two HTTPRoutes: `books-read` (GET under /books) open to any meshed client,
+/// `books-admin` (/admin) to web only; the port-wide rule admits batch everywhere.
+fn routed() -> policy::InboundServer {
+    let prefix = |method: &str, path: &str| policy::RouteMatch {
+        method: method.into(),
+        path: Some(policy::PathMatch {
+            kind: Some(policy::path_match::Kind::Prefix(path.into())),
+        }),
+        ..Default::default()
+    };
+    let rule = |name: &str, identities: &[&str], routes: &[&str]| policy::Authorization {
+        name: name.into(),
+        networks: vec![],
+        authentication: Some(policy::Authentication {
+            kind: Some(authentication::Kind::MeshTls(authentication::MeshTls {
+                identities: identities.iter().map(|s| s.to_string()).collect(),
+                identity_prefixes: vec![],
+            })),
+        }),
+        routes: routes.iter().map(|s| s.to_string()).collect(),
+    };
+    policy::InboundServer {
+        name: "books-server".into(),
+        http_routes: vec![
+            policy::InboundRoute {
+                name: "books-read".into(),
+                matches: vec![prefix("GET", "/books")],
+            },
+            policy::InboundRoute {
+                name: "books-admin".into(),
+                matches: vec![prefix("", "/admin")],
+            },
+        ],
+        authorizations: vec![
+            rule("readers", &["*"], &["books-read"]),
+            rule("admins", &[WEB_ID], &["books-admin"]),
+            rule("batch-everywhere", &[BATCH_ID], &[]),
+        ],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn authorizations_on_routes_admit_only_their_routes() {
+    let mesh = Mesh::new(routed(), &[]).await;
+    let web = mesh.client(Some((WEB_ID, "web"))).await;
+    let batch = mesh.client(Some((BATCH_ID, "batch"))).await;
+    let anonymous = mesh.client(None).await;
+
+    let status = |out: String| out.split(' ').nth(1).unwrap_or_default().to_owned();
+    // (client, path, status): anonymous callers match no rule; web reads and administers;
+    // batch's port-wide rule covers every route.
+    let cases = [
+        (&web, "/books/1", "200"),
+        (&web, "/admin/reindex", "200"),
+        (&batch, "/books/1", "200"),
+        (&batch, "/admin/reindex", "200"),
+        (&anonymous, "/books/1", "403"),
+        (&anonymous, "/admin/reindex", "403"),
+        (&web, "/elsewhere", "404"),
+    ];
+    for (client, path, want) in cases {
+        let out = get(client, path).await;
+        assert_eq!(status(out.clone()), want, "{path}: {out}");
+    }
+    // A client admitted on one route only is refused on the other, and told which route.
+    mesh.policy.set(policy::InboundServer {
+        authorizations: routed().authorizations[..2].to_vec(),
+        ..routed()
+    });
+    let mut refused = String::new();
+    for _ in 0..50 {
+        let out = get(&batch, "/admin/reindex").await;
+        if out.starts_with("HTTP/1.1 403") {
+            refused = out;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        refused.contains(
+            "does not authorize spiffe://cluster.local/ns/shop/sa/batch on route books-admin"
+        ),
+        "{refused}"
+    );
+    assert!(get(&batch, "/books/2").await.starts_with("HTTP/1.1 200"));
+    let out = get(&web, "/nowhere").await;
+    assert!(
+        out.contains("mesh-error: no route: no HTTPRoute of books-server matches GET /nowhere"),
+        "{out}"
+    );
+}
+
 #[tokio::test]
 async fn a_policy_change_applies_to_the_next_request() {
     let mesh = Mesh::new(only(&[WEB_ID, BATCH_ID]), &[]).await;

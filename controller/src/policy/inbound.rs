@@ -21,13 +21,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_proto::common::WorkloadRef;
 use mesh_proto::policy::{
-    Authentication, Authorization, InboundServer, Network, Protocol, RateLimit, authentication,
-    inbound_server, rate_limit,
+    Authentication, Authorization, InboundRoute, InboundServer, Network, Protocol, RateLimit,
+    authentication, inbound_server, rate_limit,
 };
 
 use super::crds::{self, AuthorizationPolicy, ObjectRef, ProxyProtocol, Server};
-use super::gateway;
 use super::store::{NamespaceObjects, PolicyInputs};
+use super::{gateway, routes};
 use crate::meta;
 
 /// The pod or namespace annotation naming the default inbound policy.
@@ -231,6 +231,7 @@ pub fn default_server(
         rate_limit: None,
         mode: mode as i32,
         labels: labels("default", policy.as_str(), namespace),
+        http_routes: Vec::new(),
     }
 }
 
@@ -414,7 +415,37 @@ fn server_policy(
         rate_limit,
         mode: inbound_server::Mode::Enforce as i32,
         labels: labels("Server", &server_name, namespace_name),
+        http_routes: inbound_routes(routes_of_server, namespace_name),
     }
+}
+
+/// The matches of a Server's HTTPRoutes in the Gateway API order, each named by its route. An
+/// invalid route is left out, so its requests get 404 rather than an authorization meant for
+/// another route.
+fn inbound_routes(
+    routes_of_server: BTreeMap<&str, &gateway::HTTPRoute>,
+    namespace_name: &str,
+) -> Vec<InboundRoute> {
+    let mut ranked: Vec<_> = routes_of_server
+        .into_iter()
+        .filter_map(|(name, route)| {
+            let matches = routes::inbound_http_matches(route, namespace_name).ok()?;
+            Some(
+                matches
+                    .into_iter()
+                    .map(move |(precedence, matched)| (precedence, name, matched)),
+            )
+        })
+        .flatten()
+        .collect();
+    ranked.sort_by(|a, b| a.0.cmp(&b.0));
+    ranked
+        .into_iter()
+        .map(|(_, name, matched)| InboundRoute {
+            name: name.to_owned(),
+            matches: vec![matched],
+        })
+        .collect()
 }
 
 /// One AuthorizationPolicy as an authorization: its network authentications become the

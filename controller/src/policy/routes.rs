@@ -450,92 +450,12 @@ pub fn http_routes(
             r,
             route.spec.rules.len(),
         );
-        let default_match = [gateway::HTTPRouteMatch::default()];
-        let matches = if rule.matches.is_empty() {
-            &default_match[..]
-        } else {
-            &rule.matches[..]
-        };
-        for (m, matched) in matches.iter().enumerate() {
-            let field = format!("{field}.matches[{m}]");
-            let (path, path_rank, path_len) = match &matched.path {
-                None => (None, 2, 1),
-                Some(p) => {
-                    let value = p.value.clone().unwrap_or_else(|| "/".to_owned());
-                    let value_field = format!("{field}.path.value");
-                    match p.match_type.as_deref().unwrap_or("PathPrefix") {
-                        "Exact" | "PathPrefix" if !value.starts_with('/') => {
-                            return Err(problem(value_field, value, "does not start with /"));
-                        }
-                        "Exact" => (Some(path_match::Kind::Exact(value.clone())), 0, value.len()),
-                        "PathPrefix" => (
-                            Some(path_match::Kind::Prefix(value.clone())),
-                            2,
-                            value.len(),
-                        ),
-                        "RegularExpression" => {
-                            if let Some(p) = regex_problem(&value_field, &value) {
-                                return Err(p);
-                            }
-                            (Some(path_match::Kind::Regex(value.clone())), 1, value.len())
-                        }
-                        other => {
-                            return Err(problem(
-                                format!("{field}.path.type"),
-                                other,
-                                "not Exact, PathPrefix or RegularExpression",
-                            ));
-                        }
-                    }
-                }
-            };
-            let headers = headers(&field, &matched.headers)?;
-            let query_params = matched
-                .query_params
-                .iter()
-                .enumerate()
-                .map(|(i, q)| {
-                    let (value, regex) =
-                        value_match(&format!("{field}.queryParams[{i}]"), q, false)?;
-                    Ok(QueryParamMatch {
-                        name: q.name.clone(),
-                        value: Some(if regex {
-                            query_param_match::Value::Regex(value)
-                        } else {
-                            query_param_match::Value::Exact(value)
-                        }),
-                    })
-                })
-                .collect::<Result<Vec<_>, RouteProblem>>()?;
-            let method = matched.method.clone().unwrap_or_default();
-            if !method.is_empty() && http::Method::from_bytes(method.as_bytes()).is_err() {
-                return Err(problem(
-                    format!("{field}.method"),
-                    method,
-                    "not an HTTP method",
-                ));
-            }
+        for (precedence, matched) in http_rule_matches(route, &object, r, rule)? {
             out.push(RankedRoute {
-                precedence: Precedence {
-                    path_rank,
-                    path_len: Reverse(path_len),
-                    method: Reverse(!method.is_empty()),
-                    headers: Reverse(headers.len()),
-                    query: Reverse(query_params.len()),
-                    created: created(&route.metadata),
-                    object: object.clone(),
-                    rule: r,
-                    matched: m,
-                },
+                precedence,
                 route: Route {
                     name: name.clone(),
-                    matches: vec![RouteMatch {
-                        path: path.map(|kind| PathMatch { kind: Some(kind) }),
-                        headers,
-                        query_params,
-                        method,
-                        grpc: None,
-                    }],
+                    matches: vec![matched],
                     filters: filters.clone(),
                     backends: backends.clone(),
                     timeouts: (timeouts != Timeouts::default()).then_some(timeouts),
@@ -543,6 +463,120 @@ pub fn http_routes(
                 },
             });
         }
+    }
+    Ok(out)
+}
+
+/// The matches of one HTTPRoute rule, each with its place in the Gateway API order.
+fn http_rule_matches(
+    route: &HTTPRoute,
+    object: &str,
+    r: usize,
+    rule: &gateway::HTTPRouteRule,
+) -> Result<Vec<(Precedence, RouteMatch)>, RouteProblem> {
+    let field = format!("spec.rules[{r}]");
+    let mut out = Vec::new();
+    let default_match = [gateway::HTTPRouteMatch::default()];
+    let matches = if rule.matches.is_empty() {
+        &default_match[..]
+    } else {
+        &rule.matches[..]
+    };
+    for (m, matched) in matches.iter().enumerate() {
+        let field = format!("{field}.matches[{m}]");
+        let (path, path_rank, path_len) = match &matched.path {
+            None => (None, 2, 1),
+            Some(p) => {
+                let value = p.value.clone().unwrap_or_else(|| "/".to_owned());
+                let value_field = format!("{field}.path.value");
+                match p.match_type.as_deref().unwrap_or("PathPrefix") {
+                    "Exact" | "PathPrefix" if !value.starts_with('/') => {
+                        return Err(problem(value_field, value, "does not start with /"));
+                    }
+                    "Exact" => (Some(path_match::Kind::Exact(value.clone())), 0, value.len()),
+                    "PathPrefix" => (
+                        Some(path_match::Kind::Prefix(value.clone())),
+                        2,
+                        value.len(),
+                    ),
+                    "RegularExpression" => {
+                        if let Some(p) = regex_problem(&value_field, &value) {
+                            return Err(p);
+                        }
+                        (Some(path_match::Kind::Regex(value.clone())), 1, value.len())
+                    }
+                    other => {
+                        return Err(problem(
+                            format!("{field}.path.type"),
+                            other,
+                            "not Exact, PathPrefix or RegularExpression",
+                        ));
+                    }
+                }
+            }
+        };
+        let headers = headers(&field, &matched.headers)?;
+        let query_params = matched
+            .query_params
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let (value, regex) = value_match(&format!("{field}.queryParams[{i}]"), q, false)?;
+                Ok(QueryParamMatch {
+                    name: q.name.clone(),
+                    value: Some(if regex {
+                        query_param_match::Value::Regex(value)
+                    } else {
+                        query_param_match::Value::Exact(value)
+                    }),
+                })
+            })
+            .collect::<Result<Vec<_>, RouteProblem>>()?;
+        let method = matched.method.clone().unwrap_or_default();
+        if !method.is_empty() && http::Method::from_bytes(method.as_bytes()).is_err() {
+            return Err(problem(
+                format!("{field}.method"),
+                method,
+                "not an HTTP method",
+            ));
+        }
+        out.push((
+            Precedence {
+                path_rank,
+                path_len: Reverse(path_len),
+                method: Reverse(!method.is_empty()),
+                headers: Reverse(headers.len()),
+                query: Reverse(query_params.len()),
+                created: created(&route.metadata),
+                object: object.to_owned(),
+                rule: r,
+                matched: m,
+            },
+            RouteMatch {
+                path: path.map(|kind| PathMatch { kind: Some(kind) }),
+                headers,
+                query_params,
+                method,
+                grpc: None,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// The matches of every rule of an HTTPRoute attached to a Server, in the Gateway API order
+/// (only their routing half: a Server's routes choose an authorization, not a backend).
+pub fn inbound_http_matches(
+    route: &HTTPRoute,
+    namespace: &str,
+) -> Result<Vec<(Precedence, RouteMatch)>, RouteProblem> {
+    let object = format!(
+        "{namespace}/{}",
+        route.metadata.name.as_deref().unwrap_or_default()
+    );
+    let mut out = Vec::new();
+    for (r, rule) in route.spec.rules.iter().enumerate() {
+        out.extend(http_rule_matches(route, &object, r, rule)?);
     }
     Ok(out)
 }

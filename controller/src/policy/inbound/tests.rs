@@ -1,5 +1,6 @@
 use super::*;
 use crate::file::parse_documents;
+use mesh_proto::policy::path_match;
 
 const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n";
 
@@ -92,6 +93,26 @@ fn show(server: &InboundServer) -> String {
         })
         .collect();
     let mut text = format!("{} {protocol} {mode} [{}]", server.name, rules.join("; "));
+    if !server.http_routes.is_empty() {
+        let routes: Vec<String> = server
+            .http_routes
+            .iter()
+            .map(|route| {
+                let paths: Vec<String> = route
+                    .matches
+                    .iter()
+                    .map(|m| match m.path.as_ref().and_then(|p| p.kind.as_ref()) {
+                        Some(path_match::Kind::Exact(p)) => format!("={p}"),
+                        Some(path_match::Kind::Prefix(p)) => format!("{p}*"),
+                        Some(path_match::Kind::Regex(p)) => format!("~{p}"),
+                        None => "*".to_owned(),
+                    })
+                    .collect();
+                format!("{}:{}", route.name, paths.join(","))
+            })
+            .collect();
+        text.push_str(&format!(" http_routes={}", routes.join(",")));
+    }
     if let Some(limit) = &server.rate_limit {
         text.push_str(&format!(
             " limit={}:{}/{}",
@@ -299,12 +320,16 @@ fn policies_come_from_servers_else_the_default_of_pod_namespace_or_cluster() {
                 "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: metrics, namespace: shop}\n\
                  spec:\n  parentRefs: [{group: policy.mesh.dev, kind: Server, name: web-http}]\n  \
                  rules: [{matches: [{path: {type: PathPrefix, value: /metrics}}]}]\n",
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: live, namespace: shop}\n\
+                 spec:\n  parentRefs: [{group: policy.mesh.dev, kind: Server, name: web-http}]\n  \
+                 rules: [{matches: [{path: {type: Exact, value: /metrics/live}}]}]\n",
                 &authz("scrape", "{group: gateway.networking.k8s.io, kind: HTTPRoute, name: metrics}", "[]"),
             ]),
             cluster_default: DefaultPolicy::AllUnauthenticated,
             pod: "web-1",
             port: 8080,
-            want: "web-http http1 enforce [scrape:any routes=metrics]",
+            // The exact path sorts before the prefix, as the Gateway API orders matches.
+            want: "web-http http1 enforce [scrape:any routes=metrics] http_routes=live:=/metrics/live,metrics:/metrics*",
         },
         Case {
             what: "the rate limit of the Server",

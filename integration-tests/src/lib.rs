@@ -4,6 +4,7 @@
 
 mod binaries;
 pub mod cluster;
+pub mod http;
 pub mod netns;
 pub mod process;
 

@@ -8,31 +8,19 @@
 //! with another test running at the same time.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use mesh_integration_tests::bin_path;
+use mesh_integration_tests::http::{
+    Backend, PATIENCE, ProxyClient, http_get, loopback_ip, metric, wait_ready,
+};
 use mesh_integration_tests::process::Process;
-use tokio::net::{TcpListener, TcpStream};
 
 const BOOKS: &str = "books.shop.svc.cluster.local:80";
-/// Bounds every wait in these tests; nothing here should take more than a few seconds.
-const PATIENCE: Duration = Duration::from_secs(20);
-
-/// An address in this test's loopback block.
-fn ip(block: u8, host: u8) -> IpAddr {
-    let process = u8::try_from(std::process::id() % 200).expect("below 200") + 20;
-    IpAddr::V4(Ipv4Addr::new(127, process, block, host))
-}
 
 /// The Pods and Services: `books` selects both tracks, `books-stable` and `books-canary` one
 /// each. `books` carries `annotations` (retries, timeouts).
@@ -42,7 +30,7 @@ fn services(block: u8, annotations: &str) -> String {
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: books, track: {track}}}}}\n\
              spec:\n  containers: [{{name: app, ports: [{{containerPort: 8080, name: http}}]}}]\n\
              status: {{podIP: {}, phase: Running, conditions: [{{type: Ready, status: 'True'}}]}}\n---\n",
-            ip(block, host)
+            loopback_ip(block, host)
         )
     };
     let service = |name: &str, selector: &str, cluster_ip: u8, annotations: &str| {
@@ -95,9 +83,9 @@ impl Mesh {
         std::fs::write(dir.join("services.yaml"), services(block, annotations))
             .expect("write services");
         std::fs::write(dir.join("route.yaml"), route_yaml).expect("write the route");
-        let stable = Backend::start(SocketAddr::new(ip(block, 2), 8080), "stable").await;
-        let canary = Backend::start(SocketAddr::new(ip(block, 3), 8080), "canary").await;
-        let host = ip(block, 1);
+        let stable = Backend::start(SocketAddr::new(loopback_ip(block, 2), 8080), "stable").await;
+        let canary = Backend::start(SocketAddr::new(loopback_ip(block, 3), 8080), "canary").await;
+        let host = loopback_ip(block, 1);
         let controller = Process(
             Command::new(bin_path("mesh-controller"))
                 .args(["--discovery", "file", "--poll-interval-ms", "50"])
@@ -130,29 +118,13 @@ impl Mesh {
             _proxy: proxy,
             _controller: controller,
         };
-        mesh.wait_ready(SocketAddr::new(host, 9990)).await;
-        mesh.wait_ready(SocketAddr::new(host, 4191)).await;
+        wait_ready(SocketAddr::new(host, 9990)).await;
+        wait_ready(SocketAddr::new(host, 4191)).await;
         mesh
     }
 
-    async fn wait_ready(&self, admin: SocketAddr) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            if let Ok((status, _)) = http_get(admin, "/ready", &[]).await
-                && status == StatusCode::OK
-            {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{admin} never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     fn outbound(&self) -> SocketAddr {
-        SocketAddr::new(ip(self.block, 1), 4140)
+        SocketAddr::new(loopback_ip(self.block, 1), 4140)
     }
 
     /// Rewrites a file of the folder atomically, as an editor or `kubectl` would.
@@ -163,7 +135,7 @@ impl Mesh {
     }
 
     async fn proxy_metrics(&self) -> String {
-        let admin = SocketAddr::new(ip(self.block, 1), 4191);
+        let admin = SocketAddr::new(loopback_ip(self.block, 1), 4191);
         http_get(admin, "/metrics", &[])
             .await
             .expect("proxy metrics")
@@ -171,7 +143,7 @@ impl Mesh {
     }
 
     async fn controller_metrics(&self) -> String {
-        let admin = SocketAddr::new(ip(self.block, 1), 9990);
+        let admin = SocketAddr::new(loopback_ip(self.block, 1), 9990);
         http_get(admin, "/metrics", &[])
             .await
             .expect("controller metrics")
@@ -186,7 +158,7 @@ impl Mesh {
         path: &str,
         headers: &[(&str, &str)],
     ) -> HashMap<String, usize> {
-        let mut client = Client::connect(self.outbound()).await;
+        let mut client = ProxyClient::connect(self.outbound(), BOOKS).await;
         let mut seen = HashMap::new();
         for i in 0..n {
             let (status, backend) = client.get(path, headers).await;
@@ -217,136 +189,6 @@ impl Drop for Mesh {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// An HTTP backend: answers 200 with `x-backend: NAME`; `/flaky` fails 3 GETs in every 10
-/// with 500 (requests 1-3 of each ten), so at most three failures come in a row.
-struct Backend {
-    requests: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Backend {
-    async fn start(addr: SocketAddr, name: &'static str) -> Backend {
-        let listener = TcpListener::bind(addr).await.expect("bind a backend");
-        let requests = Arc::new(AtomicU64::new(0));
-        let counter = requests.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let counter = counter.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request: Request<_>| {
-                        let n = counter.fetch_add(1, Ordering::SeqCst);
-                        let fail = request.uri().path() == "/flaky" && n % 10 < 3;
-                        let status = if fail {
-                            StatusCode::INTERNAL_SERVER_ERROR
-                        } else {
-                            StatusCode::OK
-                        };
-                        async move {
-                            Ok::<_, Infallible>(
-                                Response::builder()
-                                    .status(status)
-                                    .header("x-backend", name)
-                                    .body(Full::new(Bytes::from_static(b"ok\n")))
-                                    .expect("response"),
-                            )
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        Backend { requests, task }
-    }
-
-    fn requests(&self) -> u64 {
-        self.requests.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// A keep-alive client of the proxy's outbound listener, as an application using it as its
-/// HTTP proxy.
-struct Client {
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-}
-
-impl Client {
-    async fn connect(proxy: SocketAddr) -> Client {
-        let stream = TcpStream::connect(proxy).await.expect("connect the proxy");
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("handshake");
-        tokio::spawn(connection);
-        Client { sender }
-    }
-
-    /// GETs `http://books.../path`; the status and the backend that answered.
-    async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
-        let mut request = Request::get(format!("http://{BOOKS}{path}")).header("host", BOOKS);
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        self.sender.ready().await.expect("connection ready");
-        let response = tokio::time::timeout(
-            PATIENCE,
-            self.sender
-                .send_request(request.body(Full::default()).expect("request")),
-        )
-        .await
-        .expect("a response in time")
-        .expect("a response");
-        let status = response.status().as_u16();
-        let backend = response
-            .headers()
-            .get("x-backend")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        let _ = response.into_body().collect().await;
-        (status, backend)
-    }
-}
-
-/// A GET on one new connection; the status and body.
-async fn http_get(
-    addr: SocketAddr,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> Result<(StatusCode, String), Box<dyn std::error::Error + Send + Sync>> {
-    let stream = TcpStream::connect(addr).await?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let mut request = Request::get(path).header("host", addr.to_string());
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = sender
-        .send_request(request.body(Full::<Bytes>::default())?)
-        .await?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-/// The sum of a metric's series whose line has every one of `labels`.
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|line| line.starts_with(name) && labels.iter().all(|l| line.contains(l)))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test]

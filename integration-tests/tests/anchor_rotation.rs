@@ -1,0 +1,355 @@
+//! Trust-anchor rotation under traffic, with the real `mesh-controller` (file backend, identity
+//! CA from a folder in cert-manager's layout) and real `mesh-proxy` processes speaking mutual
+//! TLS on loopback.
+//!
+//! The procedure an operator follows: every proxy already trusts the bundle of the old and the
+//! new anchor; the issuer is replaced by one the new anchor signed (the controller rereads its
+//! folder); workloads then roll over one by one. Proxies started before the change keep their
+//! old-chain certificates while new ones get new-chain certificates, so for a while every pair
+//! of old and new meets in both directions. Not one request may fail.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mesh_controller::identity::ca::{generate_issuer, generate_trust_anchor, write_dir};
+use mesh_integration_tests::bin_path;
+use mesh_integration_tests::http::{
+    Backend, PATIENCE, ProxyClient, http_get, loopback_ip, metric, wait_ready,
+};
+use mesh_integration_tests::process::Process;
+use tokio::sync::Mutex;
+
+const BOOKS: &str = "books.shop.svc.cluster.local:80";
+const WEB_ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const DAY: Duration = Duration::from_secs(24 * 3600);
+/// This test's loopback block.
+const BLOCK: u8 = 31;
+
+fn addr(host: u8, port: u16) -> SocketAddr {
+    SocketAddr::new(loopback_ip(BLOCK, host), port)
+}
+
+/// The ServiceAccounts with the tokens the file backend accepts, and the `books` pods on
+/// `hosts` (each `books-<host>`), meshed by annotation.
+fn services(hosts: &[u8]) -> String {
+    let account = |name: &str| {
+        format!(
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {name}, namespace: shop, \
+             annotations: {{mesh.dev/identity-token: {name}-token}}}}\n---\n"
+        )
+    };
+    let pod = |host: u8| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: books-{host}, namespace: shop, labels: {{app: books}}, \
+             annotations: {{mesh.dev/inject: enabled}}}}\n\
+             spec:\n  serviceAccountName: books\n  containers: [{{name: app, ports: [{{containerPort: 8080}}]}}]\n\
+             status: {{podIP: {}, phase: Running, conditions: [{{type: Ready, status: 'True'}}]}}\n---\n",
+            loopback_ip(BLOCK, host)
+        )
+    };
+    let mut text = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n---\n{}{}\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: books, namespace: shop}}\n\
+         spec:\n  clusterIP: 10.96.0.10\n  selector: {{app: books}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n",
+        account("web"),
+        account("books"),
+    );
+    for host in hosts {
+        text.push_str(&pod(*host));
+    }
+    text
+}
+
+/// The controller's folders and the files the proxies read.
+struct Folders {
+    root: PathBuf,
+}
+
+impl Folders {
+    fn new() -> Folders {
+        let root =
+            std::env::temp_dir().join(format!("mesh-anchor-rotation-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("config")).expect("create the config folder");
+        for name in ["web", "books"] {
+            std::fs::write(root.join(format!("{name}.token")), format!("{name}-token"))
+                .expect("write a token");
+        }
+        Folders { root }
+    }
+
+    fn identity(&self) -> PathBuf {
+        self.root.join("identity")
+    }
+
+    fn anchors(&self) -> PathBuf {
+        self.root.join("anchors.pem")
+    }
+
+    /// Rewrites the discovery file atomically, as an editor or `kubectl` would.
+    fn write_services(&self, hosts: &[u8]) {
+        let tmp = self.root.join(".services.yaml.tmp");
+        std::fs::write(&tmp, services(hosts)).expect("write a temp file");
+        std::fs::rename(&tmp, self.root.join("config/services.yaml")).expect("rename into place");
+    }
+}
+
+impl Drop for Folders {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// A `mesh-proxy` on `host` proving `account`'s identity, trusting the anchors file.
+fn proxy(folders: &Folders, host: u8, account: &str) -> Process {
+    let ip = loopback_ip(BLOCK, host);
+    Process(
+        Command::new(bin_path("mesh-proxy"))
+            .env(
+                "MESH_PROXY_CONTROLLER_ADDR",
+                format!("http://{}", addr(1, 8086)),
+            )
+            .env("MESH_PROXY_INBOUND_LISTEN", format!("{ip}:4143"))
+            .env("MESH_PROXY_INBOUND_APP_IP", ip.to_string())
+            .env("MESH_PROXY_OUTBOUND_LISTEN", format!("{ip}:4140"))
+            .env("MESH_PROXY_ADMIN_LISTEN", format!("{ip}:4191"))
+            .env("MESH_PROXY_NAMESPACE", "shop")
+            .env("MESH_PROXY_POD", format!("{account}-{host}"))
+            .env(
+                "MESH_PROXY_IDENTITY",
+                format!("spiffe://cluster.local/ns/shop/sa/{account}"),
+            )
+            .env(
+                "MESH_PROXY_IDENTITY_TOKEN_FILE",
+                folders.root.join(format!("{account}.token")),
+            )
+            .env("MESH_PROXY_TRUST_ANCHORS_FILE", folders.anchors())
+            .env("MESH_PROXY_LOG_LEVEL", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start mesh-proxy"),
+    )
+}
+
+/// What one client's traffic saw: answers per backend, and failures.
+#[derive(Default, Debug)]
+struct Tally {
+    by_backend: HashMap<String, u64>,
+    failures: Vec<String>,
+}
+
+/// GETs through the proxy on `host` in a loop (bounded: 20,000 requests or 60 s) until `stop`.
+fn traffic(host: u8, stop: Arc<AtomicBool>) -> (Arc<Mutex<Tally>>, tokio::task::JoinHandle<()>) {
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let shared = tally.clone();
+    let task = tokio::spawn(async move {
+        let mut client = ProxyClient::connect(addr(host, 4140), BOOKS).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        for i in 0..20_000 {
+            if stop.load(Ordering::SeqCst) || tokio::time::Instant::now() > deadline {
+                break;
+            }
+            let (status, backend) = client.get("/", &[]).await;
+            let mut tally = shared.lock().await;
+            if status == 200 {
+                *tally.by_backend.entry(backend).or_default() += 1;
+            } else {
+                tally.failures.push(format!("request {i}: status {status}"));
+            }
+            drop(tally);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    (tally, task)
+}
+
+/// Waits (bounded) until `done` holds for the tallies.
+async fn wait_for(what: &str, tallies: &[&Arc<Mutex<Tally>>], done: impl Fn(&[Tally]) -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let mut snapshot = Vec::new();
+        for tally in tallies {
+            let tally = tally.lock().await;
+            snapshot.push(Tally {
+                by_backend: tally.by_backend.clone(),
+                failures: tally.failures.clone(),
+            });
+        }
+        if done(&snapshot) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} never happened: {snapshot:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn write_anchors(path: &Path, bundle: &str) {
+    std::fs::write(path, bundle).expect("write the anchors file");
+}
+
+fn unix_seconds(time: SystemTime) -> f64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[tokio::test]
+async fn a_new_anchor_and_issuer_roll_out_under_traffic_without_a_failed_request() {
+    let old_anchor = generate_trust_anchor("cluster.local", 365 * DAY).expect("old anchor");
+    let old_issuer = generate_issuer(&old_anchor, "cluster.local", 30 * DAY).expect("old issuer");
+    let new_anchor = generate_trust_anchor("cluster.local", 365 * DAY).expect("new anchor");
+    // A longer life tells the controller's issuer metric which issuer it signs with.
+    let new_issuer = generate_issuer(&new_anchor, "cluster.local", 90 * DAY).expect("new issuer");
+    let bundle = format!("{}{}", old_anchor.cert_pem, new_anchor.cert_pem);
+
+    let folders = Folders::new();
+    write_dir(&folders.identity(), &old_issuer, &bundle).expect("write the identity folder");
+    write_anchors(&folders.anchors(), &bundle);
+    folders.write_services(&[2]);
+    let books_1 = Backend::start(addr(2, 8080), "books-1").await;
+    let books_2 = Backend::start(addr(3, 8080), "books-2").await;
+
+    let _controller = Process(
+        Command::new(bin_path("mesh-controller"))
+            .args(["--discovery", "file", "--poll-interval-ms", "50"])
+            .arg("--config-dir")
+            .arg(folders.root.join("config"))
+            .arg("--identity-dir")
+            .arg(folders.identity())
+            .args(["--identity-leaf-lifetime", "1h"])
+            .args(["--identity-reload-interval", "200ms"])
+            .args(["--grpc-listen", &addr(1, 8086).to_string()])
+            .args(["--admin-listen", &addr(1, 9990).to_string()])
+            .args(["--log-level", "warn"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start mesh-controller"),
+    );
+    wait_ready(addr(1, 9990)).await;
+    // Before the change: the old issuer's proxies (ready means holding a certificate).
+    let server_1 = proxy(&folders, 2, "books");
+    let _client_1 = proxy(&folders, 4, "web");
+    wait_ready(addr(2, 4191)).await;
+    wait_ready(addr(4, 4191)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (old_traffic, old_task) = traffic(4, stop.clone());
+    wait_for("traffic through the old chain", &[&old_traffic], |t| {
+        t[0].by_backend.get("books-1").copied().unwrap_or(0) >= 50
+    })
+    .await;
+
+    // The new issuer, signed by the new anchor; the controller rereads its folder.
+    write_dir(&folders.identity(), &new_issuer, &bundle).expect("rotate the issuer");
+    let switched = unix_seconds(SystemTime::now() + 60 * DAY);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, text) = http_get(addr(1, 9990), "/metrics", &[])
+            .await
+            .expect("controller metrics");
+        if metric(
+            &text,
+            "mesh_controller_identity_issuer_expiry_timestamp_seconds",
+            &[],
+        ) > switched
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the controller never loaded the new issuer: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The rollout: a new server pod and a new client, both with new-chain certificates, beside
+    // the old ones. Each client reaches each server: old and new meet both ways.
+    folders.write_services(&[2, 3]);
+    let server_2 = proxy(&folders, 3, "books");
+    let _client_2 = proxy(&folders, 5, "web");
+    wait_ready(addr(3, 4191)).await;
+    wait_ready(addr(5, 4191)).await;
+    let (new_traffic, new_task) = traffic(5, stop.clone());
+    wait_for(
+        "each client reaching each server",
+        &[&old_traffic, &new_traffic],
+        |t| {
+            t.iter().all(|tally| {
+                ["books-1", "books-2"]
+                    .iter()
+                    .all(|b| tally.by_backend.get(*b).copied().unwrap_or(0) >= 20)
+            })
+        },
+    )
+    .await;
+
+    // The old server pod goes away once discovery has moved the traffic off it, and traffic
+    // goes on without it.
+    folders.write_services(&[3]);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let answered = books_1.requests();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if books_1.requests() == answered {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the old server kept getting requests after it left discovery"
+        );
+    }
+    drop(server_1);
+    let mut before = Vec::new();
+    for tally in [&old_traffic, &new_traffic] {
+        before.push(
+            tally
+                .lock()
+                .await
+                .by_backend
+                .get("books-2")
+                .copied()
+                .unwrap_or(0),
+        );
+    }
+    wait_for(
+        "traffic going on without the old server",
+        &[&old_traffic, &new_traffic],
+        |t| {
+            t.iter()
+                .zip(&before)
+                .all(|(tally, b)| tally.by_backend.get("books-2").copied().unwrap_or(0) >= b + 100)
+        },
+    )
+    .await;
+
+    stop.store(true, Ordering::SeqCst);
+    old_task.await.expect("old client's traffic");
+    new_task.await.expect("new client's traffic");
+    let old_traffic = old_traffic.lock().await;
+    let new_traffic = new_traffic.lock().await;
+    assert!(
+        old_traffic.failures.is_empty() && new_traffic.failures.is_empty(),
+        "failed requests: old client {:?}, new client {:?}",
+        old_traffic.failures,
+        new_traffic.failures
+    );
+    assert!(books_2.requests() > 0);
+    // Every request crossed mutual TLS: the new server saw the clients' proven identity.
+    let (_, text) = http_get(addr(3, 4191), "/metrics", &[])
+        .await
+        .expect("server metrics");
+    let client_id = format!("client_id=\"{WEB_ID}\"");
+    let inbound = [r#"direction="inbound""#, "tls=\"true\"", client_id.as_str()];
+    assert!(
+        metric(&text, "request_total", &inbound) > 0.0,
+        "the new server counted no mTLS requests from web: {text}"
+    );
+    let _ = server_2;
+}

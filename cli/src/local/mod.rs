@@ -198,7 +198,8 @@ pub fn proxy_admin_addr(
         .and_then(|admin| admin.from_host)
         .ok_or_else(|| {
             anyhow::anyhow!(
-                "pod {namespace}/{}'s proxy admin server is not reachable from this machine yet;                  wait until `meshctl local status` shows the pod ready",
+                "pod {namespace}/{}'s proxy admin server is not reachable from this machine yet; \
+                 wait until `meshctl local status` shows the pod ready",
                 found.name
             )
         })

@@ -78,6 +78,13 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
 
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating the state folder {}", state_dir.display()))?;
+    if let (Some(ca), Some(identity)) = (&ca, &options.identity) {
+        ca.write_dir(&identity.dir)
+            .with_context(|| format!("writing the identity CA into {}", identity.dir.display()))?;
+    }
+    state::write_json(&state::plan_file(&state_dir), &plan)
+        .with_context(|| format!("writing the plan into {}", state_dir.display()))?;
+    // After the plan: a failure's cleanup (`down`) knows the folder for a local mesh's.
     if mode == Mode::Root
         && let Err(error) = install_proxy_copy(&built_proxy, &options.proxy_program, &plan)
     {
@@ -86,12 +93,6 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         }
         return Err(error);
     }
-    if let (Some(ca), Some(identity)) = (&ca, &options.identity) {
-        ca.write_dir(&identity.dir)
-            .with_context(|| format!("writing the identity CA into {}", identity.dir.display()))?;
-    }
-    state::write_json(&state::plan_file(&state_dir), &plan)
-        .with_context(|| format!("writing the plan into {}", state_dir.display()))?;
     let mut supervisor = start_supervisor(&state_dir)?;
 
     match wait_ready(&state_dir, &mut supervisor, args.timeout) {
@@ -159,7 +160,9 @@ fn install_proxy_copy(built: &Path, copy: &Path, plan: &Plan) -> anyhow::Result<
             binary::first_closed_folder(copy, uid, uid, binary::Access::of)
         {
             bail!(
-                "the proxies run as uid {uid}, which cannot enter {} (mode {mode:04o}) on the way                  to their binary {}: pick a state folder outside it (--state-dir; the default is                  /run/mesh-local) or let others through (chmod o+x {})",
+                "the proxies run as uid {uid}, which cannot enter {} (mode {mode:04o}) on the way \
+                 to their binary {}: pick a state folder outside it (--state-dir; the default is \
+                 /run/mesh-local) or let others through (chmod o+x {})",
                 folder.display(),
                 copy.display(),
                 folder.display()

@@ -7,6 +7,7 @@ mod check;
 mod dashboard;
 mod demo;
 mod demo_app;
+mod identity;
 mod inject;
 mod install;
 mod kubernetes;
@@ -69,6 +70,9 @@ enum Command {
     Install(install::InstallArgs),
     /// Print (or delete, with --delete) what `meshctl install` created.
     Uninstall(install::UninstallArgs),
+    /// A proxy's certificate chain, trust anchors and renewal: of POD (through the API server,
+    /// or with --local from the local mesh), or of the admin server at --proxy HOST:PORT.
+    Identity(identity::IdentityArgs),
     /// Check that the mesh is installed and healthy (or, with --pre, that it can be).
     Check(check::CheckArgs),
     /// The Grafana dashboards of the mesh: list them, print one, or write them all.
@@ -96,6 +100,7 @@ fn main() -> anyhow::Result<()> {
         Command::Install(args) => install::run_install(args, &global),
         Command::Uninstall(args) => install::run_uninstall(args, &global),
         Command::Check(args) => check::run(args, &global),
+        Command::Identity(args) => identity::run(args, &global),
         Command::Dashboards(args) => observability::run_dashboards(args),
         Command::PrometheusConfig(args) => observability::run_prometheus_config(args),
         Command::Version => {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use mesh_integration_tests::bin_path;
 use mesh_integration_tests::netns::require_root;
+use mesh_integration_tests::process::{Process, free_port};
 
 /// A server Deployment answering HTTP on 8080, its Service on port 80, and a client
 /// Deployment whose only container curls `url` twice a second and logs each status code.
@@ -498,6 +499,144 @@ fn loopback_mode_client_reaches_server_through_the_outbound_http_proxy() {
     let state = mesh.state();
     assert_success(&mesh.down(), "local down");
     assert_all_gone(&mesh, &state);
+}
+
+/// `meshctl identity` against the proxies of a local mesh (certificates from the real
+/// controller) and a bare proxy without identity.
+#[test]
+fn meshctl_identity_shows_a_proxys_chain_and_names_what_is_wrong() {
+    let mesh = LocalMesh::new("identity");
+    let yaml = mesh.write(
+        "app.yaml",
+        r#"apiVersion: v1
+kind: Namespace
+metadata:
+  name: demo
+  annotations: {mesh.dev/inject: enabled}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: server, namespace: demo}
+spec:
+  selector: {matchLabels: {app: server}}
+  template:
+    metadata: {labels: {app: server}}
+    spec:
+      containers:
+      - name: http
+        command: [sh, -c, "exec python3 -m http.server 8080 --bind $POD_IP"]
+        env:
+        - name: POD_IP
+          valueFrom: {fieldRef: {fieldPath: status.podIP}}
+        ports: [{containerPort: 8080}]
+        readinessProbe: {tcpSocket: {port: 8080}}
+"#,
+    );
+    assert_success(&mesh.up(&yaml, &["--mode", "loopback"]), "local up");
+    let state = mesh.state();
+    let server = pod_of(&state, "server");
+    let pod = server["name"].as_str().expect("pod name").to_owned();
+    let admin = server["proxy_admin"]["from_host"]
+        .as_str()
+        .expect("admin address")
+        .to_owned();
+    let identity = |args: &[&str]| {
+        let mut command = Command::new(bin_path("meshctl"));
+        command
+            .arg("identity")
+            .args(args)
+            .env("MESH_LOCAL_STATE_DIR", &mesh.state_dir);
+        command
+            .output()
+            .unwrap_or_else(|error| panic!("cannot run {command:?}: {error}"))
+    };
+
+    // The local pod by name: a table of the leaf, the issuer and the anchor.
+    let table = identity(&["--local", "-n", "demo", &pod]);
+    assert_success(&table, "meshctl identity --local");
+    let out = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(
+        out.contains("identity:      spiffe://cluster.local/ns/demo/sa/default\n"),
+        "{out}"
+    );
+    assert!(out.contains("state:         certified\n"), "{out}");
+    let rows: Vec<&str> = out
+        .lines()
+        .skip_while(|line| !line.starts_with("CERTIFICATE"))
+        .skip(1)
+        .collect();
+    assert!(rows.len() >= 2, "{out}");
+    assert!(rows[0].starts_with("leaf "), "{out}");
+    assert!(
+        rows.iter().any(|row| row.starts_with("trust anchor ")),
+        "{out}"
+    );
+    assert!(
+        rows.iter()
+            .all(|row| row.contains("expires in") && row.ends_with("valid")),
+        "{out}"
+    );
+
+    // The same proxy by address, as JSON: the chain as PEM, no key.
+    let json = identity(&["--proxy", &admin, "-o", "json"]);
+    assert_success(&json, "meshctl identity --proxy -o json");
+    let out = String::from_utf8_lossy(&json.stdout).into_owned();
+    assert!(!out.contains("PRIVATE KEY"), "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(report["state"], "certified", "{out}");
+    let leaf = &report["chain"][0];
+    assert_eq!(
+        leaf["spiffe_id"], "spiffe://cluster.local/ns/demo/sa/default",
+        "{out}"
+    );
+    assert!(
+        leaf["pem"]
+            .as_str()
+            .is_some_and(|pem| pem.starts_with("-----BEGIN CERTIFICATE-----")),
+        "{out}"
+    );
+
+    // Errors name what was wrong.
+    let closed = format!("127.0.0.1:{}", free_port());
+    let unreachable = identity(&["--proxy", &closed]);
+    assert!(!unreachable.status.success(), "{}", text(&unreachable));
+    assert!(
+        String::from_utf8_lossy(&unreachable.stderr)
+            .contains(&format!("cannot reach the proxy at {closed}")),
+        "{}",
+        text(&unreachable)
+    );
+    let missing = identity(&["--local", "-n", "demo", "nothing-here"]);
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("no pod nothing-here in namespace demo"),
+        "{}",
+        text(&missing)
+    );
+    let plain_admin = format!("127.0.0.1:{}", free_port());
+    let _plain = Process(
+        Command::new(bin_path("mesh-proxy"))
+            .env("MESH_PROXY_INBOUND_LISTEN", "127.0.0.1:0")
+            .env("MESH_PROXY_OUTBOUND_LISTEN", "127.0.0.1:0")
+            .env("MESH_PROXY_ADMIN_LISTEN", &plain_admin)
+            .env("MESH_PROXY_LOG_LEVEL", "warn")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start mesh-proxy"),
+    );
+    wait_for(
+        Duration::from_secs(20),
+        || http_get(&plain_admin, "/live").ok(),
+        || format!("the proxy without identity never answered on {plain_admin}"),
+    );
+    let no_identity = identity(&["--proxy", &plain_admin]);
+    assert!(!no_identity.status.success(), "{}", text(&no_identity));
+    assert!(
+        String::from_utf8_lossy(&no_identity.stderr)
+            .contains(&format!("the proxy at {plain_admin} runs without identity")),
+        "{}",
+        text(&no_identity)
+    );
+    assert_success(&mesh.down(), "local down");
 }
 
 #[test]

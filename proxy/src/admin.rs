@@ -1,5 +1,5 @@
-//! The admin server: metrics, liveness, readiness, graceful shutdown, a config dump, and the
-//! Tap gRPC service.
+//! The admin server: metrics, liveness, readiness, graceful shutdown, a config dump, the
+//! proxy's identity (certificates only, never the key), and the Tap gRPC service.
 //!
 //! HTTP/1 and HTTP/2 share the port. Tap exposes request metadata, so it is served only to
 //! the pod itself (plaintext from loopback) and, over mesh TLS, to the identity allowed to
@@ -166,15 +166,37 @@ fn handle(ctx: &Context, peer: SocketAddr, request: Request<Incoming>) -> Respon
             );
             response
         }
-        (_, "/metrics" | "/live" | "/ready" | "/config") => {
+        (&Method::GET, "/identity") => identity(ctx),
+        (_, "/metrics" | "/live" | "/ready" | "/config" | "/identity") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n")
         }
         (_, "/shutdown") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /metrics, /ready, /live, /config, POST /shutdown\n",
+            "not found; try /metrics, /ready, /live, /config, /identity, POST /shutdown\n",
         ),
     }
+}
+
+/// `GET /identity`: the identity report as JSON; 404 (with a report saying `disabled`) when
+/// the proxy runs without identity, so a client can tell that from a proxy without the
+/// endpoint.
+fn identity(ctx: &Context) -> Response<Full<Bytes>> {
+    let (status, report) = match &ctx.tls {
+        Some(tls) => (StatusCode::OK, tls.identity().report()),
+        None => (
+            StatusCode::NOT_FOUND,
+            mesh_spiffe::report::IdentityReport::disabled(),
+        ),
+    };
+    let body = serde_json::to_string_pretty(&report)
+        .unwrap_or_else(|error| format!("{{\"error\":\"{error}\"}}"));
+    let mut response = text(status, body);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 fn config_dump(ctx: &Context) -> String {

@@ -172,8 +172,8 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
     let metrics = Arc::new(Metrics::new());
     let tls = match &config.identity {
         Some(identity_config) => {
-            let roots = identity::parse_trust_anchors(&identity_config.trust_anchors_pem)?;
-            let identity = Arc::new(Identity::new(identity_config.id.clone(), roots)?);
+            let anchors = identity::parse_trust_anchors(&identity_config.trust_anchors_pem)?;
+            let identity = Arc::new(Identity::new(identity_config.id.clone(), anchors)?);
             let channel =
                 tonic::transport::Endpoint::from_shared(identity_config.service_addr.clone())
                     .map_err(|source| StartError::Controller {

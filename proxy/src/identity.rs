@@ -6,12 +6,13 @@
 //! started with, and the old certificate keeps serving until a new one arrives.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use mesh_proto::identity::{CertifyRequest, identity_client::IdentityClient};
 use mesh_proto::tonic::transport::Channel;
+use mesh_spiffe::report::{CertificateReport, IdentityReport, IdentityState, Timestamp};
 use rcgen::PublicKeyData;
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
@@ -52,13 +53,24 @@ pub enum IdentityError {
     },
 }
 
-/// Parses a PEM bundle of trust anchors into a root store.
-pub fn parse_trust_anchors(pem: &str) -> Result<RootCertStore, IdentityError> {
+/// The trust anchors: the root store peers are verified with, and the certificates it was
+/// made of (a root store keeps only names and keys; the admin API reports their expiry).
+#[derive(Debug, Clone)]
+pub struct TrustAnchors {
+    /// What verification uses.
+    pub roots: RootCertStore,
+    /// The anchors' certificates, as given.
+    pub certificates: Vec<CertificateDer<'static>>,
+}
+
+/// Parses a PEM bundle of trust anchors.
+pub fn parse_trust_anchors(pem: &str) -> Result<TrustAnchors, IdentityError> {
     let mut roots = RootCertStore::empty();
     let mut reader = pem.as_bytes();
-    for cert in rustls_pemfile_certs(&mut reader)? {
+    let certificates = rustls_pemfile_certs(&mut reader)?;
+    for cert in &certificates {
         roots
-            .add(cert)
+            .add(cert.clone())
             .map_err(|error| IdentityError::Anchors(error.to_string()))?;
     }
     if roots.is_empty() {
@@ -66,7 +78,10 @@ pub fn parse_trust_anchors(pem: &str) -> Result<RootCertStore, IdentityError> {
             "no CERTIFICATE block in the PEM".into(),
         ));
     }
-    Ok(roots)
+    Ok(TrustAnchors {
+        roots,
+        certificates,
+    })
 }
 
 fn rustls_pemfile_certs(reader: &mut &[u8]) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
@@ -76,13 +91,23 @@ fn rustls_pemfile_certs(reader: &mut &[u8]) -> Result<Vec<CertificateDer<'static
         .map_err(|error| IdentityError::Anchors(error.to_string()))
 }
 
+/// The renewal loop's last outcome, for the admin API.
+#[derive(Debug, Default, Clone)]
+struct Renewal {
+    last: Option<SystemTime>,
+    next: Option<SystemTime>,
+    last_error: Option<String>,
+}
+
 /// The local identity and its current certificate.
 pub struct Identity {
     id: String,
     roots: Arc<RootCertStore>,
+    anchor_certificates: Vec<CertificateDer<'static>>,
     key: rcgen::KeyPair,
     signing_key: Arc<dyn rustls::sign::SigningKey>,
     current: ArcSwapOption<CertifiedKey>,
+    renewal: Mutex<Renewal>,
     ready: watch::Sender<bool>,
 }
 
@@ -98,7 +123,7 @@ impl std::fmt::Debug for Identity {
 
 impl Identity {
     /// A new identity with a fresh ECDSA P-256 key and no certificate yet.
-    pub fn new(id: String, roots: RootCertStore) -> Result<Self, IdentityError> {
+    pub fn new(id: String, anchors: TrustAnchors) -> Result<Self, IdentityError> {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|error| IdentityError::Key(error.to_string()))?;
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
@@ -106,10 +131,12 @@ impl Identity {
             .map_err(|error| IdentityError::Key(error.to_string()))?;
         Ok(Self {
             id,
-            roots: Arc::new(roots),
+            roots: Arc::new(anchors.roots),
+            anchor_certificates: anchors.certificates,
             key,
             signing_key,
             current: ArcSwapOption::empty(),
+            renewal: Mutex::default(),
             ready: watch::channel(false).0,
         })
     }
@@ -191,7 +218,45 @@ impl Identity {
             self.signing_key.clone(),
         ))));
         self.ready.send_replace(true);
+        self.renewal_mut().last = Some(SystemTime::now());
         Ok(expiry)
+    }
+
+    fn renewal_mut(&self) -> std::sync::MutexGuard<'_, Renewal> {
+        // The renewal record is plain data: a panic elsewhere cannot leave it inconsistent.
+        self.renewal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// What the admin API reports: the chain presented (public certificates only), the
+    /// anchors, and the renewal's timing.
+    pub fn report(&self) -> IdentityReport {
+        let describe = |certs: &[CertificateDer<'_>]| -> Vec<CertificateReport> {
+            certs
+                .iter()
+                // Every certificate here was parsed before it was accepted.
+                .filter_map(|cert| CertificateReport::from_der(cert.as_ref()).ok())
+                .collect()
+        };
+        let current = self.current.load_full();
+        let renewal = self.renewal_mut().clone();
+        IdentityReport {
+            state: if current.is_some() {
+                IdentityState::Certified
+            } else {
+                IdentityState::Pending
+            },
+            identity: Some(self.id.clone()),
+            chain: current
+                .as_deref()
+                .map(|certified| describe(&certified.cert))
+                .unwrap_or_default(),
+            trust_anchors: describe(&self.anchor_certificates),
+            last_renewal: renewal.last.map(Timestamp::from),
+            next_renewal: renewal.next.map(Timestamp::from),
+            last_error: renewal.last_error,
+        }
     }
 
     /// Obtains a certificate once.
@@ -248,12 +313,22 @@ impl Identity {
                         .duration_since(SystemTime::now())
                         .unwrap_or(Duration::ZERO);
                     let wait = remaining.mul_f64(0.7).max(Duration::from_secs(1));
+                    {
+                        let mut renewal = self.renewal_mut();
+                        renewal.next = Some(SystemTime::now() + wait);
+                        renewal.last_error = None;
+                    }
                     info!(identity = %self.id, ?remaining, "certificate issued; renewing in {wait:?}");
                     tokio::time::sleep(wait).await;
                 }
                 Err(error) => {
                     metrics.identity_failures.inc();
                     warn!(identity = %self.id, %error, "certificate request failed; retrying in {backoff:?}");
+                    {
+                        let mut renewal = self.renewal_mut();
+                        renewal.next = Some(SystemTime::now() + backoff);
+                        renewal.last_error = Some(error.to_string());
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(60));
                 }

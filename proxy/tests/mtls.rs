@@ -224,3 +224,51 @@ async fn a_proxy_is_not_ready_until_it_holds_a_certificate() {
     let (_, text) = admin_get(&proxy, "/metrics").await;
     assert!(metric(&text, "identity_cert_renewal_failures_total", &[]) >= 1.0);
 }
+
+#[tokio::test]
+async fn the_admin_api_reports_the_issued_chain_and_never_the_key() {
+    use mesh_spiffe::report::{IdentityReport, IdentityState};
+
+    let setup = setup(Duration::from_secs(3600)).await;
+    let proxy = proxy_with(None, Some(setup.identity(WEB_ID, "web-token"))).await;
+    let (status, body) = admin_get(&proxy, "/identity").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Public certificates only: every PEM block is a certificate, nothing names a key.
+    assert_eq!(
+        body.matches("-----BEGIN ").count(),
+        body.matches("-----BEGIN CERTIFICATE-----").count(),
+        "{body}"
+    );
+    assert!(!body.to_ascii_lowercase().contains("key\""), "{body}");
+    let report: IdentityReport = serde_json::from_str(&body).expect("an identity report");
+    assert_eq!(report.state, IdentityState::Certified);
+    assert_eq!(report.identity.as_deref(), Some(WEB_ID));
+    let [leaf, issuer] = report.chain.as_slice() else {
+        panic!("leaf and issuer expected: {body}");
+    };
+    assert_eq!(leaf.spiffe_id.as_deref(), Some(WEB_ID));
+    assert_eq!(leaf.issuer, "CN=mesh test issuer");
+    // The test CA backdates by a minute.
+    assert_eq!(leaf.not_after.0 - leaf.not_before.0, 3600 + 60);
+    assert_eq!(issuer.subject, "CN=mesh test issuer");
+    assert_eq!(issuer.issuer, "CN=mesh test root");
+    assert_eq!(report.trust_anchors.len(), 1, "{body}");
+    assert_eq!(report.trust_anchors[0].subject, "CN=mesh test root");
+    assert_eq!(
+        report.trust_anchors[0].pem.trim(),
+        setup.ca.anchor_pem.trim()
+    );
+    let last = report.last_renewal.expect("renewed once");
+    let next = report.next_renewal.expect("renewal scheduled");
+    // Renewal at about 70% of the hour.
+    assert!((2400..=2600).contains(&(next.0 - last.0)), "{body}");
+    assert_eq!(report.last_error, None);
+
+    // Without identity: a 404 that still says why, in the same shape.
+    let plain = proxy_with(None, None).await;
+    let (status, body) = admin_get(&plain, "/identity").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let report: IdentityReport = serde_json::from_str(&body).expect("an identity report");
+    assert_eq!(report.state, IdentityState::Disabled);
+    assert!(report.chain.is_empty());
+}

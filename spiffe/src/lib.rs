@@ -1,7 +1,10 @@
 //! `mesh-spiffe`: SPIFFE identities in TLS, shared by the proxy (mTLS between proxies) and
 //! the controller (tapping proxies): reading a certificate's SPIFFE ID, the informational
 //! server name, and the client-side verifier that accepts exactly one identity under the
-//! trust anchors. It must not depend on either program.
+//! trust anchors. It must not depend on either program. [`report`] describes certificates for
+//! the admin API's `/identity` and `meshctl identity`.
+
+pub mod report;
 
 use std::sync::Arc;
 

@@ -5,9 +5,11 @@
 //! - [`supervisor`] carries the plan out in the background and keeps it running, using
 //!   [`netns`] (root mode's namespaces), [`forward`] (loopback forwards and probes) and
 //!   [`process`] (pids, process groups, programs);
+//! - [`binary`] is root mode's copy of `mesh-proxy`, reachable by the proxies' uid;
 //! - [`state`] is `state.json`, read by every other command;
 //! - [`up`], [`down`] and [`status`] are the commands people run.
 
+mod binary;
 mod down;
 mod forward;
 mod manifest;
@@ -170,6 +172,37 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         "m" => Ok(std::time::Duration::from_secs(number * 60)),
         _ => Err(format!("{text:?}: unknown unit {unit:?} (ms, s or m)")),
     }
+}
+
+/// The address this machine reaches a local pod's proxy admin server at (`meshctl identity
+/// --local`); `pod` as for `meshctl local logs`.
+pub fn proxy_admin_addr(
+    state_dir: Option<&std::path::Path>,
+    namespace: &str,
+    pod: &str,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let state_dir = StateDirArg {
+        state_dir: state_dir.map(std::path::Path::to_path_buf),
+    }
+    .resolve();
+    let state = state::read_state(&state_dir)?;
+    let found = status::find_pod(&state, namespace, pod)?;
+    if !found.meshed {
+        anyhow::bail!(
+            "pod {namespace}/{} of the local mesh is not meshed: it has no proxy",
+            found.name
+        );
+    }
+    found
+        .proxy_admin
+        .and_then(|admin| admin.from_host)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "pod {namespace}/{}'s proxy admin server is not reachable from this machine yet; \
+                 wait until `meshctl local status` shows the pod ready",
+                found.name
+            )
+        })
 }
 
 /// Runs `meshctl local ...`; `namespace` is the global `-n`.

@@ -126,13 +126,9 @@ pub fn pod_logs_text(pod: &PodState) -> String {
     out
 }
 
-pub fn logs(
-    state_dir: &Path,
-    namespace: &str,
-    pod: &str,
-    container: Option<&str>,
-) -> anyhow::Result<()> {
-    let state = state::read_state(state_dir)?;
+/// A pod by name, or `deploy/NAME` for the first pod of a Deployment; the error lists the
+/// pods there are.
+pub fn find_pod<'a>(state: &'a State, namespace: &str, pod: &str) -> anyhow::Result<&'a PodState> {
     let found = match pod
         .strip_prefix("deploy/")
         .or_else(|| pod.strip_prefix("deployment/"))
@@ -154,10 +150,21 @@ pub fn logs(
             .map(|p| format!("{}/{}", p.namespace, p.name))
             .collect();
         bail!(
-            "no pod {pod} in namespace {namespace}; pods: {}",
+            "no pod {pod} in namespace {namespace} of the local mesh; pods: {}",
             names.join(", ")
         );
     };
+    Ok(found)
+}
+
+pub fn logs(
+    state_dir: &Path,
+    namespace: &str,
+    pod: &str,
+    container: Option<&str>,
+) -> anyhow::Result<()> {
+    let state = state::read_state(state_dir)?;
+    let found = find_pod(&state, namespace, pod)?;
     let chosen = match container {
         Some(name) => found.containers.iter().find(|c| c.name == name),
         None => {

@@ -16,7 +16,7 @@ use mesh_controller::identity::GeneratedCa;
 use super::plan::{self, IdentityInput, Mode, Plan, PlanOptions};
 use super::process::{self, INSTANCE_ENV};
 use super::state::{self, ContainerStatus, PodPhase, State};
-use super::{ModeArg, UpArgs, down, status};
+use super::{ModeArg, UpArgs, binary, down, status};
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let state_dir = args.state_dir.resolve();
@@ -29,11 +29,17 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     for ignored in &manifests.ignored {
         eprintln!("meshctl local: ignoring {ignored}: not a kind local pods run");
     }
+    let built_proxy = find_binary("mesh-proxy", args.proxy_bin.as_deref())?;
+    // Root mode's proxies run as their own uid: they run a copy they can reach.
+    let proxy_program = match mode {
+        Mode::Root => binary::proxy_copy_path(&state_dir),
+        Mode::Loopback => built_proxy.clone(),
+    };
     let options = PlanOptions {
         mode,
         instance: args.instance.clone(),
         state_dir: state_dir.clone(),
-        proxy_program: find_binary("mesh-proxy", args.proxy_bin.as_deref())?,
+        proxy_program,
         controller_program: find_binary("mesh-controller", args.controller_bin.as_deref())?,
         controller_port: args.controller_port,
         controller_admin_port: args.controller_admin_port,
@@ -78,6 +84,15 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     state::write_json(&state::plan_file(&state_dir), &plan)
         .with_context(|| format!("writing the plan into {}", state_dir.display()))?;
+    // After the plan: a failure's cleanup (`down`) knows the folder for a local mesh's.
+    if mode == Mode::Root
+        && let Err(error) = install_proxy_copy(&built_proxy, &options.proxy_program, &plan)
+    {
+        if let Err(cleanup) = down::run_quiet(&state_dir) {
+            eprintln!("meshctl local: cleaning up after the failure: {cleanup:#}");
+        }
+        return Err(error);
+    }
     let mut supervisor = start_supervisor(&state_dir)?;
 
     match wait_ready(&state_dir, &mut supervisor, args.timeout) {
@@ -118,6 +133,43 @@ fn new_identity(state_dir: &Path) -> anyhow::Result<(IdentityInput, GeneratedCa)
         token_secret,
     };
     Ok((identity, ca))
+}
+
+/// Copies the proxy binary to `copy` and checks that every uid the plan runs a proxy as can
+/// reach it, naming the folder in the way when one cannot.
+fn install_proxy_copy(built: &Path, copy: &Path, plan: &Plan) -> anyhow::Result<()> {
+    binary::install_copy(built, copy).with_context(|| {
+        format!(
+            "copying {} to {} for the proxies",
+            built.display(),
+            copy.display()
+        )
+    })?;
+    let mut uids: Vec<u32> = plan
+        .pods
+        .iter()
+        .flat_map(|pod| pod.init_containers.iter().chain(&pod.containers))
+        .filter(|container| container.role == plan::Role::Proxy)
+        .filter_map(|container| container.run_as_user)
+        .collect();
+    uids.sort_unstable();
+    uids.dedup();
+    for uid in uids {
+        // The supervisor starts the proxy with gid = uid and no other groups.
+        if let Some((folder, mode)) =
+            binary::first_closed_folder(copy, uid, uid, binary::Access::of)
+        {
+            bail!(
+                "the proxies run as uid {uid}, which cannot enter {} (mode {mode:04o}) on the way \
+                 to their binary {}: pick a state folder outside it (--state-dir; the default is \
+                 /run/mesh-local) or let others through (chmod o+x {})",
+                folder.display(),
+                copy.display(),
+                folder.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Instance names become namespace and file names: keep them to DNS labels.

@@ -191,6 +191,21 @@ async fn wait_for(what: &str, tallies: &[&Arc<Mutex<Tally>>], done: impl Fn(&[Ta
     }
 }
 
+/// The issuer certificate (PEM, whitespace dropped) in the chain the proxy on `host` presents,
+/// from its admin `/identity`.
+async fn presented_issuer(host: u8) -> String {
+    let (_, body) = http_get(addr(host, 4191), "/identity", &[])
+        .await
+        .expect("the proxy's identity");
+    let report: serde_json::Value = serde_json::from_str(&body).expect("an identity report");
+    let pem = report["chain"][1]["pem"].as_str().unwrap_or_default();
+    squeeze(pem)
+}
+
+fn squeeze(pem: &str) -> String {
+    pem.split_whitespace().collect()
+}
+
 fn write_anchors(path: &Path, bundle: &str) {
     std::fs::write(path, bundle).expect("write the anchors file");
 }
@@ -276,6 +291,19 @@ async fn a_new_anchor_and_issuer_roll_out_under_traffic_without_a_failed_request
     let _client_2 = proxy(&folders, 5, "web");
     wait_ready(addr(3, 4191)).await;
     wait_ready(addr(5, 4191)).await;
+    // Old proxies keep the old chain (1 h certificates), new ones present the new one.
+    for (host, issuer) in [
+        (2, &old_issuer),
+        (4, &old_issuer),
+        (3, &new_issuer),
+        (5, &new_issuer),
+    ] {
+        assert_eq!(
+            presented_issuer(host).await,
+            squeeze(&issuer.cert_pem),
+            "the proxy on host {host} presents the other issuer"
+        );
+    }
     let (new_traffic, new_task) = traffic(5, stop.clone());
     wait_for(
         "each client reaching each server",

@@ -26,9 +26,11 @@ use mesh_proto::policy::{
 };
 
 use super::crds::{self, AuthorizationPolicy, ObjectRef, ProxyProtocol, Server};
+use super::outbound::{self, Problem};
 use super::store::{NamespaceObjects, PolicyInputs};
 use super::{gateway, routes};
 use crate::meta;
+use crate::objects::{Kind, ObjectKey};
 
 /// The pod or namespace annotation naming the default inbound policy.
 pub const DEFAULT_POLICY_ANNOTATION: &str = "config.mesh.dev/default-inbound-policy";
@@ -366,7 +368,7 @@ fn server_policy(
         } else {
             continue;
         };
-        if let Some(mut authorization) =
+        if let Ok(mut authorization) =
             authorization(namespace, namespace_name, policy, &settings.trust_domain)
         {
             authorization.routes = routes;
@@ -451,14 +453,14 @@ fn inbound_routes(
 /// One AuthorizationPolicy as an authorization: its network authentications become the
 /// networks, its identity authentications (MeshTLSAuthentications and ServiceAccounts) the
 /// identities admitted (any one of them); without identity authentications any client is
-/// admitted from those networks. `None` when a required authentication does not exist or is
-/// invalid: a requirement nobody can meet admits nobody.
+/// admitted from those networks. `Err` (why) when a required authentication does not exist or
+/// is invalid: a requirement nobody can meet admits nobody.
 fn authorization(
     namespace: &NamespaceObjects,
     namespace_name: &str,
     policy: &AuthorizationPolicy,
     trust_domain: &str,
-) -> Option<Authorization> {
+) -> Result<Authorization, String> {
     let mut networks = Vec::new();
     let mut identities: Vec<String> = Vec::new();
     let mut prefixes: Vec<String> = Vec::new();
@@ -470,14 +472,27 @@ fn authorization(
             .namespace
             .as_deref()
             .is_some_and(|ns| ns != namespace_name);
+        let missing = || {
+            format!(
+                "requires {} {:?}, which does not exist in namespace {namespace_name}",
+                reference.kind, reference.name
+            )
+        };
         if names_kind(reference, crds::GROUP, "NetworkAuthentication") {
             let authn = namespace
                 .network_authentications
                 .get(&reference.name)
-                .filter(|_| !elsewhere)?;
+                .filter(|_| !elsewhere)
+                .ok_or_else(missing)?;
             for network in &authn.spec.networks {
-                if !is_net(&network.cidr) || !network.except.iter().all(|e| is_net(e)) {
-                    return None;
+                if let Some(bad) = std::iter::once(&network.cidr)
+                    .chain(&network.except)
+                    .find(|text| !is_net(text))
+                {
+                    return Err(format!(
+                        "NetworkAuthentication {:?} has {bad:?}, which is not a CIDR",
+                        reference.name
+                    ));
                 }
                 networks.push(Network {
                     cidr: network.cidr.clone(),
@@ -489,7 +504,8 @@ fn authorization(
             let authn = namespace
                 .mesh_tls_authentications
                 .get(&reference.name)
-                .filter(|_| !elsewhere)?;
+                .filter(|_| !elsewhere)
+                .ok_or_else(missing)?;
             for identity in &authn.spec.identities {
                 match identity.strip_suffix('*') {
                     _ if identity == "*" => identities.push("*".to_owned()),
@@ -504,7 +520,10 @@ fn authorization(
                 } else if names_kind(identity_ref, "", "Namespace") {
                     prefixes.push(format!("spiffe://{trust_domain}/ns/{}/", identity_ref.name));
                 } else {
-                    return None;
+                    return Err(format!(
+                        "MeshTLSAuthentication {:?} names a {}, not a ServiceAccount or Namespace",
+                        reference.name, identity_ref.kind
+                    ));
                 }
             }
         } else if names_kind(reference, "", "ServiceAccount") {
@@ -512,7 +531,10 @@ fn authorization(
             let ns = reference.namespace.as_deref().unwrap_or(namespace_name);
             identities.push(meta::spiffe_id(trust_domain, ns, &reference.name));
         } else {
-            return None;
+            return Err(format!(
+                "requires a {}, not a NetworkAuthentication, MeshTLSAuthentication or ServiceAccount",
+                reference.kind
+            ));
         }
     }
     let authentication = if needs_identity {
@@ -527,7 +549,7 @@ fn authorization(
     } else {
         authentication::Kind::Unauthenticated(authentication::Unauthenticated {})
     };
-    Some(Authorization {
+    Ok(Authorization {
         name: policy.metadata.name.clone().unwrap_or_default(),
         networks,
         authentication: Some(Authentication {
@@ -535,6 +557,53 @@ fn authorization(
         }),
         routes: Vec::new(),
     })
+}
+
+/// What makes inbound policy objects unusable, for the report: AuthorizationPolicies whose
+/// required authentications are missing or invalid (they admit nobody), and HTTPRoutes on a
+/// Server that cannot be converted (their requests get 404). HTTPRoutes that also attach to a
+/// Service are reported by the outbound side.
+pub fn problems(inputs: &PolicyInputs) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    for (namespace_name, namespace) in inputs.namespaces() {
+        for (name, policy) in &namespace.authorization_policies {
+            // The trust domain only shapes the identities admitted, not whether they can be.
+            if let Err(reason) = authorization(namespace, namespace_name, policy, "") {
+                let value = policy
+                    .spec
+                    .required_authentication_refs
+                    .iter()
+                    .map(|r| format!("{}/{}", r.kind, r.name))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                problems.push(Problem {
+                    kind: Kind::AuthorizationPolicy,
+                    object: ObjectKey::new(namespace_name, name.as_str()),
+                    field: "spec.requiredAuthenticationRefs".to_owned(),
+                    value,
+                    reason: format!("{reason}; the policy admits nobody"),
+                    condition_reason: "InvalidAuthentication",
+                });
+            }
+        }
+        for (name, route) in &namespace.http_routes {
+            let on_server = route.spec.parent_refs.iter().any(|parent| {
+                parent.kind.as_deref() == Some("Server")
+                    && parent.group.as_deref() == Some(crds::GROUP)
+            });
+            if on_server
+                && !outbound::attaches_to_services(&route.spec.parent_refs)
+                && let Err(problem) = routes::inbound_http_matches(route, namespace_name)
+            {
+                problems.push(Problem::of_route(
+                    Kind::HTTPRoute,
+                    ObjectKey::new(namespace_name, name.as_str()),
+                    problem,
+                ));
+            }
+        }
+    }
+    problems
 }
 
 fn is_net(text: &str) -> bool {

@@ -4,7 +4,7 @@
 //!   `OutboundPolicies.Watch` (`api="outbound"`) streams;
 //! - `policy_updates_total{api}`: policies sent on them;
 //! - `policy_invalid_objects{kind}`: routes and Services whose current version is invalid (the
-//!   last valid policy keeps being served);
+//!   last valid policy keeps being served), and AuthorizationPolicies nobody can meet;
 //! - `policy_invalid_total{kind}`: invalid versions seen.
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -67,7 +67,7 @@ impl PolicyMetrics {
         );
         registry.register(
             "policy_invalid_objects",
-            "Routes and Services whose current version is invalid (the last valid policy is served)",
+            "Routes and Services whose current version is invalid (the last valid policy is served), and AuthorizationPolicies nobody can meet",
             self.invalid_objects.clone(),
         );
         registry.register(

@@ -183,7 +183,8 @@ impl fmt::Display for Problem {
 }
 
 impl Problem {
-    fn of_route(kind: Kind, object: ObjectKey, p: RouteProblem) -> Self {
+    /// A route's problem as the object's.
+    pub fn of_route(kind: Kind, object: ObjectKey, p: RouteProblem) -> Self {
         Self {
             kind,
             object,

@@ -1,8 +1,10 @@
-//! Reports invalid routes and Service annotations: a warning naming the object, the field and
-//! the value (once per new problem), the `policy_invalid_*` metrics, and on Kubernetes the
-//! route's status (`Accepted` on each Service parent, `False` with a reason when invalid).
+//! Reports invalid routes, Service annotations and AuthorizationPolicies: a warning naming the
+//! object, the field and the value (once per new problem), the `policy_invalid_*` metrics, and
+//! on Kubernetes the route's status (`Accepted` on each Service parent, `False` with a reason
+//! when invalid).
 //!
-//! It only reports; the outbound streams keep serving the last valid policy on their own.
+//! It only reports; the outbound streams keep serving the last valid policy on their own, and
+//! an AuthorizationPolicy nobody can meet admits nobody.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use kube::api::{Api, Patch, PatchParams};
 use tokio::sync::watch;
 
 use super::gateway::{GRPCRoute, HTTPRoute, ParentReference, RouteParentStatus};
+use super::inbound;
 use super::metrics::PolicyMetrics;
 use super::outbound::{self, OutboundSettings, Problem};
 use super::store::PolicyInputs;
@@ -36,7 +39,8 @@ pub async fn run(
     let mut written = Written::new();
     loop {
         let snapshot = inputs.borrow_and_update().clone();
-        let problems = outbound::all_problems(&snapshot, &settings);
+        let mut problems = outbound::all_problems(&snapshot, &settings);
+        problems.extend(inbound::problems(&snapshot));
         let mut now = BTreeSet::new();
         let mut per_kind: BTreeMap<&'static str, BTreeSet<&ObjectKey>> = BTreeMap::new();
         for problem in &problems {
@@ -48,7 +52,7 @@ pub async fn run(
                     field = %problem.field,
                     value = %problem.value,
                     reason = %problem.reason,
-                    "invalid policy configuration; the last valid policy keeps being served"
+                    "invalid policy configuration"
                 );
                 metrics.invalid_seen(problem.kind.as_str());
             }
@@ -58,7 +62,12 @@ pub async fn run(
                 .or_default()
                 .insert(&problem.object);
         }
-        for kind in [Kind::HTTPRoute, Kind::GRPCRoute, Kind::Service] {
+        for kind in [
+            Kind::HTTPRoute,
+            Kind::GRPCRoute,
+            Kind::Service,
+            Kind::AuthorizationPolicy,
+        ] {
             metrics.set_invalid(
                 kind.as_str(),
                 per_kind.get(kind.as_str()).map_or(0, BTreeSet::len),

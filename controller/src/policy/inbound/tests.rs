@@ -394,3 +394,53 @@ fn default_policy_names_round_trip() {
         "{error}"
     );
 }
+
+#[test]
+fn unusable_authorization_policies_and_server_routes_are_reported_with_why() {
+    let tls_server = server("web-http", "{matchLabels: {app: web}}", "8080", "HTTP/1");
+    let docs = [
+        NAMESPACE.to_owned(),
+        tls_server,
+        MESH_TLS.to_owned(),
+        authz(
+            "fine",
+            "{group: policy.mesh.dev, kind: Server, name: web-http}",
+            "[{group: policy.mesh.dev, kind: MeshTLSAuthentication, name: api-clients}]",
+        ),
+        authz(
+            "dangling",
+            "{group: policy.mesh.dev, kind: Server, name: web-http}",
+            "[{group: policy.mesh.dev, kind: MeshTLSAuthentication, name: missing}]",
+        ),
+        "apiVersion: policy.mesh.dev/v1alpha1\nkind: NetworkAuthentication\n\
+         metadata: {name: typo, namespace: shop}\nspec:\n  networks: [{cidr: 10.0.0.0/33}]\n"
+            .to_owned(),
+        authz(
+            "bad-network",
+            "{group: policy.mesh.dev, kind: Server, name: web-http}",
+            "[{group: policy.mesh.dev, kind: NetworkAuthentication, name: typo}]",
+        ),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: broken, namespace: shop}\n\
+         spec:\n  parentRefs: [{group: policy.mesh.dev, kind: Server, name: web-http}]\n  \
+         rules: [{matches: [{path: {type: PathPrefix, value: metrics}}]}]\n"
+            .to_owned(),
+    ];
+    let inputs = PolicyInputs::from_objects(
+        docs.iter()
+            .flat_map(|doc| parse_documents(doc).expect("test YAML parses")),
+    );
+    let problems: Vec<String> = problems(&inputs).iter().map(ToString::to_string).collect();
+    assert_eq!(
+        problems,
+        [
+            "AuthorizationPolicy shop/bad-network: spec.requiredAuthenticationRefs = \
+             \"NetworkAuthentication/typo\": NetworkAuthentication \"typo\" has \"10.0.0.0/33\", \
+             which is not a CIDR; the policy admits nobody",
+            "AuthorizationPolicy shop/dangling: spec.requiredAuthenticationRefs = \
+             \"MeshTLSAuthentication/missing\": requires MeshTLSAuthentication \"missing\", which \
+             does not exist in namespace shop; the policy admits nobody",
+            "HTTPRoute shop/broken: spec.rules[0].matches[0].path.value = \"metrics\": does not \
+             start with /",
+        ]
+    );
+}

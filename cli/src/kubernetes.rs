@@ -1,6 +1,8 @@
 //! The Kubernetes client of `install --apply`, `uninstall --delete` and `check`, from the global
 //! `--kubeconfig`/`--context` flags, and server-side apply of untyped objects.
 
+use std::time::Duration;
+
 use anyhow::Context;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::GroupVersionKind;
@@ -71,26 +73,76 @@ fn api_for(
     Ok((api, name))
 }
 
+/// How long applied CRDs may take to be served.
+const CRD_SERVED_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The kinds a CRD object defines, one per served version.
+fn crd_kinds(crd: &Value) -> Vec<GroupVersionKind> {
+    let spec = &crd["spec"];
+    let group = spec["group"].as_str().unwrap_or_default();
+    let kind = spec["names"]["kind"].as_str().unwrap_or_default();
+    spec["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|version| version["served"].as_bool().unwrap_or(true))
+        .filter_map(|version| version["name"].as_str())
+        .map(|version| GroupVersionKind::gvk(group, version, kind))
+        .collect()
+}
+
+/// Discovery once every kind in `kinds` is served. A new CRD is served a moment after it is
+/// created (until it is established its group's discovery answers 404), so this retries,
+/// bounded by [`CRD_SERVED_PATIENCE`].
+async fn discover_serving(
+    client: &kube::Client,
+    kinds: &[GroupVersionKind],
+) -> anyhow::Result<Discovery> {
+    let deadline = tokio::time::Instant::now() + CRD_SERVED_PATIENCE;
+    loop {
+        let attempt = Discovery::new(client.clone()).run().await;
+        let missing: Vec<String> = match &attempt {
+            Ok(discovery) => kinds
+                .iter()
+                .filter(|gvk| discovery.resolve_gvk(gvk).is_none())
+                .map(|gvk| format!("{}/{} {}", gvk.group, gvk.version, gvk.kind))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        match attempt {
+            Ok(discovery) if missing.is_empty() => return Ok(discovery),
+            // Only a group being established is worth waiting for; anything else says so now.
+            Err(error) if kinds.is_empty() || tokio::time::Instant::now() >= deadline => {
+                return Err(error).context("discovering the API server's resources");
+            }
+            Ok(_) if tokio::time::Instant::now() >= deadline => {
+                anyhow::bail!(
+                    "the API server still does not serve {} {}s after their CRDs were applied",
+                    missing.join(", "),
+                    CRD_SERVED_PATIENCE.as_secs()
+                );
+            }
+            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
 /// Server-side applies `objects` in order. CRDs go first and discovery is refreshed after
-/// them, so later objects may be of their kinds.
+/// them (waiting until their kinds are served), so later objects may be of their kinds.
 pub async fn apply(client: &kube::Client, objects: &[Value]) -> anyhow::Result<()> {
-    let mut discovery = Discovery::new(client.clone())
-        .run()
-        .await
-        .context("discovering the API server's resources")?;
+    let mut discovery = discover_serving(client, &[]).await?;
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let mut saw_crd = false;
+    let mut new_kinds = Vec::new();
     for object in objects {
         let is_crd = object["kind"] == "CustomResourceDefinition";
-        if saw_crd && !is_crd {
+        if !new_kinds.is_empty() && !is_crd {
             // The CRDs' kinds must be served before anything of those kinds is applied.
-            discovery = Discovery::new(client.clone())
-                .run()
-                .await
-                .context("discovering the API server's resources")?;
-            saw_crd = false;
+            discovery = discover_serving(client, &new_kinds).await?;
+            new_kinds.clear();
         }
-        saw_crd |= is_crd;
+        if is_crd {
+            new_kinds.extend(crd_kinds(object));
+        }
         let (api, name) = api_for(client, &discovery, object)?;
         let typed: DynamicObject = serde_json::from_value(object.clone())
             .with_context(|| format!("{} is not a Kubernetes object", describe(object)))?;
@@ -104,10 +156,7 @@ pub async fn apply(client: &kube::Client, objects: &[Value]) -> anyhow::Result<(
 
 /// Deletes `objects` in reverse order; those already gone are skipped.
 pub async fn delete(client: &kube::Client, objects: &[Value]) -> anyhow::Result<()> {
-    let discovery = Discovery::new(client.clone())
-        .run()
-        .await
-        .context("discovering the API server's resources")?;
+    let discovery = discover_serving(client, &[]).await?;
     for object in objects.iter().rev() {
         let Ok((api, name)) = api_for(client, &discovery, object) else {
             // Its kind is not served (a CRD already removed): nothing of it is left.
@@ -120,4 +169,36 @@ pub async fn delete(client: &kube::Client, objects: &[Value]) -> anyhow::Result<
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_crd_defines_its_kind_in_each_served_version() {
+        let crd = serde_json::json!({
+            "kind": "CustomResourceDefinition",
+            "spec": {
+                "group": "policy.mesh.dev",
+                "names": {"kind": "Server"},
+                "versions": [
+                    {"name": "v1alpha1", "served": true},
+                    {"name": "v1alpha0", "served": false},
+                    {"name": "v1beta1"},
+                ],
+            },
+        });
+        let kinds: Vec<String> = crd_kinds(&crd)
+            .iter()
+            .map(|gvk| format!("{}/{} {}", gvk.group, gvk.version, gvk.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "policy.mesh.dev/v1alpha1 Server",
+                "policy.mesh.dev/v1beta1 Server"
+            ]
+        );
+    }
 }

@@ -40,7 +40,8 @@ struct Args {
         required_if_eq("discovery", "file")
     )]
     config_dir: Option<PathBuf>,
-    /// How often the file backend looks for changes, in milliseconds.
+    /// How often the file backend looks for changes, in milliseconds, besides rescanning on
+    /// each filesystem event (the poll catches what events miss, e.g. on network shares).
     #[arg(long, env = "MESH_CONTROLLER_POLL_INTERVAL_MS", default_value_t = 250)]
     poll_interval_ms: u64,
     /// The gRPC address (Destination API).

@@ -28,6 +28,15 @@ impl Controller {
     /// Starts the controller over a new folder holding `files`, written before the start so
     /// the first scan (and so `/ready`) already includes them.
     async fn start(name: &str, files: &[(&str, &str)]) -> Controller {
+        Self::start_polling(name, files, Duration::from_millis(20)).await
+    }
+
+    /// [`Controller::start`] with its poll every `poll_interval`.
+    async fn start_polling(
+        name: &str,
+        files: &[(&str, &str)],
+        poll_interval: Duration,
+    ) -> Controller {
         let dir =
             std::env::temp_dir().join(format!("mesh-controller-it-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -45,7 +54,7 @@ impl Controller {
         let admin_addr = admin.local_addr().expect("admin address");
         let config = Config::new(Discovery::File {
             dir: dir.clone(),
-            poll_interval: Duration::from_millis(20),
+            poll_interval,
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(mesh_controller::run(config, grpc, admin, async move {
@@ -480,4 +489,36 @@ async fn a_missing_config_folder_is_an_error_naming_it() {
             .contains("/nonexistent/mesh-controller-config"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn edits_arrive_on_filesystem_events_long_before_the_next_poll() {
+    // An hour between polls: only the filesystem's change events can bring these edits.
+    let controller = Controller::start_polling(
+        "events",
+        &[
+            ("00-namespace.yaml", NAMESPACE),
+            ("service.yaml", &service(8080)),
+        ],
+        Duration::from_secs(3600),
+    )
+    .await;
+    wait_ready(&controller).await;
+    let mut client = controller.client().await;
+    let mut web = client
+        .get(authority("web.shop.svc.cluster.local:80"))
+        .await
+        .expect("the service resolves")
+        .into_inner();
+    expect(&mut web, &["none(true)"]).await;
+    for (i, ip) in ["10.0.0.1", "10.0.0.2", "10.0.0.3"].iter().enumerate() {
+        controller.write(
+            &format!("web-{i}.yaml"),
+            &pod(&format!("web-7d9f8-{i}"), ip, true),
+        );
+        expect(&mut web, &[&format!("+{ip}:8080")]).await;
+    }
+    controller.remove("web-0.yaml");
+    expect(&mut web, &["-10.0.0.1:8080"]).await;
+    controller.stop().await;
 }

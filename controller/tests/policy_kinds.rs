@@ -8,13 +8,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mesh_controller::policy::inbound::DefaultPolicy;
+use mesh_controller::policy::inbound::{DefaultPolicy, summary};
 use mesh_controller::{Config, Discovery};
 use mesh_proto::common::WorkloadRef;
 use mesh_proto::policy::inbound_policies_client::InboundPoliciesClient;
-use mesh_proto::policy::{
-    InboundPolicyRequest, InboundServer, Protocol, authentication, inbound_server,
-};
+use mesh_proto::policy::{InboundPolicyRequest, InboundServer};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tonic::Streaming;
@@ -49,69 +47,6 @@ fn default_shape(policy: DefaultPolicy) -> &'static str {
         DefaultPolicy::Deny => "default:deny detect enforce []",
         DefaultPolicy::Audit => "default:audit detect audit [default:audit:tls[*][]]",
     }
-}
-
-/// One line per policy, the fields a proxy enforces: `name protocol mode [authorization;
-/// ...] limit=...`, each authorization as `name:any|tls[identities][prefixes] nets=cidr-except
-/// routes=...`.
-fn show(server: &InboundServer) -> String {
-    let protocol = Protocol::try_from(server.protocol)
-        .map(|p| {
-            p.as_str_name()
-                .trim_start_matches("PROTOCOL_")
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_else(|_| format!("protocol({})", server.protocol));
-    let mode = match inbound_server::Mode::try_from(server.mode) {
-        Ok(inbound_server::Mode::Enforce) => "enforce".to_owned(),
-        Ok(inbound_server::Mode::Audit) => "audit".to_owned(),
-        Err(_) => format!("mode({})", server.mode),
-    };
-    let rules: Vec<String> = server
-        .authorizations
-        .iter()
-        .map(|a| {
-            let auth = match a.authentication.as_ref().and_then(|a| a.kind.as_ref()) {
-                Some(authentication::Kind::Unauthenticated(_)) => "any".to_owned(),
-                Some(authentication::Kind::MeshTls(tls)) => format!(
-                    "tls[{}][{}]",
-                    tls.identities.join(","),
-                    tls.identity_prefixes.join(",")
-                ),
-                None => "none".to_owned(),
-            };
-            let mut text = format!("{}:{auth}", a.name);
-            let nets: Vec<String> = a
-                .networks
-                .iter()
-                .map(|n| {
-                    [n.cidr.clone()]
-                        .into_iter()
-                        .chain(n.except.clone())
-                        .collect::<Vec<_>>()
-                        .join("-")
-                })
-                .collect();
-            if !nets.is_empty() {
-                text.push_str(&format!(" nets={}", nets.join(",")));
-            }
-            if !a.routes.is_empty() {
-                text.push_str(&format!(" routes={}", a.routes.join(",")));
-            }
-            text
-        })
-        .collect();
-    let mut text = format!("{} {protocol} {mode} [{}]", server.name, rules.join("; "));
-    if let Some(limit) = &server.rate_limit {
-        text.push_str(&format!(
-            " limit={}:{}/{}",
-            limit.name, limit.total_rps, limit.identity_rps
-        ));
-        for o in &limit.overrides {
-            text.push_str(&format!(" {}={}", o.identities.join(","), o.rps));
-        }
-    }
-    text
 }
 
 fn annotations(policy: Option<DefaultPolicy>) -> Value {
@@ -246,14 +181,14 @@ async fn next(stream: &mut Streaming<InboundServer>, what: &str) -> String {
         .unwrap_or_else(|_| panic!("{what}: no update within {WAIT:?}"))
         .expect("the stream is healthy")
         .expect("the stream is open");
-    show(&server)
+    summary(&server)
 }
 
 /// Asserts that nothing arrives for 300 ms: a change that must not alter the policy sends
 /// nothing (identical policies are not resent).
 async fn quiet(stream: &mut Streaming<InboundServer>, what: &str) {
     if let Ok(message) = tokio::time::timeout(Duration::from_millis(300), stream.message()).await {
-        let shown = message.map(|m| m.as_ref().map(show));
+        let shown = message.map(|m| m.as_ref().map(summary));
         panic!("{what}: expected no update, got {shown:?}");
     }
 }
@@ -262,6 +197,10 @@ async fn quiet(stream: &mut Streaming<InboundServer>, what: &str) {
 /// limit.
 fn on_server(authorizations: &[&str], limit: Option<&str>) -> String {
     let mut text = format!("web-http http1 enforce [{}]", authorizations.join("; "));
+    // The HTTPRoute `metrics` is attached to the Server exactly while an authorization names it.
+    if authorizations.iter().any(|a| a.ends_with("routes=metrics")) {
+        text.push_str(" http_routes=metrics:/metrics*");
+    }
     if let Some(limit) = limit {
         text.push_str(&format!(" limit={limit}"));
     }

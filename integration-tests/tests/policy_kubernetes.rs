@@ -24,14 +24,12 @@ use mesh_controller::policy::crds::{
     Server,
 };
 use mesh_controller::policy::gateway::HTTPRoute;
-use mesh_controller::policy::inbound::{DEFAULT_POLICY_ANNOTATION, DefaultPolicy};
+use mesh_controller::policy::inbound::{DEFAULT_POLICY_ANNOTATION, DefaultPolicy, summary};
 use mesh_controller::{Config, Discovery};
 use mesh_integration_tests::cluster::Cluster;
 use mesh_proto::common::WorkloadRef;
 use mesh_proto::policy::inbound_policies_client::InboundPoliciesClient;
-use mesh_proto::policy::{
-    InboundPolicyRequest, InboundServer, Protocol, authentication, inbound_server,
-};
+use mesh_proto::policy::{InboundPolicyRequest, InboundServer};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -67,73 +65,14 @@ fn default_shape(policy: DefaultPolicy) -> &'static str {
     }
 }
 
-/// One line per policy, the fields a proxy enforces: `name protocol mode [authorization;
-/// ...] limit=...`, each authorization as `name:any|tls[identities][prefixes]
-/// nets=cidr-except routes=...`.
-fn show(server: &InboundServer) -> String {
-    let protocol = Protocol::try_from(server.protocol)
-        .map(|p| {
-            p.as_str_name()
-                .trim_start_matches("PROTOCOL_")
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_else(|_| format!("protocol({})", server.protocol));
-    let mode = match inbound_server::Mode::try_from(server.mode) {
-        Ok(inbound_server::Mode::Enforce) => "enforce".to_owned(),
-        Ok(inbound_server::Mode::Audit) => "audit".to_owned(),
-        Err(_) => format!("mode({})", server.mode),
-    };
-    let rules: Vec<String> = server
-        .authorizations
-        .iter()
-        .map(|a| {
-            let auth = match a.authentication.as_ref().and_then(|a| a.kind.as_ref()) {
-                Some(authentication::Kind::Unauthenticated(_)) => "any".to_owned(),
-                Some(authentication::Kind::MeshTls(tls)) => format!(
-                    "tls[{}][{}]",
-                    tls.identities.join(","),
-                    tls.identity_prefixes.join(",")
-                ),
-                None => "none".to_owned(),
-            };
-            let mut text = format!("{}:{auth}", a.name);
-            let nets: Vec<String> = a
-                .networks
-                .iter()
-                .map(|n| {
-                    [n.cidr.clone()]
-                        .into_iter()
-                        .chain(n.except.clone())
-                        .collect::<Vec<_>>()
-                        .join("-")
-                })
-                .collect();
-            if !nets.is_empty() {
-                text.push_str(&format!(" nets={}", nets.join(",")));
-            }
-            if !a.routes.is_empty() {
-                text.push_str(&format!(" routes={}", a.routes.join(",")));
-            }
-            text
-        })
-        .collect();
-    let mut text = format!("{} {protocol} {mode} [{}]", server.name, rules.join("; "));
-    if let Some(limit) = &server.rate_limit {
-        text.push_str(&format!(
-            " limit={}:{}/{}",
-            limit.name, limit.total_rps, limit.identity_rps
-        ));
-        for o in &limit.overrides {
-            text.push_str(&format!(" {}={}", o.identities.join(","), o.rps));
-        }
-    }
-    text
-}
-
 /// The Server's policy with these authorizations (in AuthorizationPolicy name order) and rate
 /// limit.
 fn on_server(authorizations: &[&str], limit: Option<&str>) -> String {
     let mut text = format!("web-http http1 enforce [{}]", authorizations.join("; "));
+    // The HTTPRoute `metrics` is attached to the Server exactly while an authorization names it.
+    if authorizations.iter().any(|a| a.ends_with("routes=metrics")) {
+        text.push_str(" http_routes=metrics:/metrics*");
+    }
     if let Some(limit) = limit {
         text.push_str(&format!(" limit={limit}"));
     }
@@ -147,7 +86,7 @@ async fn next(stream: &mut Streaming<InboundServer>, what: &str) -> String {
         .unwrap_or_else(|_| panic!("{what}: no update within {WAIT:?}"))
         .unwrap_or_else(|e| panic!("{what}: the stream failed: {e}"))
         .unwrap_or_else(|| panic!("{what}: the stream ended"));
-    show(&server)
+    summary(&server)
 }
 
 /// The controller's kubernetes backend, in-process on loopback ports.

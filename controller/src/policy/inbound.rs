@@ -22,7 +22,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_proto::common::WorkloadRef;
 use mesh_proto::policy::{
     Authentication, Authorization, InboundRoute, InboundServer, Network, Protocol, RateLimit,
-    authentication, inbound_server, rate_limit,
+    authentication, inbound_server, path_match, rate_limit,
 };
 
 use super::crds::{self, AuthorizationPolicy, ObjectRef, ProxyProtocol, Server};
@@ -557,6 +557,90 @@ fn authorization(
         }),
         routes: Vec::new(),
     })
+}
+
+/// One line saying what a proxy enforces for a port, for logs and tests: `name protocol mode
+/// [authorization; ...] http_routes=... limit=...`, each authorization as
+/// `name:any|tls[identities][prefixes] nets=cidr-except routes=...`, each route as
+/// `name:=exact|prefix*|~regex`.
+pub fn summary(server: &InboundServer) -> String {
+    let protocol = Protocol::try_from(server.protocol)
+        .map(|p| {
+            p.as_str_name()
+                .trim_start_matches("PROTOCOL_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|_| format!("protocol({})", server.protocol));
+    let mode = match inbound_server::Mode::try_from(server.mode) {
+        Ok(inbound_server::Mode::Enforce) => "enforce".to_owned(),
+        Ok(inbound_server::Mode::Audit) => "audit".to_owned(),
+        Err(_) => format!("mode({})", server.mode),
+    };
+    let rules: Vec<String> = server
+        .authorizations
+        .iter()
+        .map(|a| {
+            let auth = match a.authentication.as_ref().and_then(|a| a.kind.as_ref()) {
+                Some(authentication::Kind::Unauthenticated(_)) => "any".to_owned(),
+                Some(authentication::Kind::MeshTls(tls)) => format!(
+                    "tls[{}][{}]",
+                    tls.identities.join(","),
+                    tls.identity_prefixes.join(",")
+                ),
+                None => "none".to_owned(),
+            };
+            let mut text = format!("{}:{auth}", a.name);
+            let nets: Vec<String> = a
+                .networks
+                .iter()
+                .map(|n| {
+                    [n.cidr.clone()]
+                        .into_iter()
+                        .chain(n.except.clone())
+                        .collect::<Vec<_>>()
+                        .join("-")
+                })
+                .collect();
+            if !nets.is_empty() {
+                text.push_str(&format!(" nets={}", nets.join(",")));
+            }
+            if !a.routes.is_empty() {
+                text.push_str(&format!(" routes={}", a.routes.join(",")));
+            }
+            text
+        })
+        .collect();
+    let mut text = format!("{} {protocol} {mode} [{}]", server.name, rules.join("; "));
+    if !server.http_routes.is_empty() {
+        let routes: Vec<String> = server
+            .http_routes
+            .iter()
+            .map(|route| {
+                let paths: Vec<String> = route
+                    .matches
+                    .iter()
+                    .map(|m| match m.path.as_ref().and_then(|p| p.kind.as_ref()) {
+                        Some(path_match::Kind::Exact(p)) => format!("={p}"),
+                        Some(path_match::Kind::Prefix(p)) => format!("{p}*"),
+                        Some(path_match::Kind::Regex(p)) => format!("~{p}"),
+                        None => "*".to_owned(),
+                    })
+                    .collect();
+                format!("{}:{}", route.name, paths.join(","))
+            })
+            .collect();
+        text.push_str(&format!(" http_routes={}", routes.join(",")));
+    }
+    if let Some(limit) = &server.rate_limit {
+        text.push_str(&format!(
+            " limit={}:{}/{}",
+            limit.name, limit.total_rps, limit.identity_rps
+        ));
+        for o in &limit.overrides {
+            text.push_str(&format!(" {}={}", o.identities.join(","), o.rps));
+        }
+    }
+    text
 }
 
 /// What makes inbound policy objects unusable, for the report: AuthorizationPolicies whose

@@ -1,6 +1,5 @@
 use super::*;
 use crate::file::parse_documents;
-use mesh_proto::policy::path_match;
 
 const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n";
 
@@ -43,87 +42,6 @@ const RATE_LIMIT: &str = "apiVersion: policy.mesh.dev/v1alpha1\nkind: HTTPLocalR
     targetRef: {group: policy.mesh.dev, kind: Server, name: web-http}\n  \
     total: {requestsPerSecond: 100}\n  identity: {requestsPerSecond: 10}\n  \
     overrides: [{requestsPerSecond: 50, clientRefs: [{kind: ServiceAccount, name: api}]}]\n";
-
-/// A compact, readable rendering of an InboundServer for table comparisons.
-fn show(server: &InboundServer) -> String {
-    let protocol = Protocol::try_from(server.protocol)
-        .map(|p| {
-            p.as_str_name()
-                .trim_start_matches("PROTOCOL_")
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_default();
-    let mode = if server.mode == inbound_server::Mode::Audit as i32 {
-        "audit"
-    } else {
-        "enforce"
-    };
-    let rules: Vec<String> = server
-        .authorizations
-        .iter()
-        .map(|a| {
-            let auth = match a.authentication.as_ref().and_then(|a| a.kind.as_ref()) {
-                Some(authentication::Kind::Unauthenticated(_)) => "any".to_owned(),
-                Some(authentication::Kind::MeshTls(tls)) => format!(
-                    "tls[{}][{}]",
-                    tls.identities.join(","),
-                    tls.identity_prefixes.join(",")
-                ),
-                None => "none".to_owned(),
-            };
-            let nets: Vec<String> = a
-                .networks
-                .iter()
-                .map(|n| {
-                    if n.except.is_empty() {
-                        n.cidr.clone()
-                    } else {
-                        format!("{}-{}", n.cidr, n.except.join("-"))
-                    }
-                })
-                .collect();
-            let mut text = format!("{}:{auth}", a.name);
-            if !nets.is_empty() {
-                text.push_str(&format!(" nets={}", nets.join(",")));
-            }
-            if !a.routes.is_empty() {
-                text.push_str(&format!(" routes={}", a.routes.join(",")));
-            }
-            text
-        })
-        .collect();
-    let mut text = format!("{} {protocol} {mode} [{}]", server.name, rules.join("; "));
-    if !server.http_routes.is_empty() {
-        let routes: Vec<String> = server
-            .http_routes
-            .iter()
-            .map(|route| {
-                let paths: Vec<String> = route
-                    .matches
-                    .iter()
-                    .map(|m| match m.path.as_ref().and_then(|p| p.kind.as_ref()) {
-                        Some(path_match::Kind::Exact(p)) => format!("={p}"),
-                        Some(path_match::Kind::Prefix(p)) => format!("{p}*"),
-                        Some(path_match::Kind::Regex(p)) => format!("~{p}"),
-                        None => "*".to_owned(),
-                    })
-                    .collect();
-                format!("{}:{}", route.name, paths.join(","))
-            })
-            .collect();
-        text.push_str(&format!(" http_routes={}", routes.join(",")));
-    }
-    if let Some(limit) = &server.rate_limit {
-        text.push_str(&format!(
-            " limit={}:{}/{}",
-            limit.name, limit.total_rps, limit.identity_rps
-        ));
-        for o in &limit.overrides {
-            text.push_str(&format!(" {}={}", o.identities.join(","), o.rps));
-        }
-    }
-    text
-}
 
 fn workload(pod: &str) -> WorkloadRef {
     WorkloadRef {
@@ -369,7 +287,7 @@ fn policies_come_from_servers_else_the_default_of_pod_namespace_or_cluster() {
             cluster_default: case.cluster_default,
         };
         let server = inbound_server(&inputs, &workload(case.pod), case.port, &settings);
-        assert_eq!(show(&server), case.want, "{}", case.what);
+        assert_eq!(summary(&server), case.want, "{}", case.what);
         assert_eq!(
             server.labels.get("namespace").map(String::as_str),
             Some("shop")

@@ -25,7 +25,7 @@ use crate::app::Context;
 use crate::client::HttpClients;
 use crate::discovery::{Resolution, State, TargetKey};
 use crate::http::{ProxyBody, ProxyError, ReqBody, is_grpc};
-use crate::metrics::{Label, RouteLabels, TargetLabels};
+use crate::metrics::{Label, RouteLabels, target_labels};
 use crate::retry::RouteInfo;
 use crate::route::{
     BackendRef, FailureAccrual, Fault, Filter, HashKey, OutboundPlan, Route, pick_backend,
@@ -211,7 +211,7 @@ where
             response.extensions_mut().insert(labels);
         }
         // Errors produced above the endpoint (timeouts) still need the target's labels.
-        if response.extensions().get::<TargetLabels>().is_none() {
+        if target_labels(response.extensions()).is_none() {
             let labels = outbound_labels(&self.ctx, logical.clone(), logical.0.to_string(), None);
             response.extensions_mut().insert(labels);
         }

@@ -34,7 +34,7 @@ impl OutboundEndpoint {
 
     async fn attempt(self, request: Request<ReqBody>) -> Response<ProxyBody> {
         let grpc = is_grpc(&request);
-        let Some(dispatch) = request.extensions().get::<Dispatch>().cloned() else {
+        let Some(dispatch) = request.extensions().get::<Arc<Dispatch>>().cloned() else {
             return super::error_response(
                 &self.ctx,
                 ProxyError::BadRequest("request reached the endpoint layer unrouted".into()),

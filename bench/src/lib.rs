@@ -6,6 +6,7 @@
 //!   controller, HAProxy pairs) and the controller's YAML;
 //! - [`load`]: oha, h2load and a built-in driver, and their figures;
 //! - [`measure`]: runs the load, interleaved across topologies, reading `/proc` meanwhile;
+//! - [`netns`]: scenario 6, the meshed hop across network namespaces with iptables capture;
 //! - [`scale`]: scenario 5, the controller with many services, streams and edits;
 //! - [`report`]: BENCHMARKS.md and the JSON.
 
@@ -14,6 +15,7 @@ pub mod child;
 pub mod load;
 pub mod machine;
 pub mod measure;
+pub mod netns;
 pub mod pki;
 pub mod plan;
 pub mod procfs;

@@ -26,6 +26,9 @@ pub struct Entry {
     /// The `Host` (HTTP/1.1) or `:authority` (HTTP/2) sent, naming the service; None sends
     /// the address.
     pub host: Option<String>,
+    /// The network namespace the load generator runs in (scenario 6); None: the host's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 impl Entry {
@@ -162,7 +165,14 @@ pub fn parse_oha(json: &str) -> Result<Measured> {
 /// Runs oha against `entry` (HTTP/1.1, keep-alive) and reads its report.
 pub async fn oha(entry: &Entry, shape: Shape) -> Result<Measured> {
     let oha = find_program("oha").context("oha is not installed (scripts/bench-setup)")?;
-    let mut command = tokio::process::Command::new(oha);
+    let mut command = match &entry.netns {
+        Some(netns) => {
+            let mut command = tokio::process::Command::new("ip");
+            command.args(["netns", "exec", netns]).arg(oha);
+            command
+        }
+        None => tokio::process::Command::new(oha),
+    };
     command
         .arg(format!("http://{}/", entry.addr))
         .args(["--no-tui", "--output-format", "json", "-w"])

@@ -51,6 +51,14 @@ struct Args {
     /// A note for the report (repeatable), e.g. where the binaries came from.
     #[arg(long = "note")]
     notes: Vec<String>,
+    /// Skip scenario 6 (the mesh across network namespaces with iptables capture; it runs
+    /// only as root).
+    #[arg(long)]
+    skip_netns: bool,
+    /// Internal: relay TCP connections on LISTEN to the Unix socket SOCKET, then nothing else
+    /// (scenario 6 runs this inside its network namespaces to reach the control plane).
+    #[arg(long, hide = true, num_args = 2, value_names = ["LISTEN", "SOCKET"])]
+    relay: Option<Vec<String>>,
 }
 
 /// The whole run must stay under this; scenario 5 is skipped if the rest ran long.
@@ -73,6 +81,13 @@ fn main() -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    if let Some(relay) = args.relay {
+        let (listen, socket) = match relay.as_slice() {
+            [listen, socket] => (listen.parse().context("--relay LISTEN")?, socket.into()),
+            _ => bail!("--relay takes LISTEN and SOCKET"),
+        };
+        return runtime.block_on(mesh_bench::netns::relay_in_namespace(listen, socket));
+    }
     runtime.block_on(async {
         // On ctrl-c or SIGTERM the run is dropped, and with it every process it started.
         tokio::select! {
@@ -178,12 +193,20 @@ async fn run(args: Args) -> Result<()> {
             dir.display()
         ));
     }
-    let result = measure_topologies(&plan, &binaries, &dir, &mut notes, args.hold).await;
+    let netns = if args.skip_netns {
+        false
+    } else if mesh_bench::netns::is_root() {
+        true
+    } else {
+        notes.push("Scenario 6 (network namespaces and iptables) skipped: it needs root.".into());
+        false
+    };
+    let result = measure_topologies(&plan, &binaries, &dir, &mut notes, args.hold, netns).await;
     if args.hold.is_some() {
         let _ = std::fs::remove_dir_all(&dir);
         return result.map(|_| ());
     }
-    let topologies = match result {
+    let (topologies, netns) = match result {
         Ok(t) => t,
         Err(error) => {
             say(&format!("failed; the logs are in {}", dir.display()));
@@ -193,7 +216,8 @@ async fn run(args: Args) -> Result<()> {
 
     let scale = match &plan.scale {
         None => None,
-        Some(_) if started.elapsed() > BUDGET - Duration::from_secs(90) => {
+        // Scenario 5 takes under a minute at full size.
+        Some(_) if started.elapsed() > BUDGET - Duration::from_secs(60) => {
             notes.push("Scenario 5 skipped: the other scenarios used the time budget.".into());
             None
         }
@@ -211,6 +235,7 @@ async fn run(args: Args) -> Result<()> {
         machine,
         plan,
         topologies,
+        netns,
         scale,
         notes,
         elapsed_s: started.elapsed().as_secs_f64(),
@@ -231,14 +256,16 @@ async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Scenarios 1 to 4: start everything, measure, stop everything.
+/// Scenarios 1 to 4, then 6 when `netns`: start everything, measure, stop everything.
+/// Returns the loopback topologies' results and the namespaces' (empty when not run).
 async fn measure_topologies(
     plan: &Plan,
     binaries: &Binaries,
     dir: &Path,
     notes: &mut Vec<String>,
     hold: Option<u64>,
-) -> Result<Vec<measure::TopologyResult>> {
+    netns: bool,
+) -> Result<(Vec<measure::TopologyResult>, Vec<measure::TopologyResult>)> {
     let localhost = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
     let backend_addrs = Backend {
         http1: free_addr(localhost)?,
@@ -250,8 +277,9 @@ async fn measure_topologies(
     let mut topologies = vec![topology::direct(backend_addrs, nginx_pid)];
     let ca = Arc::new(TestCa::new()?);
     say("starting the controller and two pairs of mesh proxies");
-    topologies
-        .extend(topology::start_meshes(binaries, backend_addrs, &ca, dir, &mut running).await?);
+    let (meshes, control) =
+        topology::start_meshes(binaries, backend_addrs, &ca, dir, &mut running).await?;
+    topologies.extend(meshes);
     let limit = procfs::open_files_limit().unwrap_or(1024);
     let maxconn = (limit.saturating_sub(200) / 2).max(plan.idle_connections as u64 + 100);
     say("starting two HAProxy processes");
@@ -280,7 +308,7 @@ async fn measure_topologies(
         say(&format!("holding for {seconds} s"));
         tokio::time::sleep(Duration::from_secs(seconds)).await;
         running.stop().await;
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     let ctx = measure::Bench {
         ticks: procfs::ticks_per_second(),
@@ -292,7 +320,45 @@ async fn measure_topologies(
     if let Err(error) = running.check_alive() {
         say(&format!("{error:#}"));
     }
+    let across_namespaces = match (&result, netns) {
+        (Ok(_), true) => match namespaces(plan, binaries, &control, &ctx).await {
+            Ok(results) => results,
+            Err(error) => {
+                say(&format!("scenario 6 failed: {error:#}"));
+                notes.push(format!("Scenario 6 failed: {error:#}"));
+                Vec::new()
+            }
+        },
+        _ => Vec::new(),
+    };
     running.stop().await;
+    Ok((result?, across_namespaces))
+}
+
+/// Scenario 6: the direct path and the meshed hop with mutual TLS across two network
+/// namespaces with iptables capture; the same rates and closed loop as on loopback, one round
+/// (no HTTP/2, no idle connections: the generator runs inside the client namespace).
+async fn namespaces(
+    plan: &Plan,
+    binaries: &Binaries,
+    control: &mesh_bench::netns::ControlPlane,
+    ctx: &measure::Bench,
+) -> Result<Vec<measure::TopologyResult>> {
+    say("scenario 6: two network namespaces with iptables capture");
+    let (lab, topologies) = mesh_bench::netns::start(binaries, control, &ctx.dir).await?;
+    // One round: with two, scenario 6 would push scenario 5 past the time budget.
+    let plan = Plan {
+        rounds: 1,
+        h2: None,
+        idle_connections: 0,
+        ..plan.clone()
+    };
+    let ctx = measure::Bench {
+        our_pids: ctx.our_pids.iter().copied().chain(lab.pids()).collect(),
+        ..ctx.clone()
+    };
+    let result = measure::measure_all(&ctx, &plan, &topologies, &|line| say(line)).await;
+    lab.stop().await;
     result
 }
 

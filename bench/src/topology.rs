@@ -110,10 +110,12 @@ pub fn direct(backend: Backend, nginx_pid: u32) -> Topology {
         http1: Entry {
             addr: backend.http1,
             host: None,
+            netns: None,
         },
         http2: Some(Entry {
             addr: backend.http2,
             host: None,
+            netns: None,
         }),
         watched: vec![Watched {
             role: "nginx".into(),
@@ -292,14 +294,14 @@ async fn start_proxy(
 }
 
 /// Starts the controller, the identity service and both meshes (plaintext and mutual TLS);
-/// returns the two topologies.
+/// returns the two topologies and where the control plane listens (scenario 6 reuses it).
 pub async fn start_meshes(
     binaries: &Binaries,
     backend: Backend,
     ca: &Arc<TestCa>,
     dir: &Path,
     running: &mut Running,
-) -> Result<Vec<Topology>> {
+) -> Result<(Vec<Topology>, crate::netns::ControlPlane)> {
     let plain_ip = Ipv4Addr::new(127, 0, 0, 2);
     let tls_ip = Ipv4Addr::new(127, 0, 0, 3);
     let plain_in = SocketAddr::new(IpAddr::V4(plain_ip), free_port(IpAddr::V4(plain_ip))?);
@@ -344,6 +346,19 @@ pub async fn start_meshes(
     std::fs::write(&client_token, "client-token")?;
     std::fs::write(&web_token, "web-token")?;
 
+    let addr_of = |url: &str| -> Result<SocketAddr> {
+        url.trim_start_matches("http://")
+            .parse()
+            .with_context(|| format!("an address in {url}"))
+    };
+    let control = crate::netns::ControlPlane {
+        controller: addr_of(&controller_url)?,
+        identity: addr_of(&identity_url)?,
+        config_dir: config_dir.clone(),
+        anchors: anchors.clone(),
+        client: (client_token.clone(), client_id.clone()),
+        server: (web_token.clone(), server_id.clone()),
+    };
     let mut topologies = Vec::new();
     for (key, title, pod, inbound, tls) in [
         ("mesh", "mesh, plaintext", &pods[0], plain_in, false),
@@ -387,6 +402,7 @@ pub async fn start_meshes(
         let http1 = Entry {
             addr: outbound,
             host: Some(service_host(&pod.app)),
+            netns: None,
         };
         check_path(
             &http1,
@@ -405,6 +421,7 @@ pub async fn start_meshes(
             http2: Some(Entry {
                 addr: outbound,
                 host: Some(format!("{}:80", service_host(&format!("{}-h2", pod.app)))),
+                netns: None,
             }),
             watched: vec![
                 Watched {
@@ -418,7 +435,7 @@ pub async fn start_meshes(
             ],
         });
     }
-    Ok(topologies)
+    Ok((topologies, control))
 }
 
 /// Sends a few requests through a mesh and checks, from both proxies' metrics, that they
@@ -530,6 +547,7 @@ pub async fn start_haproxy(
         http1: Entry {
             addr: front,
             host: None,
+            netns: None,
         },
         http2: None,
         watched: vec![

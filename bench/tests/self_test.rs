@@ -115,6 +115,7 @@ async fn the_harness_measures_and_reports_scenarios_1_2_and_5() {
             http1: Entry {
                 addr: backend_addr,
                 host: None,
+                netns: None,
             },
             http2: None,
             watched: vec![watched("backend")],
@@ -125,6 +126,7 @@ async fn the_harness_measures_and_reports_scenarios_1_2_and_5() {
             http1: Entry {
                 addr: client.outbound_addr,
                 host: Some(topology::service_host("web-plain")),
+                netns: None,
             },
             http2: None,
             watched: vec![watched("client proxy"), watched("server proxy")],
@@ -157,6 +159,7 @@ async fn the_harness_measures_and_reports_scenarios_1_2_and_5() {
         machine: Machine::detect(std::path::Path::new("."), &[]),
         plan: plan.clone(),
         topologies: results,
+        netns: vec![],
         scale: Some(scaled),
         notes: vec![],
         elapsed_s: started.elapsed().as_secs_f64(),

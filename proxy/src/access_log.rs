@@ -9,12 +9,13 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use futures::future::Either;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
 use tower::{Layer, Service};
 
-use crate::metrics::{Direction, TargetLabels};
+use crate::metrics::{Direction, target_labels};
 
 /// The access log format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -172,7 +173,10 @@ where
 {
     type Response = Response<B>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    /// The inner future as is when access logging is off (no allocation per request for a
+    /// layer that does nothing), boxed when on.
+    type Future =
+        Either<S::Future, Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -180,7 +184,7 @@ where
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let Some(format) = self.layer.format else {
-            return Box::pin(self.inner.call(request));
+            return Either::Left(self.inner.call(request));
         };
         let started = Instant::now();
         let mut entry = Entry {
@@ -206,12 +210,12 @@ where
                 .to_string(),
         };
         let response = self.inner.call(request);
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let response = response.await?;
             entry.status = response.status().as_u16();
             entry.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
             entry.response_bytes = response.body().size_hint().exact();
-            if let Some(labels) = response.extensions().get::<TargetLabels>() {
+            if let Some(labels) = target_labels(response.extensions()) {
                 entry.client_id = labels.client_id.0.to_string();
                 entry.server_id = labels.server_id.0.to_string();
             }
@@ -220,7 +224,7 @@ where
             // stdout is the log's destination by contract; a closed stdout must not fail requests.
             let _ = std::io::stdout().lock().write_all(line.as_bytes());
             Ok(response)
-        })
+        }))
     }
 }
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::Uri;
 use hyper_util::client::legacy::Client;
@@ -22,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::http::ReqBody;
+use crate::metrics::TargetMetrics;
 use crate::transport_header::TransportHeader;
 
 /// How to open a connection to one destination.
@@ -237,6 +239,9 @@ pub struct HttpClients {
     pub http1: Client<Connector, ReqBody>,
     /// One multiplexed HTTP/2 connection.
     pub http2: Client<Connector, ReqBody>,
+    /// The metrics of the last target sent here: a destination serves one logical target
+    /// almost always, so its labels and series are built once, not per request.
+    pub target_metrics: Arc<ArcSwapOption<TargetMetrics>>,
 }
 
 impl HttpClients {
@@ -258,6 +263,7 @@ impl HttpClients {
             dial: connector.dial,
             http1,
             http2,
+            target_metrics: Arc::new(ArcSwapOption::empty()),
         }
     }
 

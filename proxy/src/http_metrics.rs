@@ -1,6 +1,7 @@
 //! The metrics layer: counts requests and responses and measures latency, for both sides.
 //!
-//! The service below it names the target of each exchange by putting [`TargetLabels`] in the
+//! The service below it names the target of each exchange by putting an `Arc<TargetMetrics>`
+//! (its labels with their series resolved once per target) or bare [`TargetLabels`] in the
 //! response's extensions (it alone knows where the request went); this layer turns them into
 //! `request_total`, `response_latency_ms` (at response headers) and `response_total` (when the
 //! response body ends, so a gRPC status in trailers classifies the exchange).
@@ -25,7 +26,7 @@ use tower::{Layer, Service};
 
 use crate::http::{MESH_ERROR, ProxyBody, grpc_status_failed};
 use crate::metrics::{
-    Classification, Metrics, ResponseLabels, RouteLabels, RouteResponseLabels, TargetLabels,
+    Classification, Metrics, RouteLabels, RouteResponseLabels, TargetLabels, TargetMetrics,
 };
 
 /// Adds request metrics to a service.
@@ -81,23 +82,19 @@ where
             let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
             let status = response.status();
             let classification = classify(status, response.headers());
-            let target = response
-                .extensions()
-                .get::<TargetLabels>()
-                .cloned()
-                .map(|target| {
-                    metrics.requests.get_or_create(&target).inc();
-                    let labels = ResponseLabels {
-                        target,
-                        status_code: status.as_u16(),
-                        classification,
-                    };
-                    metrics
-                        .response_latency
-                        .get_or_create(&labels)
-                        .observe(elapsed_ms);
-                    labels
-                });
+            // The service below resolved the target's series once ([`TargetMetrics`]); a
+            // response it made itself may carry only the labels, looked up here.
+            let target = match response.extensions().get::<Arc<TargetMetrics>>() {
+                Some(target) => Some(target.clone()),
+                None => response
+                    .extensions()
+                    .get::<TargetLabels>()
+                    .map(|labels| Arc::new(TargetMetrics::new(metrics.clone(), labels.clone()))),
+            };
+            if let Some(target) = &target {
+                target.request();
+                target.latency(status.as_u16(), classification, elapsed_ms);
+            }
             let route = response.extensions().get::<RouteLabels>().cloned();
             if let Some(route) = &route {
                 metrics
@@ -107,6 +104,7 @@ where
             }
             let recorder = (target.is_some() || route.is_some()).then(|| Recorder {
                 metrics,
+                status_code: status.as_u16(),
                 classification,
                 target,
                 route,
@@ -133,16 +131,16 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Counts the response once it ends.
 struct Recorder {
     metrics: Arc<Metrics>,
+    status_code: u16,
     classification: Classification,
-    target: Option<ResponseLabels>,
+    target: Option<Arc<TargetMetrics>>,
     route: Option<RouteLabels>,
 }
 
 impl Recorder {
     fn finish(self) {
-        if let Some(mut labels) = self.target {
-            labels.classification = self.classification;
-            self.metrics.responses.get_or_create(&labels).inc();
+        if let Some(target) = self.target {
+            target.response(self.status_code, self.classification);
         }
         if let Some(route) = self.route {
             self.metrics

@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
+use arc_swap::ArcSwapOption;
 use http::{Request, Response};
 use http_body_util::Either;
 use hyper::body::Incoming;
@@ -27,7 +28,7 @@ use crate::capture;
 use crate::client::{Dial, HttpClients};
 use crate::detect::{self, PrefixedIo, Protocol};
 use crate::http::{ProxyBody, ProxyError, is_grpc};
-use crate::metrics::{Direction, Label, TargetLabels};
+use crate::metrics::{Direction, Label, TargetLabels, TargetMetrics};
 use crate::outbound::request_authority;
 use crate::tls::{self, ALPN_MESH};
 use crate::transport_header::TransportHeader;
@@ -217,6 +218,7 @@ where
                 ctx: ctx.clone(),
                 clients: ctx.direct_clients(app),
                 labels: labels.clone(),
+                target: Arc::new(ArcSwapOption::empty()),
             };
             // The connection itself is counted like an opaque one, so a workload's open
             // connections include its HTTP clients' (`stat`'s TCP column was 0 for them).
@@ -257,25 +259,42 @@ pub struct InboundHttp {
     ctx: Arc<Context>,
     clients: HttpClients,
     labels: TargetLabels,
+    /// The metrics of the connection's last authority: a connection's requests almost always
+    /// name the same one, so its labels and series are built once, not per request.
+    target: Arc<ArcSwapOption<TargetMetrics>>,
 }
 
 impl InboundHttp {
     async fn forward(self, request: Request<Incoming>) -> Response<ProxyBody> {
         let grpc = is_grpc(&request);
-        let mut labels = self.labels.clone();
         let authority = request_authority(&request);
-        if let Some(authority) = &authority {
-            labels.authority = Label::from(authority.clone());
-        }
-        let uri_authority = authority.unwrap_or_else(|| labels.target_addr.0.to_string());
+        let target = self.target(authority.as_deref());
+        let uri_authority = authority.unwrap_or_else(|| target.labels.target_addr.0.to_string());
         let request = request.map(Either::Left);
         match forward::forward(&self.clients, request, &uri_authority).await {
             Ok(mut response) => {
-                response.extensions_mut().insert(labels);
+                response.extensions_mut().insert(target);
                 response
             }
-            Err(error) => self.error(error, grpc, labels),
+            Err(error) => self.error(error, grpc, target.labels.clone()),
         }
+    }
+
+    /// The connection's labels with the request's authority, when it names one.
+    fn target(&self, authority: Option<&str>) -> Arc<TargetMetrics> {
+        let wanted = authority.unwrap_or(&self.labels.authority.0);
+        if let Some(cached) = self.target.load_full()
+            && *cached.labels.authority.0 == *wanted
+        {
+            return cached;
+        }
+        let mut labels = self.labels.clone();
+        if let Some(authority) = authority {
+            labels.authority = Label::from(authority.to_string());
+        }
+        let target = Arc::new(TargetMetrics::new(self.ctx.metrics.clone(), labels));
+        self.target.store(Some(target.clone()));
+        target
     }
 
     fn error(&self, error: ProxyError, grpc: bool, labels: TargetLabels) -> Response<ProxyBody> {

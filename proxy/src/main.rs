@@ -24,6 +24,12 @@ enum Command {
     Init(InitArgs),
 }
 
+/// jemalloc rather than glibc's malloc: a proxied request makes some thirty small allocations
+/// on each side, and glibc's (with its consolidation of freed chunks) took 11% of the proxy's
+/// CPU under load.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(Command::Init(init)) = args.command {

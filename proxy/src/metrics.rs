@@ -4,7 +4,7 @@
 //! together. Label values are `Arc<str>` so recording a request clones pointers, not strings.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -107,6 +107,122 @@ impl EncodeLabelValue for Classification {
             Self::Failure => "failure",
         })
     }
+}
+
+/// The target labels a response carries: those of its [`TargetMetrics`] (what the services
+/// that forward put there, one extension rather than two), or bare [`TargetLabels`] (answers
+/// the proxy made itself).
+pub fn target_labels(extensions: &http::Extensions) -> Option<&TargetLabels> {
+    extensions
+        .get::<Arc<TargetMetrics>>()
+        .map(|target| &target.labels)
+        .or_else(|| extensions.get::<TargetLabels>())
+}
+
+/// One target's metrics, looked up once per target rather than once per request: its labels
+/// and handles on its series. Recording a request then increments shared atomics instead of
+/// hashing six label strings into three families. A handle is the series `/metrics` reports
+/// (prometheus-client metrics are shared by clone, and families never drop series); each is
+/// created on first use, so the families hold exactly the series they held before.
+#[derive(Debug)]
+pub struct TargetMetrics {
+    /// The target's labels (other layers read them too).
+    pub labels: TargetLabels,
+    metrics: Arc<Metrics>,
+    requests: Counter,
+    /// By status and classification; a target sees a handful, so a short list.
+    outcomes: Mutex<Vec<Outcome>>,
+}
+
+#[derive(Debug)]
+struct Outcome {
+    status_code: u16,
+    classification: Classification,
+    latency: Option<Histogram>,
+    responses: Option<Counter>,
+}
+
+impl TargetMetrics {
+    /// Resolves `labels`' series in `metrics`.
+    pub fn new(metrics: Arc<Metrics>, labels: TargetLabels) -> Self {
+        let requests = metrics.requests.get_or_create(&labels).clone();
+        Self {
+            labels,
+            metrics,
+            requests,
+            outcomes: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Counts a request (`request_total`).
+    pub fn request(&self) {
+        self.requests.inc();
+    }
+
+    /// Observes the time to response headers (`response_latency_ms`).
+    pub fn latency(&self, status_code: u16, classification: Classification, elapsed_ms: f64) {
+        let mut outcomes = self.outcomes();
+        let outcome = outcome(&mut outcomes, status_code, classification);
+        outcome
+            .latency
+            .get_or_insert_with(|| {
+                let labels = self.response_labels(status_code, classification);
+                self.metrics.response_latency.get_or_create(&labels).clone()
+            })
+            .observe(elapsed_ms);
+    }
+
+    /// Counts a finished response (`response_total`).
+    pub fn response(&self, status_code: u16, classification: Classification) {
+        let mut outcomes = self.outcomes();
+        let outcome = outcome(&mut outcomes, status_code, classification);
+        outcome
+            .responses
+            .get_or_insert_with(|| {
+                let labels = self.response_labels(status_code, classification);
+                self.metrics.responses.get_or_create(&labels).clone()
+            })
+            .inc();
+    }
+
+    fn outcomes(&self) -> std::sync::MutexGuard<'_, Vec<Outcome>> {
+        match self.outcomes.lock() {
+            Ok(outcomes) => outcomes,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn response_labels(&self, status_code: u16, classification: Classification) -> ResponseLabels {
+        ResponseLabels {
+            target: self.labels.clone(),
+            status_code,
+            classification,
+        }
+    }
+}
+
+/// The entry of one status and classification, added when first seen.
+fn outcome(
+    outcomes: &mut Vec<Outcome>,
+    status_code: u16,
+    classification: Classification,
+) -> &mut Outcome {
+    let index = match outcomes
+        .iter()
+        .position(|o| o.status_code == status_code && o.classification == classification)
+    {
+        Some(index) => index,
+        None => {
+            outcomes.push(Outcome {
+                status_code,
+                classification,
+                latency: None,
+                responses: None,
+            });
+            outcomes.len() - 1
+        }
+    };
+    &mut outcomes[index]
 }
 
 /// Errors the proxy produced itself, by reason.
@@ -502,6 +618,61 @@ fn encode_process_metrics(out: &mut String, started: f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_metrics_record_into_the_families_series_created_on_first_use() {
+        let metrics = Arc::new(Metrics::new());
+        let labels = TargetLabels {
+            direction: Direction::Inbound,
+            authority: Label::new("web:80"),
+            target_addr: Label::new("127.0.0.1:8080"),
+            tls: Label::new("true"),
+            client_id: Label::new("spiffe://cluster.local/ns/a/sa/b"),
+            server_id: Label::new("spiffe://cluster.local/ns/a/sa/c"),
+        };
+        let target = TargetMetrics::new(metrics.clone(), labels.clone());
+        // A response counted as a failure at its end but not at its headers (a gRPC status
+        // in trailers) has its latency under success and its count under failure only.
+        for _ in 0..2 {
+            target.request();
+            target.latency(200, Classification::Success, 1.5);
+            target.response(200, Classification::Failure);
+        }
+        let text = metrics.encode();
+        let series = |name: &str, class: &str| {
+            text.lines()
+                .filter(|l| {
+                    l.starts_with(name) && l.contains(&format!("classification=\"{class}\""))
+                })
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            text.contains("request_total{direction=\"inbound\",authority=\"web:80\",target_addr=\"127.0.0.1:8080\",tls=\"true\",client_id=\"spiffe://cluster.local/ns/a/sa/b\",server_id=\"spiffe://cluster.local/ns/a/sa/c\"} 2"),
+            "{text}"
+        );
+        assert_eq!(series("response_total", "failure").len(), 1, "{text}");
+        assert!(
+            series("response_total", "failure")[0].ends_with(" 2"),
+            "{text}"
+        );
+        assert!(series("response_total", "success").is_empty(), "{text}");
+        assert!(
+            series("response_latency_ms_count", "success")[0].ends_with(" 2"),
+            "{text}"
+        );
+        assert!(
+            series("response_latency_ms_count", "failure").is_empty(),
+            "{text}"
+        );
+        // A second handle on the same labels shares the series.
+        TargetMetrics::new(metrics.clone(), labels).request();
+        assert!(
+            metrics
+                .encode()
+                .contains("server_id=\"spiffe://cluster.local/ns/a/sa/c\"} 3")
+        );
+    }
 
     #[test]
     fn exposition_has_the_documented_names_and_labels() {

@@ -297,7 +297,7 @@ where
         let metrics = self.metrics.clone();
         let authority = request
             .extensions()
-            .get::<Dispatch>()
+            .get::<Arc<Dispatch>>()
             .map(|dispatch| dispatch.logical.clone())
             .unwrap_or_default();
         Box::pin(async move {

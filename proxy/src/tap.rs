@@ -14,6 +14,8 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::TryFutureExt as _;
+use futures::future::{Either, MapOk};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -23,7 +25,7 @@ use tokio::sync::mpsc;
 use tower::{Layer, Service};
 
 use crate::http_metrics::ObservedBody;
-use crate::metrics::{Direction, TargetLabels};
+use crate::metrics::{Direction, target_labels};
 
 /// Longest tap, and the default when the watcher gives none.
 const MAX_TAP_DURATION: Duration = Duration::from_secs(300);
@@ -229,7 +231,12 @@ where
 {
     type Response = Response<TapBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    /// Without a tap watching, the inner future with its response wrapped (no allocation per
+    /// request for a layer that does nothing); boxed when a tap may report the request.
+    type Future = Either<
+        MapOk<S::Future, fn(Response<ObservedBody>) -> Response<TapBody>>,
+        Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -237,14 +244,13 @@ where
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         if !self.layer.hub.is_active() {
-            let response = self.inner.call(request);
-            return Box::pin(async move {
-                let response = response.await?;
-                Ok(response.map(|inner| TapBody {
+            let unreported: fn(Response<ObservedBody>) -> Response<TapBody> = |response| {
+                response.map(|inner| TapBody {
                     inner,
                     reporter: None,
-                }))
-            });
+                })
+            };
+            return Either::Left(self.inner.call(request).map_ok(unreported));
         }
         let authority = crate::outbound::request_authority(&request).unwrap_or_default();
         let view = RequestView {
@@ -282,10 +288,10 @@ where
             reporter
         });
         let response = self.inner.call(request);
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let response = response.await?;
             let reporter = reporter.map(|mut reporter| {
-                if let Some(labels) = response.extensions().get::<TargetLabels>() {
+                if let Some(labels) = target_labels(response.extensions()) {
                     reporter.base.destination_identity = labels.server_id.0.to_string();
                     reporter.base.source_identity = labels.client_id.0.to_string();
                     reporter.base.destination_labels = [
@@ -303,7 +309,7 @@ where
                 reporter
             });
             Ok(response.map(|inner| TapBody { inner, reporter }))
-        })
+        }))
     }
 }
 

@@ -8,13 +8,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures::future::Either;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use mesh_trace::{Span, Status, attribute, int_attribute, now_nanos, span, status};
 pub use mesh_trace::{SpanContext, Tracer};
 use tower::{Layer, Service};
 
-use crate::metrics::{Direction, TargetLabels};
+use crate::metrics::{Direction, target_labels};
 
 /// Adds tracing to a service (a no-op without a tracer).
 #[derive(Clone, Debug)]
@@ -56,7 +57,10 @@ where
 {
     type Response = Response<B>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    /// The inner future as is when no span is recorded (the common case: no allocation per
+    /// request for a layer that does nothing), boxed when one is.
+    type Future =
+        Either<S::Future, Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -64,7 +68,7 @@ where
 
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
         let Some(tracer) = self.layer.tracer.clone() else {
-            return Box::pin(self.inner.call(request));
+            return Either::Left(self.inner.call(request));
         };
         let parent = SpanContext::from_headers(request.headers());
         // Honour the parent's decision; sample new traces at the configured rate.
@@ -75,7 +79,7 @@ where
             request.headers_mut().insert("traceparent", value);
         }
         if !sampled {
-            return Box::pin(self.inner.call(request));
+            return Either::Left(self.inner.call(request));
         }
         let start = now_nanos();
         let method = request.method().to_string();
@@ -97,14 +101,14 @@ where
         ];
         let direction = self.layer.direction;
         let response = self.inner.call(request);
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let response = response.await?;
             let status = response.status();
             attributes.push(int_attribute(
                 "http.response.status_code",
                 i64::from(status.as_u16()),
             ));
-            if let Some(labels) = response.extensions().get::<TargetLabels>() {
+            if let Some(labels) = target_labels(response.extensions()) {
                 for (key, value) in [
                     ("mesh.client_id", &labels.client_id.0),
                     ("mesh.server_id", &labels.server_id.0),
@@ -142,6 +146,6 @@ where
                 ..Default::default()
             });
             Ok(response)
-        })
+        }))
     }
 }

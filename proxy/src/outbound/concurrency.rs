@@ -137,7 +137,7 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let Some((backend, logical, limit)) = request
             .extensions()
-            .get::<Dispatch>()
+            .get::<Arc<Dispatch>>()
             .and_then(|d| Some((d.backend.clone(), d.logical.clone(), d.max_in_flight?)))
         else {
             return Box::pin(self.inner.call(request));

@@ -17,7 +17,7 @@ use crate::app::Context;
 use crate::client::HttpClients;
 use crate::forward;
 use crate::http::{ProxyBody, ProxyError, ReqBody, is_grpc};
-use crate::metrics::{Label, RouteLabels, TargetLabels};
+use crate::metrics::{Label, RouteLabels, TargetMetrics};
 use crate::retry::RouteInfo;
 
 /// See the module documentation.
@@ -34,7 +34,7 @@ impl OutboundEndpoint {
 
     async fn attempt(self, request: Request<ReqBody>) -> Response<ProxyBody> {
         let grpc = is_grpc(&request);
-        let Some(dispatch) = request.extensions().get::<Dispatch>().cloned() else {
+        let Some(dispatch) = request.extensions().get::<Arc<Dispatch>>().cloned() else {
             return super::error_response(
                 &self.ctx,
                 ProxyError::BadRequest("request reached the endpoint layer unrouted".into()),
@@ -52,8 +52,8 @@ impl OutboundEndpoint {
         });
         match &dispatch.target {
             DispatchTarget::Direct(clients) => {
-                let labels = self.labels(&dispatch, clients);
-                self.send(clients, request, &dispatch, timeout, labels, grpc)
+                let target = self.target(&dispatch, clients);
+                self.send(clients, request, &dispatch, timeout, target, grpc)
                     .await
                     .0
             }
@@ -81,9 +81,9 @@ impl OutboundEndpoint {
                     );
                 };
                 let endpoint = pick.meta().clone();
-                let labels = self.labels(&dispatch, &endpoint.clients);
+                let target = self.target(&dispatch, &endpoint.clients);
                 let (response, success) = self
-                    .send(&endpoint.clients, request, &dispatch, timeout, labels, grpc)
+                    .send(&endpoint.clients, request, &dispatch, timeout, target, grpc)
                     .await;
                 // Errors and timeouts count as latency too, so a stalled endpoint looks slow.
                 pick.complete();
@@ -112,7 +112,7 @@ impl OutboundEndpoint {
         request: Request<ReqBody>,
         dispatch: &Dispatch,
         timeout: Option<Duration>,
-        labels: TargetLabels,
+        target: Arc<TargetMetrics>,
         grpc: bool,
     ) -> (Response<ProxyBody>, bool) {
         let sent = forward::forward(clients, request, &dispatch.uri_authority);
@@ -129,23 +129,39 @@ impl OutboundEndpoint {
         match result {
             Ok(mut response) => {
                 let success = !response.status().is_server_error();
-                response.extensions_mut().insert(labels);
+                response.extensions_mut().insert(target);
                 (response, success)
             }
             Err(error) => (
-                super::error_response(&self.ctx, error, grpc, Some(labels)),
+                super::error_response(&self.ctx, error, grpc, Some(target.labels.clone())),
                 false,
             ),
         }
     }
 
-    fn labels(&self, dispatch: &Dispatch, clients: &HttpClients) -> TargetLabels {
-        outbound_labels(
+    /// The target's metrics, cached on the destination's clients while the logical target
+    /// and our identity stay those they were built for.
+    fn target(&self, dispatch: &Dispatch, clients: &HttpClients) -> Arc<TargetMetrics> {
+        let tls_identity = clients.dial.tls_identity();
+        let client_id = match tls_identity {
+            Some(_) => self.ctx.local_id(),
+            None => Label::default(),
+        };
+        if let Some(cached) = clients.target_metrics.load_full()
+            && cached.labels.authority == dispatch.logical
+            && cached.labels.client_id == client_id
+        {
+            return cached;
+        }
+        let labels = outbound_labels(
             &self.ctx,
             dispatch.logical.clone(),
             clients.dial.socket_addr().to_string(),
-            clients.dial.tls_identity(),
-        )
+            tls_identity,
+        );
+        let target = Arc::new(TargetMetrics::new(self.ctx.metrics.clone(), labels));
+        clients.target_metrics.store(Some(target.clone()));
+        target
     }
 }
 

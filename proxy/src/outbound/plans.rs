@@ -61,20 +61,25 @@ impl PlanStore {
                 Ok(targets) => targets,
                 Err(poisoned) => poisoned.into_inner(),
             };
-            targets
-                .entry(key.clone())
-                .or_insert_with(|| {
-                    // Outer None: no answer yet; inner None: the target has no policy.
-                    let (tx, rx) = watch::channel(None);
-                    tokio::spawn(watch_target(
-                        client.clone(),
-                        self.source.clone(),
-                        key.clone(),
-                        tx,
-                    ));
-                    rx
-                })
-                .clone()
+            // Most calls find the target: look it up without cloning the key.
+            if let Some(receiver) = targets.get(key) {
+                receiver.clone()
+            } else {
+                targets
+                    .entry(key.clone())
+                    .or_insert_with(|| {
+                        // Outer None: no answer yet; inner None: the target has no policy.
+                        let (tx, rx) = watch::channel(None);
+                        tokio::spawn(watch_target(
+                            client.clone(),
+                            self.source.clone(),
+                            key.clone(),
+                            tx,
+                        ));
+                        rx
+                    })
+                    .clone()
+            }
         };
         if let Some(answer) = receiver.borrow().clone() {
             return answer;

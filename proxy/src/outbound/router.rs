@@ -10,7 +10,7 @@ use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
@@ -25,7 +25,7 @@ use crate::app::Context;
 use crate::client::HttpClients;
 use crate::discovery::{Resolution, State, TargetKey};
 use crate::http::{ProxyBody, ProxyError, ReqBody, is_grpc};
-use crate::metrics::{Label, RouteLabels, TargetLabels};
+use crate::metrics::{Label, RouteLabels, target_labels};
 use crate::retry::RouteInfo;
 use crate::route::{
     BackendRef, FailureAccrual, Fault, Filter, HashKey, OutboundPlan, Route, pick_backend,
@@ -60,14 +60,18 @@ pub enum DispatchTarget {
     Direct(Box<HttpClients>),
 }
 
+/// A connection's target and its resolution.
+type ConnectionTarget = (TargetKey, Arc<Resolution>);
+
 /// See the module documentation.
 #[derive(Clone, Debug)]
 pub struct OutboundRouter<S> {
     ctx: Arc<Context>,
     orig_dst: Option<SocketAddr>,
     client_ip: IpAddr,
-    /// The connection's own target resolution, resolved once per connection.
-    resolution: Arc<OnceLock<Arc<Resolution>>>,
+    /// The connection's own target and its resolution: resolved once per connection (an
+    /// original destination), or again when a request names another authority than the last.
+    resolution: Arc<Mutex<Option<ConnectionTarget>>>,
     inner: S,
 }
 
@@ -83,7 +87,7 @@ impl<S> OutboundRouter<S> {
             ctx,
             orig_dst,
             client_ip,
-            resolution: Arc::new(OnceLock::new()),
+            resolution: Arc::new(Mutex::new(None)),
             inner,
         }
     }
@@ -149,10 +153,8 @@ where
             }
         };
 
-        let resolution = if backend_key == key && self.orig_dst.is_some() {
-            self.resolution
-                .get_or_init(|| self.ctx.discovery.resolve(key.clone()))
-                .clone()
+        let resolution = if backend_key == key {
+            self.connection_resolution(&key)
         } else {
             self.ctx.discovery.resolve(backend_key.clone())
         };
@@ -198,7 +200,8 @@ where
             backend: backend_key,
             max_in_flight,
         };
-        request.extensions_mut().insert(dispatch);
+        // Shared: the layers below read it, and the endpoint keeps it per attempt.
+        request.extensions_mut().insert(Arc::new(dispatch));
         if let Some(route_info) = route_info {
             request.extensions_mut().insert(route_info);
         }
@@ -211,11 +214,27 @@ where
             response.extensions_mut().insert(labels);
         }
         // Errors produced above the endpoint (timeouts) still need the target's labels.
-        if response.extensions().get::<TargetLabels>().is_none() {
+        if target_labels(response.extensions()).is_none() {
             let labels = outbound_labels(&self.ctx, logical.clone(), logical.0.to_string(), None);
             response.extensions_mut().insert(labels);
         }
         response
+    }
+
+    /// The resolution of the connection's own target, kept across its requests.
+    fn connection_resolution(&self, key: &TargetKey) -> Arc<Resolution> {
+        let mut cached = match self.resolution.lock() {
+            Ok(cached) => cached,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match &*cached {
+            Some((cached_key, resolution)) if cached_key == key => resolution.clone(),
+            _ => {
+                let resolution = self.ctx.discovery.resolve(key.clone());
+                *cached = Some((key.clone(), resolution.clone()));
+                resolution
+            }
+        }
     }
 
     /// Applies a route's filters; returns a response when a filter answers the request itself

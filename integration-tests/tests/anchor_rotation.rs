@@ -286,11 +286,12 @@ async fn a_new_anchor_and_issuer_roll_out_under_traffic_without_a_failed_request
 
     // The rollout: a new server pod and a new client, both with new-chain certificates, beside
     // the old ones. Each client reaches each server: old and new meet both ways.
-    folders.write_services(&[2, 3]);
     let server_2 = proxy(&folders, 3, "books");
     let _client_2 = proxy(&folders, 5, "web");
     wait_ready(addr(3, 4191)).await;
     wait_ready(addr(5, 4191)).await;
+    // The pod is Ready (in discovery) only once its proxy is, as its readiness probe makes it.
+    folders.write_services(&[2, 3]);
     // Old proxies keep the old chain (1 h certificates), new ones present the new one.
     for (host, issuer) in [
         (2, &old_issuer),

@@ -25,7 +25,7 @@ use mesh_proto::tonic::{self, transport::Channel};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::route::{Match, compile_match};
+use crate::route::{Match, any_holds, compile_match};
 
 /// The default inbound policy, when no Server resource covers a port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -372,9 +372,7 @@ impl InboundPolicy {
         }
         self.routes
             .iter()
-            .find(|route| {
-                route.matches.is_empty() || route.matches.iter().any(|m| m.holds(request))
-            })
+            .find(|route| any_holds(&route.matches, request))
             .map(|route| Some(&route.name))
             .ok_or(NoRoute)
     }

@@ -296,9 +296,7 @@ impl OutboundPlan {
     pub fn route<B>(&self, request: &Request<B>) -> &Route {
         self.routes
             .iter()
-            .find(|route| {
-                route.matches.is_empty() || route.matches.iter().any(|m| m.holds(request))
-            })
+            .find(|route| any_holds(&route.matches, request))
             .unwrap_or(&self.default_route)
     }
 
@@ -346,6 +344,11 @@ impl Match {
                     .any(|(key, value)| key == name && condition.holds(value))
             })
     }
+}
+
+/// Whether a route with `matches` takes `request`: no matches take everything, else any one.
+pub fn any_holds<B>(matches: &[Match], request: &Request<B>) -> bool {
+    matches.is_empty() || matches.iter().any(|m| m.holds(request))
 }
 
 /// A Gateway API path prefix matches whole segments: `/books` matches `/books` and

@@ -345,11 +345,11 @@ fn server_policy(
         .http_routes
         .iter()
         .filter(|(_, route)| {
-            route.spec.parent_refs.iter().any(|parent| {
-                parent.kind.as_deref() == Some("Server")
-                    && parent.group.as_deref() == Some(crds::GROUP)
-                    && parent.name == server_name
-            })
+            route
+                .spec
+                .parent_refs
+                .iter()
+                .any(|parent| is_server(parent) && parent.name == server_name)
         })
         .map(|(name, route)| (name.as_str(), route.as_ref()))
         .collect();
@@ -671,10 +671,7 @@ pub fn problems(inputs: &PolicyInputs) -> Vec<Problem> {
             }
         }
         for (name, route) in &namespace.http_routes {
-            let on_server = route.spec.parent_refs.iter().any(|parent| {
-                parent.kind.as_deref() == Some("Server")
-                    && parent.group.as_deref() == Some(crds::GROUP)
-            });
+            let on_server = route.spec.parent_refs.iter().any(is_server);
             if on_server
                 && !outbound::attaches_to_services(&route.spec.parent_refs)
                 && let Err(problem) = routes::inbound_http_matches(route, namespace_name)
@@ -688,6 +685,11 @@ pub fn problems(inputs: &PolicyInputs) -> Vec<Problem> {
         }
     }
     problems
+}
+
+/// Whether a route's parent is one of our Servers.
+fn is_server(parent: &gateway::ParentReference) -> bool {
+    parent.kind.as_deref() == Some("Server") && parent.group.as_deref() == Some(crds::GROUP)
 }
 
 fn is_net(text: &str) -> bool {

@@ -1,6 +1,6 @@
 //! `meshctl identity`: a proxy's certificate chain, trust anchors and renewal, read from its
 //! admin server's `GET /identity` — directly (`--proxy HOST:PORT`), through the Kubernetes API
-//! server's pod proxy (`-n NS POD`), or from a local mesh's pod (`--local -n NS POD`).
+//! server (a port-forward, `-n NS POD`), or from a local mesh's pod (`--local -n NS POD`).
 //!
 //! The proxy describes its certificates (`mesh_spiffe::report`); this module only fetches the
 //! report, judges it against the clock and prints it.
@@ -180,28 +180,36 @@ async fn fetch_direct(
         let stream = tokio::net::TcpStream::connect(authority)
             .await
             .with_context(|| format!("cannot reach {source}"))?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .with_context(|| format!("{source} does not speak HTTP"))?;
-        tokio::spawn(connection);
-        let request = http::Request::get("/identity")
-            .header(http::header::HOST, authority)
-            .header(http::header::ACCEPT, "application/json")
-            .body(Full::new(Bytes::new()))
-            .with_context(|| format!("{addr:?} is not a usable address"))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .with_context(|| format!("asking {source} for /identity"))?;
-        let status = response.status().as_u16();
-        let body = read_limited(response.into_body(), source).await?;
-        anyhow::Ok((status, body))
+        get_identity(stream, authority, source).await
     };
     let (status, body) = tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| anyhow!("{source} did not answer within {timeout:?}"))??;
     Ok(read_answer(source, status, &body)?)
+}
+
+/// `GET /identity` over an open connection to an admin server: the status and the body.
+async fn get_identity<I>(io: I, authority: &str, source: &str) -> anyhow::Result<(u16, Bytes)>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .with_context(|| format!("{source} does not speak HTTP"))?;
+    tokio::spawn(connection);
+    let request = http::Request::get("/identity")
+        .header(http::header::HOST, authority)
+        .header(http::header::ACCEPT, "application/json")
+        .body(Full::new(Bytes::new()))
+        .with_context(|| format!("{authority:?} is not a usable address"))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .with_context(|| format!("asking {source} for /identity"))?;
+    let status = response.status().as_u16();
+    let body = read_limited(response.into_body(), source).await?;
+    Ok((status, body))
 }
 
 /// A body of at most [`MAX_ANSWER_BYTES`].
@@ -217,7 +225,7 @@ where
         .map_err(|error| anyhow!("reading the answer of {source}: {error}"))
 }
 
-/// `GET /identity` through the API server's pod proxy, after checking the pod exists and is
+/// `GET /identity` through a port-forward to the pod (via the API server), after checking the pod exists and is
 /// meshed (so those errors say so rather than a bare 404 or 503).
 async fn fetch_through_api_server(
     global: &GlobalArgs,
@@ -243,19 +251,22 @@ async fn fetch_through_api_server(
         )
     })?;
     let source = format!("the proxy of pod {namespace}/{pod}");
-    let path = format!("/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy/identity");
-    let request = http::Request::get(&path)
-        .header(http::header::ACCEPT, "application/json")
-        .body(kube::client::Body::from(Vec::new()))
-        .with_context(|| format!("building the request {path}"))?;
+    // A port-forward, as `kubectl port-forward` makes: the connection reaches the admin
+    // server from the pod's own loopback, where the proxy serves its identity (it refuses
+    // other pods, and the API server's pod proxy comes from elsewhere).
     let exchange = async {
-        let response = client
-            .send(request)
-            .await
-            .with_context(|| format!("asking the API server for {path}"))?;
-        let status = response.status().as_u16();
-        let body = read_limited(response.into_body(), &source).await?;
-        anyhow::Ok((status, body))
+        let mut forwarder = pods.portforward(pod, &[port]).await.with_context(|| {
+            format!(
+                "port-forwarding to {namespace}/{pod}:{port} (needs the `create` verb on \
+                 pods/portforward in {namespace})"
+            )
+        })?;
+        let stream = forwarder
+            .take_stream(port)
+            .ok_or_else(|| anyhow!("the port-forward to {source} opened no stream"))?;
+        let answer = get_identity(stream, &format!("localhost:{port}"), &source).await;
+        forwarder.abort();
+        answer
     };
     let (status, body) = tokio::time::timeout(timeout, exchange)
         .await

@@ -1,85 +1,173 @@
 //! The admin server: metrics, liveness, readiness, graceful shutdown, a config dump, the
 //! proxy's identity (certificates only, never the key), and the Tap gRPC service.
 //!
-//! HTTP/1 and HTTP/2 share the port. Tap exposes request metadata, so it is served only to
-//! the pod itself (plaintext from loopback) and, over mesh TLS, to the identity allowed to
-//! tap (`MESH_PROXY_TAP_IDENTITY`, the controller's by default).
+//! HTTP/1 and HTTP/2 share the port, which every workload can reach, so what a caller may do
+//! depends on who it is (as Linkerd's admin server does):
+//! - `/metrics`, `/ready`, `/live`: anyone (Prometheus, the kubelet);
+//! - `/config`, `/identity` and tap, which reveal configuration and traffic: the pod itself
+//!   (plaintext from loopback) and, over mesh TLS, the controller's identity
+//!   (`MESH_PROXY_TAP_IDENTITY`);
+//! - `POST /shutdown`: the pod itself only.
+//!
+//! "Loopback" means the pod: the proxy never forwards a connection to its own listeners
+//! (`app::OwnPorts`), so no peer reaches this server from loopback through the proxy. A
+//! refusal is 403 with `mesh-error` naming the caller and who may ask.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_proto::tap::tap_server::TapServer;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::Service;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use crate::app::Context;
+use crate::app::{Accept, Context, accept_loop};
 use crate::discovery::State;
 use crate::tap::TapService;
 
 /// Serves the admin API until the task is aborted.
 pub async fn serve(listener: TcpListener, ctx: Arc<Context>) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                debug!(%error, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    let accept = Accept {
+        name: "admin",
+        max_connections: ctx.config.limits.admin_connections,
+        metrics: ctx.metrics.clone(),
+        // The admin server outlives the drain (it reports not ready meanwhile): it stops when
+        // its task is aborted.
+        stop: CancellationToken::new(),
+        connections: TaskTracker::new(),
+    };
+    accept_loop(listener, accept, move |stream, peer| {
         let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let mut first = [0u8; 1];
-            let is_tls = matches!(stream.peek(&mut first).await, Ok(1) if first[0] == 0x16);
-            match (is_tls, &ctx.tls) {
-                (true, Some(tls)) => {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
-                    match acceptor.accept(stream).await {
-                        Ok(stream) => {
-                            let client = stream
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .and_then(|certs| certs.first())
-                                .and_then(crate::tls::spiffe_id);
-                            serve_connection(stream, ctx, peer, client).await;
-                        }
-                        Err(error) => debug!(%peer, %error, "admin TLS handshake failed"),
-                    }
-                }
-                _ => serve_connection(stream, ctx, peer, None).await,
-            }
-        });
+        async move { connection(stream, peer, ctx).await }
+    })
+    .await;
+}
+
+/// Who is asking, as far as the admin server can tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Caller {
+    /// Plaintext from loopback: a process of the pod itself (the proxy never forwards a
+    /// connection to its own listeners, so no peer arrives this way through it).
+    Pod,
+    /// Over mesh TLS, proving this SPIFFE ID.
+    Identity(String),
+    /// Plaintext from another address: the kubelet, Prometheus, any other pod.
+    Remote(IpAddr),
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Pod => f.write_str("the pod itself"),
+            Self::Identity(id) => f.write_str(id),
+            Self::Remote(ip) => write!(f, "{ip} (no mesh identity)"),
+        }
     }
 }
 
-async fn serve_connection<I>(io: I, ctx: Arc<Context>, peer: SocketAddr, client: Option<String>)
+/// What a caller may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    /// Metrics and probes: Prometheus and the kubelet reach them from anywhere.
+    Open,
+    /// What reveals the proxy's configuration and traffic (`/config`, `/identity`, tap): the
+    /// pod itself and the controller's identity.
+    Reveal,
+    /// What changes the proxy's state (`/shutdown`): the pod itself only.
+    Control,
+}
+
+impl Caller {
+    fn may(&self, access: Access, controller: Option<&str>) -> bool {
+        match (access, self) {
+            (Access::Open, _) | (_, Self::Pod) => true,
+            (Access::Reveal, Self::Identity(id)) => Some(id.as_str()) == controller,
+            _ => false,
+        }
+    }
+}
+
+async fn connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
+    let limits = &ctx.config.limits;
+    let mut first = [0u8; 1];
+    let is_tls = match tokio::time::timeout(
+        limits.http_header_read_timeout,
+        stream.peek(&mut first),
+    )
+    .await
+    {
+        Ok(Ok(1)) => first[0] == 0x16,
+        Ok(_) => return,
+        Err(_elapsed) => {
+            ctx.metrics.connection_timeout("admin", "first byte");
+            return;
+        }
+    };
+    if !is_tls {
+        // A TLS client is judged by the identity it proved, wherever it connects from; only
+        // plaintext from loopback is the pod itself.
+        let ip = peer.ip().to_canonical();
+        let caller = if ip.is_loopback() {
+            Caller::Pod
+        } else {
+            Caller::Remote(ip)
+        };
+        return serve_connection(stream, ctx, caller).await;
+    }
+    let Some(tls) = &ctx.tls else {
+        debug!(%peer, "TLS on the admin port of a proxy without identity; closing");
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+    let stream =
+        match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                debug!(%peer, %error, "admin TLS handshake failed");
+                return;
+            }
+            Err(_elapsed) => {
+                ctx.metrics.connection_timeout("admin", "tls handshake");
+                warn!(%peer, "admin TLS handshake timed out");
+                return;
+            }
+        };
+    let Some(client) = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(crate::tls::spiffe_id)
+    else {
+        debug!(%peer, "admin TLS client certificate names no SPIFFE ID; closing");
+        return;
+    };
+    serve_connection(stream, ctx, Caller::Identity(client)).await;
+}
+
+async fn serve_connection<I>(io: I, ctx: Arc<Context>, caller: Caller)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let tap = TapServer::new(TapService::new(ctx.tap.clone()));
-    // A TLS client is judged by the identity it proved, wherever it connects from: on a
-    // shared loopback (the local mesh without namespaces) every pod is "local", and a
-    // client presenting the wrong identity must still be refused. Plaintext is for the pod
-    // itself only.
-    let may_tap = match client.as_deref() {
-        Some(id) => Some(id) == ctx.config.tap_identity.as_deref(),
-        None => peer.ip().is_loopback(),
-    };
+    let header_read_timeout = ctx.config.limits.http_header_read_timeout;
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let ctx = ctx.clone();
         let mut tap = tap.clone();
+        let caller = caller.clone();
         async move {
+            let controller = ctx.config.tap_identity.as_deref();
             if request.uri().path().starts_with("/mesh.tap.v1.Tap/") {
-                if !may_tap {
-                    return Ok::<_, Infallible>(tap_refused().map(Either::Left));
+                if !caller.may(Access::Reveal, controller) {
+                    return Ok::<_, Infallible>(tap_refused(&caller).map(Either::Left));
                 }
                 let response = match tap.call(request).await {
                     Ok(response) => response,
@@ -87,10 +175,15 @@ where
                 };
                 return Ok(response.map(Either::Right));
             }
-            Ok(handle(&ctx, peer, request).map(Either::Left))
+            Ok(handle(&ctx, &caller, request).map(Either::Left))
         }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
     if let Err(error) = builder.serve_connection(TokioIo::new(io), service).await {
         debug!(%error, "admin connection failed");
     }
@@ -108,7 +201,8 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 
 /// A gRPC refusal (trailers-only, PERMISSION_DENIED), so a tap client is told why rather
 /// than seeing an HTTP status it cannot place.
-fn tap_refused() -> Response<Full<Bytes>> {
+fn tap_refused(caller: &Caller) -> Response<Full<Bytes>> {
+    debug!(%caller, "tap refused");
     let mut response = Response::new(Full::new(Bytes::new()));
     let headers = response.headers_mut();
     headers.insert(
@@ -125,7 +219,43 @@ fn tap_refused() -> Response<Full<Bytes>> {
     response
 }
 
-fn handle(ctx: &Context, peer: SocketAddr, request: Request<Incoming>) -> Response<Full<Bytes>> {
+/// The refusal of `request` to `caller`, with `mesh-error` naming who may ask instead.
+fn forbidden(
+    ctx: &Context,
+    caller: &Caller,
+    request: &Request<Incoming>,
+    access: Access,
+) -> Response<Full<Bytes>> {
+    let who = match (access, ctx.config.tap_identity.as_deref()) {
+        (Access::Reveal, Some(controller)) => {
+            format!("the pod itself (plaintext on loopback) and {controller}")
+        }
+        _ => "the pod itself (plaintext on loopback)".to_string(),
+    };
+    let message = format!(
+        "forbidden: {} {} is only served to {who}; the caller is {caller}",
+        request.method(),
+        request.uri().path()
+    );
+    info!(%caller, path = request.uri().path(), "admin request refused");
+    let mut response = text(StatusCode::FORBIDDEN, format!("{message}\n"));
+    if let Ok(value) = header::HeaderValue::from_str(&message) {
+        response
+            .headers_mut()
+            .insert(crate::http::MESH_ERROR, value);
+    }
+    response
+}
+
+fn handle(ctx: &Context, caller: &Caller, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let access = match request.uri().path() {
+        "/config" | "/identity" => Access::Reveal,
+        "/shutdown" => Access::Control,
+        _ => Access::Open,
+    };
+    if !caller.may(access, ctx.config.tap_identity.as_deref()) {
+        return forbidden(ctx, caller, &request, access);
+    }
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/metrics") => {
             let mut response = text(StatusCode::OK, ctx.metrics.encode());
@@ -146,17 +276,9 @@ fn handle(ctx: &Context, peer: SocketAddr, request: Request<Incoming>) -> Respon
             }
         }
         (&Method::POST, "/shutdown") => {
-            // Only the pod itself may stop its proxy.
-            if peer.ip().is_loopback() {
-                info!(%peer, "shutdown requested");
-                ctx.drain.cancel();
-                text(StatusCode::OK, "shutting down\n")
-            } else {
-                text(
-                    StatusCode::FORBIDDEN,
-                    "shutdown is only allowed from loopback\n",
-                )
-            }
+            info!(%caller, "shutdown requested");
+            ctx.drain.cancel();
+            text(StatusCode::OK, "shutting down\n")
         }
         (&Method::GET, "/config") => {
             let mut response = text(StatusCode::OK, config_dump(ctx));

@@ -68,18 +68,70 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Binds the configured addresses.
+    /// Binds the configured addresses with the configured listen backlog.
     pub async fn bind(config: &Config) -> Result<Self, StartError> {
-        async fn bind(name: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { name, addr, source })
-        }
+        let backlog = config.limits.listen_backlog;
+        let bind = |name: &'static str, addr: SocketAddr| {
+            bind_listener(addr, backlog).map_err(|source| StartError::Bind { name, addr, source })
+        };
         Ok(Self {
-            inbound: bind("inbound", config.inbound_listen).await?,
-            outbound: bind("outbound", config.outbound_listen).await?,
-            admin: bind("admin", config.admin_listen).await?,
+            inbound: bind("inbound", config.inbound_listen)?,
+            outbound: bind("outbound", config.outbound_listen)?,
+            admin: bind("admin", config.admin_listen)?,
         })
+    }
+}
+
+/// A listener with an explicit backlog: tokio's `bind` takes 1024, which a burst of new
+/// connections overflows into resets.
+fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// The ports of the proxy's own listeners. Nothing the proxy forwards may reach them: through
+/// the inbound side a peer would meet the admin server as a loopback client, or leave through
+/// the outbound listener as this pod (with its identity); through the outbound side a proxied
+/// connection would reach the admin server from loopback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OwnPorts {
+    /// The inbound listener's port.
+    pub inbound: u16,
+    /// The outbound listener's port.
+    pub outbound: u16,
+    /// The admin server's port.
+    pub admin: u16,
+}
+
+impl OwnPorts {
+    /// The listener `port` belongs to, if it is one of ours.
+    pub fn name_of(&self, port: u16) -> Option<&'static str> {
+        if port == self.admin {
+            Some("admin")
+        } else if port == self.outbound {
+            Some("outbound")
+        } else if port == self.inbound {
+            Some("inbound")
+        } else {
+            None
+        }
+    }
+
+    /// Why a forward to `addr` is refused: it names one of our listeners on this host's
+    /// loopback or unspecified address, where they listen.
+    pub fn refuse(&self, addr: SocketAddr) -> Option<crate::http::ProxyError> {
+        let ip = addr.ip().to_canonical();
+        if !(ip.is_loopback() || ip.is_unspecified()) {
+            return None;
+        }
+        self.name_of(addr.port())
+            .map(|name| crate::http::ProxyError::own_port(addr.port(), name))
     }
 }
 
@@ -108,6 +160,8 @@ pub struct Context {
     pub drain: CancellationToken,
     /// Set once the proxy serves traffic.
     pub ready: AtomicBool,
+    /// The ports of our own listeners, which nothing forwarded may reach.
+    pub own_ports: OwnPorts,
     local_id: Label,
     /// Clients for addresses forwarded to unchanged (targets discovery doesn't know).
     direct_clients: Mutex<HashMap<SocketAddr, HttpClients>>,
@@ -121,6 +175,16 @@ impl Context {
                 .tls
                 .as_ref()
                 .is_none_or(|tls| tls.identity().is_certified())
+    }
+
+    /// How `listener` serves HTTP.
+    pub fn http_server(&self, listener: &'static str) -> crate::server::HttpServer {
+        crate::server::HttpServer {
+            listener,
+            drain: self.drain.clone(),
+            header_read_timeout: self.config.limits.http_header_read_timeout,
+            metrics: self.metrics.clone(),
+        }
     }
 
     /// The local SPIFFE ID, or an empty label.
@@ -169,6 +233,11 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
     let inbound_addr = local(&listeners.inbound)?;
     let outbound_addr = local(&listeners.outbound)?;
     let admin_addr = local(&listeners.admin)?;
+    let own_ports = OwnPorts {
+        inbound: inbound_addr.port(),
+        outbound: outbound_addr.port(),
+        admin: admin_addr.port(),
+    };
     let metrics = Arc::new(Metrics::new());
     let tls = match &config.identity {
         Some(identity_config) => {
@@ -268,6 +337,7 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
         tracer,
         drain: drain.clone(),
         ready: AtomicBool::new(false),
+        own_ports,
         local_id,
         direct_clients: Mutex::new(HashMap::new()),
     });
@@ -313,26 +383,74 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
     })
 }
 
-/// Accepts connections until the drain starts, handing each to `handle` on its own task.
-pub async fn accept_loop<F, Fut>(
-    listener: TcpListener,
-    name: &'static str,
-    drain: CancellationToken,
-    connections: TaskTracker,
-    handle: F,
-) where
+/// One listener's accept loop settings.
+#[derive(Debug)]
+pub struct Accept {
+    /// inbound, outbound or admin: the `listener` label of its metrics and logs.
+    pub name: &'static str,
+    /// Connections served at once; past it new ones are closed as soon as accepted.
+    pub max_connections: usize,
+    /// Where the refusals and the open connections are counted.
+    pub metrics: Arc<Metrics>,
+    /// Accepting stops when this fires.
+    pub stop: CancellationToken,
+    /// Tracks the connections' tasks (so the drain can wait for them).
+    pub connections: TaskTracker,
+}
+
+/// How often, at most, a listener at its connection limit says so in the log: a flood must
+/// not become a flood of log lines.
+const LIMIT_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Accepts connections until `accept.stop` fires, handing each to `handle` on its own task,
+/// at most `accept.max_connections` at once. A connection past the limit is closed at once
+/// (the client sees a reset or an immediate close, not a hang), counted in
+/// `listener_connections_refused_total` and logged.
+pub async fn accept_loop<F, Fut>(listener: TcpListener, accept: Accept, handle: F)
+where
     F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let Accept {
+        name,
+        max_connections,
+        metrics,
+        stop,
+        connections,
+    } = accept;
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let open = metrics.listener_open(name);
+    let mut last_warned: Option<tokio::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = drain.cancelled() => return,
+            () = stop.cancelled() => return,
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    metrics.listener_refused(name, "connection limit");
+                    if last_warned.is_none_or(|at| at.elapsed() >= LIMIT_LOG_INTERVAL) {
+                        last_warned = Some(tokio::time::Instant::now());
+                        warn!(
+                            listener = name,
+                            %peer,
+                            max_connections,
+                            "connection limit reached; closing new connections until some end"
+                        );
+                    }
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                connections.spawn(handle(stream, peer));
+                let open = open.clone();
+                open.inc();
+                let served = handle(stream, peer);
+                connections.spawn(async move {
+                    served.await;
+                    open.dec();
+                    drop(permit);
+                });
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.

@@ -230,6 +230,11 @@ impl tower::Service<Uri> for Connector {
     }
 }
 
+/// How long an idle pooled connection is kept: under the 30 s a peer proxy's HTTP/1 server
+/// keeps an idle connection (its header read timeout), so the pool closes first rather than
+/// race the server's close with a new request.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// The HTTP/1 and HTTP/2 clients of one destination.
 #[derive(Clone, Debug)]
 pub struct HttpClients {
@@ -252,12 +257,12 @@ impl HttpClients {
             timeout: connect_timeout,
         };
         let http1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(64)
             .build(connector.clone());
         let http2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .build(connector.clone());
         Self {
             dial: connector.dial,

@@ -66,6 +66,59 @@ pub struct Config {
     pub trace_collector: Option<String>,
     /// Share of new traces recorded, 0..=1 (traces started upstream follow their parent).
     pub trace_sample_rate: f64,
+    /// Bounds on what peers can make the proxy hold.
+    pub limits: Limits,
+}
+
+/// Bounds on what a peer can make the proxy hold: connections, waits and buffers. Every port
+/// of the proxy is reachable by any workload, so none of these is unbounded.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Limits {
+    /// Connections open at once on the inbound listener; past it new ones are closed at accept
+    /// (`MESH_PROXY_INBOUND_MAX_CONNECTIONS`).
+    pub inbound_connections: usize,
+    /// The same for the outbound listener (`MESH_PROXY_OUTBOUND_MAX_CONNECTIONS`).
+    pub outbound_connections: usize,
+    /// The same for the admin server (`MESH_PROXY_ADMIN_MAX_CONNECTIONS`).
+    pub admin_connections: usize,
+    /// The listen backlog of each listener (`MESH_PROXY_LISTEN_BACKLOG`; the kernel caps it at
+    /// `net.core.somaxconn`).
+    pub listen_backlog: u32,
+    /// How long an HTTP/1 server waits for a request's headers once it starts waiting for
+    /// them, so also how long an idle keep-alive connection lives
+    /// (`MESH_PROXY_HTTP_HEADER_READ_TIMEOUT`).
+    pub http_header_read_timeout: Duration,
+    /// How long an opaque TCP connection may carry no byte either way before it is closed
+    /// (`MESH_PROXY_TCP_IDLE_TIMEOUT`).
+    pub tcp_idle_timeout: Duration,
+    /// How long a TLS handshake on the inbound or admin port may take
+    /// (`MESH_PROXY_TLS_HANDSHAKE_TIMEOUT`).
+    pub tls_handshake_timeout: Duration,
+    /// Bytes of request bodies the whole proxy holds for retries; past it requests go out
+    /// unbuffered and are not retried (`MESH_PROXY_RETRY_BUFFER_BYTES`).
+    pub retry_buffer_bytes: usize,
+    /// The same per client connection (`MESH_PROXY_RETRY_BUFFER_CONNECTION_BYTES`).
+    pub retry_buffer_connection_bytes: usize,
+    /// Connections open at once to one endpoint or application address; requests past it wait
+    /// for one to free up, within the connect timeout (`MESH_PROXY_ENDPOINT_MAX_CONNECTIONS`).
+    pub endpoint_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            inbound_connections: 10_000,
+            outbound_connections: 10_000,
+            admin_connections: 100,
+            listen_backlog: 4096,
+            http_header_read_timeout: Duration::from_secs(30),
+            tcp_idle_timeout: Duration::from_secs(3600),
+            tls_handshake_timeout: Duration::from_secs(10),
+            retry_buffer_bytes: 16 << 20,
+            retry_buffer_connection_bytes: 1 << 20,
+            endpoint_connections: 1000,
+        }
+    }
 }
 
 /// How the proxy obtains and checks certificates.
@@ -224,7 +277,48 @@ impl Config {
                 reason: "expected a number from 0 to 1".into(),
             });
         }
+        let defaults = Limits::default();
+        let limits = Limits {
+            inbound_connections: env.count(
+                "MESH_PROXY_INBOUND_MAX_CONNECTIONS",
+                defaults.inbound_connections,
+            )?,
+            outbound_connections: env.count(
+                "MESH_PROXY_OUTBOUND_MAX_CONNECTIONS",
+                defaults.outbound_connections,
+            )?,
+            admin_connections: env.count(
+                "MESH_PROXY_ADMIN_MAX_CONNECTIONS",
+                defaults.admin_connections,
+            )?,
+            listen_backlog: u32::try_from(env.count(
+                "MESH_PROXY_LISTEN_BACKLOG",
+                defaults.listen_backlog as usize,
+            )?)
+            .unwrap_or(u32::MAX),
+            http_header_read_timeout: env.positive_duration(
+                "MESH_PROXY_HTTP_HEADER_READ_TIMEOUT",
+                defaults.http_header_read_timeout,
+            )?,
+            tcp_idle_timeout: env
+                .positive_duration("MESH_PROXY_TCP_IDLE_TIMEOUT", defaults.tcp_idle_timeout)?,
+            tls_handshake_timeout: env.positive_duration(
+                "MESH_PROXY_TLS_HANDSHAKE_TIMEOUT",
+                defaults.tls_handshake_timeout,
+            )?,
+            retry_buffer_bytes: env
+                .bytes("MESH_PROXY_RETRY_BUFFER_BYTES", defaults.retry_buffer_bytes)?,
+            retry_buffer_connection_bytes: env.bytes(
+                "MESH_PROXY_RETRY_BUFFER_CONNECTION_BYTES",
+                defaults.retry_buffer_connection_bytes,
+            )?,
+            endpoint_connections: env.count(
+                "MESH_PROXY_ENDPOINT_MAX_CONNECTIONS",
+                defaults.endpoint_connections,
+            )?,
+        };
         Ok(Self {
+            limits,
             trace_collector,
             trace_sample_rate,
             access_log,
@@ -350,6 +444,46 @@ impl Env<'_> {
         self.parse(var, default, "an address like 0.0.0.0:4143")
     }
 
+    /// A count of at least one.
+    fn count(&self, var: &str, default: usize) -> Result<usize, ConfigError> {
+        let count = self.parse(var, default, "a whole number of at least 1")?;
+        if count == 0 {
+            return Err(ConfigError {
+                var: var.into(),
+                value: "0".into(),
+                reason: "expected a whole number of at least 1".into(),
+            });
+        }
+        Ok(count)
+    }
+
+    /// A size in bytes: `65536`, `64Ki`, `16Mi` or `1Gi`, at least one byte.
+    fn bytes(&self, var: &str, default: usize) -> Result<usize, ConfigError> {
+        match self.get(var) {
+            None => Ok(default),
+            Some(value) => parse_bytes(&value)
+                .filter(|n| *n > 0)
+                .ok_or_else(|| ConfigError {
+                    var: var.into(),
+                    value,
+                    reason: "expected a size like 65536, 64Ki or 16Mi".into(),
+                }),
+        }
+    }
+
+    /// A duration longer than zero: a timeout of zero would refuse everything.
+    fn positive_duration(&self, var: &str, default: Duration) -> Result<Duration, ConfigError> {
+        let duration = self.duration(var, default)?;
+        if duration.is_zero() {
+            return Err(ConfigError {
+                var: var.into(),
+                value: self.get(var).unwrap_or_default(),
+                reason: "expected a duration longer than zero, like 10s".into(),
+            });
+        }
+        Ok(duration)
+    }
+
     fn duration(&self, var: &str, default: Duration) -> Result<Duration, ConfigError> {
         match self.get(var) {
             None => Ok(default),
@@ -375,6 +509,24 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "h" => number.checked_mul(3600).map(Duration::from_secs),
         _ => None,
     }
+}
+
+/// Parses a size in bytes with an optional binary suffix (`65536`, `64Ki`, `16Mi`, `1Gi`).
+pub fn parse_bytes(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: usize = number.parse().ok()?;
+    let shift = match unit {
+        "" => 0,
+        "Ki" => 10,
+        "Mi" => 20,
+        "Gi" => 30,
+        _ => return None,
+    };
+    number.checked_mul(1 << shift)
 }
 
 /// Parses a comma-separated list of ports and ranges (`25,3306,8000-8010`).
@@ -471,6 +623,10 @@ mod tests {
             ("MESH_PROXY_TRACE_SAMPLE_RATE", "2"),
             ("MESH_PROXY_TRACE_COLLECTOR", "collector:4317"),
             ("MESH_PROXY_IDENTITY", "web"),
+            ("MESH_PROXY_INBOUND_MAX_CONNECTIONS", "0"),
+            ("MESH_PROXY_LISTEN_BACKLOG", "many"),
+            ("MESH_PROXY_TCP_IDLE_TIMEOUT", "0s"),
+            ("MESH_PROXY_RETRY_BUFFER_BYTES", "16MB"),
         ];
         for (var, value) in cases {
             let error = parse(&[(var, value)]).expect_err(var);
@@ -478,6 +634,27 @@ mod tests {
             assert!(message.contains(var), "{message}");
             assert!(message.contains(value), "{message}");
         }
+    }
+
+    #[test]
+    fn limits_have_defaults_and_take_sizes() {
+        let config = parse(&[
+            ("MESH_PROXY_RETRY_BUFFER_BYTES", "32Mi"),
+            ("MESH_PROXY_ADMIN_MAX_CONNECTIONS", "8"),
+            ("MESH_PROXY_HTTP_HEADER_READ_TIMEOUT", "2s"),
+        ])
+        .expect("valid");
+        assert_eq!(config.limits.retry_buffer_bytes, 32 << 20);
+        assert_eq!(config.limits.admin_connections, 8);
+        assert_eq!(
+            config.limits.http_header_read_timeout,
+            Duration::from_secs(2)
+        );
+        assert_eq!(config.limits.inbound_connections, 10_000);
+        assert_eq!(parse_bytes("64Ki"), Some(65536));
+        assert_eq!(parse_bytes("12"), Some(12));
+        assert_eq!(parse_bytes("1Ti"), None);
+        assert_eq!(parse_bytes("Mi"), None);
     }
 
     #[test]

@@ -65,10 +65,34 @@ pub struct Endpoint {
 impl Endpoint {
     /// How to open a raw TCP connection to the endpoint (for opaque forwarding).
     pub fn tcp_dial(&self, name: &str) -> Dial {
-        match self.proxy_port {
-            Some(port) => Dial::proxied(self.addr, port, true, name, self.tls.clone()),
-            None => Dial::Direct(self.addr),
-        }
+        endpoint_dial(
+            self.addr,
+            self.proxy_port,
+            self.identity.is_some(),
+            self.tls.clone(),
+            true,
+            name,
+        )
+    }
+}
+
+/// How to reach an endpoint: through its proxy with the transport header when it has one, or
+/// straight to its address.
+fn endpoint_dial(
+    addr: SocketAddr,
+    proxy_port: Option<u16>,
+    has_identity: bool,
+    tls: Option<MeshTls>,
+    opaque: bool,
+    name: &str,
+) -> Dial {
+    match (proxy_port, has_identity, tls) {
+        // A peer proxy with identity takes the transport header only inside mutual TLS. We
+        // have none to offer, so we connect to the application port as any unmeshed client
+        // would, and the peer's capture and policy judge us as unauthenticated.
+        (Some(_), true, None) => Dial::Direct(addr),
+        (Some(port), _, tls) => Dial::proxied(addr, port, opaque, name, tls),
+        (None, _, _) => Dial::Direct(addr),
     }
 }
 
@@ -475,10 +499,14 @@ impl Watch {
             },
             _ => None,
         };
-        let dial = match proxy_port {
-            Some(port) => Dial::proxied(addr, port, opaque, &name, tls.clone()),
-            None => Dial::Direct(addr),
-        };
+        let dial = endpoint_dial(
+            addr,
+            proxy_port,
+            identity.is_some(),
+            tls.clone(),
+            opaque,
+            &name,
+        );
         Some(Endpoint {
             addr,
             identity,

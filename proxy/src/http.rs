@@ -51,9 +51,18 @@ pub enum ProxyError {
     RateLimited(String, std::time::Duration),
     /// The backend already has its limit of requests in flight (the overflow circuit breaker).
     Overloaded(String),
+    /// The request names one of a proxy's own listeners, which nothing forwarded may reach.
+    ProxyPort(String),
 }
 
 impl ProxyError {
+    /// The refusal of a forward to port `port`, the proxy's `listener` port.
+    pub fn own_port(port: u16, listener: &str) -> Self {
+        Self::ProxyPort(format!(
+            "port {port} is the proxy's {listener} port, which is not reachable through the mesh"
+        ))
+    }
+
     /// The HTTP status a client sees.
     pub fn status(&self) -> StatusCode {
         match self {
@@ -63,7 +72,7 @@ impl ProxyError {
             Self::ConnectFailed(_) | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::Unauthorized(_) => StatusCode::FORBIDDEN,
+            Self::Unauthorized(_) | Self::ProxyPort(_) => StatusCode::FORBIDDEN,
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
         }
@@ -82,6 +91,7 @@ impl ProxyError {
             Self::NoRoute(_) => "no route",
             Self::RateLimited(..) => "rate limited",
             Self::Overloaded(_) => "concurrency limit",
+            Self::ProxyPort(_) => "proxy port",
         }
     }
 
@@ -97,6 +107,7 @@ impl ProxyError {
             | Self::Unauthorized(d)
             | Self::NoRoute(d)
             | Self::Overloaded(d)
+            | Self::ProxyPort(d)
             | Self::RateLimited(d, _) => d,
         }
     }
@@ -107,7 +118,7 @@ impl ProxyError {
     fn grpc_code(&self) -> u8 {
         match self {
             Self::Timeout(_) => 4,
-            Self::Unauthorized(_) => 7,
+            Self::Unauthorized(_) | Self::ProxyPort(_) => 7,
             Self::NoRoute(_) => 12,
             Self::RateLimited(..) => 8,
             Self::BadRequest(_) => 13,

@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::app::{Context, accept_loop};
+use crate::app::{Accept, Context, accept_loop};
 use crate::authz::{ConnectionClient, admit_connection};
 use crate::capture;
 use crate::client::{Dial, HttpClients};
@@ -36,17 +36,17 @@ use crate::{forward, server, stack, tcp};
 
 /// Accepts inbound connections until the drain starts.
 pub async fn serve(listener: TcpListener, ctx: Arc<Context>, connections: TaskTracker) {
-    let drain = ctx.drain.clone();
-    accept_loop(
-        listener,
-        "inbound",
-        drain,
+    let accept = Accept {
+        name: "inbound",
+        max_connections: ctx.config.limits.inbound_connections,
+        metrics: ctx.metrics.clone(),
+        stop: ctx.drain.clone(),
         connections,
-        move |stream, peer| {
-            let ctx = ctx.clone();
-            async move { connection(stream, peer, ctx).await }
-        },
-    )
+    };
+    accept_loop(listener, accept, move |stream, peer| {
+        let ctx = ctx.clone();
+        async move { connection(stream, peer, ctx).await }
+    })
     .await;
 }
 
@@ -81,62 +81,83 @@ struct Arrival {
     client_id: Option<String>,
 }
 
-/// A connection made straight to the inbound port by a client proxy: mesh TLS when the client
-/// has an identity, then the transport header naming the application port.
+/// A connection made straight to the inbound port by a client proxy: mesh TLS, then the
+/// transport header naming the application port.
+///
+/// The header decides where in this pod the connection goes, so it is believed only from a
+/// peer that proved a mesh identity: a proxy with identity accepts it only inside mutual TLS.
+/// A proxy without identity (a mesh run without it) has no peer to authenticate and takes it
+/// in plaintext. Either way it never names one of the proxy's own listeners
+/// ([`serve_app_port`]).
 async fn direct(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
-    let deadline = ctx.config.detect_timeout;
     let mut first = [0u8; 1];
-    let is_tls = match tokio::time::timeout(deadline, stream.peek(&mut first)).await {
-        Ok(Ok(1)) => first[0] == 0x16,
-        Ok(Ok(_)) => return,
-        Ok(Err(error)) => {
-            debug!(%peer, %error, "direct connection failed");
+    let is_tls =
+        match tokio::time::timeout(ctx.config.detect_timeout, stream.peek(&mut first)).await {
+            Ok(Ok(1)) => first[0] == 0x16,
+            Ok(Ok(_)) => return,
+            Ok(Err(error)) => {
+                debug!(%peer, %error, "direct connection failed");
+                return;
+            }
+            Err(_elapsed) => {
+                ctx.metrics
+                    .connection_timeout("inbound", "transport header");
+                refuse(&ctx, peer, "no mesh transport header in time");
+                return;
+            }
+        };
+    let Some(tls) = &ctx.tls else {
+        if is_tls {
+            refuse(
+                &ctx,
+                peer,
+                "mesh TLS arrived but this proxy has no identity",
+            );
             return;
         }
-        Err(_elapsed) => {
-            refuse(&ctx, peer, "no mesh transport header in time");
-            return;
-        }
-    };
-    if !is_tls {
         let mut stream = stream;
         if let Some(arrival) = read_header(&mut stream, None, peer, &ctx).await {
             serve_app_port(stream, arrival, peer, ctx).await;
         }
         return;
-    }
-    let Some(tls) = &ctx.tls else {
-        refuse(
-            &ctx,
-            peer,
-            "mesh TLS arrived but this proxy has no identity",
-        );
+    };
+    if !is_tls {
+        refuse(&ctx, peer, "plaintext transport header");
         return;
-    };
+    }
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
-    let mut stream = match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => {
-            ctx.metrics
-                .proxy_error(Direction::Inbound, "TLS handshake failed");
-            warn!(%peer, %error, "mesh TLS handshake failed");
-            return;
-        }
-        Err(_elapsed) => {
-            refuse(&ctx, peer, "mesh TLS handshake timed out");
-            return;
-        }
-    };
+    let handshake = acceptor.accept(stream);
+    let mut stream =
+        match tokio::time::timeout(ctx.config.limits.tls_handshake_timeout, handshake).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                ctx.metrics
+                    .proxy_error(Direction::Inbound, "TLS handshake failed");
+                warn!(%peer, %error, "mesh TLS handshake failed");
+                return;
+            }
+            Err(_elapsed) => {
+                ctx.metrics.connection_timeout("inbound", "tls handshake");
+                refuse(&ctx, peer, "mesh TLS handshake timed out");
+                return;
+            }
+        };
     let (_, session) = stream.get_ref();
     if session.alpn_protocol() != Some(ALPN_MESH) {
         refuse(&ctx, peer, "TLS without the mesh ALPN on the inbound port");
         return;
     }
-    let client_id = session
+    // The verifier required a certificate chaining to our anchors; it must also name the
+    // client, or policy would judge an identity nobody proved.
+    let Some(client_id) = session
         .peer_certificates()
         .and_then(|certs| certs.first())
-        .and_then(tls::spiffe_id);
-    if let Some(arrival) = read_header(&mut stream, client_id, peer, &ctx).await {
+        .and_then(tls::spiffe_id)
+    else {
+        refuse(&ctx, peer, "client certificate without a SPIFFE ID");
+        return;
+    };
+    if let Some(arrival) = read_header(&mut stream, Some(client_id), peer, &ctx).await {
         serve_app_port(stream, arrival, peer, ctx).await;
     }
 }
@@ -167,6 +188,8 @@ async fn read_header<I: AsyncRead + Unpin>(
             None
         }
         Err(_elapsed) => {
+            ctx.metrics
+                .connection_timeout("inbound", "transport header");
             refuse(ctx, peer, "no mesh transport header in time");
             None
         }
@@ -178,6 +201,9 @@ async fn serve_app_port<I>(mut io: I, arrival: Arrival, peer: SocketAddr, ctx: A
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    if let Some(listener) = ctx.own_ports.name_of(arrival.port) {
+        return refuse_own_port(io, arrival, listener, peer, ctx).await;
+    }
     let app = SocketAddr::new(ctx.config.inbound_app_ip, arrival.port);
     let authority = Label::from(arrival.name.unwrap_or_else(|| app.to_string()));
     let tls = arrival.client_id.is_some();
@@ -225,7 +251,7 @@ where
             let connection_labels = labels.clone();
             let _open = tcp::OpenConnection::new(&ctx.metrics, &connection_labels);
             let service = stack::inbound_http(&ctx, forward, policy, client, labels);
-            server::serve_http(io, protocol, service, ctx.drain.clone()).await;
+            server::serve_http(io, protocol, service, ctx.http_server("inbound")).await;
         }
         Protocol::Tls | Protocol::Opaque => {
             if admit_connection(&policy, &client, &ctx.metrics, &labels) {
@@ -235,20 +261,47 @@ where
     }
 }
 
+/// A connection naming one of the proxy's own ports (through the transport header or the
+/// original destination): never forwarded. An HTTP client is told why with `mesh-error`; any
+/// other connection is closed.
+async fn refuse_own_port<I>(
+    mut io: I,
+    arrival: Arrival,
+    listener: &'static str,
+    peer: SocketAddr,
+    ctx: Arc<Context>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let error = ProxyError::own_port(arrival.port, listener);
+    ctx.metrics.proxy_error(Direction::Inbound, error.reason());
+    warn!(
+        %peer,
+        client = arrival.client_id.as_deref().unwrap_or("unauthenticated"),
+        port = arrival.port,
+        "refusing a connection for the proxy's own {listener} port"
+    );
+    if arrival.opaque {
+        return;
+    }
+    let Ok((protocol @ (Protocol::Http1 | Protocol::Http2), prefix)) =
+        detect::detect(&mut io, ctx.config.detect_timeout).await
+    else {
+        return;
+    };
+    let refusal = tower::service_fn(move |request: Request<Incoming>| {
+        let response = error.to_response(is_grpc(&request));
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let io = PrefixedIo::new(prefix, io);
+    server::serve_http(io, protocol, refusal, ctx.http_server("inbound")).await;
+}
+
 async fn forward_tcp<C>(client: C, app: SocketAddr, ctx: &Context, labels: &TargetLabels)
 where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let dial = Dial::Direct(app);
-    if let Err(error) = tcp::forward(
-        client,
-        &dial,
-        ctx.config.connect_timeout,
-        &ctx.metrics,
-        labels,
-    )
-    .await
-    {
+    if let Err(error) = tcp::forward(client, &Dial::Direct(app), ctx, labels).await {
         debug!(%app, %error, "inbound TCP forward ended with an error");
     }
 }

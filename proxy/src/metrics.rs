@@ -284,6 +284,22 @@ pub struct BackendLabels {
     pub backend: Label,
 }
 
+/// A listener's labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// inbound, outbound or admin.
+    pub listener: Label,
+}
+
+/// Why a listener refused or closed a connection itself.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerReasonLabels {
+    /// inbound, outbound or admin.
+    pub listener: Label,
+    /// The limit or timeout that tripped.
+    pub reason: Label,
+}
+
 /// Latency buckets in milliseconds: fine below 10 ms where a mesh hop lives, coarse above.
 const LATENCY_BUCKETS_MS: [f64; 18] = [
     0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
@@ -342,6 +358,13 @@ pub struct Metrics {
     pub concurrency_overflows: Family<BackendLabels, Counter>,
     /// `backend_in_flight`: requests holding a slot of their backend's concurrency limit now.
     pub backend_in_flight: Family<BackendLabels, Gauge>,
+    /// `listener_connections_open`: connections each listener serves now.
+    pub listener_open: Family<ListenerLabels, Gauge>,
+    /// `listener_connections_refused_total`: connections closed at accept (connection limit).
+    pub listener_refused: Family<ListenerReasonLabels, Counter>,
+    /// `connection_timeout_total`: connections closed because a peer was too slow (header
+    /// read, TLS handshake, transport header, idle TCP).
+    pub connection_timeouts: Family<ListenerReasonLabels, Counter>,
     /// `trace_spans_dropped_total`: spans not exported (queue full or collector failing).
     pub spans_dropped: Counter,
     /// `identity_cert_expiry_timestamp_seconds`: when the current certificate expires.
@@ -472,6 +495,24 @@ impl Metrics {
             "Requests in flight to backends that have a concurrency limit",
             backend_in_flight.clone(),
         );
+        let listener_open = Family::default();
+        registry.register(
+            "listener_connections_open",
+            "Connections each listener serves now",
+            listener_open.clone(),
+        );
+        let listener_refused = Family::default();
+        registry.register(
+            "listener_connections_refused",
+            "Connections a listener closed as soon as it accepted them, by reason",
+            listener_refused.clone(),
+        );
+        let connection_timeouts = Family::default();
+        registry.register(
+            "connection_timeout",
+            "Connections closed because the peer was too slow, by listener and timeout",
+            connection_timeouts.clone(),
+        );
         let spans_dropped = Counter::default();
         registry.register(
             "trace_spans_dropped",
@@ -523,6 +564,9 @@ impl Metrics {
             ejections,
             concurrency_overflows,
             backend_in_flight,
+            listener_open,
+            listener_refused,
+            connection_timeouts,
             spans_dropped,
             identity_expiry,
             identity_renewals,
@@ -536,6 +580,35 @@ impl Metrics {
             .get_or_create(&ErrorLabels {
                 direction,
                 reason: Label::new(reason),
+            })
+            .inc();
+    }
+
+    /// The gauge of `listener`'s open connections.
+    pub fn listener_open(&self, listener: &'static str) -> Gauge {
+        self.listener_open
+            .get_or_create(&ListenerLabels {
+                listener: Label::new(listener),
+            })
+            .clone()
+    }
+
+    /// Counts a connection `listener` closed at accept.
+    pub fn listener_refused(&self, listener: &'static str, reason: &'static str) {
+        self.listener_refused
+            .get_or_create(&ListenerReasonLabels {
+                listener: Label::new(listener),
+                reason: Label::new(reason),
+            })
+            .inc();
+    }
+
+    /// Counts a connection closed because its peer was too slow.
+    pub fn connection_timeout(&self, listener: &'static str, timeout: &'static str) {
+        self.connection_timeouts
+            .get_or_create(&ListenerReasonLabels {
+                listener: Label::new(listener),
+                reason: Label::new(timeout),
             })
             .inc();
     }

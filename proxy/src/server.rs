@@ -1,20 +1,45 @@
-//! Serving one accepted connection as HTTP/1 or HTTP/2 with hyper, draining gracefully.
+//! Serving one accepted connection as HTTP/1 or HTTP/2 with hyper, within the proxy's limits,
+//! draining gracefully.
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::detect::Protocol;
+use crate::metrics::Metrics;
+
+/// Streams per HTTP/2 connection at once.
+const MAX_CONCURRENT_STREAMS: u32 = 1000;
+
+/// The most an HTTP/1 connection buffers while reading: a request head must fit (hyper's
+/// default, ~400 KiB per connection, lets each slow client pin that much).
+const HTTP1_MAX_BUFFER: usize = 64 * 1024;
+
+/// How one listener serves HTTP.
+#[derive(Clone, Debug)]
+pub struct HttpServer {
+    /// inbound or outbound, for metrics and logs.
+    pub listener: &'static str,
+    /// Fires when the proxy drains.
+    pub drain: CancellationToken,
+    /// How long an HTTP/1 client may take to send a request's headers, measured from when the
+    /// server starts waiting for them: also how long an idle keep-alive connection lives.
+    pub header_read_timeout: Duration,
+    /// Where timeouts are counted.
+    pub metrics: Arc<Metrics>,
+}
 
 /// Serves `io` until the client closes it, or until `drain` fires: then in-flight requests
 /// finish and the connection closes (HTTP/2 GOAWAY, HTTP/1 `connection: close`).
-pub async fn serve_http<I, S, B>(io: I, protocol: Protocol, service: S, drain: CancellationToken)
+pub async fn serve_http<I, S, B>(io: I, protocol: Protocol, service: S, server: HttpServer)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
@@ -27,9 +52,12 @@ where
 {
     let io = TokioIo::new(io);
     let service = TowerToHyperService::new(service);
+    let drain = server.drain.clone();
     let result = if protocol == Protocol::Http2 {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        builder.max_concurrent_streams(1000);
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
         let connection = builder.serve_connection(io, service);
         tokio::pin!(connection);
         tokio::select! {
@@ -41,6 +69,9 @@ where
         }
     } else {
         let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(server.header_read_timeout)
+            .max_buf_size(HTTP1_MAX_BUFFER)
             .serve_connection(io, service)
             .with_upgrades();
         tokio::pin!(connection);
@@ -52,7 +83,20 @@ where
             }
         }
     };
-    if let Err(error) = result {
-        debug!(%error, "HTTP connection ended with an error");
+    match result {
+        Err(error) if error.is_timeout() => {
+            server
+                .metrics
+                .connection_timeout(server.listener, "http header read");
+            // Debug, not info: an idle keep-alive connection ends this way too, all day long.
+            debug!(
+                listener = server.listener,
+                "closing an HTTP/1 connection: no complete request head within {:?} (idle \
+                 keep-alive, or a client too slow)",
+                server.header_read_timeout
+            );
+        }
+        Err(error) => debug!(%error, "HTTP connection ended with an error"),
+        Ok(()) => {}
     }
 }

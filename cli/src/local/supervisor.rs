@@ -8,7 +8,7 @@
 //! stops it; everything it starts is also findable without it (see [`super::process`]).
 
 use std::fs::File;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -333,13 +333,16 @@ impl Supervisor {
         self.state.controller.grpc.from_host = addresses.first().copied();
         self.state.controller.admin.from_host = addresses.get(1).copied();
         for (pod, runtime) in self.plan.pods.iter().zip(&mut self.pods) {
-            let Some(admin) = pod.proxy_admin else {
+            let (Some(admin), Some(netns)) = (pod.proxy_admin, &pod.netns) else {
                 continue;
             };
             let listener = forward::bind_loopback(0)
                 .with_context(|| format!("listening for pod {}'s admin forward", pod.key()))?;
             runtime.proxy_forward = Some(listener.local_addr()?);
-            forward::spawn_forward(listener, admin, self.dialer.clone());
+            // As `kubectl port-forward` does: from inside the pod to its loopback, where the
+            // proxy serves its configuration and identity to the pod itself only.
+            let target = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), admin.port());
+            forward::spawn_forward(listener, target, forward::Dialer::Netns(netns.clone()));
         }
         Ok(())
     }

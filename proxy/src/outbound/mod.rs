@@ -26,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::app::{Context, accept_loop};
+use crate::app::{Accept, Context, accept_loop};
 use crate::capture;
 use crate::client::Dial;
 use crate::detect::{self, PrefixedIo, Protocol};
@@ -37,17 +37,17 @@ use crate::{server, stack, tcp};
 
 /// Accepts outbound connections until the drain starts.
 pub async fn serve(listener: TcpListener, ctx: Arc<Context>, connections: TaskTracker) {
-    let drain = ctx.drain.clone();
-    accept_loop(
-        listener,
-        "outbound",
-        drain,
+    let accept = Accept {
+        name: "outbound",
+        max_connections: ctx.config.limits.outbound_connections,
+        metrics: ctx.metrics.clone(),
+        stop: ctx.drain.clone(),
         connections,
-        move |stream, peer| {
-            let ctx = ctx.clone();
-            async move { connection(stream, peer, ctx).await }
-        },
-    )
+    };
+    accept_loop(listener, accept, move |stream, peer| {
+        let ctx = ctx.clone();
+        async move { connection(stream, peer, ctx).await }
+    })
     .await;
 }
 
@@ -74,7 +74,7 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) 
     match (protocol, orig_dst) {
         (Protocol::Http1 | Protocol::Http2, _) => {
             let service = stack::outbound_http(&ctx, orig_dst, peer.ip());
-            server::serve_http(io, protocol, service, ctx.drain.clone()).await;
+            server::serve_http(io, protocol, service, ctx.http_server("outbound")).await;
         }
         (Protocol::Tls | Protocol::Opaque, Some(dst)) => {
             forward_tcp(io, TargetKey::Addr(dst), &ctx).await;
@@ -104,7 +104,14 @@ where
             }
         },
         State::NotFound | State::Pending => match &key {
-            TargetKey::Addr(addr) => (Dial::Direct(*addr), Label::from(key.to_string()), None),
+            TargetKey::Addr(addr) => {
+                if let Some(error) = ctx.own_ports.refuse(*addr) {
+                    ctx.metrics.proxy_error(Direction::Outbound, error.reason());
+                    warn!(target = %key, "closing a connection: {}", error.detail());
+                    return;
+                }
+                (Dial::Direct(*addr), Label::from(key.to_string()), None)
+            }
             TargetKey::Authority(_) => {
                 ctx.metrics
                     .proxy_error(Direction::Outbound, "discovery unavailable");
@@ -118,15 +125,7 @@ where
         dial.socket_addr().to_string(),
         dial.tls_identity(),
     );
-    if let Err(error) = tcp::forward(
-        client,
-        &dial,
-        ctx.config.connect_timeout,
-        &ctx.metrics,
-        &labels,
-    )
-    .await
-    {
+    if let Err(error) = tcp::forward(client, &dial, ctx, &labels).await {
         debug!(target = %key, %error, "TCP forward ended with an error");
     }
 }
@@ -196,7 +195,7 @@ fn connect_tunnel(
                 match (state, &key) {
                     (State::NotFound | State::Pending, TargetKey::Authority(authority)) => {
                         // Not a mesh service: resolve the name as the app would have.
-                        match router::direct_target(&key).await {
+                        match router::direct_target(&key, &ctx).await {
                             Ok(addr) => forward_tcp(io, TargetKey::Addr(addr), &ctx).await,
                             Err(_) => debug!(%authority, "CONNECT target does not resolve"),
                         }

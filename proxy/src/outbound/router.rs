@@ -167,13 +167,15 @@ where
                 DispatchTarget::Balanced(resolution.clone()),
                 logical.unwrap_or(authority),
             ),
-            State::NotFound | State::Pending => match direct_target(&backend_key).await {
-                Ok(addr) => (
-                    DispatchTarget::Direct(Box::new(self.ctx.direct_clients(addr))),
-                    logical.unwrap_or_else(|| Label::from(key.to_string())),
-                ),
-                Err(error) => return super::error_response(&self.ctx, error, grpc, None),
-            },
+            State::NotFound | State::Pending => {
+                match direct_target(&backend_key, &self.ctx).await {
+                    Ok(addr) => (
+                        DispatchTarget::Direct(Box::new(self.ctx.direct_clients(addr))),
+                        logical.unwrap_or_else(|| Label::from(key.to_string())),
+                    ),
+                    Err(error) => return super::error_response(&self.ctx, error, grpc, None),
+                }
+            }
         };
         let mut hash = None;
         let mut accrual = None;
@@ -407,10 +409,11 @@ fn backend_key(backend: BackendRef) -> TargetKey {
 }
 
 /// Where to send a request discovery doesn't know: its original destination, or in proxy
-/// mode the authority resolved as the application would have (DNS, /etc/hosts).
-pub async fn direct_target(key: &TargetKey) -> Result<SocketAddr, ProxyError> {
-    match key {
-        TargetKey::Addr(addr) => Ok(*addr),
+/// mode the authority resolved as the application would have (DNS, /etc/hosts). Never one of
+/// the proxy's own listeners.
+pub async fn direct_target(key: &TargetKey, ctx: &Context) -> Result<SocketAddr, ProxyError> {
+    let addr = match key {
+        TargetKey::Addr(addr) => *addr,
         TargetKey::Authority(authority) => tokio::net::lookup_host(authority.as_str())
             .await
             .ok()
@@ -419,7 +422,11 @@ pub async fn direct_target(key: &TargetKey) -> Result<SocketAddr, ProxyError> {
                 ProxyError::DiscoveryUnavailable(format!(
                     "{authority} is not a mesh service and does not resolve"
                 ))
-            }),
+            })?,
+    };
+    match ctx.own_ports.refuse(addr) {
+        Some(error) => Err(error),
+        None => Ok(addr),
     }
 }
 

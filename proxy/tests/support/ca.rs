@@ -138,3 +138,35 @@ impl Identity for ScriptedIdentity {
         }))
     }
 }
+
+impl TestCa {
+    /// A mesh TLS client configuration presenting `identity` (signed by this CA) and requiring
+    /// the server to prove `server`: what another proxy or the controller's tap client presents.
+    pub fn client_tls(&self, identity: &str, server: &str) -> Arc<rustls::ClientConfig> {
+        let key = KeyPair::generate().expect("key");
+        let csr = CertificateParams::new(Vec::<String>::new())
+            .expect("params")
+            .serialize_request(&key)
+            .expect("CSR");
+        let (leaf, issuer) = self.sign(csr.der(), identity, Duration::from_secs(3600));
+        let anchors = mesh_proxy::identity::parse_trust_anchors(&self.anchor_pem).expect("anchors");
+        let provider = mesh_proxy::tls::provider();
+        let verifier = mesh_spiffe::SpiffeServerVerifier::new(
+            Arc::new(anchors.roots),
+            server,
+            provider.clone(),
+        );
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(
+                vec![leaf.into(), issuer.into()],
+                rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .expect("client certificate");
+        config.alpn_protocols = vec![mesh_proxy::tls::ALPN_MESH.to_vec()];
+        Arc::new(config)
+    }
+}

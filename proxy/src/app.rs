@@ -154,6 +154,8 @@ pub struct Context {
     pub in_flight: InFlight,
     /// Live taps in progress.
     pub tap: Arc<TapHub>,
+    /// The bytes of request bodies every connection together may hold for retries.
+    pub retry_buffers: Arc<crate::retry::BufferCap>,
     /// Span export, when a collector is configured.
     pub tracer: Option<Arc<Tracer>>,
     /// Fires when the proxy starts draining.
@@ -325,6 +327,10 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
     );
     let drain = CancellationToken::new();
     let grace = config.shutdown_grace_period;
+    let retry_buffers = crate::retry::BufferCap::new(
+        config.limits.retry_buffer_bytes,
+        metrics.retry_buffered_bytes.clone(),
+    );
     let ctx = Arc::new(Context {
         config,
         metrics,
@@ -334,6 +340,7 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
         plans,
         in_flight: InFlight::default(),
         tap: Arc::new(TapHub::default()),
+        retry_buffers,
         tracer,
         drain: drain.clone(),
         ready: AtomicBool::new(false),

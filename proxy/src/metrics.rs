@@ -252,7 +252,8 @@ pub struct RetryLabels {
     pub authority: Label,
     /// The route.
     pub route: Label,
-    /// `retried` or `budget exhausted`.
+    /// `retried`, `budget exhausted`, or `buffer full` (sent once, unbuffered, past the retry
+    /// buffer caps).
     pub reason: Label,
 }
 
@@ -342,6 +343,8 @@ pub struct Metrics {
     pub rate_limited: Family<AuthzLabels, Counter>,
     /// `route_retry_total`: retries by route and outcome.
     pub retries: Family<RetryLabels, Counter>,
+    /// `retry_buffered_bytes`: request body bytes held for retries now.
+    pub retry_buffered_bytes: Gauge,
     /// `route_request_total`: requests by route.
     pub route_requests: Family<RouteLabels, Counter>,
     /// `route_response_latency_ms`: time from a request to its response headers, by route,
@@ -454,6 +457,12 @@ impl Metrics {
             "Retries by route and outcome",
             retries.clone(),
         );
+        let retry_buffered_bytes = Gauge::default();
+        registry.register(
+            "retry_buffered_bytes",
+            "Request body bytes held for retries now, within MESH_PROXY_RETRY_BUFFER_BYTES",
+            retry_buffered_bytes.clone(),
+        );
         let route_requests = Family::default();
         registry.register("route_request", "Requests by route", route_requests.clone());
         let route_latency =
@@ -557,6 +566,7 @@ impl Metrics {
             authz_audits,
             rate_limited,
             retries,
+            retry_buffered_bytes,
             route_requests,
             route_latency,
             route_responses,

@@ -2,14 +2,16 @@
 //! the tower layer that replays a buffered request.
 //!
 //! A request is retried only when its route asks for it, its body fits the bound (bodies are
-//! buffered to be replayed; larger ones pass through once), the failure matches the route's
-//! conditions, the per-request limit allows, and the route's budget has a token.
+//! buffered to be replayed; larger ones pass through once), the bytes buffered for retries stay
+//! within the proxy's and the connection's caps (past them the request passes through once),
+//! the failure matches the route's conditions, the per-request limit allows, and the route's
+//! budget has a token.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -17,6 +19,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, Limited};
+use prometheus_client::metrics::gauge::Gauge;
 use tower::{Layer, Service, ServiceExt};
 use tracing::debug;
 
@@ -224,20 +227,87 @@ impl RetryBudget {
     }
 }
 
+/// A cap on the request bytes held for retries, shared by whoever buffers under it: one for
+/// the whole proxy, one per client connection. Without it any client could make the proxy hold
+/// `max_body_bytes` per request in flight (8 HTTP/2 connections of 1,000 streams held 706 MB).
+#[derive(Debug)]
+pub struct BufferCap {
+    used: AtomicUsize,
+    limit: usize,
+    /// Reports `used` (the proxy-wide cap's is `retry_buffered_bytes`).
+    gauge: Gauge,
+}
+
+impl BufferCap {
+    /// A cap of `limit` bytes, reporting what it holds in `gauge`.
+    pub fn new(limit: usize, gauge: Gauge) -> Arc<Self> {
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            limit,
+            gauge,
+        })
+    }
+
+    /// Reserves `bytes`, released when the reservation drops; None when they do not fit.
+    fn reserve(self: &Arc<Self>, bytes: usize) -> Option<Reservation> {
+        let before = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|total| *total <= self.limit)
+            })
+            .ok()?;
+        self.report(before + bytes);
+        Some(Reservation {
+            cap: self.clone(),
+            bytes,
+        })
+    }
+
+    fn report(&self, used: usize) {
+        self.gauge.set(i64::try_from(used).unwrap_or(i64::MAX));
+    }
+
+    /// Bytes reserved now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// Bytes held under a [`BufferCap`] until dropped.
+#[derive(Debug)]
+struct Reservation {
+    cap: Arc<BufferCap>,
+    bytes: usize,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let before = self.cap.used.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.cap.report(before - self.bytes);
+    }
+}
+
 /// The route chosen for a request, put in its extensions by the router for the layers below.
 #[derive(Clone, Debug)]
 pub struct RouteInfo(pub Arc<RouteParams>);
 
-/// Adds retries to a service.
+/// Adds retries to the service of one client connection.
 #[derive(Clone, Debug)]
 pub struct RetryLayer {
     metrics: Arc<Metrics>,
+    proxy_cap: Arc<BufferCap>,
+    connection_cap: Arc<BufferCap>,
 }
 
 impl RetryLayer {
-    /// Counts retries in `metrics`.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+    /// Counts retries in `metrics`; buffers within the proxy's cap and a new cap of
+    /// `connection_bytes` for this connection.
+    pub fn new(metrics: Arc<Metrics>, proxy_cap: Arc<BufferCap>, connection_bytes: usize) -> Self {
+        Self {
+            metrics,
+            proxy_cap,
+            connection_cap: BufferCap::new(connection_bytes, Gauge::default()),
+        }
     }
 }
 
@@ -248,6 +318,7 @@ impl<S> Layer<S> for RetryLayer {
         Retry {
             inner,
             metrics: self.metrics.clone(),
+            caps: [self.connection_cap.clone(), self.proxy_cap.clone()],
         }
     }
 }
@@ -257,6 +328,8 @@ impl<S> Layer<S> for RetryLayer {
 pub struct Retry<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    /// The connection's cap, then the proxy's.
+    caps: [Arc<BufferCap>; 2],
 }
 
 impl<S> Service<Request<ReqBody>> for Retry<S>
@@ -284,23 +357,35 @@ where
         };
         retry.budget.deposit();
         let max_body = retry.max_body_bytes;
-        let fits = request
+        let Some(body_bytes) = request
             .body()
             .size_hint()
             .upper()
-            .is_some_and(|upper| upper <= max_body as u64);
-        if !fits {
+            .and_then(|upper| usize::try_from(upper).ok())
+            .filter(|upper| *upper <= max_body)
+        else {
             debug!(route = %route.0.name, "body too large or unknown to replay; not retrying");
             return Box::pin(self.inner.call(request));
-        }
-        let inner = self.inner.clone();
-        let metrics = self.metrics.clone();
+        };
         let authority = request
             .extensions()
             .get::<Arc<Dispatch>>()
             .map(|dispatch| dispatch.logical.clone())
             .unwrap_or_default();
+        let [connection_cap, proxy_cap] = &self.caps;
+        let Some(held) = connection_cap
+            .reserve(body_bytes)
+            .and_then(|connection| Some((connection, proxy_cap.reserve(body_bytes)?)))
+        else {
+            self.metrics.retry(&authority, &route.0.name, "buffer full");
+            debug!(route = %route.0.name, body_bytes, "retry buffers full; sending once, unbuffered");
+            return Box::pin(self.inner.call(request));
+        };
+        let inner = self.inner.clone();
+        let metrics = self.metrics.clone();
         Box::pin(async move {
+            // Held until the last attempt has its response: the buffered body lives that long.
+            let _held = held;
             let retry = match route.0.retry.as_ref() {
                 Some(retry) => retry,
                 None => return inner.oneshot(request).await,
@@ -383,6 +468,24 @@ mod tests {
         let connect = RetryConditions::parse(&["connect-failure".into()]).expect("valid");
         assert!(connect.should_retry(&refused));
         assert!(!connect.should_retry(&response(502, None)));
+    }
+
+    #[test]
+    fn buffer_caps_hold_what_fits_and_release_on_drop() {
+        let gauge = Gauge::default();
+        let cap = BufferCap::new(100, gauge.clone());
+        let first = cap.reserve(60).expect("fits");
+        assert!(cap.reserve(50).is_none(), "60 + 50 > 100");
+        let second = cap.reserve(40).expect("exactly fills the cap");
+        assert_eq!(cap.used(), 100);
+        assert_eq!(gauge.get(), 100);
+        drop(first);
+        assert_eq!(cap.used(), 40);
+        assert!(cap.reserve(60).is_some());
+        drop(second);
+        assert_eq!(cap.used(), 0);
+        assert_eq!(gauge.get(), 0);
+        assert!(cap.reserve(usize::MAX).is_none(), "no overflow");
     }
 
     #[test]

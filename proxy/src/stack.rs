@@ -43,7 +43,11 @@ pub fn outbound_http(
     let per_request = ServiceBuilder::new()
         .layer(ConcurrencyLimitLayer::new(ctx.clone()))
         .layer(RequestTimeoutLayer)
-        .layer(RetryLayer::new(ctx.metrics.clone()))
+        .layer(RetryLayer::new(
+            ctx.metrics.clone(),
+            ctx.retry_buffers.clone(),
+            ctx.config.limits.retry_buffer_connection_bytes,
+        ))
         .service(OutboundEndpoint::new(ctx.clone()));
     ServiceBuilder::new()
         .layer(TapLayer::new(ctx.tap.clone(), Direction::Outbound))

@@ -306,3 +306,268 @@ async fn the_admin_server_reveals_configuration_only_to_the_pod_and_the_controll
     let (status, body) = admin_get(&server, "/config").await;
     assert_eq!(status, StatusCode::OK, "{body}");
 }
+
+const BOOKS: &str = "books.shop.svc.cluster.local:8080";
+
+/// BOOKS routed to `backend` through one route retrying 5xx up to 3 times.
+async fn retrying_books(
+    backend: &Backend,
+    stop: &CancellationToken,
+    extra: &[(&'static str, &str)],
+) -> Running {
+    use mesh_proto::policy::{self, backend as policy_backend};
+    let destination = ScriptedDestination::default();
+    let outbound = support::outbound::ScriptedOutbound::default();
+    let url = destination
+        .serve_with(Some(outbound.clone()), stop.clone())
+        .await;
+    destination.set(BOOKS, vec![plain(backend.addr)]);
+    let to_books = policy::WeightedBackend {
+        weight: 1,
+        backend: Some(policy::Backend {
+            kind: Some(policy_backend::Kind::Authority(BOOKS.into())),
+        }),
+    };
+    outbound.set(
+        BOOKS,
+        policy::OutboundPolicy {
+            service: BOOKS.into(),
+            routes: vec![policy::Route {
+                name: "all".into(),
+                ..Default::default()
+            }],
+            default_backends: vec![to_books],
+            retry: Some(policy::RetryPolicy {
+                conditions: vec!["5xx".into()],
+                limit: 3,
+                budget: Some(policy::RetryBudget {
+                    ratio: 1.0,
+                    min_per_second: 100,
+                    ttl: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    proxy_env(Some(&url), None, extra).await
+}
+
+#[tokio::test]
+async fn bodies_buffered_for_retries_stay_within_the_caps() {
+    let stop = CancellationToken::new();
+    let backend = Backend::start("books").await;
+    // Room for two 500-byte bodies in the proxy, one per connection.
+    let client = retrying_books(
+        &backend,
+        &stop,
+        &[
+            ("MESH_PROXY_RETRY_BUFFER_BYTES", "1000"),
+            ("MESH_PROXY_RETRY_BUFFER_CONNECTION_BYTES", "600"),
+        ],
+    )
+    .await;
+    // Four HTTP/2 connections of 25 slow requests each, all in flight at once.
+    let mut senders = Vec::new();
+    for _ in 0..4 {
+        let stream = TcpStream::connect(client.outbound_addr)
+            .await
+            .expect("connect");
+        let (sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(stream),
+        )
+        .await
+        .expect("h2 handshake");
+        tokio::spawn(connection);
+        senders.push(sender);
+    }
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let mut sender = senders[i % 4].clone();
+        requests.spawn(async move {
+            let request = Request::post(format!("http://{BOOKS}/slow?ms=500"))
+                .body(Full::new(Bytes::from(vec![b'x'; 500])))
+                .expect("request");
+            let response = sender.send_request(request).await.expect("response");
+            response.status()
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let (_, text) = admin_get(&client, "/metrics").await;
+    let held = metric(&text, "retry_buffered_bytes", &[]);
+    assert!(held <= 1000.0, "{held} bytes held for retries: {text}");
+    while let Some(status) = requests.join_next().await {
+        assert_eq!(status.expect("request task"), StatusCode::OK);
+    }
+    let (_, text) = admin_get(&client, "/metrics").await;
+    let unbuffered = metric(&text, "route_retry_total", &["reason=\"buffer full\""]);
+    assert!(unbuffered >= 98.0, "{unbuffered} sent unbuffered: {text}");
+    assert_eq!(metric(&text, "retry_buffered_bytes", &[]), 0.0);
+}
+
+/// Whether the peer closes `stream` within `within` (a read returns end of stream or an
+/// error) rather than leaving it open.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 256];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_elapsed) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_listener_at_its_connection_limit_closes_new_connections_at_once() {
+    let server = proxy_env(None, None, &[("MESH_PROXY_ADMIN_MAX_CONNECTIONS", "3")]).await;
+    // Three connections that say nothing hold the admin server's three slots.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            TcpStream::connect(server.admin_addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut fourth = TcpStream::connect(server.admin_addr)
+        .await
+        .expect("the kernel still accepts");
+    assert!(
+        closed_within(&mut fourth, Duration::from_secs(2)).await,
+        "the connection past the limit is closed at once"
+    );
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, text) = admin_get(&server, "/metrics").await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "slots free again once the holders leave"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "listener_connections_refused_total",
+            &["listener=\"admin\"", "reason=\"connection limit\""]
+        ),
+        1.0,
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_http1_client_is_closed_after_the_header_read_timeout() {
+    let client = proxy_env(
+        None,
+        None,
+        &[("MESH_PROXY_HTTP_HEADER_READ_TIMEOUT", "300ms")],
+    )
+    .await;
+    // Slowloris: a request head that never ends.
+    let mut stream = TcpStream::connect(client.outbound_addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET http://books/ HTTP/1.1\r\nhost: books\r\n")
+        .await
+        .expect("write");
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = stream.write_all(b"x-slow: 1\r\n").await;
+    }
+    assert!(closed_within(&mut stream, Duration::from_secs(2)).await);
+    let (_, text) = admin_get(&client, "/metrics").await;
+    assert_eq!(
+        metric(
+            &text,
+            "connection_timeout_total",
+            &["listener=\"outbound\"", "reason=\"http header read\""]
+        ),
+        1.0,
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_opaque_connection_is_closed_when_idle() {
+    let server = proxy_env(None, None, &[("MESH_PROXY_TCP_IDLE_TIMEOUT", "300ms")]).await;
+    // An application that accepts and never speaks.
+    let app = loopback().await;
+    let app_port = app.local_addr().expect("addr").port();
+    let accepted = tokio::spawn(async move { app.accept().await });
+    let mut stream = TcpStream::connect(server.inbound_addr)
+        .await
+        .expect("connect");
+    let opaque = TransportHeader {
+        port: app_port,
+        opaque: true,
+        name: String::new(),
+    };
+    stream.write_all(&opaque.encode()).await.expect("write");
+    stream.write_all(b"hello").await.expect("write");
+    assert!(closed_within(&mut stream, Duration::from_secs(2)).await);
+    accepted.await.expect("task").expect("the app was reached");
+    let (_, text) = admin_get(&server, "/metrics").await;
+    assert_eq!(
+        metric(
+            &text,
+            "connection_timeout_total",
+            &["listener=\"inbound\"", "reason=\"tcp idle\""]
+        ),
+        1.0,
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_tls_handshake_on_the_admin_port_is_closed() {
+    let setup = setup().await;
+    let server = proxy_env(
+        None,
+        Some(setup.identity(BOOKS_ID, "books-token")),
+        &[("MESH_PROXY_TLS_HANDSHAKE_TIMEOUT", "300ms")],
+    )
+    .await;
+    for addr in [server.admin_addr, server.inbound_addr] {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        // The first byte of a TLS record, and nothing more.
+        stream.write_all(&[0x16]).await.expect("write");
+        assert!(
+            closed_within(&mut stream, Duration::from_secs(2)).await,
+            "{addr}"
+        );
+    }
+    let (_, text) = admin_get(&server, "/metrics").await;
+    for listener in ["admin", "inbound"] {
+        assert_eq!(
+            metric(
+                &text,
+                "connection_timeout_total",
+                &[
+                    &format!("listener=\"{listener}\""),
+                    "reason=\"tls handshake\""
+                ]
+            ),
+            1.0,
+            "{listener}: {text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn listeners_take_the_configured_backlog() {
+    let server = proxy_env(None, None, &[("MESH_PROXY_LISTEN_BACKLOG", "777")]).await;
+    // `ss -ltn` shows a listening socket's backlog in its Send-Q column.
+    let output = tokio::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{}", server.inbound_addr.port())])
+        .output()
+        .await
+        .expect("ss runs (iproute2)");
+    let listing = String::from_utf8_lossy(&output.stdout);
+    let send_q = listing.split_whitespace().nth(2);
+    assert_eq!(send_q, Some("777"), "{listing}");
+}

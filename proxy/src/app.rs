@@ -202,7 +202,13 @@ impl Context {
         };
         clients
             .entry(addr)
-            .or_insert_with(|| HttpClients::new(Dial::Direct(addr), self.config.connect_timeout))
+            .or_insert_with(|| {
+                HttpClients::new(
+                    Dial::Direct(addr),
+                    self.config.connect_timeout,
+                    self.config.limits.endpoint_connections,
+                )
+            })
             .clone()
     }
 }
@@ -266,6 +272,7 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
         config.controller_addr.as_deref(),
         config.workload.to_proto(),
         config.connect_timeout,
+        config.limits.endpoint_connections,
         tls.clone(),
     )
     .map_err(|source| StartError::Controller {

@@ -21,6 +21,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::http::ReqBody;
 use crate::metrics::TargetMetrics;
@@ -73,6 +74,12 @@ impl Dial {
         }
     }
 
+    /// Whether this dials a peer proxy (which speaks HTTP/2 to us whatever its application
+    /// speaks).
+    pub fn is_proxy(&self) -> bool {
+        matches!(self, Self::Proxied { .. })
+    }
+
     /// The address actually connected to.
     pub fn socket_addr(&self) -> SocketAddr {
         match self {
@@ -89,13 +96,14 @@ impl Dial {
         }
     }
 
-    /// Opens a connection: TCP, then TLS and the transport header when proxied.
+    /// Opens a connection: TCP, then TLS and the transport header when proxied. Errors do not
+    /// name the address (they may reach a client in `mesh-error`); callers log it.
     pub async fn connect(&self, timeout: Duration) -> io::Result<MeshIo> {
         let addr = self.socket_addr();
         let timed_out = || {
             io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("connect to {addr} timed out after {timeout:?}"),
+                format!("connect timed out after {timeout:?}"),
             )
         };
         let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
@@ -124,7 +132,7 @@ impl Dial {
                     .map_err(|error| {
                         io::Error::new(
                             error.kind(),
-                            format!("TLS handshake with {addr} ({}): {error}", tls.identity),
+                            format!("TLS handshake with {}: {error}", tls.identity),
                         )
                     })?;
                 stream.write_all(header).await?;
@@ -201,21 +209,29 @@ impl AsyncWrite for MeshIo {
     }
 }
 
-impl Connection for MeshIo {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-/// A tower connector that always dials one destination.
+/// A tower connector that always dials one destination, with at most `permits` connections
+/// open to it at once.
 #[derive(Clone, Debug)]
 pub struct Connector {
     dial: Arc<Dial>,
     timeout: Duration,
+    permits: Arc<Semaphore>,
+    max_connections: usize,
+}
+
+/// A new connection would exceed the destination's connection limit, and none freed up within
+/// the connect timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("{limit} connections to the destination are open already")]
+pub struct ConnectionLimit {
+    /// The destination.
+    pub addr: SocketAddr,
+    /// Its limit.
+    pub limit: usize,
 }
 
 impl tower::Service<Uri> for Connector {
-    type Response = TokioIo<MeshIo>;
+    type Response = TokioIo<PooledIo>;
     type Error = io::Error;
     type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
 
@@ -226,7 +242,77 @@ impl tower::Service<Uri> for Connector {
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let dial = self.dial.clone();
         let timeout = self.timeout;
-        Box::pin(async move { dial.connect(timeout).await.map(TokioIo::new) })
+        let permits = self.permits.clone();
+        let limit = self.max_connections;
+        Box::pin(async move {
+            // Waiting here is waiting for a pooled connection to close: hyper hands the
+            // request an idle connection instead if one is returned first.
+            let permit = match tokio::time::timeout(timeout, permits.acquire_owned()).await {
+                Ok(Ok(permit)) => permit,
+                _ => {
+                    let addr = dial.socket_addr();
+                    return Err(io::Error::other(ConnectionLimit { addr, limit }));
+                }
+            };
+            let io = dial.connect(timeout).await?;
+            Ok(TokioIo::new(PooledIo {
+                io,
+                _permit: permit,
+            }))
+        })
+    }
+}
+
+/// A pooled connection holding its slot of the destination's connection limit.
+#[derive(Debug)]
+pub struct PooledIo {
+    io: MeshIo,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for PooledIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PooledIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+impl Connection for PooledIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
     }
 }
 
@@ -250,11 +336,14 @@ pub struct HttpClients {
 }
 
 impl HttpClients {
-    /// Clients for one destination; no connection is opened until the first request.
-    pub fn new(dial: Dial, connect_timeout: Duration) -> Self {
+    /// Clients for one destination, with at most `max_connections` open to it at once; no
+    /// connection is opened until the first request.
+    pub fn new(dial: Dial, connect_timeout: Duration, max_connections: usize) -> Self {
         let connector = Connector {
             dial: Arc::new(dial),
             timeout: connect_timeout,
+            permits: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
         };
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)

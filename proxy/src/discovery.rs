@@ -240,6 +240,7 @@ pub struct Discovery {
     client: Option<DestinationClient<Channel>>,
     source: WorkloadRef,
     connect_timeout: Duration,
+    endpoint_connections: usize,
     tls: Option<Arc<TlsContext>>,
     cache: Mutex<HashMap<TargetKey, Arc<Resolution>>>,
 }
@@ -253,11 +254,12 @@ const NOT_FOUND_RETRY: Duration = Duration::from_secs(5);
 impl Discovery {
     /// Discovery through the controller at `controller` (None: every target is unknown and
     /// forwarded to its original destination). Connects lazily, so a controller that is down
-    /// at start is not an error.
+    /// at start is not an error. Each endpoint's clients open at most `endpoint_connections`.
     pub fn new(
         controller: Option<&str>,
         source: WorkloadRef,
         connect_timeout: Duration,
+        endpoint_connections: usize,
         tls: Option<Arc<TlsContext>>,
     ) -> Result<Self, tonic::transport::Error> {
         let client = match controller {
@@ -274,6 +276,7 @@ impl Discovery {
             client,
             source,
             connect_timeout,
+            endpoint_connections,
             tls,
             cache: Mutex::new(HashMap::new()),
         })
@@ -301,6 +304,7 @@ impl Discovery {
                     client: client.clone(),
                     source: self.source.clone(),
                     connect_timeout: self.connect_timeout,
+                    endpoint_connections: self.endpoint_connections,
                     tls: self.tls.clone(),
                     resolution: Arc::downgrade(&resolution),
                     key: key.clone(),
@@ -348,6 +352,7 @@ struct Watch {
     client: DestinationClient<Channel>,
     source: WorkloadRef,
     connect_timeout: Duration,
+    endpoint_connections: usize,
     tls: Option<Arc<TlsContext>>,
     resolution: std::sync::Weak<Resolution>,
     key: TargetKey,
@@ -513,7 +518,7 @@ impl Watch {
             proxy_port,
             opaque,
             tls,
-            clients: HttpClients::new(dial, self.connect_timeout),
+            clients: HttpClients::new(dial, self.connect_timeout, self.endpoint_connections),
             failures: AtomicU32::new(0),
         })
     }

@@ -1,31 +1,56 @@
 //! Forwarding one HTTP request to a destination's clients, shared by both sides: header
-//! hygiene, protocol upgrades, and turning client failures into [`ProxyError`]s.
+//! hygiene, protocol upgrades, HTTP/1 carried over HTTP/2 between proxies, and turning client
+//! failures into [`ProxyError`]s.
 
-use http::{Request, Response, StatusCode, Uri};
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
-use tracing::debug;
+use tracing::{debug, warn};
 
-use crate::client::HttpClients;
+use crate::client::{ConnectionLimit, HttpClients};
 use crate::http::{ProxyBody, ProxyError, ReqBody, is_upgrade, strip_hop_by_hop};
+
+/// Names the HTTP/1 version of a request a client proxy carries to a peer proxy over HTTP/2
+/// (as Linkerd's `l5d-orig-proto`): the peer restores it before the application sees it.
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("mesh-orig-proto");
 
 /// Sends `request` with `clients`, keeping `authority` as its Host/`:authority`, and returns
 /// the response ready for the client (hop-by-hop headers removed, upgrades spliced).
+///
+/// An HTTP/1 request to a peer proxy travels over the one HTTP/2 connection to that proxy
+/// (with [`ORIG_PROTO`]), so a thousand HTTP/1 clients cost the peer one connection rather than
+/// one each. Upgrades (WebSocket) stay HTTP/1: HTTP/2 cannot carry them this way.
+///
+/// `service` names the destination in errors the client sees; the endpoint's address goes to
+/// the log only.
 pub async fn forward(
     clients: &HttpClients,
     mut request: Request<ReqBody>,
     authority: &str,
+    service: &str,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let client_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
-    let request = prepare_request(request, authority, client_upgrade.is_some())?;
-    let client = clients.for_version(request.version());
-    let mut response = client.request(request).await.map_err(|error| {
-        let detail = format!("{}: {}", clients.dial.socket_addr(), error_chain(&error));
-        if error.is_connect() {
-            ProxyError::ConnectFailed(detail)
+    let orig_version = (clients.dial.is_proxy()
+        && client_upgrade.is_none()
+        && request.version() < Version::HTTP_2)
+        .then(|| request.version());
+    let mut request = prepare_request(request, authority, client_upgrade.is_some())?;
+    if let Some(version) = orig_version {
+        let name = if version == Version::HTTP_10 {
+            "HTTP/1.0"
         } else {
-            ProxyError::Upstream(detail)
-        }
-    })?;
+            "HTTP/1.1"
+        };
+        request
+            .headers_mut()
+            .insert(ORIG_PROTO, HeaderValue::from_static(name));
+        *request.version_mut() = Version::HTTP_2;
+    }
+    let client = clients.for_version(request.version());
+    let mut response = client
+        .request(request)
+        .await
+        .map_err(|error| client_error(&error, clients, service))?;
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     if let Some(client_upgrade) = client_upgrade
         && switching
@@ -34,11 +59,33 @@ pub async fn forward(
         tokio::spawn(splice_upgrades(client_upgrade, server_upgrade));
     }
     strip_hop_by_hop(response.headers_mut(), switching);
+    if let Some(version) = orig_version {
+        *response.version_mut() = version;
+    }
     Ok(response.map(Either::Left))
 }
 
+/// Removes [`ORIG_PROTO`] from a request and, when `from_proxy` (the connection came from a
+/// client proxy through the transport header), restores the HTTP/1 version it names. From
+/// anyone else the header is dropped unread: only a peer proxy downgrades a request.
+pub fn restore_orig_proto<B>(request: &mut Request<B>, from_proxy: bool) {
+    let Some(value) = request.headers_mut().remove(ORIG_PROTO) else {
+        return;
+    };
+    if !from_proxy || request.version() != Version::HTTP_2 {
+        return;
+    }
+    match value.as_bytes() {
+        b"HTTP/1.1" => *request.version_mut() = Version::HTTP_11,
+        b"HTTP/1.0" => *request.version_mut() = Version::HTTP_10,
+        _ => debug!(?value, "ignoring an unknown mesh-orig-proto"),
+    }
+}
+
 /// Rewrites a request for the upstream client: absolute URI with the request's authority (the
-/// connector ignores it and dials the chosen endpoint) and no hop-by-hop headers.
+/// connector ignores it and dials the chosen endpoint) and no hop-by-hop headers. The URI
+/// takes the request's own `Host` when it has one, so an HTTP/1 request carried over HTTP/2
+/// keeps the exact name its client sent (`authority` has the default port added).
 fn prepare_request(
     request: Request<ReqBody>,
     authority: &str,
@@ -50,14 +97,71 @@ fn prepare_request(
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    parts.uri = Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(path)
-        .build()
+    let host = parts
+        .headers
+        .get(http::header::HOST)
+        .and_then(|host| http::uri::Authority::try_from(host.as_bytes()).ok());
+    let build = |authority: &str| {
+        Uri::builder()
+            .scheme("http")
+            .authority(authority)
+            .path_and_query(path)
+            .build()
+    };
+    parts.uri = host
+        .and_then(|host| build(host.as_str()).ok())
+        .map_or_else(|| build(authority), Ok)
         .map_err(|error| ProxyError::BadRequest(format!("invalid request target: {error}")))?;
     strip_hop_by_hop(&mut parts.headers, upgrade);
     Ok(Request::from_parts(parts, body))
+}
+
+/// What the client is told of a failed exchange with `service`: what went wrong, not where.
+/// The endpoint's address and the whole error go to the log.
+fn client_error(
+    error: &hyper_util::client::legacy::Error,
+    clients: &HttpClients,
+    service: &str,
+) -> ProxyError {
+    let chain = error_chain(error);
+    warn!(%service, upstream = %clients.dial.socket_addr(), error = %chain, "forwarding failed");
+    if find_source::<ConnectionLimit>(error).is_some() {
+        return ProxyError::Overloaded(format!("{service}: {chain}"));
+    }
+    if request_body_failed(error) {
+        return ProxyError::BadRequest(format!("the request body could not be read: {chain}"));
+    }
+    if error.is_connect() {
+        ProxyError::ConnectFailed(format!("{service}: {chain}"))
+    } else {
+        ProxyError::Upstream(format!("{service}: {chain}"))
+    }
+}
+
+/// The first error of type `E` in `error`'s chain.
+fn find_source<'a, E: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut next = Some(error);
+    while let Some(current) = next {
+        if let Some(found) = current.downcast_ref::<E>() {
+            return Some(found);
+        }
+        next = current.source();
+    }
+    None
+}
+
+/// Whether an exchange failed because the client's own request body did (a malformed chunk, a
+/// body cut short): hyper reports the body stream's error as a "user" error of the client
+/// whose source is the error our server side read.
+fn request_body_failed(error: &(dyn std::error::Error + 'static)) -> bool {
+    find_source::<hyper::Error>(error).is_some_and(|hyper_error| {
+        hyper_error.is_user()
+            && std::error::Error::source(hyper_error)
+                .and_then(|source| find_source::<hyper::Error>(source))
+                .is_some()
+    })
 }
 
 /// Copies bytes between the two sides of an upgraded (101) connection.

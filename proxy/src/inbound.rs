@@ -62,6 +62,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                 opaque: ctx.config.opaque_ports.contains(&dst.port()),
                 name: None,
                 client_id: None,
+                from_proxy: false,
             };
             serve_app_port(stream, arrival, peer, ctx).await;
         }
@@ -79,6 +80,8 @@ struct Arrival {
     name: Option<String>,
     /// The client's proven identity.
     client_id: Option<String>,
+    /// Sent by a client proxy (through the transport header), not captured.
+    from_proxy: bool,
 }
 
 /// A connection made straight to the inbound port by a client proxy: mesh TLS, then the
@@ -180,6 +183,7 @@ async fn read_header<I: AsyncRead + Unpin>(
             opaque: header.opaque || ctx.config.opaque_ports.contains(&header.port),
             name: Some(header.name).filter(|n| !n.is_empty()),
             client_id,
+            from_proxy: true,
         }),
         Ok(Err(error)) => {
             ctx.metrics
@@ -245,6 +249,7 @@ where
                 clients: ctx.direct_clients(app),
                 labels: labels.clone(),
                 target: Arc::new(ArcSwapOption::empty()),
+                from_proxy: arrival.from_proxy,
             };
             // The connection itself is counted like an opaque one, so a workload's open
             // connections include its HTTP clients' (`stat`'s TCP column was 0 for them).
@@ -315,16 +320,19 @@ pub struct InboundHttp {
     /// The metrics of the connection's last authority: a connection's requests almost always
     /// name the same one, so its labels and series are built once, not per request.
     target: Arc<ArcSwapOption<TargetMetrics>>,
+    /// The connection came from a client proxy, which may carry HTTP/1 over HTTP/2.
+    from_proxy: bool,
 }
 
 impl InboundHttp {
-    async fn forward(self, request: Request<Incoming>) -> Response<ProxyBody> {
+    async fn forward(self, mut request: Request<Incoming>) -> Response<ProxyBody> {
+        forward::restore_orig_proto(&mut request, self.from_proxy);
         let grpc = is_grpc(&request);
         let authority = request_authority(&request);
         let target = self.target(authority.as_deref());
         let uri_authority = authority.unwrap_or_else(|| target.labels.target_addr.0.to_string());
         let request = request.map(Either::Left);
-        match forward::forward(&self.clients, request, &uri_authority).await {
+        match forward::forward(&self.clients, request, &uri_authority, &uri_authority).await {
             Ok(mut response) => {
                 response.extensions_mut().insert(target);
                 response

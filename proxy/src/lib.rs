@@ -21,6 +21,7 @@ pub mod discovery;
 pub mod forward;
 pub mod http;
 pub mod http_metrics;
+pub mod hygiene;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;

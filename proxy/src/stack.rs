@@ -14,6 +14,7 @@ use crate::access_log::{AccessLog, AccessLogLayer};
 use crate::app::Context;
 use crate::authz::{Authz, AuthzLayer, ConnectionClient};
 use crate::http_metrics::{HttpMetrics, HttpMetricsLayer};
+use crate::hygiene::{Hygiene, HygieneLayer};
 use crate::inbound::InboundHttp;
 use crate::metrics::{Direction, TargetLabels};
 use crate::outbound::{ConcurrencyLimit, ConcurrencyLimitLayer, OutboundEndpoint, OutboundRouter};
@@ -28,13 +29,17 @@ use crate::trace::{Trace, TraceLayer};
 pub type OutboundStack = Tap<
     Trace<
         AccessLog<
-            HttpMetrics<OutboundRouter<ConcurrencyLimit<RequestTimeout<Retry<OutboundEndpoint>>>>>,
+            HttpMetrics<
+                Hygiene<OutboundRouter<ConcurrencyLimit<RequestTimeout<Retry<OutboundEndpoint>>>>>,
+            >,
         >,
     >,
 >;
 
-/// Outbound: tap -> trace -> access log -> metrics -> router (target, plan, route, filters, weighted backend) -> the
-/// backend's concurrency limit -> the route's request timeout -> retries within the budget -> a balanced endpoint, one attempt.
+/// Outbound: tap -> trace -> access log -> metrics -> hygiene (one Host, h2c upgrades
+/// stripped) -> router (target, plan, route, filters, weighted backend) -> the backend's
+/// concurrency limit -> the route's request timeout -> retries within the budget and the
+/// buffer caps -> a balanced endpoint, one attempt.
 pub fn outbound_http(
     ctx: &Arc<Context>,
     orig_dst: Option<SocketAddr>,
@@ -57,6 +62,7 @@ pub fn outbound_http(
             Direction::Outbound,
         ))
         .layer(HttpMetricsLayer::new(ctx.metrics.clone()))
+        .layer(HygieneLayer::new(ctx.metrics.clone(), Direction::Outbound))
         .service(OutboundRouter::new(
             ctx.clone(),
             orig_dst,
@@ -66,9 +72,10 @@ pub fn outbound_http(
 }
 
 /// The inbound HTTP stack.
-pub type InboundStack = Tap<Trace<AccessLog<HttpMetrics<Authz<RateLimit<InboundHttp>>>>>>;
+pub type InboundStack = Tap<Trace<AccessLog<HttpMetrics<Hygiene<Authz<RateLimit<InboundHttp>>>>>>>;
 
-/// Inbound: tap -> trace -> access log -> metrics -> authorization policy -> local rate limit -> forward to the application.
+/// Inbound: tap -> trace -> access log -> metrics -> hygiene -> authorization policy -> local
+/// rate limit -> forward to the application.
 pub fn inbound_http(
     ctx: &Arc<Context>,
     forward: InboundHttp,
@@ -84,6 +91,7 @@ pub fn inbound_http(
             Direction::Inbound,
         ))
         .layer(HttpMetricsLayer::new(ctx.metrics.clone()))
+        .layer(HygieneLayer::new(ctx.metrics.clone(), Direction::Inbound))
         .layer(AuthzLayer::new(
             policy.clone(),
             client.clone(),

@@ -571,3 +571,142 @@ async fn listeners_take_the_configured_backlog() {
     let send_q = listing.split_whitespace().nth(2);
     assert_eq!(send_q, Some("777"), "{listing}");
 }
+
+#[tokio::test]
+async fn http1_requests_between_proxies_share_one_http2_connection() {
+    let setup = setup().await;
+    let client = proxy_with(
+        Some(&setup.controller),
+        Some(setup.identity(WEB_ID, "web-token")),
+    )
+    .await;
+    let server = proxy_with(None, Some(setup.identity(BOOKS_ID, "books-token"))).await;
+    let backend = Backend::start("books").await;
+    setup.meshed_port(BOOKS, &server, backend.addr.port());
+    // Fifty HTTP/1 client connections, each with one slow request in flight.
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let proxy = format!("http://{}", client.outbound_addr);
+        requests.spawn(async move {
+            curl(&[
+                "-x",
+                &proxy,
+                "-H",
+                &format!("x-request: {i}"),
+                &format!("http://{BOOKS}/slow?ms=2000"),
+            ])
+            .await
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (_, text) = admin_get(&server, "/metrics").await;
+    let open = metric(
+        &text,
+        "listener_connections_open",
+        &["listener=\"inbound\""],
+    );
+    assert_eq!(
+        open, 1.0,
+        "inbound connections from the one client proxy: {text}"
+    );
+    while let Some(body) = requests.join_next().await {
+        let body = body.expect("request task");
+        // The application still sees the HTTP/1.1 request its client made, Host included.
+        assert!(
+            body.starts_with(&format!(
+                "backend=books method=GET path=/slow host={BOOKS} version=HTTP/1.1"
+            )),
+            "{body}"
+        );
+    }
+}
+
+/// A client proxy whose discovery knows BOOKS as `endpoints`.
+async fn client_for_books(
+    stop: &CancellationToken,
+    endpoints: Vec<destination::Endpoint>,
+) -> Running {
+    let destination = ScriptedDestination::default();
+    let url = destination.serve(stop.clone()).await;
+    destination.set(BOOKS, endpoints);
+    proxy(Some(&url)).await
+}
+
+#[tokio::test]
+async fn mesh_errors_name_the_service_and_the_reason_never_an_address() {
+    let stop = CancellationToken::new();
+    // Nothing listens on this address any more.
+    let gone = loopback().await.local_addr().expect("addr");
+    let client = client_for_books(&stop, vec![plain(gone)]).await;
+    let out = curl(&[
+        "-x",
+        &format!("http://{}", client.outbound_addr),
+        "--include",
+        &format!("http://{BOOKS}/"),
+    ])
+    .await;
+    assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+    assert!(
+        out.contains(&format!("mesh-error: connect failed: {BOOKS}: ")),
+        "{out}"
+    );
+    assert!(
+        !out.contains("127.0.0.1"),
+        "an address reached the client: {out}"
+    );
+    assert!(!out.contains(&gone.port().to_string()), "{out}");
+}
+
+#[tokio::test]
+async fn a_malformed_request_body_is_the_clients_error() {
+    let stop = CancellationToken::new();
+    let backend = Backend::start("books").await;
+    let client = client_for_books(&stop, vec![plain(backend.addr)]).await;
+    let request = format!(
+        "POST http://{BOOKS}/echo HTTP/1.1\r\nhost: {BOOKS}\r\ntransfer-encoding: chunked\r\n\r\n\
+         5\r\nhello\r\nnot-a-chunk-size\r\n"
+    );
+    let answer = exchange(client.outbound_addr, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("mesh-error: bad request"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_request_with_two_host_headers_is_refused() {
+    let stop = CancellationToken::new();
+    let backend = Backend::start("books").await;
+    let client = client_for_books(&stop, vec![plain(backend.addr)]).await;
+    let request = format!(
+        "GET http://{BOOKS}/ HTTP/1.1\r\nhost: {BOOKS}\r\nhost: admin.internal\r\nconnection: close\r\n\r\n"
+    );
+    let answer = exchange(client.outbound_addr, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("2 Host headers"), "{answer}");
+    // An absolute-form target and a Host naming something else: the target wins.
+    let request = format!(
+        "GET http://{BOOKS}/ HTTP/1.1\r\nhost: admin.internal\r\nconnection: close\r\n\r\n"
+    );
+    let answer = exchange(client.outbound_addr, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(&format!("host={BOOKS} ")), "{answer}");
+}
+
+#[tokio::test]
+async fn h2c_upgrades_are_stripped_and_websockets_kept() {
+    let stop = CancellationToken::new();
+    let backend = Backend::start("books").await;
+    let client = client_for_books(&stop, vec![plain(backend.addr)]).await;
+    let h2c = format!(
+        "GET http://{BOOKS}/ HTTP/1.1\r\nhost: {BOOKS}\r\nconnection: Upgrade, HTTP2-Settings\r\n\
+         upgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAAP__\r\n\r\n"
+    );
+    let answer = exchange(client.outbound_addr, h2c.as_bytes()).await;
+    // The backend switches protocols for any upgrade it sees; it saw none.
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("backend=books"), "{answer}");
+    let websocket = format!(
+        "GET http://{BOOKS}/ HTTP/1.1\r\nhost: {BOOKS}\r\nconnection: Upgrade\r\nupgrade: echo\r\n\r\n"
+    );
+    let answer = exchange(client.outbound_addr, websocket.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+}

@@ -10,6 +10,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
+use tracing::warn;
 
 use super::outbound_labels;
 use super::router::{Dispatch, DispatchTarget};
@@ -115,15 +116,23 @@ impl OutboundEndpoint {
         target: Arc<TargetMetrics>,
         grpc: bool,
     ) -> (Response<ProxyBody>, bool) {
-        let sent = forward::forward(clients, request, &dispatch.uri_authority);
+        let sent = forward::forward(
+            clients,
+            request,
+            &dispatch.uri_authority,
+            &dispatch.logical.0,
+        );
         let result = match timeout {
             None => sent.await,
             Some(timeout) => match tokio::time::timeout(timeout, sent).await {
                 Ok(result) => result,
-                Err(_elapsed) => Err(ProxyError::Timeout(format!(
-                    "{} sent no response headers within {timeout:?}",
-                    clients.dial.socket_addr()
-                ))),
+                Err(_elapsed) => {
+                    warn!(service = %dispatch.logical.0, upstream = %clients.dial.socket_addr(), "no response headers within {timeout:?}");
+                    Err(ProxyError::Timeout(format!(
+                        "{} sent no response headers within {timeout:?}",
+                        dispatch.logical.0
+                    )))
+                }
             },
         };
         match result {

@@ -394,7 +394,8 @@ where
             if let State::Known { .. } = resolution.state(ctx.config.discovery_timeout).await
                 && let Some(pick) = resolution.balancer.pick(None)
             {
-                let _ = crate::forward::forward(&pick.meta().clients, copy, &uri_authority).await;
+                let clients = &pick.meta().clients;
+                let _ = crate::forward::forward(clients, copy, &uri_authority, "the mirror").await;
                 pick.complete();
             }
         });

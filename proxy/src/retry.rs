@@ -287,6 +287,30 @@ impl Drop for Reservation {
     }
 }
 
+/// The endpoints the earlier attempts of a request went to, shared by its attempts: a retry
+/// goes to another endpoint while there is one (Envoy's previous-hosts predicate), since the
+/// endpoint that just failed is the likeliest to fail again.
+#[derive(Debug, Default)]
+pub struct TriedEndpoints(std::sync::Mutex<Vec<std::net::SocketAddr>>);
+
+impl TriedEndpoints {
+    /// Records an attempt's endpoint.
+    pub fn push(&self, addr: std::net::SocketAddr) {
+        self.lock().push(addr);
+    }
+
+    /// The endpoints tried so far.
+    pub fn list(&self) -> Vec<std::net::SocketAddr> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<std::net::SocketAddr>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// The route chosen for a request, put in its extensions by the router for the layers below.
 #[derive(Clone, Debug)]
 pub struct RouteInfo(pub Arc<RouteParams>);
@@ -390,7 +414,8 @@ where
                 Some(retry) => retry,
                 None => return inner.oneshot(request).await,
             };
-            let (parts, body) = request.into_parts();
+            let (mut parts, body) = request.into_parts();
+            parts.extensions.insert(Arc::new(TriedEndpoints::default()));
             let body = match Limited::new(body, retry.max_body_bytes).collect().await {
                 Ok(collected) => collected.to_bytes(),
                 Err(error) => {

@@ -710,3 +710,70 @@ async fn h2c_upgrades_are_stripped_and_websockets_kept() {
     let answer = exchange(client.outbound_addr, websocket.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
 }
+
+#[tokio::test]
+async fn retries_go_to_another_replica_and_a_dead_app_is_ejected_at_once() {
+    use mesh_proto::policy::{self, backend as policy_backend};
+    let stop = CancellationToken::new();
+    let destination = ScriptedDestination::default();
+    let outbound = support::outbound::ScriptedOutbound::default();
+    let url = destination
+        .serve_with(Some(outbound.clone()), stop.clone())
+        .await;
+    let client = proxy(Some(&url)).await;
+    // Two replicas, each behind its proxy; the second's application is dead (its proxy is up
+    // and answers 502 `connect failed`).
+    let healthy_proxy = proxy(None).await;
+    let dead_proxy = proxy(None).await;
+    let healthy = Backend::start("healthy").await;
+    let dead_app = loopback().await.local_addr().expect("addr");
+    destination.set(
+        BOOKS,
+        vec![
+            meshed(healthy.addr, healthy_proxy.inbound_addr.port()),
+            meshed(dead_app, dead_proxy.inbound_addr.port()),
+        ],
+    );
+    outbound.set(
+        BOOKS,
+        policy::OutboundPolicy {
+            service: BOOKS.into(),
+            routes: vec![policy::Route {
+                name: "all".into(),
+                ..Default::default()
+            }],
+            default_backends: vec![policy::WeightedBackend {
+                weight: 1,
+                backend: Some(policy::Backend {
+                    kind: Some(policy_backend::Kind::Authority(BOOKS.into())),
+                }),
+            }],
+            retry: Some(policy::RetryPolicy {
+                conditions: vec!["gateway-error".into()],
+                limit: 1,
+                budget: Some(policy::RetryBudget {
+                    ratio: 0.2,
+                    min_per_second: 10,
+                    ttl: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    let mut requests = ProxyClient::connect(&client).await;
+    for i in 0..200 {
+        let (status, backend, body) = requests.get(&format!("http://{BOOKS}/"), &[]).await;
+        assert_eq!(status, 200, "request {i}: {body}");
+        assert_eq!(backend, "healthy");
+    }
+    let (_, text) = admin_get(&client, "/metrics").await;
+    assert!(
+        metric(&text, "endpoint_ejection_total", &[]) >= 1.0,
+        "the dead replica was ejected: {text}"
+    );
+    // Once ejected, the dead replica is tried again only as a probe after its backoff: at
+    // most a couple of retries in 200 requests, not one per request.
+    let retried = metric(&text, "route_retry_total", &["reason=\"retried\""]);
+    assert!(retried <= 3.0, "{retried} retries");
+}

@@ -253,19 +253,16 @@ async fn a_hung_backend_trips_the_request_timeout() {
 }
 
 #[tokio::test]
-async fn a_failing_endpoint_is_ejected_then_restored() {
+async fn a_failing_endpoint_is_ejected_after_consecutive_failures() {
     let mesh = Mesh::new().await;
     let healthy = Backend::start("healthy").await;
-    // An address with nothing listening: connections are refused.
-    let dead = loopback().await;
-    let dead_addr = dead.local_addr().expect("addr");
-    drop(dead);
-    mesh.service_addrs(BOOKS, &[healthy.addr, dead_addr]);
+    let failing = Backend::start("failing").await;
+    mesh.service(BOOKS, &[&healthy, &failing]);
     let mut policy = plan(vec![route("all", vec![])]);
     policy.failure_accrual = Some(policy::FailureAccrual {
         consecutive_failures: 3,
-        min_backoff: seconds(1000),
-        max_backoff: seconds(1000),
+        min_backoff: seconds(60_000),
+        max_backoff: seconds(60_000),
     });
     policy.balancer = Some(policy::Balancer {
         kind: policy::balancer::Kind::RoundRobin as i32,
@@ -281,6 +278,35 @@ async fn a_failing_endpoint_is_ejected_then_restored() {
         }
     }
     assert_eq!(failures, 3, "ejected after 3 consecutive failures");
+    let (_, text) = admin_get(&mesh.proxy, "/metrics").await;
+    assert_eq!(metric(&text, "endpoint_ejection_total", &[]), 1.0);
+}
+
+#[tokio::test]
+async fn a_refused_endpoint_is_ejected_at_once_then_restored() {
+    let mesh = Mesh::new().await;
+    let healthy = Backend::start("healthy").await;
+    // An address with nothing listening: connections are refused.
+    let dead = loopback().await;
+    let dead_addr = dead.local_addr().expect("addr");
+    drop(dead);
+    mesh.service_addrs(BOOKS, &[healthy.addr, dead_addr]);
+    // No failure accrual in the plan: a refused connection ejects all the same.
+    let mut policy = plan(vec![route("all", vec![])]);
+    policy.balancer = Some(policy::Balancer {
+        kind: policy::balancer::Kind::RoundRobin as i32,
+        ..Default::default()
+    });
+    mesh.outbound.set(BOOKS, policy);
+    let mut client = mesh.client().await;
+    let mut failures = 0;
+    for _ in 0..40 {
+        let (status, _, _) = client.get(&format!("http://{BOOKS}/"), &[]).await;
+        if status != 200 {
+            failures += 1;
+        }
+    }
+    assert_eq!(failures, 1, "ejected at the first refused connection");
     let (_, text) = admin_get(&mesh.proxy, "/metrics").await;
     assert_eq!(metric(&text, "endpoint_ejection_total", &[]), 1.0);
 
@@ -302,17 +328,8 @@ async fn every_endpoint_ejected_fails_fast_with_a_clear_error() {
     let dead_addr = dead.local_addr().expect("addr");
     drop(dead);
     mesh.service_addrs(BOOKS, &[dead_addr]);
-    let mut policy = plan(vec![route("all", vec![])]);
-    policy.failure_accrual = Some(policy::FailureAccrual {
-        consecutive_failures: 2,
-        min_backoff: seconds(60_000),
-        max_backoff: seconds(60_000),
-    });
-    mesh.outbound.set(BOOKS, policy);
     let mut client = mesh.client().await;
-    for _ in 0..2 {
-        assert_eq!(client.get(&format!("http://{BOOKS}/"), &[]).await.0, 502);
-    }
+    assert_eq!(client.get(&format!("http://{BOOKS}/"), &[]).await.0, 502);
     let (status, _, body) = client.get(&format!("http://{BOOKS}/"), &[]).await;
     assert_eq!(status, 503);
     assert!(body.contains("ejected"), "{body}");

@@ -232,9 +232,28 @@ impl<T: Clone + Send + Sync + 'static> Balancer<T> {
     /// [`Algorithm::ConsistentHash`] only: the caller hashes the header, cookie or client IP
     /// the policy names; without one, consistent hashing picks as peak-EWMA.
     pub fn pick(&self, hash_key: Option<u64>) -> Option<Pick<T>> {
+        self.pick_avoiding(hash_key, &[])
+    }
+
+    /// Like [`Balancer::pick`], but never one of `avoid` while another endpoint is left: a
+    /// retry goes elsewhere than its earlier attempts (Envoy's previous-hosts predicate). When
+    /// every endpoint is in `avoid`, picks as [`Balancer::pick`] does.
+    pub fn pick_avoiding(&self, hash_key: Option<u64>, avoid: &[SocketAddr]) -> Option<Pick<T>> {
         let snapshot = self.shared.snapshot.load();
         let now = self.shared.clock.now();
-        let member = snapshot.endpoints.get(snapshot.choose(hash_key, now)?)?;
+        let index = if avoid.is_empty() {
+            snapshot.choose(hash_key, now)?
+        } else {
+            let allowed: Vec<usize> = (0..snapshot.endpoints.len())
+                .filter(|&i| !avoid.contains(&snapshot.endpoints[i].addr))
+                .collect();
+            if allowed.is_empty() {
+                snapshot.choose(hash_key, now)?
+            } else {
+                snapshot.choose_among(&allowed, hash_key, now)?
+            }
+        };
+        let member = snapshot.endpoints.get(index)?;
         member.load.in_flight.fetch_add(1, Ordering::Relaxed);
         Some(Pick {
             addr: member.addr,
@@ -362,22 +381,73 @@ impl<T> Snapshot<T> {
         }
     }
 
+    /// The index of the endpoint to pick among the `allowed` indices (not empty), by the same
+    /// algorithm as [`Snapshot::choose`]. Only retries come here, so it may allocate.
+    fn choose_among(
+        &self,
+        allowed: &[usize],
+        hash_key: Option<u64>,
+        now: Instant,
+    ) -> Option<usize> {
+        if allowed.len() == 1 {
+            return allowed.first().copied();
+        }
+        let pick_from = |cost: &dyn Fn(&Member<T>) -> f64| {
+            let (first, second) = two_distinct(allowed.len());
+            let (a, b) = (allowed[first], allowed[second]);
+            if cost(&self.endpoints[b]) < cost(&self.endpoints[a]) {
+                b
+            } else {
+                a
+            }
+        };
+        match (&self.algorithm, hash_key) {
+            // The schedule's next turns, until one is allowed.
+            (Algorithm::RoundRobin, _) => (0..self.endpoints.len())
+                .filter_map(|_| self.schedule.next())
+                .find(|index| allowed.contains(index))
+                .or(allowed.first().copied()),
+            (Algorithm::LeastRequest, _) => Some(pick_from(&|member| {
+                least_request_cost(member.load.in_flight(), member.weight)
+            })),
+            (Algorithm::ConsistentHash, Some(key)) => {
+                let candidates = allowed.iter().map(|&i| consistent_hash::Candidate {
+                    addr_hash: self.endpoints[i].addr_hash,
+                    weight: self.endpoints[i].weight,
+                });
+                consistent_hash::choose(key, candidates, self.equal_weights)
+                    .and_then(|chosen| allowed.get(chosen).copied())
+            }
+            (Algorithm::PeakEwma { .. } | Algorithm::ConsistentHash, _) => {
+                Some(pick_from(&|member| {
+                    let estimate = member.load.rtt().nanos_at(now, self.decay);
+                    peak_ewma_cost(estimate, member.load.in_flight(), member.weight)
+                }))
+            }
+        }
+    }
+
     /// Of two distinct endpoints drawn at random, the index of the cheaper. Needs at least two
     /// endpoints.
     fn power_of_two_choices(&self, cost: impl Fn(&Member<T>) -> f64) -> usize {
-        let count = self.endpoints.len();
-        let mut rng = rand::rng();
-        let first = rng.random_range(0..count);
-        // Drawn from the other count - 1 endpoints, so the two always differ.
-        let mut second = rng.random_range(0..count - 1);
-        if second >= first {
-            second += 1;
-        }
+        let (first, second) = two_distinct(self.endpoints.len());
         match (self.endpoints.get(first), self.endpoints.get(second)) {
             (Some(a), Some(b)) if cost(b) < cost(a) => second,
             _ => first,
         }
     }
+}
+
+/// Two distinct indices below `count` (at least 2), drawn at random.
+fn two_distinct(count: usize) -> (usize, usize) {
+    let mut rng = rand::rng();
+    let first = rng.random_range(0..count);
+    // Drawn from the other count - 1 indices, so the two always differ.
+    let mut second = rng.random_range(0..count - 1);
+    if second >= first {
+        second += 1;
+    }
+    (first, second)
 }
 
 fn effective_weight(weight: u32) -> u32 {

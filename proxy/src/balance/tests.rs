@@ -612,3 +612,34 @@ fn concurrent_picks_return_every_in_flight_count_to_zero() {
         assert_eq!(stats.in_flight, 0, "{stats:?}");
     }
 }
+
+#[test]
+fn every_algorithm_avoids_the_endpoints_a_request_already_tried() {
+    let algorithms = [
+        Algorithm::default(),
+        Algorithm::RoundRobin,
+        Algorithm::LeastRequest,
+        Algorithm::ConsistentHash,
+    ];
+    for algorithm in algorithms {
+        let balancer = balancer(algorithm.clone(), weighted(&[1, 100, 1]));
+        for key in 0..200u64 {
+            let avoid = [addr(2)];
+            let picked = balancer
+                .pick_avoiding(Some(key), &avoid)
+                .expect("endpoints to pick from");
+            assert_ne!(picked.addr(), addr(2), "{algorithm:?} key {key}");
+            // Avoiding all but one leaves that one.
+            let picked = balancer
+                .pick_avoiding(Some(key), &[addr(1), addr(2)])
+                .expect("endpoints to pick from");
+            assert_eq!(picked.addr(), addr(3), "{algorithm:?}");
+            // Avoiding every endpoint picks as usual rather than failing.
+            assert!(
+                balancer
+                    .pick_avoiding(Some(key), &[addr(1), addr(2), addr(3)])
+                    .is_some()
+            );
+        }
+    }
+}

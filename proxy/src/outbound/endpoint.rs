@@ -17,9 +17,10 @@ use super::router::{Dispatch, DispatchTarget};
 use crate::app::Context;
 use crate::client::HttpClients;
 use crate::forward;
-use crate::http::{ProxyBody, ProxyError, ReqBody, is_grpc};
+use crate::http::{MESH_ERROR, ProxyBody, ProxyError, ProxyErrorKind, ReqBody, is_grpc};
 use crate::metrics::{Label, RouteLabels, TargetMetrics};
-use crate::retry::RouteInfo;
+use crate::retry::{RouteInfo, TriedEndpoints};
+use crate::route::FailureAccrual;
 
 /// See the module documentation.
 #[derive(Clone, Debug)]
@@ -59,7 +60,9 @@ impl OutboundEndpoint {
                     .0
             }
             DispatchTarget::Balanced(resolution) => {
-                let Some(pick) = resolution.balancer.pick(dispatch.hash) else {
+                let tried = request.extensions().get::<Arc<TriedEndpoints>>().cloned();
+                let avoid = tried.as_ref().map(|tried| tried.list()).unwrap_or_default();
+                let Some(pick) = resolution.balancer.pick_avoiding(dispatch.hash, &avoid) else {
                     let detail = if resolution.has_endpoints() {
                         format!(
                             "every endpoint of {} is ejected after consecutive failures",
@@ -82,13 +85,31 @@ impl OutboundEndpoint {
                     );
                 };
                 let endpoint = pick.meta().clone();
+                if let Some(tried) = &tried {
+                    tried.push(endpoint.addr);
+                }
                 let target = self.target(&dispatch, &endpoint.clients);
                 let (response, success) = self
                     .send(&endpoint.clients, request, &dispatch, timeout, target, grpc)
                     .await;
-                // Errors and timeouts count as latency too, so a stalled endpoint looks slow.
-                pick.complete();
-                if let Some(accrual) = &dispatch.accrual
+                let connect_failed = response.extensions().get::<ProxyErrorKind>()
+                    == Some(&ProxyErrorKind::ConnectFailed);
+                if connect_failed {
+                    // A refused connection says nothing of the endpoint's latency; as a fast
+                    // answer it would make a dead endpoint the balancer's favourite.
+                    drop(pick);
+                } else {
+                    // Errors and timeouts count as latency too, so a stalled endpoint looks slow.
+                    pick.complete();
+                }
+                // A connection failure ejects at once, whatever the plan's accrual says; a
+                // success resets what connection failures counted too.
+                let accrual = match (connect_failed, success) {
+                    (true, _) => Some(&CONNECT_FAILURE_ACCRUAL),
+                    (false, true) => dispatch.accrual.as_ref().or(Some(&CONNECT_FAILURE_ACCRUAL)),
+                    (false, false) => dispatch.accrual.as_ref(),
+                };
+                if let Some(accrual) = accrual
                     && resolution.report(&endpoint, success, accrual)
                 {
                     self.ctx
@@ -138,6 +159,11 @@ impl OutboundEndpoint {
         match result {
             Ok(mut response) => {
                 let success = !response.status().is_server_error();
+                if clients.dial.is_proxy() && peer_could_not_connect(&response) {
+                    response
+                        .extensions_mut()
+                        .insert(ProxyErrorKind::ConnectFailed);
+                }
                 response.extensions_mut().insert(target);
                 (response, success)
             }
@@ -172,6 +198,26 @@ impl OutboundEndpoint {
         clients.target_metrics.store(Some(target.clone()));
         target
     }
+}
+
+/// Failure accrual for connection failures, whatever the plan says: one refused or unreachable
+/// connection ejects the endpoint at once (the request never reached it, and the next would
+/// fail the same way), and it rejoins as a probe after the backoff.
+const CONNECT_FAILURE_ACCRUAL: FailureAccrual = FailureAccrual {
+    consecutive_failures: 1,
+    min_backoff: Duration::from_secs(1),
+    max_backoff: Duration::from_secs(30),
+};
+
+/// Whether a peer proxy answered that it could not connect to its application (its own
+/// `connect failed` error): to us that endpoint failed to connect, as if we had dialed it, so
+/// the request is safe to retry elsewhere and the endpoint is ejected.
+fn peer_could_not_connect(response: &Response<ProxyBody>) -> bool {
+    response.status() == http::StatusCode::BAD_GATEWAY
+        && response
+            .headers()
+            .get(MESH_ERROR)
+            .is_some_and(|value| value.as_bytes().starts_with(b"connect failed:"))
 }
 
 impl tower::Service<Request<ReqBody>> for OutboundEndpoint {

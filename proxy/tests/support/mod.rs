@@ -210,7 +210,8 @@ where
 /// - `/status/N` answers with status N;
 /// - `/slow?ms=N` waits N ms first;
 /// - an `Upgrade: echo` request switches protocols and echoes bytes;
-/// - anything else returns `backend=<name> method=<m> path=<p> host=<h> version=<v>`.
+/// - anything else returns `backend=<name> method=<m> path=<p> host=<h> version=<v>`,
+///   with status 500 when the backend's name starts with `failing`.
 pub struct Backend {
     pub addr: SocketAddr,
     pub stop: CancellationToken,
@@ -339,6 +340,9 @@ async fn answer(name: &str, mut request: Request<Incoming>) -> Response<Full<Byt
             request.version()
         ))))
     };
+    if name.starts_with("failing") {
+        *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    }
     response
         .headers_mut()
         .insert("x-backend", name.parse().expect("header value"));

@@ -5,6 +5,7 @@
 mod binaries;
 pub mod cluster;
 pub mod http;
+pub mod local;
 pub mod netns;
 pub mod process;
 

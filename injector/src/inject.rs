@@ -11,7 +11,9 @@
 //!   ordinary container with a `postStart` hook that holds the app's start until the proxy is
 //!   ready;
 //! - with identity (non-empty trust anchors), the `mesh-identity-token` volume: a projected
-//!   ServiceAccount token for the controller's identity service;
+//!   ServiceAccount token for the controller's identity service; and `mesh-identity-cache`, an
+//!   in-memory `emptyDir` only the proxy mounts, where it keeps its key and certificate across
+//!   its own restarts;
 //! - the annotations `mesh.dev/injected` (the version; the idempotence marker) and
 //!   `mesh.dev/proxy-inbound-port`.
 
@@ -19,10 +21,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, HTTPGetAction,
-    Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, PodSpec, PodTemplateSpec, Probe,
-    ProjectedVolumeSource, ResourceRequirements, SecurityContext, ServiceAccountTokenProjection,
-    Volume, VolumeMount, VolumeProjection,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
+    HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, PodSpec, PodTemplateSpec,
+    Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -39,6 +41,11 @@ pub const PROXY_CONTAINER: &str = "mesh-proxy";
 pub const IDENTITY_VOLUME: &str = "mesh-identity-token";
 /// Where the token volume is mounted in the proxy.
 pub const IDENTITY_DIR: &str = "/var/run/mesh/identity";
+/// The proxy's identity cache: an in-memory `emptyDir` only the proxy mounts, where it keeps
+/// its key and certificate so that a restart while the controller is down serves at once.
+pub const IDENTITY_CACHE_VOLUME: &str = "mesh-identity-cache";
+/// Where the identity cache is mounted in the proxy.
+pub const IDENTITY_CACHE_DIR: &str = "/var/run/mesh/identity-cache";
 /// The token file the proxy presents to the identity service.
 pub const IDENTITY_TOKEN_FILE: &str = "/var/run/mesh/identity/token";
 /// The audience of the token; the controller's TokenReview requires it.
@@ -297,17 +304,20 @@ fn inject_parts(
         });
     }
     let identity = !config.trust_anchors_pem.trim().is_empty();
-    if identity
-        && spec
-            .volumes
-            .iter()
-            .flatten()
-            .any(|volume| volume.name == IDENTITY_VOLUME)
-    {
-        return Err(InjectError::NameTaken {
-            what: "volume",
-            name: IDENTITY_VOLUME,
-        });
+    if identity {
+        for name in [IDENTITY_VOLUME, IDENTITY_CACHE_VOLUME] {
+            if spec
+                .volumes
+                .iter()
+                .flatten()
+                .any(|volume| volume.name == name)
+            {
+                return Err(InjectError::NameTaken {
+                    what: "volume",
+                    name,
+                });
+            }
+        }
     }
     // Every annotation is checked before anything is built: nothing is half-injected.
     let settings = annotations.settings(config, &named_container_ports(spec))?;
@@ -337,7 +347,7 @@ fn inject_parts(
     if identity {
         spec.volumes
             .get_or_insert_with(Vec::new)
-            .push(identity_volume());
+            .extend([identity_volume(), identity_cache_volume()]);
     }
     Ok(Outcome::Injected((metadata, spec)))
 }
@@ -364,7 +374,9 @@ fn uninject_parts(metadata: &ObjectMeta, spec: &PodSpec) -> Option<(ObjectMeta, 
         }
     }
     if let Some(volumes) = spec.volumes.as_mut() {
-        volumes.retain(|volume| volume.name != IDENTITY_VOLUME);
+        volumes.retain(|volume| {
+            volume.name != IDENTITY_VOLUME && volume.name != IDENTITY_CACHE_VOLUME
+        });
         if volumes.is_empty() {
             spec.volumes = None;
         }
@@ -514,18 +526,26 @@ fn proxy_container(
                 ),
             ),
             value_env("MESH_PROXY_IDENTITY_TOKEN_FILE", IDENTITY_TOKEN_FILE),
+            value_env("MESH_PROXY_IDENTITY_CACHE_DIR", IDENTITY_CACHE_DIR),
             value_env("MESH_PROXY_TRUST_ANCHORS", &config.trust_anchors_pem),
             value_env("MESH_PROXY_IDENTITY_ADDR", &config.identity_addr),
             // Only the controller may tap this proxy (its admin port checks the client's
             // SPIFFE ID); named here so the pod spec says who can watch its requests.
             value_env("MESH_PROXY_TAP_IDENTITY", &config.controller_identity()),
         ]);
-        volume_mounts = Some(vec![VolumeMount {
-            name: IDENTITY_VOLUME.to_owned(),
-            mount_path: IDENTITY_DIR.to_owned(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        }]);
+        volume_mounts = Some(vec![
+            VolumeMount {
+                name: IDENTITY_VOLUME.to_owned(),
+                mount_path: IDENTITY_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: IDENTITY_CACHE_VOLUME.to_owned(),
+                mount_path: IDENTITY_CACHE_DIR.to_owned(),
+                ..VolumeMount::default()
+            },
+        ]);
     }
     let admin_get = |path: &str| HTTPGetAction {
         path: Some(path.to_owned()),
@@ -637,6 +657,18 @@ fn identity_volume() -> Volume {
                 ..VolumeProjection::default()
             }]),
             ..ProjectedVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+fn identity_cache_volume() -> Volume {
+    Volume {
+        name: IDENTITY_CACHE_VOLUME.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            // tmpfs: the key is never written to the node's disk.
+            medium: Some("Memory".to_owned()),
+            size_limit: Some(Quantity("64Ki".to_owned())),
         }),
         ..Volume::default()
     }

@@ -250,7 +250,11 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
     let tls = match &config.identity {
         Some(identity_config) => {
             let anchors = identity::parse_trust_anchors(&identity_config.trust_anchors_pem)?;
-            let identity = Arc::new(Identity::new(identity_config.id.clone(), anchors)?);
+            let identity = Arc::new(Identity::new(
+                identity_config.id.clone(),
+                anchors,
+                identity_config.cache_dir.clone(),
+            )?);
             let channel =
                 tonic::transport::Endpoint::from_shared(identity_config.service_addr.clone())
                     .map_err(|source| StartError::Controller {

@@ -132,6 +132,10 @@ pub struct IdentityConfig {
     pub trust_anchors_pem: String,
     /// The Identity service URL (the controller unless `MESH_PROXY_IDENTITY_ADDR` says).
     pub service_addr: String,
+    /// Where the key and the current certificate are kept across restarts of the proxy
+    /// (`MESH_PROXY_IDENTITY_CACHE_DIR`: a folder only the proxy can read, in memory); without
+    /// it a restarted proxy waits for the controller.
+    pub cache_dir: Option<std::path::PathBuf>,
 }
 
 /// The workload this proxy serves.
@@ -409,11 +413,25 @@ fn identity_config(
                 "required when MESH_PROXY_IDENTITY is set and MESH_PROXY_CONTROLLER_ADDR is not",
             )
         })?;
+    let cache_dir = env
+        .get("MESH_PROXY_IDENTITY_CACHE_DIR")
+        .filter(|dir| !dir.is_empty())
+        .map(std::path::PathBuf::from);
+    if let Some(dir) = &cache_dir
+        && !dir.is_dir()
+    {
+        return Err(ConfigError {
+            var: "MESH_PROXY_IDENTITY_CACHE_DIR".into(),
+            value: dir.display().to_string(),
+            reason: "not a folder the proxy can use (mount an emptyDir there)".into(),
+        });
+    }
     Ok(IdentityConfig {
         id,
         token_file: token_file.into(),
         trust_anchors_pem,
         service_addr,
+        cache_dir,
     })
 }
 

@@ -777,3 +777,82 @@ async fn retries_go_to_another_replica_and_a_dead_app_is_ejected_at_once() {
     let retried = metric(&text, "route_retry_total", &["reason=\"retried\""]);
     assert!(retried <= 3.0, "{retried} retries");
 }
+
+#[tokio::test]
+async fn a_proxy_restarted_while_the_controller_is_down_serves_with_its_cached_identity() {
+    let stop = CancellationToken::new();
+    let ca = Arc::new(TestCa::new("mesh test"));
+    let identity = ScriptedIdentity::new(ca.clone(), Duration::from_secs(3600));
+    identity.allow("web-token", WEB_ID);
+    identity.allow("books-token", BOOKS_ID);
+    let identity_stop = CancellationToken::new();
+    let identity_url = identity.serve(identity_stop.clone()).await;
+    let destination = ScriptedDestination::default();
+    let controller = destination.serve(stop.clone()).await;
+    let test_identity = |id: &str, token: &str| TestIdentity {
+        id: id.to_string(),
+        token: token.to_string(),
+        anchors_pem: ca.anchor_pem.clone(),
+        service: identity_url.clone(),
+    };
+    let cache = std::env::temp_dir().join(format!("mesh-identity-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&cache).expect("cache folder");
+    let cache_env = [(
+        "MESH_PROXY_IDENTITY_CACHE_DIR",
+        cache.to_str().expect("UTF-8 path"),
+    )];
+    let client = proxy_with(Some(&controller), Some(test_identity(WEB_ID, "web-token"))).await;
+    let first = proxy_env(
+        None,
+        Some(test_identity(BOOKS_ID, "books-token")),
+        &cache_env,
+    )
+    .await;
+    assert_eq!(admin_get(&first, "/ready").await.0, StatusCode::OK);
+    // Only the proxy's user may read what it keeps.
+    let kept = std::fs::metadata(cache.join("identity.pem")).expect("the identity is cached");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&kept.permissions()) & 0o777,
+        0o600
+    );
+    first.drain.cancel();
+    let _ = first.task.await;
+
+    // The controller goes away; the proxy restarts.
+    identity_stop.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let restarted = proxy_env(
+        None,
+        Some(test_identity(BOOKS_ID, "books-token")),
+        &cache_env,
+    )
+    .await;
+    assert_eq!(
+        admin_get(&restarted, "/ready").await.0,
+        StatusCode::OK,
+        "ready at once with the cached certificate"
+    );
+    let backend = Backend::start("books").await;
+    let mut endpoint = meshed(backend.addr, restarted.inbound_addr.port());
+    endpoint.tls_identity = Some(destination::TlsIdentity {
+        spiffe_id: BOOKS_ID.to_string(),
+        server_name: String::new(),
+    });
+    destination.set(BOOKS, vec![endpoint]);
+    let body = curl(&[
+        "-x",
+        &format!("http://{}", client.outbound_addr),
+        &format!("http://{BOOKS}/after-restart"),
+    ])
+    .await;
+    assert!(body.starts_with("backend=books"), "{body}");
+
+    // Without the cache a restarted proxy has nothing to serve with until the controller
+    // returns: it says so by not being ready.
+    let uncached = proxy_with(None, Some(test_identity(BOOKS_ID, "books-token"))).await;
+    assert_eq!(
+        admin_get(&uncached, "/ready").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let _ = std::fs::remove_dir_all(&cache);
+}

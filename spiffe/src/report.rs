@@ -117,10 +117,7 @@ impl CertificateReport {
             spiffe_id,
             not_before: Timestamp(cert.validity().not_before.timestamp()),
             not_after: Timestamp(cert.validity().not_after.timestamp()),
-            pem: pem::encode_config(
-                &pem::Pem::new("CERTIFICATE", der),
-                pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
-            ),
+            pem: certificate_pem(der),
         })
     }
 
@@ -194,6 +191,14 @@ impl<'de> Deserialize<'de> for Timestamp {
                 serde::de::Error::custom(format!("{text:?} is not an RFC 3339 time: {error}"))
             })
     }
+}
+
+/// A DER certificate as one PEM block with LF line endings.
+pub fn certificate_pem(der: &[u8]) -> String {
+    pem::encode_config(
+        &pem::Pem::new("CERTIFICATE", der),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
 
 #[cfg(test)]

@@ -18,6 +18,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::{Deserialize, Serialize};
 
 use super::manifest::Manifests;
+pub use volumes::{PodDir, PodFile};
+use volumes::{PodVolumes, pod_volumes};
+
+mod volumes;
 
 /// The proxy's ports, as the injector's defaults.
 pub const PROXY_INBOUND_PORT: u16 = 4143;
@@ -235,15 +239,9 @@ pub struct PodPlan {
     pub log_dir: PathBuf,
     /// Files to write before the pod starts (ServiceAccount tokens of projected volumes).
     pub files: Vec<PodFile>,
-}
-
-/// A file of a pod's volumes, as the kubelet would project it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PodFile {
-    pub path: PathBuf,
-    pub contents: String,
-    /// Root mode: the uid that must read it (the proxy's); the file is private to it.
-    pub owner: Option<u32>,
+    /// Folders to make before the pod starts (`emptyDir` volumes).
+    #[serde(default)]
+    pub dirs: Vec<PodDir>,
 }
 
 impl PodPlan {
@@ -822,7 +820,11 @@ fn pod_plan(
     check_ports(&namespace, &name, &spec, meshed)?;
     let workload = workload_of(&pod);
     let log_dir = options.state_dir.join("logs").join(&namespace).join(&name);
-    let (volumes, files) = projected_tokens(&pod, &namespace, options);
+    let PodVolumes {
+        folders: volumes,
+        files,
+        dirs,
+    } = pod_volumes(&pod, &namespace, options);
     let context = PodContext {
         volumes: &volumes,
         pod: &pod,
@@ -874,6 +876,7 @@ fn pod_plan(
         object,
         log_dir,
         files,
+        dirs,
         namespace,
         name,
     })
@@ -894,77 +897,6 @@ fn service_account_token(secret: &[u8; 32], namespace: &str, account: &str) -> S
     }
     let mut rng = rand::rngs::StdRng::from_seed(seed);
     format!("{:032x}{:032x}", rng.random::<u128>(), rng.random::<u128>())
-}
-
-/// The pod's projected ServiceAccount-token volumes as local folders (volume name -> folder)
-/// and the token files in them, as the kubelet would project them.
-fn projected_tokens(
-    pod: &Pod,
-    namespace: &str,
-    options: &PlanOptions,
-) -> (BTreeMap<String, PathBuf>, Vec<PodFile>) {
-    let mut volumes = BTreeMap::new();
-    let mut files = Vec::new();
-    let Some(spec) = pod.spec.as_ref() else {
-        return (volumes, files);
-    };
-    let account = spec
-        .service_account_name
-        .as_deref()
-        .filter(|s| !s.is_empty())
-        .unwrap_or("default");
-    let pod_name = name_of(&pod.metadata);
-    for volume in spec.volumes.iter().flatten() {
-        let projections = volume
-            .projected
-            .as_ref()
-            .and_then(|p| p.sources.as_deref())
-            .unwrap_or_default();
-        let tokens: Vec<&str> = projections
-            .iter()
-            .filter_map(|p| p.service_account_token.as_ref())
-            .map(|t| t.path.as_str())
-            .collect();
-        if tokens.is_empty() {
-            continue;
-        }
-        let dir = options
-            .state_dir
-            .join("volumes")
-            .join(namespace)
-            .join(&pod_name)
-            .join(&volume.name);
-        // Whoever mounts it must read it: the proxy runs as its own uid in root mode.
-        let owner = (options.mode == Mode::Root)
-            .then(|| {
-                spec.containers
-                    .iter()
-                    .chain(spec.init_containers.iter().flatten())
-                    .filter(|c| {
-                        c.volume_mounts
-                            .iter()
-                            .flatten()
-                            .any(|m| m.name == volume.name)
-                    })
-                    .find_map(|c| c.security_context.as_ref()?.run_as_user)
-                    .and_then(|uid| u32::try_from(uid).ok())
-            })
-            .flatten();
-        let token = options
-            .identity
-            .as_ref()
-            .map(|identity| service_account_token(&identity.token_secret, namespace, account))
-            .unwrap_or_default();
-        for path in tokens {
-            files.push(PodFile {
-                path: dir.join(path),
-                contents: token.clone(),
-                owner,
-            });
-        }
-        volumes.insert(volume.name.clone(), dir);
-    }
-    (volumes, files)
 }
 
 /// A port bound twice in one pod's network (two containers, or a container and the proxy)

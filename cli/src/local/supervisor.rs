@@ -261,6 +261,11 @@ impl Supervisor {
                     format!("writing {} for pod {}", file.path.display(), pod.key())
                 })?;
             }
+            for dir in &pod.dirs {
+                make_private_dir(&dir.path, dir.owner).with_context(|| {
+                    format!("making {} for pod {}", dir.path.display(), pod.key())
+                })?;
+            }
         }
         if let (Some(router), Some(bridge)) = (&plan.network.router_netns, &plan.network.bridge) {
             netns::create_router(
@@ -890,6 +895,21 @@ fn write_private(path: &Path, contents: &str, owner: Option<u32>) -> std::io::Re
         .mode(0o600)
         .open(path)?;
     file.write_all(contents.as_bytes())?;
+    if let Some(uid) = owner {
+        std::os::unix::fs::chown(path, Some(uid), Some(uid))?;
+    }
+    Ok(())
+}
+
+/// Makes an empty folder usable by its owner only (the uid given, or us), as an `emptyDir`.
+fn make_private_dir(path: &Path, owner: Option<u32>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))?;
+    }
+    std::fs::create_dir_all(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
     if let Some(uid) = owner {
         std::os::unix::fs::chown(path, Some(uid), Some(uid))?;
     }

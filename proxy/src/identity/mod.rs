@@ -1,9 +1,13 @@
-//! The proxy's own identity: a private key generated in memory at start (never written, never
-//! sent), and a certificate for it obtained from the controller's Identity service with the
-//! pod's ServiceAccount token, renewed at about 70% of its lifetime.
+//! The proxy's own identity: a private key generated in memory at start (never sent anywhere),
+//! and a certificate for it obtained from the controller's Identity service with the pod's
+//! ServiceAccount token, renewed at about 70% of its lifetime.
 //!
 //! The current certificate is swapped atomically; handshakes in progress keep the one they
-//! started with, and the old certificate keeps serving until a new one arrives.
+//! started with, and the old certificate keeps serving until a new one arrives. With an
+//! identity cache (`cache.rs`, the proxy's own in-memory folder) the key and the last chain
+//! survive a restart of the proxy, so it serves at once even while the controller is down.
+
+mod cache;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -109,6 +113,8 @@ pub struct Identity {
     current: ArcSwapOption<CertifiedKey>,
     renewal: Mutex<Renewal>,
     ready: watch::Sender<bool>,
+    /// Where the key and the current chain are kept across restarts, if anywhere.
+    cache_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -122,10 +128,50 @@ impl std::fmt::Debug for Identity {
 }
 
 impl Identity {
-    /// A new identity with a fresh ECDSA P-256 key and no certificate yet.
-    pub fn new(id: String, anchors: TrustAnchors) -> Result<Self, IdentityError> {
+    /// The identity `id` under `anchors`. With a `cache_dir` holding a key and a chain that are
+    /// still good (ours, chained to `anchors`, unexpired), it starts with them; otherwise it
+    /// starts with a fresh ECDSA P-256 key and no certificate yet.
+    pub fn new(
+        id: String,
+        anchors: TrustAnchors,
+        cache_dir: Option<PathBuf>,
+    ) -> Result<Self, IdentityError> {
+        let cached = cache_dir.as_deref().and_then(|dir| match cache::load(dir) {
+            Ok(cached) => cached,
+            Err(error) => {
+                warn!(%error, "ignoring the identity cache");
+                None
+            }
+        });
+        if let Some(cached) = cached {
+            let identity =
+                Self::with_key(id.clone(), anchors.clone(), cached.key, cache_dir.clone())?;
+            let mut chain = cached.chain.into_iter().map(|cert| cert.to_vec());
+            let leaf = chain.next().unwrap_or_default();
+            match identity.install(leaf, chain.collect()) {
+                Ok(expiry) => {
+                    let remaining = expiry
+                        .duration_since(SystemTime::now())
+                        .unwrap_or(Duration::ZERO);
+                    info!(identity = %id, ?remaining, "serving with the certificate cached before this restart until a new one arrives");
+                    return Ok(identity);
+                }
+                Err(error) => {
+                    warn!(%error, "the cached certificate is not usable; waiting for a new one");
+                }
+            }
+        }
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|error| IdentityError::Key(error.to_string()))?;
+        Self::with_key(id, anchors, key, cache_dir)
+    }
+
+    fn with_key(
+        id: String,
+        anchors: TrustAnchors,
+        key: rcgen::KeyPair,
+        cache_dir: Option<PathBuf>,
+    ) -> Result<Self, IdentityError> {
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let signing_key = rustls::crypto::ring::sign::any_ecdsa_type(&der)
             .map_err(|error| IdentityError::Key(error.to_string()))?;
@@ -138,6 +184,7 @@ impl Identity {
             current: ArcSwapOption::empty(),
             renewal: Mutex::default(),
             ready: watch::channel(false).0,
+            cache_dir,
         })
     }
 
@@ -149,6 +196,20 @@ impl Identity {
     /// The trust anchors.
     pub fn roots(&self) -> Arc<RootCertStore> {
         self.roots.clone()
+    }
+
+    /// How long the certificate in hand stays valid, if there is one.
+    fn remaining(&self) -> Option<Duration> {
+        let current = self.current.load_full()?;
+        let leaf = current.cert.first()?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+        let expiry = UNIX_EPOCH
+            + Duration::from_secs(u64::try_from(parsed.validity().not_after.timestamp()).ok()?);
+        Some(
+            expiry
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO),
+        )
     }
 
     /// Whether a certificate is in hand.
@@ -282,10 +343,16 @@ impl Identity {
                 IdentityError::Service(format!("{:?}: {}", status.code(), status.message()))
             })?
             .into_inner();
-        self.install(
+        let expiry = self.install(
             response.leaf_certificate,
             response.intermediate_certificates,
-        )
+        )?;
+        if let (Some(dir), Some(current)) = (&self.cache_dir, self.current.load_full())
+            && let Err(error) = cache::store(dir, &self.key, &current.cert)
+        {
+            warn!(dir = %dir.display(), %error, "cannot keep the certificate in the identity cache");
+        }
+        Ok(expiry)
     }
 
     /// Keeps a valid certificate in hand forever: renews at 70% of each lifetime, retries
@@ -323,13 +390,19 @@ impl Identity {
                 }
                 Err(error) => {
                     metrics.identity_failures.inc();
-                    warn!(identity = %self.id, %error, "certificate request failed; retrying in {backoff:?}");
+                    // Closer to expiry, retries come faster: the certificate in hand must not
+                    // run out while the backoff sleeps.
+                    let wait = self
+                        .remaining()
+                        .map_or(backoff, |remaining| backoff.min(remaining / 8))
+                        .max(Duration::from_secs(1));
+                    warn!(identity = %self.id, %error, "certificate request failed; retrying in {wait:?}");
                     {
                         let mut renewal = self.renewal_mut();
-                        renewal.next = Some(SystemTime::now() + backoff);
+                        renewal.next = Some(SystemTime::now() + wait);
                         renewal.last_error = Some(error.to_string());
                     }
-                    tokio::time::sleep(backoff).await;
+                    tokio::time::sleep(wait).await;
                     backoff = (backoff * 2).min(Duration::from_secs(60));
                 }
             }

@@ -25,7 +25,7 @@ use tracing::debug;
 
 use crate::http::{ProxyBody, ProxyErrorKind, ReqBody};
 use crate::metrics::Metrics;
-use crate::outbound::Dispatch;
+use crate::outbound::{Dispatch, DispatchTarget};
 use crate::route::RouteParams;
 
 /// Which failures are retried.
@@ -366,16 +366,33 @@ where
 {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    type Future = BoxFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let Some(route) = request.extensions().get::<RouteInfo>().cloned() else {
-            return Box::pin(self.inner.call(request));
-        };
+        let route = request.extensions().get::<RouteInfo>().cloned();
+        match route {
+            Some(route) if route.0.retry.is_some() => self.buffered(request, route),
+            _ if unsent_replayable(&request) => self.replay_unsent(request),
+            _ => Box::pin(self.inner.call(request)),
+        }
+    }
+}
+
+impl<S> Retry<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ProxyBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    /// The route's retries: the body buffered within the caps, replayed on the route's
+    /// conditions within its budget.
+    fn buffered(&mut self, request: Request<ReqBody>, route: RouteInfo) -> BoxFuture {
         let Some(retry) = route.0.retry.as_ref() else {
             return Box::pin(self.inner.call(request));
         };
@@ -391,11 +408,7 @@ where
             debug!(route = %route.0.name, "body too large or unknown to replay; not retrying");
             return Box::pin(self.inner.call(request));
         };
-        let authority = request
-            .extensions()
-            .get::<Arc<Dispatch>>()
-            .map(|dispatch| dispatch.logical.clone())
-            .unwrap_or_default();
+        let authority = authority_of(&request);
         let [connection_cap, proxy_cap] = &self.caps;
         let Some(held) = connection_cap
             .reserve(body_bytes)
@@ -428,8 +441,15 @@ where
             let build =
                 |body: Bytes| Request::from_parts(parts.clone(), Either::Right(Full::new(body)));
             let mut attempt = 0;
+            let mut unsent_retried = false;
             loop {
                 let response = inner.clone().oneshot(build(body.clone())).await?;
+                // One attempt that never reached the application is replayed for free.
+                if !unsent_retried && never_reached_the_app(&response) {
+                    unsent_retried = true;
+                    metrics.retry(&authority, &route.0.name, "connect failure");
+                    continue;
+                }
                 if attempt >= retry.limit || !retry.conditions.should_retry(&response) {
                     return Ok(response);
                 }
@@ -442,6 +462,66 @@ where
             }
         })
     }
+
+    /// A request without a body and without a retry policy: when its attempt never reached the
+    /// application (a refused connection, ours or the peer proxy's), it is sent once more, to
+    /// another endpoint. Nothing was processed, so this is safe for any method; it is what
+    /// keeps a replica's restart or a proxy's drain from failing requests while other replicas
+    /// are up.
+    fn replay_unsent(&mut self, request: Request<ReqBody>) -> BoxFuture {
+        let inner = self.inner.clone();
+        let metrics = self.metrics.clone();
+        let authority = authority_of(&request);
+        Box::pin(async move {
+            let (mut parts, body) = request.into_parts();
+            parts.extensions.insert(Arc::new(TriedEndpoints::default()));
+            let first = Request::from_parts(parts.clone(), body);
+            let response = inner.clone().oneshot(first).await?;
+            if !never_reached_the_app(&response) {
+                return Ok(response);
+            }
+            let route = parts
+                .extensions
+                .get::<RouteInfo>()
+                .map(|route| route.0.name.clone())
+                .unwrap_or_default();
+            metrics.retry(&authority, &route, "connect failure");
+            inner
+                .oneshot(Request::from_parts(parts, Either::Right(Full::default())))
+                .await
+        })
+    }
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+/// The logical service of a routed request, for the retry metric.
+fn authority_of(request: &Request<ReqBody>) -> crate::metrics::Label {
+    request
+        .extensions()
+        .get::<Arc<Dispatch>>()
+        .map(|dispatch| dispatch.logical.clone())
+        .unwrap_or_default()
+}
+
+/// Whether an attempt failed before the request reached any application: the connection to
+/// the endpoint (or the peer proxy's to its application) was refused.
+fn never_reached_the_app(response: &Response<ProxyBody>) -> bool {
+    response.extensions().get::<ProxyErrorKind>() == Some(&ProxyErrorKind::ConnectFailed)
+}
+
+/// Whether a request can be sent again without buffering anything (it has no body and is no
+/// upgrade) and has another endpoint to go to (its service has two or more).
+fn unsent_replayable(request: &Request<ReqBody>) -> bool {
+    request.body().size_hint().exact() == Some(0)
+        && !crate::http::is_upgrade(request)
+        && request
+            .extensions()
+            .get::<Arc<Dispatch>>()
+            .is_some_and(|dispatch| match &dispatch.target {
+                DispatchTarget::Balanced(resolution) => resolution.balancer.len() >= 2,
+                DispatchTarget::Direct(_) => false,
+            })
 }
 
 #[cfg(test)]

@@ -12,9 +12,10 @@ build:
     cargo build --workspace --bins
 
 # Everything CI runs: format check, clippy with warnings denied, then every test.
-# The binaries are built first: end-to-end tests run them as real processes.
+# Every target is built first (the binaries with the tests' features, as the end-to-end tests'
+# `bin_path` builds them, so nothing is relinked while tests run them as real processes).
 test: setup fmt-check lint
-    cargo build --workspace --bins
+    cargo build --workspace --all-targets
     cargo nextest run --workspace --all-targets --no-tests=fail
 
 # Clippy over every crate and target, warnings denied.

@@ -2,36 +2,39 @@
 //!
 //! An integration test can only use `CARGO_BIN_EXE_*` for binaries of its own package, so the
 //! product's binaries (`mesh-proxy`, `mesh-controller`, ...) are built here with `cargo build
-//! --workspace --bins`, into the same target directory and profile as the running test, once
-//! per test process. All of them at once, as `just build` does: building one package's binary
-//! alone unifies dependency features differently and recompiles half the dependency tree, so
-//! after `just build` this is a no-op.
+//! --workspace --all-targets`, into the same target directory and profile as the running
+//! test, once per test process. All targets, as the test run itself builds them: any other
+//! set unifies dependency features differently (dev-dependencies add some), so the binaries
+//! would be relinked by every test process and again by the next test run. After `just test`'s
+//! build this is a no-op.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-/// Binaries already built by this process, by name.
-static BUILT: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+/// Where this process's build put the binaries (`<target>/<profile>`), once it ran.
+static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
 
 /// The path of the workspace binary `name` (e.g. `"mesh-proxy"`), freshly built. The first
-/// call runs `cargo build --workspace --bins` (quick when nothing changed); later calls
-/// return the same path. Panics with the build's output when the build fails: tests cannot
-/// go on without it.
+/// call runs `cargo build --workspace --all-targets` (quick when nothing changed), which
+/// builds every binary; later calls only look. Panics with the build's output when the build
+/// fails, or when there is no such binary: tests cannot go on without it.
 pub fn bin_path(name: &str) -> PathBuf {
-    // Held across the build so parallel tests in one process build each binary once.
+    // Held across the build so parallel tests in one process build once.
     let mut built = BUILT
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(path) = built.get(name) {
-        return path.clone();
-    }
-    let path = build(name);
-    built.insert(name.to_owned(), path.clone());
+    let dir = built.get_or_insert_with(|| build(name));
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "bin_path: built the workspace but {} is missing",
+        path.display()
+    );
     path
 }
 
+/// Builds every target; returns the folder the binaries are in.
 fn build(name: &str) -> PathBuf {
     let (target_dir, profile) = target_dir_and_profile();
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -42,7 +45,13 @@ fn build(name: &str) -> PathBuf {
     let mut command = Command::new(cargo);
     command
         .current_dir(workspace)
-        .args(["build", "--quiet", "--workspace", "--bins", "--target-dir"])
+        .args([
+            "build",
+            "--quiet",
+            "--workspace",
+            "--all-targets",
+            "--target-dir",
+        ])
         .arg(&target_dir);
     match profile.as_str() {
         "debug" => {}
@@ -59,17 +68,11 @@ fn build(name: &str) -> PathBuf {
         .unwrap_or_else(|error| panic!("bin_path: cannot run {command:?}: {error}"));
     assert!(
         output.status.success(),
-        "bin_path: `cargo build --workspace --bins` (for {name}) failed ({}):\n{}",
+        "bin_path: `cargo build --workspace --all-targets` (for {name}) failed ({}):\n{}",
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
-    let path = target_dir.join(&profile).join(name);
-    assert!(
-        path.is_file(),
-        "bin_path: built {name} but {} is missing",
-        path.display()
-    );
-    path
+    target_dir.join(&profile)
 }
 
 /// Where the running test binary was built: it lives at `<target>/<profile>/deps/<test>`.

@@ -27,7 +27,8 @@ pub fn loopback_ip(block: u8, host: u8) -> IpAddr {
 }
 
 /// An HTTP/1 backend: answers 200 with `x-backend: NAME`; `/flaky` fails 3 GETs in every 10
-/// with 500 (requests 1-3 of each ten), so at most three failures come in a row.
+/// with 500 (requests 1-3 of each ten), so at most three failures come in a row. Dropping it
+/// closes its listener and every connection it has open.
 pub struct Backend {
     requests: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
@@ -40,12 +41,16 @@ impl Backend {
         let requests = Arc::new(AtomicU64::new(0));
         let counter = requests.clone();
         let task = tokio::spawn(async move {
+            // Owned by this task: stopping the backend closes its open connections too, as a
+            // killed process's would be.
+            let mut connections = tokio::task::JoinSet::new();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                while connections.try_join_next().is_some() {}
                 let counter = counter.clone();
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let service = hyper::service::service_fn(move |request: Request<_>| {
                         let n = counter.fetch_add(1, Ordering::SeqCst);
                         let fail = request.uri().path() == "/flaky" && n % 10 < 3;

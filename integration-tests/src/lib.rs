@@ -6,6 +6,7 @@ mod binaries;
 pub mod cluster;
 pub mod http;
 pub mod local;
+pub mod mesh;
 pub mod netns;
 pub mod process;
 

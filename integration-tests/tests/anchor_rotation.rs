@@ -8,21 +8,13 @@
 //! old-chain certificates while new ones get new-chain certificates, so for a while every pair
 //! of old and new meets in both directions. Not one request may fail.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mesh_controller::identity::ca::{generate_issuer, generate_trust_anchor, write_dir};
-use mesh_integration_tests::bin_path;
-use mesh_integration_tests::http::{
-    Backend, PATIENCE, ProxyClient, http_get, loopback_ip, metric, wait_ready,
-};
+use mesh_integration_tests::http::{Backend, PATIENCE, http_get, loopback_ip, metric, wait_ready};
+use mesh_integration_tests::mesh::{self, Folders, ProxySpec, Traffic, write_anchors};
 use mesh_integration_tests::process::Process;
-use tokio::sync::Mutex;
 
 const BOOKS: &str = "books.shop.svc.cluster.local:80";
 const WEB_ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -31,7 +23,26 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 const BLOCK: u8 = 31;
 
 fn addr(host: u8, port: u16) -> SocketAddr {
-    SocketAddr::new(loopback_ip(BLOCK, host), port)
+    mesh::addr(BLOCK, host, port)
+}
+
+/// A `mesh-proxy` on `host` proving `account`'s identity.
+fn proxy(folders: &Folders, host: u8, account: &str) -> Process {
+    mesh::proxy(
+        folders,
+        &ProxySpec {
+            block: BLOCK,
+            host,
+            account,
+            identity_cache: false,
+            env: &[],
+        },
+    )
+}
+
+/// Points the discovery file at the `books` pods on `hosts`.
+fn write_services(folders: &Folders, hosts: &[u8]) {
+    folders.write_config("services.yaml", &services(hosts));
 }
 
 /// The ServiceAccounts with the tokens the file backend accepts, and the `books` pods on
@@ -65,132 +76,6 @@ fn services(hosts: &[u8]) -> String {
     text
 }
 
-/// The controller's folders and the files the proxies read.
-struct Folders {
-    root: PathBuf,
-}
-
-impl Folders {
-    fn new() -> Folders {
-        let root =
-            std::env::temp_dir().join(format!("mesh-anchor-rotation-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(root.join("config")).expect("create the config folder");
-        for name in ["web", "books"] {
-            std::fs::write(root.join(format!("{name}.token")), format!("{name}-token"))
-                .expect("write a token");
-        }
-        Folders { root }
-    }
-
-    fn identity(&self) -> PathBuf {
-        self.root.join("identity")
-    }
-
-    fn anchors(&self) -> PathBuf {
-        self.root.join("anchors.pem")
-    }
-
-    /// Rewrites the discovery file atomically, as an editor or `kubectl` would.
-    fn write_services(&self, hosts: &[u8]) {
-        let tmp = self.root.join(".services.yaml.tmp");
-        std::fs::write(&tmp, services(hosts)).expect("write a temp file");
-        std::fs::rename(&tmp, self.root.join("config/services.yaml")).expect("rename into place");
-    }
-}
-
-impl Drop for Folders {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.root);
-    }
-}
-
-/// A `mesh-proxy` on `host` proving `account`'s identity, trusting the anchors file.
-fn proxy(folders: &Folders, host: u8, account: &str) -> Process {
-    let ip = loopback_ip(BLOCK, host);
-    Process(
-        Command::new(bin_path("mesh-proxy"))
-            .env(
-                "MESH_PROXY_CONTROLLER_ADDR",
-                format!("http://{}", addr(1, 8086)),
-            )
-            .env("MESH_PROXY_INBOUND_LISTEN", format!("{ip}:4143"))
-            .env("MESH_PROXY_INBOUND_APP_IP", ip.to_string())
-            .env("MESH_PROXY_OUTBOUND_LISTEN", format!("{ip}:4140"))
-            .env("MESH_PROXY_ADMIN_LISTEN", format!("{ip}:4191"))
-            .env("MESH_PROXY_NAMESPACE", "shop")
-            .env("MESH_PROXY_POD", format!("{account}-{host}"))
-            .env(
-                "MESH_PROXY_IDENTITY",
-                format!("spiffe://cluster.local/ns/shop/sa/{account}"),
-            )
-            .env(
-                "MESH_PROXY_IDENTITY_TOKEN_FILE",
-                folders.root.join(format!("{account}.token")),
-            )
-            .env("MESH_PROXY_TRUST_ANCHORS_FILE", folders.anchors())
-            .env("MESH_PROXY_LOG_LEVEL", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start mesh-proxy"),
-    )
-}
-
-/// What one client's traffic saw: answers per backend, and failures.
-#[derive(Default, Debug)]
-struct Tally {
-    by_backend: HashMap<String, u64>,
-    failures: Vec<String>,
-}
-
-/// GETs through the proxy on `host` in a loop (bounded: 20,000 requests or 60 s) until `stop`.
-fn traffic(host: u8, stop: Arc<AtomicBool>) -> (Arc<Mutex<Tally>>, tokio::task::JoinHandle<()>) {
-    let tally = Arc::new(Mutex::new(Tally::default()));
-    let shared = tally.clone();
-    let task = tokio::spawn(async move {
-        let mut client = ProxyClient::connect(addr(host, 4140), BOOKS).await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        for i in 0..20_000 {
-            if stop.load(Ordering::SeqCst) || tokio::time::Instant::now() > deadline {
-                break;
-            }
-            let (status, backend) = client.get("/", &[]).await;
-            let mut tally = shared.lock().await;
-            if status == 200 {
-                *tally.by_backend.entry(backend).or_default() += 1;
-            } else {
-                tally.failures.push(format!("request {i}: status {status}"));
-            }
-            drop(tally);
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    });
-    (tally, task)
-}
-
-/// Waits (bounded) until `done` holds for the tallies.
-async fn wait_for(what: &str, tallies: &[&Arc<Mutex<Tally>>], done: impl Fn(&[Tally]) -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let mut snapshot = Vec::new();
-        for tally in tallies {
-            let tally = tally.lock().await;
-            snapshot.push(Tally {
-                by_backend: tally.by_backend.clone(),
-                failures: tally.failures.clone(),
-            });
-        }
-        if done(&snapshot) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} never happened: {snapshot:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The issuer certificate (PEM, whitespace dropped) in the chain the proxy on `host` presents,
 /// from its admin `/identity`.
 async fn presented_issuer(host: u8) -> String {
@@ -204,10 +89,6 @@ async fn presented_issuer(host: u8) -> String {
 
 fn squeeze(pem: &str) -> String {
     pem.split_whitespace().collect()
-}
-
-fn write_anchors(path: &Path, bundle: &str) {
-    std::fs::write(path, bundle).expect("write the anchors file");
 }
 
 fn unix_seconds(time: SystemTime) -> f64 {
@@ -224,42 +105,36 @@ async fn a_new_anchor_and_issuer_roll_out_under_traffic_without_a_failed_request
     let new_issuer = generate_issuer(&new_anchor, "cluster.local", 90 * DAY).expect("new issuer");
     let bundle = format!("{}{}", old_anchor.cert_pem, new_anchor.cert_pem);
 
-    let folders = Folders::new();
+    let folders = Folders::new("anchor-rotation", &["web", "books"]);
     write_dir(&folders.identity(), &old_issuer, &bundle).expect("write the identity folder");
     write_anchors(&folders.anchors(), &bundle);
-    folders.write_services(&[2]);
+    write_services(&folders, &[2]);
     let books_1 = Backend::start(addr(2, 8080), "books-1").await;
     let books_2 = Backend::start(addr(3, 8080), "books-2").await;
 
-    let _controller = Process(
-        Command::new(bin_path("mesh-controller"))
-            .args(["--discovery", "file", "--poll-interval-ms", "50"])
-            .arg("--config-dir")
-            .arg(folders.root.join("config"))
-            .arg("--identity-dir")
-            .arg(folders.identity())
-            .args(["--identity-leaf-lifetime", "1h"])
-            .args(["--identity-reload-interval", "200ms"])
-            .args(["--grpc-listen", &addr(1, 8086).to_string()])
-            .args(["--admin-listen", &addr(1, 9990).to_string()])
-            .args(["--log-level", "warn"])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start mesh-controller"),
-    );
-    wait_ready(addr(1, 9990)).await;
+    let _controller = mesh::controller(
+        &folders,
+        BLOCK,
+        &[
+            "--identity-leaf-lifetime",
+            "1h",
+            "--identity-reload-interval",
+            "200ms",
+        ],
+    )
+    .await;
     // Before the change: the old issuer's proxies (ready means holding a certificate).
     let server_1 = proxy(&folders, 2, "books");
     let _client_1 = proxy(&folders, 4, "web");
     wait_ready(addr(2, 4191)).await;
     wait_ready(addr(4, 4191)).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (old_traffic, old_task) = traffic(4, stop.clone());
-    wait_for("traffic through the old chain", &[&old_traffic], |t| {
-        t[0].by_backend.get("books-1").copied().unwrap_or(0) >= 50
-    })
-    .await;
+    let old_traffic = Traffic::start(addr(4, 4140), BOOKS);
+    old_traffic
+        .wait_for("traffic through the old chain", |t| {
+            t.by_backend.get("books-1").copied().unwrap_or(0) >= 50
+        })
+        .await;
 
     // The new issuer, signed by the new anchor; the controller rereads its folder.
     write_dir(&folders.identity(), &new_issuer, &bundle).expect("rotate the issuer");
@@ -291,7 +166,7 @@ async fn a_new_anchor_and_issuer_roll_out_under_traffic_without_a_failed_request
     wait_ready(addr(3, 4191)).await;
     wait_ready(addr(5, 4191)).await;
     // The pod is Ready (in discovery) only once its proxy is, as its readiness probe makes it.
-    folders.write_services(&[2, 3]);
+    write_services(&folders, &[2, 3]);
     // Old proxies keep the old chain (1 h certificates), new ones present the new one.
     for (host, issuer) in [
         (2, &old_issuer),
@@ -305,23 +180,20 @@ async fn a_new_anchor_and_issuer_roll_out_under_traffic_without_a_failed_request
             "the proxy on host {host} presents the other issuer"
         );
     }
-    let (new_traffic, new_task) = traffic(5, stop.clone());
-    wait_for(
-        "each client reaching each server",
-        &[&old_traffic, &new_traffic],
-        |t| {
-            t.iter().all(|tally| {
+    let new_traffic = Traffic::start(addr(5, 4140), BOOKS);
+    for traffic in [&old_traffic, &new_traffic] {
+        traffic
+            .wait_for("each client reaching each server", |tally| {
                 ["books-1", "books-2"]
                     .iter()
                     .all(|b| tally.by_backend.get(*b).copied().unwrap_or(0) >= 20)
             })
-        },
-    )
-    .await;
+            .await;
+    }
 
     // The old server pod goes away once discovery has moved the traffic off it, and traffic
     // goes on without it.
-    folders.write_services(&[3]);
+    write_services(&folders, &[3]);
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let answered = books_1.requests();
@@ -335,34 +207,14 @@ async fn a_new_anchor_and_issuer_roll_out_under_traffic_without_a_failed_request
         );
     }
     drop(server_1);
-    let mut before = Vec::new();
-    for tally in [&old_traffic, &new_traffic] {
-        before.push(
-            tally
-                .lock()
-                .await
-                .by_backend
-                .get("books-2")
-                .copied()
-                .unwrap_or(0),
-        );
+    for traffic in [&old_traffic, &new_traffic] {
+        traffic
+            .wait_for_more("traffic going on without the old server", 100)
+            .await;
     }
-    wait_for(
-        "traffic going on without the old server",
-        &[&old_traffic, &new_traffic],
-        |t| {
-            t.iter()
-                .zip(&before)
-                .all(|(tally, b)| tally.by_backend.get("books-2").copied().unwrap_or(0) >= b + 100)
-        },
-    )
-    .await;
 
-    stop.store(true, Ordering::SeqCst);
-    old_task.await.expect("old client's traffic");
-    new_task.await.expect("new client's traffic");
-    let old_traffic = old_traffic.lock().await;
-    let new_traffic = new_traffic.lock().await;
+    let old_traffic = old_traffic.stop().await;
+    let new_traffic = new_traffic.stop().await;
     assert!(
         old_traffic.failures.is_empty() && new_traffic.failures.is_empty(),
         "failed requests: old client {:?}, new client {:?}",

@@ -227,6 +227,9 @@ impl Resolution {
                 let mut members = resolution.members();
                 members.ejected.remove(&addr);
                 resolution.rebalance(&members);
+                // What was measured before the ejection says nothing now: unmeasured and idle,
+                // the endpoint gets the next request as its probe.
+                resolution.balancer.forget_latency(addr);
                 info!(target = %resolution.key, endpoint = %addr, "ejected endpoint rejoins as a probe");
             }
         });

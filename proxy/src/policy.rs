@@ -442,7 +442,13 @@ impl PolicyStore {
                 .entry(port)
                 .or_insert_with(|| {
                     let (tx, rx) = watch::channel(None);
-                    tokio::spawn(watch_port(client.clone(), self.workload.clone(), port, tx));
+                    tokio::spawn(watch_port(
+                        client.clone(),
+                        self.workload.clone(),
+                        port,
+                        self.default.clone(),
+                        tx,
+                    ));
                     rx
                 })
                 .clone()
@@ -475,10 +481,13 @@ impl PortPolicy {
 }
 
 /// Follows one port's policy stream for as long as the proxy runs, reconnecting with backoff.
+/// While the controller is unreachable and nothing was ever learned, `default` applies at
+/// once: connections must not each wait for a controller that is down.
 async fn watch_port(
     mut client: InboundPoliciesClient<Channel>,
     workload: WorkloadRef,
     port: u16,
+    default: Arc<InboundPolicy>,
     policy: watch::Sender<Option<Arc<InboundPolicy>>>,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -518,6 +527,9 @@ async fn watch_port(
             }
             Err(status) => {
                 debug!(port, %status, "inbound policy unavailable; retrying in {backoff:?}");
+                if policy.borrow().is_none() {
+                    policy.send_replace(Some(default.clone()));
+                }
             }
         }
         tokio::time::sleep(backoff).await;

@@ -265,6 +265,15 @@ impl<T: Clone + Send + Sync + 'static> Balancer<T> {
         })
     }
 
+    /// Forgets `addr`'s latency estimate, so it is costed as an endpoint never measured: an
+    /// idle one is picked at once (an endpoint back from ejection, probed).
+    pub fn forget_latency(&self, addr: SocketAddr) {
+        let snapshot = self.shared.snapshot.load();
+        if let Some(member) = snapshot.endpoints.iter().find(|member| member.addr == addr) {
+            *member.load.rtt() = RttEstimate::default();
+        }
+    }
+
     fn lock_writer(&self) -> MutexGuard<'_, ()> {
         // The guarded data is `()`: a panic while holding it leaves nothing inconsistent.
         self.shared

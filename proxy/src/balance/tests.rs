@@ -643,3 +643,31 @@ fn every_algorithm_avoids_the_endpoints_a_request_already_tried() {
         }
     }
 }
+
+#[test]
+fn a_forgotten_endpoint_is_picked_next_as_a_probe() {
+    let (balancer, clock) = manual_balancer(Algorithm::default());
+    balancer.update(equal(2));
+    // 10.0.0.1 measured slow, 10.0.0.2 fast: P2C over two always takes the fast one.
+    let mut slow = None;
+    let mut fast = None;
+    while slow.is_none() || fast.is_none() {
+        let picked = pick(&balancer, None);
+        let slot = if picked.addr() == addr(1) {
+            &mut slow
+        } else {
+            &mut fast
+        };
+        if slot.is_none() {
+            *slot = Some(picked);
+        }
+    }
+    slow.expect("picked").complete_with(Duration::from_secs(3));
+    fast.expect("picked").complete_with(ms(1));
+    clock.advance(Duration::from_millis(10));
+    for _ in 0..20 {
+        assert_eq!(pick(&balancer, None).addr(), addr(2));
+    }
+    balancer.forget_latency(addr(1));
+    assert_eq!(pick(&balancer, None).addr(), addr(1), "probed at once");
+}

@@ -202,11 +202,13 @@ impl OutboundEndpoint {
 
 /// Failure accrual for connection failures, whatever the plan says: one refused or unreachable
 /// connection ejects the endpoint at once (the request never reached it, and the next would
-/// fail the same way), and it rejoins as a probe after the backoff.
+/// fail the same way), and it rejoins as a probe after the backoff. The backoff stays short:
+/// a probe that fails costs no request (it is replayed elsewhere), and a replica that comes
+/// back should not wait long for traffic.
 const CONNECT_FAILURE_ACCRUAL: FailureAccrual = FailureAccrual {
     consecutive_failures: 1,
     min_backoff: Duration::from_secs(1),
-    max_backoff: Duration::from_secs(30),
+    max_backoff: Duration::from_secs(4),
 };
 
 /// Whether a peer proxy answered that it could not connect to its application (its own

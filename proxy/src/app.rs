@@ -3,10 +3,9 @@
 //!
 //! The listeners are parameters, so tests run the real proxy in-process on `127.0.0.1:0`.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +16,7 @@ use crate::client::{Dial, HttpClients};
 use crate::config::Config;
 use crate::discovery::Discovery;
 use crate::identity::{self, Identity};
+use crate::idle::IdleMap;
 use crate::metrics::{Label, Metrics};
 use crate::outbound::{InFlight, PlanStore};
 use crate::policy::{InboundPolicy, PolicyStore};
@@ -166,7 +166,7 @@ pub struct Context {
     pub own_ports: OwnPorts,
     local_id: Label,
     /// Clients for addresses forwarded to unchanged (targets discovery doesn't know).
-    direct_clients: Mutex<HashMap<SocketAddr, HttpClients>>,
+    direct_clients: Arc<IdleMap<SocketAddr, HttpClients>>,
 }
 
 impl Context {
@@ -196,20 +196,13 @@ impl Context {
 
     /// The clients dialing `addr` directly, created on first use.
     pub fn direct_clients(&self, addr: SocketAddr) -> HttpClients {
-        let mut clients = match self.direct_clients.lock() {
-            Ok(clients) => clients,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        clients
-            .entry(addr)
-            .or_insert_with(|| {
-                HttpClients::new(
-                    Dial::Direct(addr),
-                    self.config.connect_timeout,
-                    self.config.limits.endpoint_connections,
-                )
-            })
-            .clone()
+        self.direct_clients.get_or_insert_with(&addr, || {
+            HttpClients::new(
+                Dial::Direct(addr),
+                self.config.connect_timeout,
+                self.config.limits.endpoint_connections,
+            )
+        })
     }
 }
 
@@ -277,6 +270,7 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
         config.workload.to_proto(),
         config.connect_timeout,
         config.limits.endpoint_connections,
+        config.limits.target_idle_timeout,
         tls.clone(),
     )
     .map_err(|source| StartError::Controller {
@@ -303,6 +297,7 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
         config.workload.to_proto(),
         config.connect_timeout,
         config.discovery_timeout,
+        config.limits.target_idle_timeout,
     )
     .map_err(|source| StartError::Controller {
         addr: config.controller_addr.clone().unwrap_or_default(),
@@ -338,6 +333,8 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
     );
     let drain = CancellationToken::new();
     let grace = config.shutdown_grace_period;
+    let direct_clients = IdleMap::new(config.limits.target_idle_timeout);
+    direct_clients.sweep_in_background();
     let retry_buffers = crate::retry::BufferCap::new(
         config.limits.retry_buffer_bytes,
         metrics.retry_buffered_bytes.clone(),
@@ -357,7 +354,7 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
         ready: AtomicBool::new(false),
         own_ports,
         local_id,
-        direct_clients: Mutex::new(HashMap::new()),
+        direct_clients,
     });
     let connections = TaskTracker::new();
     let admin = tokio::spawn(admin::serve(listeners.admin, ctx.clone()));

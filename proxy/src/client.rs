@@ -335,6 +335,14 @@ pub struct HttpClients {
     pub target_metrics: Arc<ArcSwapOption<TargetMetrics>>,
 }
 
+/// In use while a clone besides the cache's exists. Counted on `target_metrics`, which only
+/// clones of these clients hold (the connectors hold the `Dial` too).
+impl crate::idle::InUse for HttpClients {
+    fn in_use(&self) -> bool {
+        Arc::strong_count(&self.target_metrics) > 1
+    }
+}
+
 impl HttpClients {
     /// Clients for one destination, with at most `max_connections` open to it at once; no
     /// connection is opened until the first request.

@@ -102,6 +102,10 @@ pub struct Limits {
     /// Connections open at once to one endpoint or application address; requests past it wait
     /// for one to free up, within the connect timeout (`MESH_PROXY_ENDPOINT_MAX_CONNECTIONS`).
     pub endpoint_connections: usize,
+    /// How long what the proxy keeps per target (its discovery stream, outbound policy stream,
+    /// connection pool) outlives the target's last use by a connection
+    /// (`MESH_PROXY_TARGET_IDLE_TIMEOUT`).
+    pub target_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -117,6 +121,7 @@ impl Default for Limits {
             retry_buffer_bytes: 16 << 20,
             retry_buffer_connection_bytes: 1 << 20,
             endpoint_connections: 1000,
+            target_idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -319,6 +324,10 @@ impl Config {
             endpoint_connections: env.count(
                 "MESH_PROXY_ENDPOINT_MAX_CONNECTIONS",
                 defaults.endpoint_connections,
+            )?,
+            target_idle_timeout: env.positive_duration(
+                "MESH_PROXY_TARGET_IDLE_TIMEOUT",
+                defaults.target_idle_timeout,
             )?,
         };
         Ok(Self {

@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::balance::{self, Balancer};
 use crate::client::{Dial, HttpClients, MeshTls};
+use crate::idle::IdleMap;
 use crate::metrics::Label;
 use crate::route::FailureAccrual;
 use crate::tls::TlsContext;
@@ -245,7 +246,7 @@ pub struct Discovery {
     connect_timeout: Duration,
     endpoint_connections: usize,
     tls: Option<Arc<TlsContext>>,
-    cache: Mutex<HashMap<TargetKey, Arc<Resolution>>>,
+    cache: Arc<IdleMap<TargetKey, Arc<Resolution>>>,
 }
 
 /// Backoff bounds for reconnecting to the controller.
@@ -257,12 +258,14 @@ const NOT_FOUND_RETRY: Duration = Duration::from_secs(5);
 impl Discovery {
     /// Discovery through the controller at `controller` (None: every target is unknown and
     /// forwarded to its original destination). Connects lazily, so a controller that is down
-    /// at start is not an error. Each endpoint's clients open at most `endpoint_connections`.
+    /// at start is not an error. Each endpoint's clients open at most `endpoint_connections`;
+    /// a target no connection has used for `idle` is forgotten (its stream closed).
     pub fn new(
         controller: Option<&str>,
         source: WorkloadRef,
         connect_timeout: Duration,
         endpoint_connections: usize,
+        idle: Duration,
         tls: Option<Arc<TlsContext>>,
     ) -> Result<Self, tonic::transport::Error> {
         let client = match controller {
@@ -281,19 +284,21 @@ impl Discovery {
             connect_timeout,
             endpoint_connections,
             tls,
-            cache: Mutex::new(HashMap::new()),
+            cache: {
+                let cache = IdleMap::new(idle);
+                cache.sweep_in_background();
+                cache
+            },
         })
     }
 
     /// The resolution of `key`, starting its watch on first use.
     pub fn resolve(&self, key: TargetKey) -> Arc<Resolution> {
-        let mut cache = match self.cache.lock() {
-            Ok(cache) => cache,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if let Some(resolution) = cache.get(&key) {
-            return resolution.clone();
-        }
+        self.cache
+            .get_or_insert_with(&key, || self.start_resolution(key.clone()))
+    }
+
+    fn start_resolution(&self, key: TargetKey) -> Arc<Resolution> {
         let (tx, rx) = watch::channel(State::Pending);
         let resolution = Arc::new(Resolution {
             key: key.clone(),
@@ -310,7 +315,7 @@ impl Discovery {
                     endpoint_connections: self.endpoint_connections,
                     tls: self.tls.clone(),
                     resolution: Arc::downgrade(&resolution),
-                    key: key.clone(),
+                    key,
                     state: tx,
                     endpoints: HashMap::new(),
                 };
@@ -320,16 +325,12 @@ impl Discovery {
                 let _ = tx.send(State::NotFound);
             }
         }
-        cache.insert(key, resolution.clone());
         resolution
     }
 
     /// Every cached resolution, for the config dump.
     pub fn snapshot(&self) -> Vec<Arc<Resolution>> {
-        match self.cache.lock() {
-            Ok(cache) => cache.values().cloned().collect(),
-            Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
-        }
+        self.cache.values()
     }
 }
 
@@ -382,7 +383,13 @@ impl Watch {
                     // a reconnect replaces what we had rather than merging into it.
                     let mut fresh = true;
                     loop {
-                        match stream.message().await {
+                        // The stream ends with the resolution: once no connection uses the
+                        // target and the cache forgot it, the state's receivers are gone.
+                        let message = tokio::select! {
+                            message = stream.message() => message,
+                            () = self.state.closed() => return,
+                        };
+                        match message {
                             Ok(Some(update)) => {
                                 if !self.apply(update, std::mem::take(&mut fresh)) {
                                     return;

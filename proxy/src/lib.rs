@@ -23,6 +23,7 @@ pub mod http;
 pub mod http_metrics;
 pub mod hygiene;
 pub mod identity;
+pub mod idle;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;

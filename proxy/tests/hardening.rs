@@ -856,3 +856,53 @@ async fn a_proxy_restarted_while_the_controller_is_down_serves_with_its_cached_i
     );
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+#[tokio::test]
+async fn what_the_proxy_keeps_per_target_goes_once_the_target_is_idle() {
+    let stop = CancellationToken::new();
+    let destination = ScriptedDestination::default();
+    let url = destination.serve(stop.clone()).await;
+    let backend = Backend::start("books").await;
+    let client = proxy_env(
+        Some(&url),
+        None,
+        &[("MESH_PROXY_TARGET_IDLE_TIMEOUT", "2s")],
+    )
+    .await;
+    // An application calling twenty services once each.
+    for i in 0..20 {
+        let authority = format!("svc-{i}.shop.svc.cluster.local:8080");
+        destination.set(&authority, vec![plain(backend.addr)]);
+        let body = curl(&[
+            "-x",
+            &format!("http://{}", client.outbound_addr),
+            &format!("http://{authority}/"),
+        ])
+        .await;
+        assert!(body.starts_with("backend=books"), "{body}");
+    }
+    let open = || {
+        destination
+            .open_streams
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    assert!(open() >= 20, "one discovery stream per target: {}", open());
+    // Unused for longer than the idle timeout: every stream is closed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while open() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} discovery streams still open",
+            open()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A target used again is resolved afresh.
+    let body = curl(&[
+        "-x",
+        &format!("http://{}", client.outbound_addr),
+        "http://svc-0.shop.svc.cluster.local:8080/",
+    ])
+    .await;
+    assert!(body.starts_with("backend=books"), "{body}");
+}

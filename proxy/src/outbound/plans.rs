@@ -2,8 +2,7 @@
 //! A target without a policy (or a controller without the API) is routed as discovery alone
 //! says: every request to the target's own endpoints.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_proto::common::WorkloadRef;
@@ -15,26 +14,37 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::discovery::TargetKey;
+use crate::idle::{IdleMap, InUse};
 use crate::route::OutboundPlan;
 
 type PlanWatch = watch::Receiver<Option<Option<Arc<OutboundPlan>>>>;
 
-/// Live outbound plans per target.
+/// Requests take the plan out of the watch and keep nothing of it: only the last use counts.
+impl InUse for PlanWatch {
+    fn in_use(&self) -> bool {
+        false
+    }
+}
+
+/// Live outbound plans per target; a target unused for a while is forgotten (its stream
+/// closed).
 #[derive(Debug)]
 pub struct PlanStore {
     client: Option<OutboundPoliciesClient<Channel>>,
     source: WorkloadRef,
     wait: Duration,
-    targets: Mutex<HashMap<TargetKey, PlanWatch>>,
+    targets: Arc<IdleMap<TargetKey, PlanWatch>>,
 }
 
 impl PlanStore {
-    /// Plans from `controller` (None: no plans).
+    /// Plans from `controller` (None: no plans); a target asked for no plan during `idle` is
+    /// forgotten.
     pub fn new(
         controller: Option<&str>,
         source: WorkloadRef,
         connect_timeout: Duration,
         wait: Duration,
+        idle: Duration,
     ) -> Result<Self, tonic::transport::Error> {
         let client = match controller {
             Some(addr) => Some(OutboundPoliciesClient::new(
@@ -48,7 +58,11 @@ impl PlanStore {
             client,
             source,
             wait,
-            targets: Mutex::new(HashMap::new()),
+            targets: {
+                let targets = IdleMap::new(idle);
+                targets.sweep_in_background();
+                targets
+            },
         })
     }
 
@@ -56,31 +70,17 @@ impl PlanStore {
     /// answer so the first request already follows the routes.
     pub async fn plan(&self, key: &TargetKey) -> Option<Arc<OutboundPlan>> {
         let client = self.client.as_ref()?;
-        let mut receiver = {
-            let mut targets = match self.targets.lock() {
-                Ok(targets) => targets,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            // Most calls find the target: look it up without cloning the key.
-            if let Some(receiver) = targets.get(key) {
-                receiver.clone()
-            } else {
-                targets
-                    .entry(key.clone())
-                    .or_insert_with(|| {
-                        // Outer None: no answer yet; inner None: the target has no policy.
-                        let (tx, rx) = watch::channel(None);
-                        tokio::spawn(watch_target(
-                            client.clone(),
-                            self.source.clone(),
-                            key.clone(),
-                            tx,
-                        ));
-                        rx
-                    })
-                    .clone()
-            }
-        };
+        let mut receiver = self.targets.get_or_insert_with(key, || {
+            // Outer None: no answer yet; inner None: the target has no policy.
+            let (tx, rx) = watch::channel(None);
+            tokio::spawn(watch_target(
+                client.clone(),
+                self.source.clone(),
+                key.clone(),
+                tx,
+            ));
+            rx
+        });
         if let Some(answer) = receiver.borrow().clone() {
             return answer;
         }
@@ -111,7 +111,12 @@ async fn watch_target(
                 backoff = Duration::from_millis(100);
                 let mut stream = response.into_inner();
                 loop {
-                    match stream.message().await {
+                    // Ends once the store forgot the target (every receiver is gone).
+                    let message = tokio::select! {
+                        message = stream.message() => message,
+                        () = plan.closed() => return,
+                    };
+                    match message {
                         Ok(Some(wire)) => match OutboundPlan::from_proto(&wire) {
                             Ok(compiled) => {
                                 info!(target = %key, service = %compiled.service, "outbound policy updated");
@@ -140,8 +145,10 @@ async fn watch_target(
                     plan.send_replace(Some(None));
                 }
                 // The target may get a policy later; the API may appear with an upgrade.
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                continue;
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(10)) => continue,
+                    () = plan.closed() => return,
+                }
             }
             Err(status) => {
                 debug!(target = %key, %status, "outbound policy unavailable; retrying in {backoff:?}");
@@ -150,7 +157,10 @@ async fn watch_target(
                 }
             }
         }
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = plan.closed() => return,
+        }
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }

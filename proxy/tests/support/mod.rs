@@ -41,6 +41,8 @@ pub async fn loopback() -> TcpListener {
 #[derive(Clone, Default)]
 pub struct ScriptedDestination {
     targets: Arc<Mutex<HashMap<String, watch::Sender<Vec<destination::Endpoint>>>>>,
+    /// `Get` streams open now.
+    pub open_streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A meshed endpoint: the backend's address, reached through the proxy at `proxy_port`.
@@ -136,7 +138,9 @@ impl destination::destination_server::Destination for ScriptedDestination {
             .get(&authority)
             .map(|sender| sender.subscribe())
             .ok_or_else(|| Status::not_found(format!("{authority} is unknown")))?;
+        let open = OpenStream::new(&self.open_streams);
         let stream = async_stream(move |tx| async move {
+            let _open = open;
             let mut sent: Vec<destination::Endpoint> = Vec::new();
             loop {
                 let now = receiver.borrow_and_update().clone();
@@ -184,12 +188,30 @@ impl destination::destination_server::Destination for ScriptedDestination {
                     }
                 }
                 sent = now;
-                if receiver.changed().await.is_err() {
-                    return;
+                // Ends when the proxy drops the stream, not only at the next change.
+                tokio::select! {
+                    changed = receiver.changed() => if changed.is_err() { return },
+                    () = tx.closed() => return,
                 }
             }
         });
         Ok(tonic::Response::new(stream))
+    }
+}
+
+/// Counts a `Get` stream open while it lives.
+struct OpenStream(Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenStream {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,7 +14,8 @@ use hyper_util::rt::TokioIo;
 use mesh_proto::destination;
 use mesh_proxy::app::Running;
 use mesh_proxy::transport_header::TransportHeader;
-use support::ca::{ScriptedIdentity, TestCa};
+use support::ca::IdentityMesh;
+use support::outbound::{ScriptedOutbound, plan, retrying, route};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -25,53 +25,19 @@ const WEB_ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const BOOKS_ID: &str = "spiffe://cluster.local/ns/shop/sa/books";
 const CONTROLLER_ID: &str = "spiffe://cluster.local/ns/mesh-system/sa/mesh-controller";
 
-struct Setup {
-    destination: ScriptedDestination,
-    identity_url: String,
-    ca: Arc<TestCa>,
-    controller: String,
-    _stop: CancellationToken,
+async fn setup() -> IdentityMesh {
+    IdentityMesh::new(
+        Duration::from_secs(3600),
+        &[("web-token", WEB_ID), ("books-token", BOOKS_ID)],
+    )
+    .await
 }
 
-async fn setup() -> Setup {
-    let stop = CancellationToken::new();
-    let ca = Arc::new(TestCa::new("mesh test"));
-    let identity = ScriptedIdentity::new(ca.clone(), Duration::from_secs(3600));
-    identity.allow("web-token", WEB_ID);
-    identity.allow("books-token", BOOKS_ID);
-    let identity_url = identity.serve(stop.clone()).await;
-    let destination = ScriptedDestination::default();
-    let controller = destination.serve(stop.clone()).await;
-    Setup {
-        destination,
-        identity_url,
-        ca,
-        controller,
-        _stop: stop,
-    }
-}
-
-impl Setup {
-    fn identity(&self, id: &str, token: &str) -> TestIdentity {
-        TestIdentity {
-            id: id.to_string(),
-            token: token.to_string(),
-            anchors_pem: self.ca.anchor_pem.clone(),
-            service: self.identity_url.clone(),
-        }
-    }
-
-    /// `authority` is a meshed endpoint on `port` of the pod behind `server` (which proves
-    /// BOOKS_ID): what discovery answers for a pod IP and any of its ports.
-    fn meshed_port(&self, authority: &str, server: &Running, port: u16) {
-        let addr = std::net::SocketAddr::new(server.inbound_addr.ip(), port);
-        let mut endpoint = meshed(addr, server.inbound_addr.port());
-        endpoint.tls_identity = Some(destination::TlsIdentity {
-            spiffe_id: BOOKS_ID.to_string(),
-            server_name: String::new(),
-        });
-        self.destination.set(authority, vec![endpoint]);
-    }
+/// `authority` is a meshed endpoint on `port` of the pod behind `server` (which proves
+/// BOOKS_ID): what discovery answers for a pod IP and any of its ports.
+fn meshed_port(setup: &IdentityMesh, authority: &str, server: &Running, port: u16) {
+    let addr = std::net::SocketAddr::new(server.inbound_addr.ip(), port);
+    setup.meshed_endpoint(authority, addr, server, BOOKS_ID);
 }
 
 /// Writes `bytes` on a new connection to `addr` and reads what comes back until the peer
@@ -142,7 +108,7 @@ async fn a_meshed_peer_cannot_reach_the_proxys_own_listeners_through_it() {
     ];
     for (name, port) in own {
         let authority = format!("books-{name}.shop.svc.cluster.local:{port}");
-        setup.meshed_port(&authority, &server, port);
+        meshed_port(&setup, &authority, &server, port);
         // `curl -X POST http://POD_IP:4191/shutdown` from a meshed app.
         let out = curl(&[
             "-x",
@@ -226,7 +192,7 @@ async fn the_outbound_listener_never_forwards_to_the_proxys_own_listeners() {
 
 /// An HTTP/1 request to the admin server over mesh TLS, presenting `client_id`.
 async fn admin_over_tls(
-    setup: &Setup,
+    setup: &IdentityMesh,
     proxy: &Running,
     client_id: &str,
     method: &str,
@@ -315,41 +281,15 @@ async fn retrying_books(
     stop: &CancellationToken,
     extra: &[(&'static str, &str)],
 ) -> Running {
-    use mesh_proto::policy::{self, backend as policy_backend};
     let destination = ScriptedDestination::default();
-    let outbound = support::outbound::ScriptedOutbound::default();
+    let outbound = ScriptedOutbound::default();
     let url = destination
         .serve_with(Some(outbound.clone()), stop.clone())
         .await;
     destination.set(BOOKS, vec![plain(backend.addr)]);
-    let to_books = policy::WeightedBackend {
-        weight: 1,
-        backend: Some(policy::Backend {
-            kind: Some(policy_backend::Kind::Authority(BOOKS.into())),
-        }),
-    };
-    outbound.set(
-        BOOKS,
-        policy::OutboundPolicy {
-            service: BOOKS.into(),
-            routes: vec![policy::Route {
-                name: "all".into(),
-                ..Default::default()
-            }],
-            default_backends: vec![to_books],
-            retry: Some(policy::RetryPolicy {
-                conditions: vec!["5xx".into()],
-                limit: 3,
-                budget: Some(policy::RetryBudget {
-                    ratio: 1.0,
-                    min_per_second: 100,
-                    ttl: None,
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    );
+    let mut plan = plan(BOOKS, vec![route("all", vec![])]);
+    plan.retry = Some(retrying(&["5xx"], 3, 1.0, 100));
+    outbound.set(BOOKS, plan);
     proxy_env(Some(&url), None, extra).await
 }
 
@@ -582,7 +522,7 @@ async fn http1_requests_between_proxies_share_one_http2_connection() {
     .await;
     let server = proxy_with(None, Some(setup.identity(BOOKS_ID, "books-token"))).await;
     let backend = Backend::start("books").await;
-    setup.meshed_port(BOOKS, &server, backend.addr.port());
+    meshed_port(&setup, BOOKS, &server, backend.addr.port());
     // Fifty HTTP/1 client connections, each with one slow request in flight.
     let mut requests = tokio::task::JoinSet::new();
     for i in 0..50 {
@@ -713,10 +653,9 @@ async fn h2c_upgrades_are_stripped_and_websockets_kept() {
 
 #[tokio::test]
 async fn retries_go_to_another_replica_and_a_dead_app_is_ejected_at_once() {
-    use mesh_proto::policy::{self, backend as policy_backend};
     let stop = CancellationToken::new();
     let destination = ScriptedDestination::default();
-    let outbound = support::outbound::ScriptedOutbound::default();
+    let outbound = ScriptedOutbound::default();
     let url = destination
         .serve_with(Some(outbound.clone()), stop.clone())
         .await;
@@ -734,33 +673,9 @@ async fn retries_go_to_another_replica_and_a_dead_app_is_ejected_at_once() {
             meshed(dead_app, dead_proxy.inbound_addr.port()),
         ],
     );
-    outbound.set(
-        BOOKS,
-        policy::OutboundPolicy {
-            service: BOOKS.into(),
-            routes: vec![policy::Route {
-                name: "all".into(),
-                ..Default::default()
-            }],
-            default_backends: vec![policy::WeightedBackend {
-                weight: 1,
-                backend: Some(policy::Backend {
-                    kind: Some(policy_backend::Kind::Authority(BOOKS.into())),
-                }),
-            }],
-            retry: Some(policy::RetryPolicy {
-                conditions: vec!["gateway-error".into()],
-                limit: 1,
-                budget: Some(policy::RetryBudget {
-                    ratio: 0.2,
-                    min_per_second: 10,
-                    ttl: None,
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    );
+    let mut plan = plan(BOOKS, vec![route("all", vec![])]);
+    plan.retry = Some(retrying(&["gateway-error"], 1, 0.2, 10));
+    outbound.set(BOOKS, plan);
     let mut requests = ProxyClient::connect(&client).await;
     for i in 0..200 {
         let (status, backend, body) = requests.get(&format!("http://{BOOKS}/"), &[]).await;
@@ -780,28 +695,17 @@ async fn retries_go_to_another_replica_and_a_dead_app_is_ejected_at_once() {
 
 #[tokio::test]
 async fn a_proxy_restarted_while_the_controller_is_down_serves_with_its_cached_identity() {
-    let stop = CancellationToken::new();
-    let ca = Arc::new(TestCa::new("mesh test"));
-    let identity = ScriptedIdentity::new(ca.clone(), Duration::from_secs(3600));
-    identity.allow("web-token", WEB_ID);
-    identity.allow("books-token", BOOKS_ID);
-    let identity_stop = CancellationToken::new();
-    let identity_url = identity.serve(identity_stop.clone()).await;
-    let destination = ScriptedDestination::default();
-    let controller = destination.serve(stop.clone()).await;
-    let test_identity = |id: &str, token: &str| TestIdentity {
-        id: id.to_string(),
-        token: token.to_string(),
-        anchors_pem: ca.anchor_pem.clone(),
-        service: identity_url.clone(),
-    };
+    let setup = setup().await;
+    let test_identity = |id: &str, token: &str| setup.identity(id, token);
+    let destination = &setup.destination;
+    let controller = &setup.controller;
     let cache = std::env::temp_dir().join(format!("mesh-identity-cache-{}", std::process::id()));
     std::fs::create_dir_all(&cache).expect("cache folder");
     let cache_env = [(
         "MESH_PROXY_IDENTITY_CACHE_DIR",
         cache.to_str().expect("UTF-8 path"),
     )];
-    let client = proxy_with(Some(&controller), Some(test_identity(WEB_ID, "web-token"))).await;
+    let client = proxy_with(Some(controller), Some(test_identity(WEB_ID, "web-token"))).await;
     let first = proxy_env(
         None,
         Some(test_identity(BOOKS_ID, "books-token")),
@@ -819,7 +723,7 @@ async fn a_proxy_restarted_while_the_controller_is_down_serves_with_its_cached_i
     let _ = first.task.await;
 
     // The controller goes away; the proxy restarts.
-    identity_stop.cancel();
+    setup.identity_stop.cancel();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let restarted = proxy_env(
         None,

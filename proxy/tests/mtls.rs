@@ -8,8 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::StatusCode;
-use mesh_proto::destination;
-use support::ca::{ScriptedIdentity, TestCa};
+use support::ca::{IdentityMesh, ScriptedIdentity, TestCa};
 use support::*;
 use tokio_util::sync::CancellationToken;
 
@@ -17,53 +16,22 @@ const BOOKS: &str = "books.shop.svc.cluster.local:8080";
 const WEB_ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const BOOKS_ID: &str = "spiffe://cluster.local/ns/shop/sa/books";
 
-struct Setup {
-    destination: ScriptedDestination,
-    identity: ScriptedIdentity,
-    identity_url: String,
-    ca: Arc<TestCa>,
-    controller: String,
-    _stop: CancellationToken,
+async fn setup(lifetime: Duration) -> IdentityMesh {
+    IdentityMesh::new(
+        lifetime,
+        &[("web-token", WEB_ID), ("books-token", BOOKS_ID)],
+    )
+    .await
 }
 
-async fn setup(lifetime: Duration) -> Setup {
-    let stop = CancellationToken::new();
-    let ca = Arc::new(TestCa::new("mesh test"));
-    let identity = ScriptedIdentity::new(ca.clone(), lifetime);
-    identity.allow("web-token", WEB_ID);
-    identity.allow("books-token", BOOKS_ID);
-    let identity_url = identity.serve(stop.clone()).await;
-    let destination = ScriptedDestination::default();
-    let controller = destination.serve(stop.clone()).await;
-    Setup {
-        destination,
-        identity,
-        identity_url,
-        ca,
-        controller,
-        _stop: stop,
-    }
-}
-
-impl Setup {
-    fn identity(&self, id: &str, token: &str) -> TestIdentity {
-        TestIdentity {
-            id: id.to_string(),
-            token: token.to_string(),
-            anchors_pem: self.ca.anchor_pem.clone(),
-            service: self.identity_url.clone(),
-        }
-    }
-
-    /// BOOKS is `backend`, behind `server`, which must prove `identity`.
-    fn books(&self, backend: &Backend, server: &mesh_proxy::app::Running, identity: &str) {
-        let mut endpoint = meshed(backend.addr, server.inbound_addr.port());
-        endpoint.tls_identity = Some(destination::TlsIdentity {
-            spiffe_id: identity.to_string(),
-            server_name: String::new(),
-        });
-        self.destination.set(BOOKS, vec![endpoint]);
-    }
+/// BOOKS is `backend`, behind `server`, which must prove `identity`.
+fn books(
+    setup: &IdentityMesh,
+    backend: &Backend,
+    server: &mesh_proxy::app::Running,
+    identity: &str,
+) {
+    setup.meshed_endpoint(BOOKS, backend.addr, server, identity);
 }
 
 #[tokio::test]
@@ -77,7 +45,7 @@ async fn proxies_authenticate_each_other_and_label_the_identities() {
     let server = proxy_with(None, Some(setup.identity(BOOKS_ID, "books-token"))).await;
     assert_eq!(admin_get(&client, "/ready").await.0, StatusCode::OK);
     let backend = Backend::start("books").await;
-    setup.books(&backend, &server, BOOKS_ID);
+    books(&setup, &backend, &server, BOOKS_ID);
 
     for _ in 0..5 {
         let body = curl(&[
@@ -120,7 +88,8 @@ async fn an_impostor_endpoint_is_refused_by_the_client_proxy() {
     // The server proves `books`, but discovery says the endpoint must be `payments`.
     let server = proxy_with(None, Some(setup.identity(BOOKS_ID, "books-token"))).await;
     let backend = Backend::start("books").await;
-    setup.books(
+    books(
+        &setup,
         &backend,
         &server,
         "spiffe://cluster.local/ns/shop/sa/payments",
@@ -161,7 +130,7 @@ async fn a_client_from_another_trust_domain_is_refused_by_the_server_proxy() {
     .await;
     let server = proxy_with(None, Some(setup.identity(BOOKS_ID, "books-token"))).await;
     let backend = Backend::start("books").await;
-    setup.books(&backend, &server, BOOKS_ID);
+    books(&setup, &backend, &server, BOOKS_ID);
     let out = curl(&[
         "-x",
         &format!("http://{}", client.outbound_addr),
@@ -188,7 +157,7 @@ async fn certificates_renew_under_traffic_without_failed_requests() {
     .await;
     let server = proxy_with(None, Some(setup.identity(BOOKS_ID, "books-token"))).await;
     let backend = Backend::start("books").await;
-    setup.books(&backend, &server, BOOKS_ID);
+    books(&setup, &backend, &server, BOOKS_ID);
     let issued_before = setup.identity.issued.load(Ordering::SeqCst);
 
     let proxy_url = format!("http://{}", client.outbound_addr);

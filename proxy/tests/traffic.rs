@@ -8,9 +8,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use mesh_proto::policy::{self, backend, filter, header_match, path_match};
-use mesh_proto::prost_types;
-use support::outbound::ScriptedOutbound;
+use mesh_proto::policy::{self, filter, header_match, path_match};
+use support::outbound::{ScriptedOutbound, millis, route, to};
 use support::*;
 use tokio_util::sync::CancellationToken;
 
@@ -57,37 +56,8 @@ impl Mesh {
     }
 }
 
-fn to(authority: &str, weight: u32) -> policy::WeightedBackend {
-    policy::WeightedBackend {
-        weight,
-        backend: Some(policy::Backend {
-            kind: Some(backend::Kind::Authority(authority.into())),
-        }),
-    }
-}
-
-fn seconds(ms: u64) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    })
-}
-
 fn plan(routes: Vec<policy::Route>) -> policy::OutboundPolicy {
-    policy::OutboundPolicy {
-        service: BOOKS.into(),
-        routes,
-        default_backends: vec![to(BOOKS, 1)],
-        ..Default::default()
-    }
-}
-
-fn route(name: &str, backends: Vec<policy::WeightedBackend>) -> policy::Route {
-    policy::Route {
-        name: name.into(),
-        backends,
-        ..Default::default()
-    }
+    support::outbound::plan(BOOKS, routes)
 }
 
 async fn count_backends(client: &mut ProxyClient, n: usize, path: &str) -> HashMap<String, usize> {
@@ -167,17 +137,7 @@ async fn a_header_match_sends_only_matching_requests_to_the_canary() {
 }
 
 fn retrying(limit: u32, ratio: f32) -> policy::RetryPolicy {
-    policy::RetryPolicy {
-        conditions: vec!["5xx".into()],
-        limit,
-        per_try_timeout: None,
-        budget: Some(policy::RetryBudget {
-            ratio,
-            min_per_second: 1,
-            ttl: seconds(10_000),
-        }),
-        max_body_bytes: 0,
-    }
+    support::outbound::retrying(&["5xx"], limit, ratio, 1)
 }
 
 #[tokio::test]
@@ -237,7 +197,7 @@ async fn a_hung_backend_trips_the_request_timeout() {
     mesh.service(BOOKS, &[&slow]);
     let mut policy = plan(vec![route("all", vec![])]);
     policy.timeouts = Some(policy::Timeouts {
-        request: seconds(300),
+        request: millis(300),
         response: None,
         idle: None,
     });
@@ -261,8 +221,8 @@ async fn a_failing_endpoint_is_ejected_after_consecutive_failures() {
     let mut policy = plan(vec![route("all", vec![])]);
     policy.failure_accrual = Some(policy::FailureAccrual {
         consecutive_failures: 3,
-        min_backoff: seconds(60_000),
-        max_backoff: seconds(60_000),
+        min_backoff: millis(60_000),
+        max_backoff: millis(60_000),
     });
     policy.balancer = Some(policy::Balancer {
         kind: policy::balancer::Kind::RoundRobin as i32,

@@ -170,3 +170,69 @@ impl TestCa {
         Arc::new(config)
     }
 }
+
+/// Stand-ins for the controller in mesh-TLS tests: a test CA, an Identity service that knows
+/// the tokens it was given, and a Destination service.
+pub struct IdentityMesh {
+    pub destination: super::ScriptedDestination,
+    pub identity: ScriptedIdentity,
+    pub identity_url: String,
+    pub ca: Arc<TestCa>,
+    /// The Destination service's URL.
+    pub controller: String,
+    /// Stops the Identity service (the Destination service keeps running).
+    pub identity_stop: CancellationToken,
+    _stop: CancellationToken,
+}
+
+impl IdentityMesh {
+    /// Certificates live `lifetime`; each `(token, identity)` pair is accepted.
+    pub async fn new(lifetime: Duration, tokens: &[(&str, &str)]) -> Self {
+        let stop = CancellationToken::new();
+        let identity_stop = CancellationToken::new();
+        let ca = Arc::new(TestCa::new("mesh test"));
+        let identity = ScriptedIdentity::new(ca.clone(), lifetime);
+        for (token, id) in tokens {
+            identity.allow(token, id);
+        }
+        let identity_url = identity.serve(identity_stop.clone()).await;
+        let destination = super::ScriptedDestination::default();
+        let controller = destination.serve(stop.clone()).await;
+        Self {
+            destination,
+            identity,
+            identity_url,
+            ca,
+            controller,
+            identity_stop,
+            _stop: stop,
+        }
+    }
+
+    /// How a proxy proves `id` with `token` here.
+    pub fn identity(&self, id: &str, token: &str) -> super::TestIdentity {
+        super::TestIdentity {
+            id: id.to_string(),
+            token: token.to_string(),
+            anchors_pem: self.ca.anchor_pem.clone(),
+            service: self.identity_url.clone(),
+        }
+    }
+
+    /// `authority` is one meshed endpoint: `addr`, behind the proxy `server`, which must prove
+    /// `identity`.
+    pub fn meshed_endpoint(
+        &self,
+        authority: &str,
+        addr: std::net::SocketAddr,
+        server: &mesh_proxy::app::Running,
+        identity: &str,
+    ) {
+        let mut endpoint = super::meshed(addr, server.inbound_addr.port());
+        endpoint.tls_identity = Some(mesh_proto::destination::TlsIdentity {
+            spiffe_id: identity.to_string(),
+            server_name: String::new(),
+        });
+        self.destination.set(authority, vec![endpoint]);
+    }
+}

@@ -56,3 +56,61 @@ impl OutboundPolicies for ScriptedOutbound {
         ))))
     }
 }
+
+/// A weighted backend naming `authority`.
+pub fn to(authority: &str, weight: u32) -> policy::WeightedBackend {
+    policy::WeightedBackend {
+        weight,
+        backend: Some(policy::Backend {
+            kind: Some(policy::backend::Kind::Authority(authority.into())),
+        }),
+    }
+}
+
+/// `ms` milliseconds as a protobuf duration.
+pub fn millis(ms: u64) -> Option<mesh_proto::prost_types::Duration> {
+    Some(mesh_proto::prost_types::Duration {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    })
+}
+
+/// The plan of `service`: `routes`, and the service itself as the default backend.
+pub fn plan(service: &str, routes: Vec<policy::Route>) -> policy::OutboundPolicy {
+    policy::OutboundPolicy {
+        service: service.into(),
+        routes,
+        default_backends: vec![to(service, 1)],
+        ..Default::default()
+    }
+}
+
+/// A route named `name` to `backends` (none: the plan's defaults).
+pub fn route(name: &str, backends: Vec<policy::WeightedBackend>) -> policy::Route {
+    policy::Route {
+        name: name.into(),
+        backends,
+        ..Default::default()
+    }
+}
+
+/// Retries on `conditions` up to `limit` per request, within a budget of `ratio` per request
+/// plus `min_per_second` over 10 s.
+pub fn retrying(
+    conditions: &[&str],
+    limit: u32,
+    ratio: f32,
+    min_per_second: u32,
+) -> policy::RetryPolicy {
+    policy::RetryPolicy {
+        conditions: conditions.iter().map(|c| (*c).to_owned()).collect(),
+        limit,
+        per_try_timeout: None,
+        budget: Some(policy::RetryBudget {
+            ratio,
+            min_per_second,
+            ttl: millis(10_000),
+        }),
+        max_body_bytes: 0,
+    }
+}

@@ -575,6 +575,21 @@ fn uninject_keeps_a_volume_of_the_pods_own_named_like_the_identity_volume() {
     assert_eq!(uninject(&pod), Some(original));
 }
 
+/// Found by fuzzing (tests/fuzz.rs): `trace, -=warn` passed the injector's check but the
+/// proxy's filter parser takes no spaces, so the proxy could not start.
+#[test]
+fn the_log_filter_reaches_the_proxy_without_spaces() {
+    let pod = injected(
+        &annotated(&[(annotations::PROXY_LOG_LEVEL, "trace, -=warn")]),
+        &none(),
+        &config(),
+    );
+    assert_eq!(
+        env(&pod, "MESH_PROXY_LOG_LEVEL").as_deref(),
+        Some("trace,-=warn")
+    );
+}
+
 const SKIP_PORTS_FOR_TEST: &str = annotations::SKIP_INBOUND_PORTS;
 
 #[test]

@@ -17,9 +17,8 @@ test: setup fmt-check lint
     cargo build --workspace --bins
     cargo nextest run --workspace --all-targets --no-tests=fail
 
-# The fuzz targets (tests/fuzz of mesh-proxy, mesh-injector, mesh-controller) for SECONDS each
-# instead of the 2 of a normal test run; a failure prints the smallest input it found and the
-# MESH_FUZZ_SEED that replays it.
+# A failure prints the smallest input it found and the MESH_FUZZ_SEED that replays it.
+# The fuzz targets (tests/fuzz) of mesh-proxy, mesh-injector, mesh-controller, SECONDS each.
 fuzz SECONDS="60":
     MESH_FUZZ_SECONDS={{SECONDS}} cargo nextest run --profile fuzz -p mesh-proxy -p mesh-injector -p mesh-controller --test fuzz
 

@@ -2,7 +2,9 @@
 //! `cargo nextest`: `file::parse_documents` (a YAML file into the objects discovery and policy
 //! read) on arbitrary text, on YAML assembled from the constructs that break parsers, and on
 //! documents of every kind it reads with arbitrary contents. Each runs for a few seconds
-//! (`MESH_FUZZ_SECONDS` for longer; `just fuzz`). proptest, not bolero: see the runner.
+//! (`MESH_FUZZ_SECONDS` for longer; `just fuzz`). proptest rather than bolero: bolero 0.13
+//! pins indexmap to exactly 2.11.2, which would downgrade the indexmap of the shipped binaries
+//! (the runner says more).
 
 #[path = "../../proxy/tests/fuzz/runner.rs"]
 mod runner;

@@ -1,7 +1,9 @@
 //! Fuzz targets for the injector, on stable Rust under plain `cargo test` / `cargo nextest`:
 //! the admission webhook's `review` on any bytes and on well-formed AdmissionReviews of
 //! arbitrary pods, and the annotation parsers through `inject`. Each runs for a few seconds
-//! (`MESH_FUZZ_SECONDS` for longer; `just fuzz`). proptest, not bolero: see the runner.
+//! (`MESH_FUZZ_SECONDS` for longer; `just fuzz`). proptest rather than bolero: bolero 0.13
+//! pins indexmap to exactly 2.11.2, which would downgrade the indexmap of the shipped binaries
+//! (the runner says more).
 //!
 //! The strongest property is across crates: a pod the injector admits gets a proxy and an init
 //! container that accept the configuration they are given (the proxy's own `Config` parser,

@@ -4,7 +4,8 @@
 //! proptest, not bolero: bolero 0.13's derive crate pins `indexmap` to one exact version
 //! (=2.11.2), which would downgrade the indexmap that h2 and tower use in the shipped binaries
 //! and refuse any later upgrade, for a test-only dependency. proptest's strategies build the
-//! structured inputs (request heads, policies, pods) and it shrinks a failure to a small input.
+//! structured inputs (request heads, policies, pods), so `arbitrary` is not needed, and it
+//! shrinks a failure to a small input.
 //! It has no time budget of its own, so this loop draws cases until the budget is spent.
 //!
 //! - `MESH_FUZZ_SECONDS`: seconds per target (default 2; `just fuzz` sets 60).

@@ -18,6 +18,11 @@ test: setup fmt-check lint
     cargo build --workspace --all-targets
     cargo nextest run --workspace --all-targets --no-tests=fail
 
+# A failure prints the smallest input it found and the MESH_FUZZ_SEED that replays it.
+# The fuzz targets (tests/fuzz) of mesh-proxy, mesh-injector, mesh-controller, SECONDS each.
+fuzz SECONDS="60":
+    MESH_FUZZ_SECONDS={{SECONDS}} cargo nextest run --profile fuzz -p mesh-proxy -p mesh-injector -p mesh-controller --test fuzz
+
 # Clippy over every crate and target, warnings denied.
 lint:
     cargo clippy --workspace --all-targets --locked -- -D warnings

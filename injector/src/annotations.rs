@@ -222,7 +222,9 @@ impl<'a> Annotations<'a> {
             None => config.proxy_log_level.clone(),
             Some(value) => {
                 check_log_level(value.trimmed()).map_err(|reason| value.error(reason))?;
-                value.trimmed().to_owned()
+                // The proxy's filter parser takes no spaces around the directives.
+                let directives: Vec<&str> = value.trimmed().split(',').map(str::trim).collect();
+                directives.join(",")
             }
         };
         let image = match self.get(PROXY_IMAGE) {
@@ -548,7 +550,16 @@ fn is_duration(text: &str) -> bool {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    !number.is_empty() && number.parse::<u64>().is_ok() && ["ms", "s", "m", "h"].contains(&unit)
+    let Ok(number) = number.parse::<u64>() else {
+        return false;
+    };
+    // As many seconds as the proxy can hold (a u64).
+    match unit {
+        "ms" | "s" => true,
+        "m" => number.checked_mul(60).is_some(),
+        "h" => number.checked_mul(3600).is_some(),
+        _ => false,
+    }
 }
 
 /// Checks a tracing filter made of `level` and `target=level` directives.
@@ -559,7 +570,8 @@ pub(crate) fn check_log_level(text: &str) -> Result<(), String> {
         !target.is_empty()
             && target
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '.' | '-'))
+                // What the proxy's filter parser takes as a target (no `.`).
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-'))
     };
     if text.is_empty() {
         return Err(
@@ -704,6 +716,21 @@ mod tests {
         for bad in ["", "loud", "info,", "=debug", "mesh_proxy=loud", "a b=info"] {
             assert!(check_log_level(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Found by fuzzing (tests/fuzz.rs): the proxy refused a duration the injector had
+    /// admitted (more seconds than it can hold), so the pod's proxy could not start.
+    #[test]
+    fn durations_the_proxy_refuses_are_refused() {
+        assert!(!is_duration("307445734561825861m"));
+        assert!(is_duration("307445734561825860m"));
+    }
+
+    /// Found by fuzzing (tests/fuzz.rs): the proxy refused a filter the injector had admitted
+    /// (its parser takes no `.` in a target), so the pod's proxy could not start.
+    #[test]
+    fn log_filters_the_proxy_refuses_are_refused() {
+        assert!(check_log_level(".=trace").is_err());
     }
 
     #[test]

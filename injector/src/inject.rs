@@ -365,6 +365,15 @@ fn uninject_parts(metadata: &ObjectMeta, spec: &PodSpec) -> Option<(ObjectMeta, 
         }
     }
     let mut spec = spec.clone();
+    // The identity volumes are ours only when our proxy mounts them: without identity, a pod
+    // may have volumes of those names of its own.
+    let identity_added = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .filter(|container| container.name == PROXY_CONTAINER)
+        .flat_map(|container| container.volume_mounts.iter().flatten())
+        .any(|mount| mount.name == IDENTITY_VOLUME);
     spec.containers
         .retain(|container| container.name != PROXY_CONTAINER);
     if let Some(init_containers) = spec.init_containers.as_mut() {
@@ -373,7 +382,7 @@ fn uninject_parts(metadata: &ObjectMeta, spec: &PodSpec) -> Option<(ObjectMeta, 
             spec.init_containers = None;
         }
     }
-    if let Some(volumes) = spec.volumes.as_mut() {
+    if let Some(volumes) = spec.volumes.as_mut().filter(|_| identity_added) {
         volumes.retain(|volume| {
             volume.name != IDENTITY_VOLUME && volume.name != IDENTITY_CACHE_VOLUME
         });

@@ -183,8 +183,11 @@ impl Webhook {
                 return Ok((allowed.deny(message), AdmissionResult::Denied));
             }
         };
-        // A pod created in a namespace may not say so itself; the request does.
-        if pod.metadata.namespace.is_none() && request.namespace.is_some() {
+        // A pod created in a namespace may not say so itself (no namespace, or an empty one,
+        // which the API server fills in); the request does.
+        if pod.metadata.namespace.as_deref().is_none_or(str::is_empty)
+            && request.namespace.is_some()
+        {
             pod.metadata.namespace = request.namespace.clone();
         }
         let pod_name = pod

@@ -282,7 +282,7 @@ impl Config {
         if !(0.0..=1.0).contains(&trace_sample_rate) {
             return Err(ConfigError {
                 var: "MESH_PROXY_TRACE_SAMPLE_RATE".into(),
-                value: trace_sample_rate.to_string(),
+                value: env.get("MESH_PROXY_TRACE_SAMPLE_RATE").unwrap_or_default(),
                 reason: "expected a number from 0 to 1".into(),
             });
         }
@@ -477,7 +477,7 @@ impl Env<'_> {
         if count == 0 {
             return Err(ConfigError {
                 var: var.into(),
-                value: "0".into(),
+                value: self.get(var).unwrap_or_default(),
                 reason: "expected a whole number of at least 1".into(),
             });
         }
@@ -660,6 +660,19 @@ mod tests {
             let message = error.to_string();
             assert!(message.contains(var), "{message}");
             assert!(message.contains(value), "{message}");
+        }
+    }
+
+    /// Found by fuzzing (tests/fuzz): these errors named the value as the proxy read it
+    /// (`"10"`, `"0"`), not as it was written.
+    #[test]
+    fn errors_name_the_value_as_written() {
+        for (var, value) in [
+            ("MESH_PROXY_TRACE_SAMPLE_RATE", "1e1"),
+            ("MESH_PROXY_INBOUND_MAX_CONNECTIONS", "00"),
+        ] {
+            let error = parse(&[(var, value)]).expect_err(var);
+            assert_eq!((error.var.as_str(), error.value.as_str()), (var, value));
         }
     }
 

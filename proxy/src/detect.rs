@@ -19,6 +19,9 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Longest prefix read while detecting; a request line longer than this is treated as opaque.
 const MAX_DETECT_BYTES: usize = 8 * 1024;
 
+/// Longest method an HTTP/1 request line may start with.
+const MAX_METHOD_LEN: usize = 16;
+
 /// What a stream speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -76,18 +79,21 @@ fn classify_http1(prefix: &[u8]) -> Option<Protocol> {
         .iter()
         .take_while(|b| b.is_ascii_uppercase() || **b == b'-' || **b == b'_')
         .count();
+    // Methods are short: a longer one is opaque however the bytes arrived.
+    if method_len > MAX_METHOD_LEN {
+        return Some(Protocol::Opaque);
+    }
     if method_len == prefix.len() {
-        // Only method characters so far; methods are short.
-        return if method_len <= 16 {
-            None
-        } else {
-            Some(Protocol::Opaque)
-        };
+        // Only method characters so far.
+        return None;
     }
     if method_len == 0 || prefix[method_len] != b' ' {
         return Some(Protocol::Opaque);
     }
     match prefix.windows(2).position(|w| w == b"\r\n") {
+        // The line and its CRLF must fit in what detection reads, or the verdict would hang on
+        // whether the CRLF arrived in the same read.
+        Some(end) if end + 2 > MAX_DETECT_BYTES => Some(Protocol::Opaque),
         Some(end) => {
             let line = &prefix[..end];
             if line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0") {
@@ -236,6 +242,28 @@ mod tests {
                 String::from_utf8_lossy(prefix)
             );
         }
+    }
+
+    /// Found by fuzzing (tests/fuzz): a 17-character method was opaque while the line was
+    /// arriving but HTTP/1 once it was complete, so the verdict hung on how the bytes were read.
+    #[test]
+    fn a_method_too_long_to_wait_for_stays_opaque() {
+        let line = b"AAAAAA_A_AAAAA__A  HTTP/1.1\r\n";
+        assert_eq!(classify(&line[..17]), Some(Protocol::Opaque));
+        assert_eq!(classify(line), Some(Protocol::Opaque));
+    }
+
+    /// Found by fuzzing (tests/fuzz): a request line whose CRLF ended just past the 8 KiB
+    /// bound was opaque when read in pieces and HTTP/1 when read at once.
+    #[test]
+    fn a_request_line_past_the_bound_stays_opaque() {
+        let line = format!("GET /{} HTTP/1.1\r\n", "a".repeat(8177));
+        let line = line.as_bytes();
+        assert_eq!(line.len(), MAX_DETECT_BYTES + 1);
+        assert_eq!(classify(&line[..MAX_DETECT_BYTES]), Some(Protocol::Opaque));
+        assert_eq!(classify(line), Some(Protocol::Opaque));
+        let fits = format!("GET /{} HTTP/1.1\r\n", "a".repeat(8176));
+        assert_eq!(classify(fits.as_bytes()), Some(Protocol::Http1));
     }
 
     #[tokio::test]

@@ -213,8 +213,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         HeaderName::from_static("keep-alive"),
         HeaderName::from_static("proxy-connection"),
     ] {
-        // gRPC needs `te: trailers` end to end over HTTP/2.
-        if name == header::TE && headers.get(&name).is_some_and(|v| v == "trailers") {
+        // gRPC needs `te: trailers` end to end over HTTP/2; any other `te` goes, all of them.
+        if name == header::TE && headers.get_all(&name).iter().all(|v| v == "trailers") {
             continue;
         }
         headers.remove(name);
@@ -257,6 +257,17 @@ mod tests {
         let mut names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, vec!["te", "x-end-to-end"]);
+    }
+
+    /// Found by fuzzing (tests/fuzz): a second `te` header was forwarded because the first
+    /// said `trailers`.
+    #[test]
+    fn te_is_forwarded_only_as_trailers() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::TE, HeaderValue::from_static("trailers"));
+        headers.append(header::TE, HeaderValue::from_static("books.shop"));
+        strip_hop_by_hop(&mut headers, false);
+        assert!(!headers.contains_key(header::TE), "{headers:?}");
     }
 
     #[test]

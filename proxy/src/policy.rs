@@ -121,10 +121,12 @@ impl Rule {
     }
 
     fn admits_client(&self, client: &Client<'_>) -> bool {
+        // An IPv4 client on a dual-stack socket arrives IPv4-mapped (`::ffff:10.1.2.3`); its
+        // networks and exceptions are written in IPv4.
+        let ip = client.ip.to_canonical();
         let network_ok = self.networks.is_empty()
             || self.networks.iter().any(|network| {
-                network.net.contains(&client.ip)
-                    && !network.except.iter().any(|e| e.contains(&client.ip))
+                network.net.contains(&ip) && !network.except.iter().any(|e| e.contains(&ip))
             });
         let identity_ok = match &self.authentication {
             Authentication::Unauthenticated => true,
@@ -649,6 +651,49 @@ mod tests {
         for (client, want) in cases {
             assert_eq!(policy.evaluate(&client, None), want, "{client:?}");
         }
+    }
+
+    /// Found by fuzzing (tests/fuzz): an IPv4 client arriving IPv4-mapped on a dual-stack
+    /// socket was outside every IPv4 network, and so also outside their exceptions.
+    #[test]
+    fn ipv4_mapped_clients_are_their_ipv4_address() {
+        let unauthenticated = Some(WireAuth {
+            kind: Some(authentication::Kind::Unauthenticated(
+                authentication::Unauthenticated {},
+            )),
+        });
+        let policy = InboundPolicy::from_proto(&policy::InboundServer {
+            name: "web".into(),
+            authorizations: vec![Authorization {
+                name: "authz-0".into(),
+                networks: vec![WireNet {
+                    cidr: "0.0.0.0/0".into(),
+                    except: vec![],
+                }],
+                authentication: unauthenticated.clone(),
+                routes: vec![],
+            }],
+            ..Default::default()
+        })
+        .expect("valid policy");
+        assert_eq!(
+            policy.evaluate(&client("::ffff:10.1.2.3", None), None),
+            Verdict::Allow("authz-0".into())
+        );
+        let except = InboundPolicy::from_proto(&server(vec![Authorization {
+            name: "all-but-10".into(),
+            networks: vec![WireNet {
+                cidr: "::/0".into(),
+                except: vec!["10.0.0.0/8".into()],
+            }],
+            authentication: unauthenticated,
+            routes: vec![],
+        }]))
+        .expect("valid policy");
+        assert_eq!(
+            except.evaluate(&client("::ffff:10.1.2.3", None), None),
+            Verdict::Deny("books-http".into())
+        );
     }
 
     #[test]

@@ -363,8 +363,12 @@ pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
 }
 
 fn regex(text: &str) -> Result<Regex, String> {
+    let invalid = |e: regex::Error| format!("invalid regex {text:?}: {e}");
+    // Checked alone first: a text like `a)|(b` is invalid, but would close the group below
+    // and escape its anchors.
+    Regex::new(text).map_err(invalid)?;
     // Gateway API regexes match the whole value.
-    Regex::new(&format!("^(?:{text})$")).map_err(|e| format!("invalid regex {text:?}: {e}"))
+    Regex::new(&format!("^(?:{text})$")).map_err(invalid)
 }
 
 /// Compiles a match from the controller (regexes once, here).
@@ -775,6 +779,20 @@ mod tests {
             text.contains("route broken") && text.contains("invalid regex"),
             "{text}"
         );
+    }
+
+    /// Found by fuzzing (tests/fuzz): `a)|(b` closed the group the anchors wrap, compiling to
+    /// `^(?:a)|(b)$`, which matches any path starting with `a`.
+    #[test]
+    fn a_regex_cannot_escape_its_anchors() {
+        let wire = RouteMatch {
+            path: Some(PathMatch {
+                kind: Some(path_match::Kind::Regex("a)|(b".into())),
+            }),
+            ..Default::default()
+        };
+        let error = compile_match(&wire).expect_err("invalid on its own");
+        assert!(error.contains("invalid regex"), "{error}");
     }
 
     #[test]

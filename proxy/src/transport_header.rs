@@ -54,9 +54,14 @@ pub enum HeaderError {
 }
 
 impl TransportHeader {
-    /// The header's bytes.
+    /// The header's bytes. A name longer than the bound is cut at a character boundary, so
+    /// the peer can still read it as text.
     pub fn encode(&self) -> Vec<u8> {
-        let name = &self.name.as_bytes()[..self.name.len().min(MAX_NAME_LEN)];
+        let mut name_len = self.name.len().min(MAX_NAME_LEN);
+        while !self.name.is_char_boundary(name_len) {
+            name_len -= 1;
+        }
+        let name = &self.name.as_bytes()[..name_len];
         let mut out = Vec::with_capacity(10 + name.len());
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
@@ -111,6 +116,22 @@ mod tests {
         let read = TransportHeader::read(&mut reader).await.expect("valid");
         assert_eq!(read, header);
         assert_eq!(reader, b"GET / HTTP/1.1\r\n");
+    }
+
+    /// Found by fuzzing (tests/fuzz): a name past 1024 bytes was cut inside a character, so
+    /// the peer refused the header as "not UTF-8".
+    #[tokio::test]
+    async fn a_long_name_is_cut_at_a_character_boundary() {
+        let header = TransportHeader {
+            port: 1,
+            opaque: false,
+            name: "\u{800}".repeat(1000),
+        };
+        let bytes = header.encode();
+        let read = TransportHeader::read(&mut bytes.as_slice())
+            .await
+            .expect("readable");
+        assert_eq!(read.name, "\u{800}".repeat(341));
     }
 
     #[tokio::test]

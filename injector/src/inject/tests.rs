@@ -562,6 +562,34 @@ fn uninject_removes_exactly_what_inject_added() {
     assert_eq!(uninject(&annotated(&[])), None, "nothing to remove");
 }
 
+/// Found by fuzzing (tests/fuzz.rs): without identity a pod may have its own volume named
+/// like the identity volume, and `uninject` removed it.
+#[test]
+fn uninject_keeps_a_volume_of_the_pods_own_named_like_the_identity_volume() {
+    let original = pod(json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {},
+        "spec": {"containers": [], "volumes": [{"name": "mesh-identity-token"}]}
+    }));
+    let namespace = map(&[("mesh.dev/inject", " enabled ")]);
+    let pod = injected(&original, &namespace, &MeshConfig::default());
+    assert_eq!(uninject(&pod), Some(original));
+}
+
+/// Found by fuzzing (tests/fuzz.rs): `trace, -=warn` passed the injector's check but the
+/// proxy's filter parser takes no spaces, so the proxy could not start.
+#[test]
+fn the_log_filter_reaches_the_proxy_without_spaces() {
+    let pod = injected(
+        &annotated(&[(annotations::PROXY_LOG_LEVEL, "trace, -=warn")]),
+        &none(),
+        &config(),
+    );
+    assert_eq!(
+        env(&pod, "MESH_PROXY_LOG_LEVEL").as_deref(),
+        Some("trace,-=warn")
+    );
+}
+
 const SKIP_PORTS_FOR_TEST: &str = annotations::SKIP_INBOUND_PORTS;
 
 #[test]

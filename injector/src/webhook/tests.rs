@@ -181,6 +181,32 @@ async fn the_patch_applied_to_the_request_object_is_the_injected_pod() {
     assert_eq!(patched["spec"]["initContainers"][0]["name"], "mesh-init");
 }
 
+/// Found by fuzzing (tests/fuzz.rs): a pod saying `namespace: ""` was injected without its
+/// namespace's annotations (and with identity on, as `spiffe://.../ns//sa/...`).
+#[tokio::test]
+async fn an_empty_namespace_in_the_pod_is_the_requests() {
+    let object = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"annotations": {"mesh.dev/inject": " enabled "}, "namespace": ""},
+        "spec": {"containers": []}
+    });
+    let webhook = webhook_with(&[("shop", &[("config.mesh.dev/skip-inbound-ports", "25,3306")])]);
+    let answer = webhook
+        .review(&review("CREATE", "Pod", "shop", object.clone()))
+        .await
+        .expect("a review");
+    let patch = patch_of(response(&answer)).expect("a patch");
+    let mut patched = object;
+    json_patch::patch(&mut patched, &patch).expect("the patch applies");
+    let args = &patched["spec"]["initContainers"][0]["args"];
+    assert!(
+        args.as_array()
+            .expect("args")
+            .contains(&json!("--skip-inbound-ports=25,3306")),
+        "{args}"
+    );
+}
+
 #[tokio::test]
 async fn a_bad_annotation_is_refused_with_its_name_and_value() {
     let body = review(

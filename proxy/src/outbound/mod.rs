@@ -223,11 +223,13 @@ pub fn request_authority<B>(request: &Request<B>) -> Option<String> {
                 .and_then(|h| h.to_str().ok())
                 .map(str::to_string)
         })?;
-    if authority.is_empty() {
+    // An empty port is the scheme's default (RFC 3986 §3.2.3); an empty host names nothing.
+    let authority = authority.strip_suffix(':').unwrap_or(&authority);
+    if authority.is_empty() || authority.starts_with(':') {
         return None;
     }
-    if has_port(&authority) {
-        return Some(authority);
+    if has_port(authority) {
+        return Some(authority.to_string());
     }
     let port = if request.uri().scheme_str() == Some("https") {
         443
@@ -240,9 +242,11 @@ pub fn request_authority<B>(request: &Request<B>) -> Option<String> {
 fn has_port(authority: &str) -> bool {
     if let Some(rest) = authority.strip_prefix('[') {
         // An IPv6 literal: the port, if any, follows the closing bracket.
-        return rest
-            .split_once(']')
-            .is_some_and(|(_, after)| after.starts_with(':'));
+        return rest.split_once(']').is_some_and(|(_, after)| {
+            after
+                .strip_prefix(':')
+                .is_some_and(|port| port.parse::<u16>().is_ok())
+        });
     }
     authority
         .rsplit_once(':')
@@ -272,6 +276,22 @@ mod tests {
             ("/x", Some("[::1]"), Some("[::1]:80")),
             ("https://secure.shop/x", None, Some("secure.shop:443")),
             ("/x", None, None),
+        ];
+        for (uri, host, want) in cases {
+            assert_eq!(authority_of(uri, host).as_deref(), want, "{uri} {host:?}");
+        }
+    }
+
+    /// Found by fuzzing (tests/fuzz): `[::1]:` came back without a port number and `:80`
+    /// without a host.
+    #[test]
+    fn an_empty_port_is_the_default_and_an_empty_host_is_none() {
+        let cases = [
+            ("[::1]:", None, Some("[::1]:80")),
+            ("/x", Some("[::1]:"), Some("[::1]:80")),
+            ("/x", Some("books.shop:"), Some("books.shop:80")),
+            (":80", None, None),
+            ("/x", Some(":"), None),
         ];
         for (uri, host, want) in cases {
             assert_eq!(authority_of(uri, host).as_deref(), want, "{uri} {host:?}");

@@ -249,7 +249,7 @@ fn yaml() -> String {
          spec:\n  clusterIP: {CLUSTER_IP}\n  selector:\n    app: web-ns\n  ports:\n  - name: http\n    port: 80\n    targetPort: {APP_PORT}\n"
     );
     out.push_str(&pod_yaml(
-        "web-ns", "web-ns-0", SERVER_IP, 4143, "web", true,
+        "web-ns", "web-ns-0", SERVER_IP, 4143, "web", true, true,
     ));
     out
 }

@@ -82,6 +82,7 @@ pub fn service_file(plan: &ScalePlan, s: usize, not_ready: Option<usize>) -> Str
             4143,
             &app,
             ready,
+            true,
         ));
     }
     out

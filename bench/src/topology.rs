@@ -133,6 +133,8 @@ pub struct MeshedPod {
     pub ip: Ipv4Addr,
     /// The server proxy's inbound port.
     pub inbound_port: u16,
+    /// Whether its proxy has an identity (mutual TLS) or runs without one (plaintext).
+    pub identity: bool,
 }
 
 /// The YAML for the file backend: a namespace, and per pod two Services (`<app>` to the
@@ -154,12 +156,13 @@ pub fn mesh_yaml(pods: &[MeshedPod], backend_http1: u16, backend_http2: u16) -> 
             pod.inbound_port,
             "web",
             true,
+            pod.identity,
         ));
     }
     out
 }
 
-/// One meshed Pod, Ready or not.
+/// One meshed Pod, Ready or not, its proxy with an identity or without one.
 pub fn pod_yaml(
     app: &str,
     name: &str,
@@ -167,12 +170,20 @@ pub fn pod_yaml(
     inbound_port: u16,
     sa: &str,
     ready: bool,
+    identity: bool,
 ) -> String {
     let ready = if ready { "True" } else { "False" };
+    // A proxy container configured without MESH_PROXY_IDENTITY: discovery then advertises the
+    // pod without identity, and client proxies speak plaintext to it.
+    let proxy = if identity {
+        ""
+    } else {
+        "  - name: mesh-proxy\n    env:\n    - name: MESH_PROXY_LOG_LEVEL\n      value: warn\n"
+    };
     format!(
         "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\n  labels:\n    app: {app}\n\
          \x20 annotations:\n    mesh.dev/inject: enabled\n    mesh.dev/proxy-inbound-port: \"{inbound_port}\"\n\
-         spec:\n  serviceAccountName: {sa}\n  containers:\n  - name: app\n\
+         spec:\n  serviceAccountName: {sa}\n  containers:\n  - name: app\n{proxy}\
          status:\n  podIP: {ip}\n  conditions:\n  - type: Ready\n    status: \"{ready}\"\n"
     )
 }
@@ -311,11 +322,13 @@ pub async fn start_meshes(
             app: "web-plain".into(),
             ip: plain_ip,
             inbound_port: plain_in.port(),
+            identity: false,
         },
         MeshedPod {
             app: "web-tls".into(),
             ip: tls_ip,
             inbound_port: tls_in.port(),
+            identity: true,
         },
     ];
     let config_dir = dir.join("controller-config");

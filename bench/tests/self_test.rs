@@ -93,6 +93,7 @@ async fn the_harness_measures_and_reports_scenarios_1_2_and_5() {
         app: "web-plain".into(),
         ip: Ipv4Addr::new(127, 0, 0, 2),
         inbound_port: server.inbound_addr.port(),
+        identity: false,
     };
     let config_dir = dir.join("config");
     std::fs::create_dir_all(&config_dir).expect("config dir");

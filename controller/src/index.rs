@@ -37,6 +37,8 @@ pub struct IndexOptions {
     /// published then, a meshed endpoint would go out without its identity (plaintext) and
     /// be corrected a moment later. Waiting for the pod is the safe order.
     pub wait_for_pods: bool,
+    /// The controller runs a CA, so meshed proxies have identities (see [`meta::meshed`]).
+    pub identity_enabled: bool,
 }
 
 impl Default for IndexOptions {
@@ -46,6 +48,7 @@ impl Default for IndexOptions {
             meshed_rule: MeshedRule::ProxyPresent,
             endpoints_from_pods: false,
             wait_for_pods: true,
+            identity_enabled: true,
         }
     }
 }
@@ -84,7 +87,7 @@ impl PodView {
             addr: SocketAddr::new(self.ip, port),
             zone: self.zone.clone(),
             pod: Some(self.meta.clone()),
-            identity: self.meshed.as_ref().map(|m| m.identity.clone()),
+            identity: self.meshed.as_ref().and_then(|m| m.identity.clone()),
             inbound_proxy_port: self.meshed.as_ref().map(|m| m.inbound_proxy_port),
             opaque: self
                 .opaque
@@ -715,6 +718,7 @@ impl<'a> NamespaceCtx<'a> {
             self.namespace,
             &self.options.trust_domain,
             self.options.meshed_rule,
+            self.options.identity_enabled,
         );
         let port_names = container_port_names(pod);
         let opaque = service_opaque
@@ -726,7 +730,7 @@ impl<'a> NamespaceCtx<'a> {
             addr,
             zone: zone.or_else(|| pod_zone(pod)),
             pod: Some(pod_meta(pod)),
-            identity: meshed.as_ref().map(|m| m.identity.clone()),
+            identity: meshed.as_ref().and_then(|m| m.identity.clone()),
             inbound_proxy_port: meshed.map(|m| m.inbound_proxy_port),
             opaque,
         }
@@ -781,6 +785,7 @@ fn pod_view(ctx: &NamespaceCtx<'_>, pod: &Pod) -> Option<PodView> {
             ctx.namespace,
             &ctx.options.trust_domain,
             ctx.options.meshed_rule,
+            ctx.options.identity_enabled,
         ),
         opaque: meta::pod_opaque_ports(pod, ctx.namespace),
         port_names: container_port_names(pod),

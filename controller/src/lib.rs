@@ -241,6 +241,7 @@ pub async fn run(
                     endpoints_from_pods: true,
                     // Hand-written slices may name pods the files do not define.
                     wait_for_pods: false,
+                    identity_enabled: config.identity.is_some(),
                 });
                 let health = Health::new(format!("the first scan of {}", dir.display()));
                 // The file backend's ServiceAccounts declare the tokens; refreshed on every change.
@@ -276,6 +277,7 @@ pub async fn run(
                     meshed_rule: MeshedRule::ProxyPresent,
                     endpoints_from_pods: false,
                     wait_for_pods: true,
+                    identity_enabled: config.identity.is_some(),
                 });
                 let health =
                     Health::new("the first list of Namespaces, Services, EndpointSlices and Pods");

@@ -138,27 +138,32 @@ pub enum MeshedRule {
 /// A meshed pod's identity and where its proxy listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeshedPod {
-    /// `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
-    pub identity: String,
+    /// `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`; `None` when its proxy runs without identity
+    /// (peers then send it plaintext, which it alone accepts).
+    pub identity: Option<String>,
     /// The proxy's inbound port on the pod IP.
     pub inbound_proxy_port: u16,
 }
 
-/// Whether the pod is meshed, and if so its identity and inbound port.
+/// Whether the pod is meshed, and if so its identity and inbound port. Its proxy has an
+/// identity when the mesh has one (`identity_enabled`: the controller runs a CA) unless its
+/// container is configured without one (`MESH_PROXY_*` settings but no `MESH_PROXY_IDENTITY`).
 pub fn meshed(
     pod: &Pod,
     namespace: Option<&Namespace>,
     trust_domain: &str,
     rule: MeshedRule,
+    identity_enabled: bool,
 ) -> Option<MeshedPod> {
     let annotations = pod.metadata.annotations.as_ref();
     let port_annotation = annotation(annotations, ANNOTATION_INBOUND_PORT);
-    let has_proxy_container = pod.spec.as_ref().is_some_and(|spec| {
+    let proxy_container = pod.spec.as_ref().and_then(|spec| {
         spec.containers
             .iter()
             .chain(spec.init_containers.iter().flatten())
-            .any(|c| c.name == PROXY_CONTAINER)
+            .find(|c| c.name == PROXY_CONTAINER)
     });
+    let has_proxy_container = proxy_container.is_some();
     let injected = rule == MeshedRule::InjectAnnotation && {
         match annotation(annotations, ANNOTATION_INJECT) {
             Some(value) => value == "enabled",
@@ -184,8 +189,14 @@ pub fn meshed(
         .and_then(|s| s.service_account_name.as_deref())
         .filter(|s| !s.is_empty())
         .unwrap_or(DEFAULT_SERVICE_ACCOUNT);
+    let proxy_without_identity = proxy_container.is_some_and(|container| {
+        let env = container.env.iter().flatten();
+        let configured = env.clone().any(|var| var.name.starts_with("MESH_PROXY_"));
+        configured && !env.clone().any(|var| var.name == "MESH_PROXY_IDENTITY")
+    });
     Some(MeshedPod {
-        identity: spiffe_id(trust_domain, namespace, service_account),
+        identity: (identity_enabled && !proxy_without_identity)
+            .then(|| spiffe_id(trust_domain, namespace, service_account)),
         inbound_proxy_port,
     })
 }
@@ -453,9 +464,49 @@ mod tests {
             ),
         ];
         for (name, pod, ns, rule, want) in cases {
-            let got =
-                meshed(&pod, ns.as_ref(), td, rule).map(|m| (m.identity, m.inbound_proxy_port));
+            let got = meshed(&pod, ns.as_ref(), td, rule, true)
+                .map(|m| (m.identity.unwrap_or_default(), m.inbound_proxy_port));
             assert_eq!(got, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_proxy_has_an_identity_when_the_mesh_has_one_and_its_container_says_nothing_else() {
+        let td = "cluster.local";
+        let rule = MeshedRule::ProxyPresent;
+        let with_env = |env: serde_json::Value| {
+            pod(json!({"spec": {"containers": [{"name": "mesh-proxy", "env": env}]}}))
+        };
+        let cases = [
+            (
+                "bare container, identity on",
+                pod(json!({"spec": {"containers": [{"name": "mesh-proxy"}]}})),
+                true,
+                true,
+            ),
+            (
+                "bare container, no CA",
+                pod(json!({"spec": {"containers": [{"name": "mesh-proxy"}]}})),
+                false,
+                false,
+            ),
+            (
+                "injected with identity",
+                with_env(json!([{"name": "MESH_PROXY_LOG_LEVEL", "value": "info"},
+                                {"name": "MESH_PROXY_IDENTITY", "value": "spiffe://cluster.local/ns/shop/sa/default"}])),
+                true,
+                true,
+            ),
+            (
+                "injected without identity",
+                with_env(json!([{"name": "MESH_PROXY_LOG_LEVEL", "value": "info"}])),
+                true,
+                false,
+            ),
+        ];
+        for (name, pod, enabled, want) in cases {
+            let meshed = meshed(&pod, None, td, rule, enabled).expect("meshed");
+            assert_eq!(meshed.identity.is_some(), want, "{name}");
         }
     }
 

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use mesh_controller::{Config, Discovery};
+use mesh_controller::identity::GeneratedCa;
+use mesh_controller::{Config, Discovery, IdentityOptions};
 use mesh_proto::destination::destination_client::DestinationClient;
 use mesh_proto::destination::{GetDestination, ProtocolHint, Update, get_destination, update};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -52,10 +53,24 @@ impl Controller {
             .expect("bind admin");
         let grpc_addr = grpc.local_addr().expect("gRPC address");
         let admin_addr = admin.local_addr().expect("admin address");
-        let config = Config::new(Discovery::File {
+        let mut config = Config::new(Discovery::File {
             dir: dir.clone(),
             poll_interval,
         });
+        // With a CA, as a local mesh runs: meshed endpoints carry their identities.
+        let identity_dir = std::env::temp_dir().join(format!(
+            "mesh-controller-it-{name}-identity-{}",
+            std::process::id()
+        ));
+        GeneratedCa::generate(
+            "cluster.local",
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        )
+        .expect("generate a CA")
+        .write_dir(&identity_dir)
+        .expect("write the CA in cert-manager's layout");
+        config.identity = Some(IdentityOptions::new(identity_dir));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(mesh_controller::run(config, grpc, admin, async move {
             let _ = stopped.await;

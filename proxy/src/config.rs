@@ -426,15 +426,6 @@ fn identity_config(
         .get("MESH_PROXY_IDENTITY_CACHE_DIR")
         .filter(|dir| !dir.is_empty())
         .map(std::path::PathBuf::from);
-    if let Some(dir) = &cache_dir
-        && !dir.is_dir()
-    {
-        return Err(ConfigError {
-            var: "MESH_PROXY_IDENTITY_CACHE_DIR".into(),
-            value: dir.display().to_string(),
-            reason: "not a folder the proxy can use (mount an emptyDir there)".into(),
-        });
-    }
     Ok(IdentityConfig {
         id,
         token_file: token_file.into(),

@@ -129,6 +129,7 @@ fn file_options() -> IndexOptions {
         meshed_rule: MeshedRule::InjectAnnotation,
         endpoints_from_pods: true,
         wait_for_pods: false,
+        identity_enabled: true,
     }
 }
 

@@ -42,7 +42,7 @@ pub fn pods_of(snapshot: &Snapshot) -> Vec<PodInfo> {
             ip: view.ip,
             workload_kind: view.meta.workload_kind.clone(),
             workload_name: view.meta.workload_name.clone(),
-            identity: view.meshed.as_ref().map(|m| m.identity.clone()),
+            identity: view.meshed.as_ref().and_then(|m| m.identity.clone()),
         })
         .collect()
 }

@@ -15,7 +15,8 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use mesh_controller::{Config, Discovery};
+use mesh_controller::identity::GeneratedCa;
+use mesh_controller::{Config, Discovery, IdentityOptions};
 use mesh_integration_tests::cluster::Cluster;
 use mesh_proto::destination::destination_client::DestinationClient;
 use mesh_proto::destination::{Endpoint, GetDestination, Update, get_destination, update};
@@ -230,9 +231,21 @@ async fn kubernetes_changes_arrive_as_diffs() {
         .await
         .expect("bind admin");
     let grpc_addr = grpc.local_addr().expect("gRPC address");
-    let config = Config::new(Discovery::Kubernetes {
+    let mut config = Config::new(Discovery::Kubernetes {
         kubeconfig: Some(cluster.kubeconfig.clone()),
     });
+    // With its CA, as installed: meshed pods' proxies have identities.
+    let identity_dir =
+        std::env::temp_dir().join(format!("mesh-ctl-test-identity-{}", std::process::id()));
+    GeneratedCa::generate(
+        "cluster.local",
+        Duration::from_secs(3600),
+        Duration::from_secs(3600),
+    )
+    .expect("generate a CA")
+    .write_dir(&identity_dir)
+    .expect("write the CA in cert-manager's layout");
+    config.identity = Some(IdentityOptions::new(identity_dir));
     let (stop, stopped) = oneshot::channel::<()>();
     let controller = tokio::spawn(mesh_controller::run(config, grpc, admin, async move {
         let _ = stopped.await;

@@ -198,7 +198,10 @@ async fn the_controller_killed_and_restarted_under_load_fails_no_request() {
 
 #[tokio::test]
 async fn a_replicas_app_killed_under_load_with_retries_fails_no_request() {
-    let annotations = "retry.mesh.dev/http: gateway-error, retry.mesh.dev/limit: '2'";
+    // Round robin: the dead replica is sure to be picked (with peak-EWMA sequential traffic
+    // may stay on the other one).
+    let annotations = "retry.mesh.dev/http: gateway-error, retry.mesh.dev/limit: '2', \
+                       balancer.mesh.dev/algorithm: round-robin";
     let mut scenario = Scenario::start(42, annotations, &[], false).await;
     let traffic = scenario.traffic().await;
     // books-2's application dies; its proxy stays and answers `connect failed`.

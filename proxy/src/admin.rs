@@ -351,3 +351,41 @@ fn config_dump(ctx: &Context) -> String {
     });
     serde_json::to_string_pretty(&dump).unwrap_or_else(|error| format!("{{\"error\":\"{error}\"}}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_caller_gets_what_it_may() {
+        let controller = "spiffe://cluster.local/ns/mesh-system/sa/mesh-controller";
+        let pod = Caller::Pod;
+        let controller_id = Caller::Identity(controller.to_owned());
+        let other_id = Caller::Identity("spiffe://cluster.local/ns/shop/sa/web".to_owned());
+        let remote = Caller::Remote("10.0.0.7".parse().expect("ip"));
+        // (caller, access, allowed)
+        let cases = [
+            (&pod, Access::Open, true),
+            (&pod, Access::Reveal, true),
+            (&pod, Access::Control, true),
+            (&controller_id, Access::Open, true),
+            (&controller_id, Access::Reveal, true),
+            (&controller_id, Access::Control, false),
+            (&other_id, Access::Open, true),
+            (&other_id, Access::Reveal, false),
+            (&other_id, Access::Control, false),
+            (&remote, Access::Open, true),
+            (&remote, Access::Reveal, false),
+            (&remote, Access::Control, false),
+        ];
+        for (caller, access, allowed) in cases {
+            assert_eq!(
+                caller.may(access, Some(controller)),
+                allowed,
+                "{caller} {access:?}"
+            );
+        }
+        // Without a controller identity configured, only the pod reads its configuration.
+        assert!(!controller_id.may(Access::Reveal, None));
+    }
+}

@@ -634,16 +634,17 @@ fn proxy_container(
     } else {
         // The kubelet runs a container's postStart hook before starting the next container:
         // the app starts once the proxy answers /ready (bounded: a proxy never ready fails
-        // the hook, and the kubelet restarts it). Needs `sh` and `wget` in the proxy image.
-        let wait_ready = format!(
-            "i=0; until wget -qO /dev/null http://127.0.0.1:{}/ready; do \
-             i=$((i+1)); if [ \"$i\" -ge 120 ]; then exit 1; fi; sleep 1; done",
-            config.admin_port
-        );
+        // the hook, and the kubelet restarts it). The proxy's own binary waits, so its image
+        // needs no shell.
         proxy.lifecycle = Some(Lifecycle {
             post_start: Some(LifecycleHandler {
                 exec: Some(ExecAction {
-                    command: Some(vec!["sh".to_owned(), "-c".to_owned(), wait_ready]),
+                    command: Some(vec![
+                        "mesh-proxy".to_owned(),
+                        "await".to_owned(),
+                        format!("--admin-port={}", config.admin_port),
+                        "--timeout=2m".to_owned(),
+                    ]),
                 }),
                 ..LifecycleHandler::default()
             }),

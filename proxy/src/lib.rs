@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod policy;
 pub mod rate_limit;
+pub mod ready;
 pub mod retry;
 pub mod route;
 pub mod server;

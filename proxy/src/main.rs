@@ -1,5 +1,6 @@
-//! `mesh-proxy`: runs the sidecar proxy, configured from `MESH_PROXY_*` environment variables,
-//! or with `init`, installs the pod's iptables capture rules.
+//! `mesh-proxy`: runs the sidecar proxy, configured from `MESH_PROXY_*` environment variables;
+//! with `init`, installs the pod's iptables capture rules; with `await`, waits until the
+//! pod's proxy is ready.
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -22,6 +23,24 @@ enum Command {
     /// Install (or with --remove, remove) the iptables rules that send the pod's TCP through
     /// the proxy. Run once per pod, as root with NET_ADMIN, before the application starts.
     Init(InitArgs),
+    /// Wait until this pod's proxy is ready: the postStart hook that holds the application's
+    /// containers until then.
+    Await(AwaitArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct AwaitArgs {
+    /// The proxy's admin port, on 127.0.0.1.
+    #[arg(long, default_value_t = mesh_proxy::config::DEFAULT_ADMIN_PORT)]
+    admin_port: u16,
+    /// How long to wait (`500ms`, `2m`).
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    timeout: std::time::Duration,
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    mesh_proxy::config::parse_duration(text)
+        .ok_or_else(|| format!("{text:?} is not a duration like 500ms, 10s or 2m"))
 }
 
 /// jemalloc rather than glibc's malloc: a proxied request makes some thirty small allocations
@@ -32,9 +51,16 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Some(Command::Init(init)) = args.command {
-        init_logging("info", LogFormat::Plain)?;
-        return capture::run_init(&init).context("mesh-proxy init");
+    match args.command {
+        Some(Command::Init(init)) => {
+            init_logging("info", LogFormat::Plain)?;
+            return capture::run_init(&init).context("mesh-proxy init");
+        }
+        Some(Command::Await(wait)) => {
+            mesh_proxy::ready::wait(wait.admin_port, wait.timeout)?;
+            return Ok(());
+        }
+        None => {}
     }
     let config = Config::from_env().context("invalid proxy configuration")?;
     init_logging(&config.log_level, config.log_format)?;

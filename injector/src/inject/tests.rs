@@ -217,8 +217,11 @@ fn classic_sidecar_is_the_first_container_and_holds_the_app() {
         .and_then(|h| h.exec.as_ref())
         .and_then(|e| e.command.clone())
         .expect("a postStart exec hook");
-    assert_eq!(hook[..2], ["sh", "-c"]);
-    assert!(hook[2].contains("http://127.0.0.1:4191/ready"), "{hook:?}");
+    // The proxy's own binary waits: the image needs no shell.
+    assert_eq!(
+        hook,
+        ["mesh-proxy", "await", "--admin-port=4191", "--timeout=2m"]
+    );
     assert!(proxy.startup_probe.is_none());
 }
 

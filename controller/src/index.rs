@@ -79,6 +79,8 @@ pub struct PodView {
     pub opaque: PortSet,
     /// Container port names by number, to match opaque ports given by name.
     pub port_names: BTreeMap<u16, String>,
+    /// Its application containers have terminated for good ([`meta::app_finished`]).
+    pub app_finished: bool,
 }
 
 impl PodView {
@@ -789,6 +791,7 @@ fn pod_view(ctx: &NamespaceCtx<'_>, pod: &Pod) -> Option<PodView> {
         ),
         opaque: meta::pod_opaque_ports(pod, ctx.namespace),
         port_names: container_port_names(pod),
+        app_finished: meta::app_finished(pod),
     })
 }
 

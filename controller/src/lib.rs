@@ -29,6 +29,7 @@ pub mod stats;
 pub mod tap;
 pub mod target;
 pub mod trace;
+pub mod workload;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -387,6 +388,7 @@ pub async fn run(
     let outbound_policies =
         policy::server::OutboundPoliciesService::new(policy_context, outbound_settings);
     let tap = tap::TapService::new(snapshots.clone(), tap_identity, tap::TapConfig::default());
+    let workload = workload::WorkloadService::new(snapshots.clone(), stop_rx.clone());
     let destination = DestinationService::new(
         snapshots,
         health,
@@ -420,6 +422,7 @@ pub async fn run(
         .add_optional_service(identity_service)
         .add_service(inbound_policies.into_server())
         .add_service(outbound_policies.into_server())
+        .add_service(workload.into_server())
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()))
         .await;
     // Whatever ended the gRPC server ends the rest too.

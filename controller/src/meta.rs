@@ -270,6 +270,43 @@ pub fn pod_ip(pod: &Pod) -> Option<IpAddr> {
     status.pod_ip.as_deref()?.parse().ok()
 }
 
+/// Whether every application container of the pod (all but the proxy, which runs as a classic
+/// sidecar) has terminated and will not be restarted: with `restartPolicy: Never` whatever its
+/// exit code, with `OnFailure` only when it succeeded, with `Always` never. A pod whose statuses
+/// do not list all its application containers has not finished.
+pub fn app_finished(pod: &Pod) -> bool {
+    let Some(spec) = pod.spec.as_ref() else {
+        return false;
+    };
+    let restart = spec.restart_policy.as_deref().unwrap_or("Always");
+    if restart == "Always" {
+        return false;
+    }
+    let statuses = pod
+        .status
+        .as_ref()
+        .and_then(|status| status.container_statuses.as_deref())
+        .unwrap_or_default();
+    let apps: Vec<&str> = spec
+        .containers
+        .iter()
+        .map(|container| container.name.as_str())
+        .filter(|name| *name != PROXY_CONTAINER)
+        .collect();
+    !apps.is_empty()
+        && apps.iter().all(|app| {
+            let terminated = statuses
+                .iter()
+                .find(|status| status.name == *app)
+                .and_then(|status| status.state.as_ref())
+                .and_then(|state| state.terminated.as_ref());
+            match terminated {
+                Some(terminated) => restart == "Never" || terminated.exit_code == 0,
+                None => false,
+            }
+        })
+}
+
 /// Whether the pod is ready: a pod counts as ready unless its Ready condition says otherwise
 /// (files describing pods by hand rarely write conditions).
 pub fn pod_is_ready(pod: &Pod) -> bool {
@@ -507,6 +544,58 @@ mod tests {
         for (name, pod, enabled, want) in cases {
             let meshed = meshed(&pod, None, td, rule, enabled).expect("meshed");
             assert_eq!(meshed.identity.is_some(), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_pod_has_finished_when_its_app_containers_terminated_for_good() {
+        let job = |restart: &str, statuses: serde_json::Value| {
+            pod(json!({
+                "spec": {"restartPolicy": restart, "containers": [
+                    {"name": "mesh-proxy"}, {"name": "work"}, {"name": "report"}]},
+                "status": {"containerStatuses": statuses}
+            }))
+        };
+        let running = json!({"running": {}});
+        let done = |code: i32| json!({"terminated": {"exitCode": code}});
+        let statuses = |work: serde_json::Value, report: serde_json::Value| {
+            json!([
+                {"name": "mesh-proxy", "state": {"running": {}}, "ready": true, "restartCount": 0, "image": "p", "imageID": ""},
+                {"name": "work", "state": work, "ready": false, "restartCount": 0, "image": "w", "imageID": ""},
+                {"name": "report", "state": report, "ready": false, "restartCount": 0, "image": "r", "imageID": ""},
+            ])
+        };
+        let cases = [
+            ("both done", job("Never", statuses(done(0), done(0))), true),
+            (
+                "one still running",
+                job("Never", statuses(done(0), running.clone())),
+                false,
+            ),
+            (
+                "failed, never restarted",
+                job("Never", statuses(done(1), done(0))),
+                true,
+            ),
+            (
+                "failed, to be restarted",
+                job("OnFailure", statuses(done(1), done(0))),
+                false,
+            ),
+            (
+                "succeeded under OnFailure",
+                job("OnFailure", statuses(done(0), done(0))),
+                true,
+            ),
+            (
+                "a Deployment's pod restarts",
+                job("Always", statuses(done(0), done(0))),
+                false,
+            ),
+            ("no statuses yet", job("Never", json!([])), false),
+        ];
+        for (name, pod, want) in cases {
+            assert_eq!(app_finished(&pod), want, "{name}");
         }
     }
 

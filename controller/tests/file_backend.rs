@@ -537,3 +537,67 @@ async fn edits_arrive_on_filesystem_events_long_before_the_next_poll() {
     expect(&mut web, &["-10.0.0.1:8080"]).await;
     controller.stop().await;
 }
+
+/// A Job's pod (`restartPolicy: Never`) with a proxy and one application container, in
+/// `state` (`running: {}` or `terminated: {exitCode: 0}`).
+fn job_pod(state: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: batch}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: report-1, namespace: batch}}\n\
+         spec:\n  restartPolicy: Never\n  containers: [{{name: mesh-proxy}}, {{name: report}}]\n\
+         status:\n  phase: Running\n  podIP: 10.0.9.1\n  containerStatuses:\n\
+         \x20 - {{name: mesh-proxy, ready: true, restartCount: 0, image: p, imageID: '', state: {{running: {{}}}}}}\n\
+         \x20 - {{name: report, ready: false, restartCount: 0, image: r, imageID: '', state: {{{state}}}}}\n"
+    )
+}
+
+#[tokio::test]
+async fn a_jobs_proxy_learns_when_its_application_has_finished() {
+    use mesh_proto::common::WorkloadRef;
+    use mesh_proto::workload::WatchWorkload;
+    use mesh_proto::workload::workload_client::WorkloadClient;
+
+    let controller = Controller::start("workload", &[("job.yaml", &job_pod("running: {}"))]).await;
+    let mut client = WorkloadClient::connect(format!("http://{}", controller.grpc))
+        .await
+        .expect("connect to the controller");
+    let refused = client
+        .watch(WatchWorkload {
+            workload: Some(WorkloadRef {
+                namespace: "batch".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("a pod must be named");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("workload.pod"), "{refused}");
+
+    let mut stream = client
+        .watch(WatchWorkload {
+            workload: Some(WorkloadRef {
+                namespace: "batch".into(),
+                pod: "report-1".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("watch the pod")
+        .into_inner();
+    assert!(!next_state(&mut stream).await.app_finished, "still running");
+    controller.write("job.yaml", &job_pod("terminated: {exitCode: 0}"));
+    assert!(
+        next_state(&mut stream).await.app_finished,
+        "the report container is done"
+    );
+}
+
+async fn next_state(
+    stream: &mut Streaming<mesh_proto::workload::WorkloadState>,
+) -> mesh_proto::workload::WorkloadState {
+    tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("a state arrives in time")
+        .expect("the stream is healthy")
+        .expect("the stream is still open")
+}

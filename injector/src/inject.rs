@@ -501,6 +501,12 @@ fn proxy_container(
             settings.default_inbound_policy.as_str(),
         ),
     ]);
+    // A classic sidecar in a pod that runs to completion (a Job's) must exit when the app
+    // has, or the pod never completes; the kubelet stops native sidecars itself.
+    let runs_to_completion = matches!(spec.restart_policy.as_deref(), Some("Never" | "OnFailure"));
+    if runs_to_completion && !config.native_sidecars {
+        env.push(value_env("MESH_PROXY_EXIT_WITH_APP", "true"));
+    }
     if let Some(ports) = &settings.opaque_ports {
         env.push(value_env("MESH_PROXY_OPAQUE_PORTS", ports));
     }

@@ -39,6 +39,11 @@ pub mod mesh {
             tonic::include_proto!("mesh.stats.v1");
         }
     }
+    pub mod workload {
+        pub mod v1 {
+            tonic::include_proto!("mesh.workload.v1");
+        }
+    }
 }
 
 pub use mesh::common::v1 as common;
@@ -47,6 +52,7 @@ pub use mesh::identity::v1 as identity;
 pub use mesh::policy::v1 as policy;
 pub use mesh::stats::v1 as stats;
 pub use mesh::tap::v1 as tap;
+pub use mesh::workload::v1 as workload;
 
 /// Re-exported so users name the same prost/tonic versions as the generated code.
 pub use prost;

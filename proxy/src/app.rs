@@ -368,6 +368,22 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
         ctx.clone(),
         connections.clone(),
     ));
+    if ctx.config.exit_with_app
+        && let Some(controller) = &ctx.config.controller_addr
+    {
+        let channel = tonic::transport::Endpoint::from_shared(controller.clone())
+            .map_err(|source| StartError::Controller {
+                addr: controller.clone(),
+                source,
+            })?
+            .connect_timeout(ctx.config.connect_timeout)
+            .connect_lazy();
+        tokio::spawn(crate::lifecycle::exit_with_app(
+            channel,
+            ctx.config.workload.to_proto(),
+            ctx.drain.clone(),
+        ));
+    }
     ctx.ready.store(true, Ordering::Release);
     info!(%inbound_addr, %outbound_addr, %admin_addr, "proxy ready");
 

@@ -68,6 +68,9 @@ pub struct Config {
     pub trace_sample_rate: f64,
     /// Bounds on what peers can make the proxy hold.
     pub limits: Limits,
+    /// Exit once the controller says the pod's application containers have finished
+    /// (`MESH_PROXY_EXIT_WITH_APP=true`: a classic sidecar in a Job's pod).
+    pub exit_with_app: bool,
 }
 
 /// Bounds on what a peer can make the proxy hold: connections, waits and buffers. Every port
@@ -330,7 +333,19 @@ impl Config {
                 defaults.target_idle_timeout,
             )?,
         };
+        let exit_with_app = match env.get("MESH_PROXY_EXIT_WITH_APP").as_deref() {
+            None | Some("" | "false") => false,
+            Some("true") => true,
+            Some(other) => {
+                return Err(ConfigError {
+                    var: "MESH_PROXY_EXIT_WITH_APP".into(),
+                    value: other.into(),
+                    reason: "expected `true` or `false`".into(),
+                });
+            }
+        };
         Ok(Self {
+            exit_with_app,
             limits,
             trace_collector,
             trace_sample_rate,
@@ -645,6 +660,7 @@ mod tests {
             ("MESH_PROXY_LISTEN_BACKLOG", "many"),
             ("MESH_PROXY_TCP_IDLE_TIMEOUT", "0s"),
             ("MESH_PROXY_RETRY_BUFFER_BYTES", "16MB"),
+            ("MESH_PROXY_EXIT_WITH_APP", "yes"),
         ];
         for (var, value) in cases {
             let error = parse(&[(var, value)]).expect_err(var);

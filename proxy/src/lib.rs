@@ -25,6 +25,7 @@ pub mod hygiene;
 pub mod identity;
 pub mod idle;
 pub mod inbound;
+pub mod lifecycle;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;

@@ -1030,3 +1030,32 @@ fn templates_are_injected_for_their_workload() {
     };
     assert_eq!(uninject_template(&injected), Some(bare));
 }
+
+#[test]
+fn a_classic_sidecar_in_a_pod_that_runs_to_completion_exits_with_its_app() {
+    let with_restart = |policy: Option<&str>| {
+        let mut pod = annotated(&[]);
+        if let Some(spec) = pod.spec.as_mut() {
+            spec.restart_policy = policy.map(str::to_owned);
+        }
+        pod
+    };
+    // (restart policy, native sidecars, exits with the app)
+    let cases = [
+        (Some("Never"), false, true),
+        (Some("OnFailure"), false, true),
+        (Some("Always"), false, false),
+        (None, false, false),
+        // The kubelet stops native sidecars when the app is done.
+        (Some("Never"), true, false),
+    ];
+    for (policy, native_sidecars, exits) in cases {
+        let config = if native_sidecars { native() } else { config() };
+        let pod = injected(&with_restart(policy), &none(), &config);
+        assert_eq!(
+            env(&pod, "MESH_PROXY_EXIT_WITH_APP").as_deref(),
+            exits.then_some("true"),
+            "{policy:?} native={native_sidecars}"
+        );
+    }
+}

@@ -75,7 +75,7 @@ impl Workload for WorkloadService {
                     state_of(&snapshot, &workload.namespace, &workload.pod)
                 };
                 if sent.as_ref() != Some(&state) {
-                    if tx.send(Ok(state.clone())).await.is_err() {
+                    if tx.send(Ok(state)).await.is_err() {
                         return;
                     }
                     sent = Some(state);

@@ -13,11 +13,11 @@ build:
 
 # Every target is built first (the binaries with the tests' features, as the end-to-end tests'
 # `bin_path` builds them, so nothing is relinked while tests run them as real processes), and
-# the Kubernetes API server the cluster tests start (once per machine, ~5 minutes on a fresh
-# one: built inside a test it would outlast the test's timeout; it needs root, like those tests).
+# the Kubernetes binaries the cluster tests start (once per machine, ~5 and ~8 minutes on a
+# fresh one: built inside a test they would outlast its timeout; root only, like those tests).
 # Everything CI runs: format check, clippy with warnings denied, then every test.
 test: setup fmt-check lint
-    if [ "$(id -u)" -eq 0 ]; then scripts/k8s-test-cluster build; fi
+    if [ "$(id -u)" -eq 0 ]; then scripts/k8s-test-cluster build && scripts/k8s-node build; fi
     cargo build --workspace --all-targets
     cargo nextest run --workspace --all-targets --no-tests=fail
 

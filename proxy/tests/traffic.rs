@@ -576,3 +576,19 @@ async fn a_backend_at_its_concurrency_limit_sheds_further_requests_with_503() {
         "an overflow is not retried"
     );
 }
+
+#[tokio::test]
+async fn one_client_one_request_at_a_time_reaches_both_replicas() {
+    // As a new user tries it: a Service of two identical replicas, one client, sequential
+    // requests, the default balancer.
+    let mesh = Mesh::new().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    mesh.service(BOOKS, &[&a, &b]);
+    let mut client = mesh.client().await;
+    let seen = count_backends(&mut client, 100, "/").await;
+    for name in ["a", "b"] {
+        let share = seen.get(name).copied().unwrap_or(0);
+        assert!(share >= 10, "{name} got {share} of 100: {seen:?}");
+    }
+}

@@ -38,7 +38,7 @@ use arc_swap::ArcSwap;
 use rand::Rng;
 
 pub use self::peak_ewma::DEFAULT_RTT;
-use self::peak_ewma::{RttEstimate, least_request_cost, peak_ewma_cost};
+use self::peak_ewma::{RttEstimate, least_request_cost, peak_ewma_cost, probe_after};
 use self::round_robin::Schedule;
 
 /// The weight of an endpoint given weight 0, as in the destination API where 0 means unset.
@@ -382,12 +382,21 @@ impl<T> Snapshot<T> {
                 consistent_hash::choose(key, candidates, self.equal_weights)
             }
             (Algorithm::PeakEwma { .. } | Algorithm::ConsistentHash, _) => {
-                Some(self.power_of_two_choices(|member| {
-                    let estimate = member.load.rtt().nanos_at(now, self.decay);
-                    peak_ewma_cost(estimate, member.load.in_flight(), member.weight)
-                }))
+                Some(self.power_of_two_choices(|member| self.ewma_cost(member, now)))
             }
         }
+    }
+
+    /// Peak-EWMA's cost of an endpoint; one unobserved for a while is costed as never
+    /// measured, so it is probed rather than starved.
+    fn ewma_cost(&self, member: &Member<T>, now: Instant) -> f64 {
+        let rtt = member.load.rtt();
+        let estimate = if rtt.stale(now, probe_after(self.decay)) {
+            None
+        } else {
+            rtt.nanos_at(now, self.decay)
+        };
+        peak_ewma_cost(estimate, member.load.in_flight(), member.weight)
     }
 
     /// The index of the endpoint to pick among the `allowed` indices (not empty), by the same
@@ -428,10 +437,7 @@ impl<T> Snapshot<T> {
                     .and_then(|chosen| allowed.get(chosen).copied())
             }
             (Algorithm::PeakEwma { .. } | Algorithm::ConsistentHash, _) => {
-                Some(pick_from(&|member| {
-                    let estimate = member.load.rtt().nanos_at(now, self.decay);
-                    peak_ewma_cost(estimate, member.load.in_flight(), member.weight)
-                }))
+                Some(pick_from(&|member| self.ewma_cost(member, now)))
             }
         }
     }

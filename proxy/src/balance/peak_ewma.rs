@@ -2,14 +2,17 @@
 //! compares.
 //!
 //! As in Finagle and linkerd, an observation above the estimate replaces it at once (peak
-//! sensitivity: an endpoint that slows down is avoided after one slow response), and otherwise
-//! the estimate decays exponentially with the configured time constant. Those implementations
-//! also age the estimate toward zero each time the balancer reads it, which is what lets an
-//! endpoint that was slow and then left idle be tried again; with frequent reads their estimate
-//! becomes `max(rtt_i * e^(-(now - t_i) / decay))` over the observations `(t_i, rtt_i)`. That
-//! is the definition used here, kept as the last peak and its time: reads do not write, so the
-//! result does not depend on how often the balancer looks, and reads and writes are a few
-//! arithmetic operations.
+//! sensitivity: an endpoint that slows down is avoided after one slow response); a faster one
+//! pulls it down as an exponentially weighted average, the more the longer since the last
+//! observation; and between observations the estimate ages toward zero with the configured time
+//! constant, which is what lets an endpoint that was slow and then left idle be tried again. The
+//! ageing is computed when the estimate is read (from the last value and its time), so reads do
+//! not write and the result does not depend on how often the balancer looks.
+//!
+//! An endpoint nobody picked for a while is probed: its old estimate says little any more
+//! (one slow response can otherwise keep a healthy replica out of rotation for many seconds of
+//! sequential traffic), so once it has not been observed for [`probe_after`] it is costed as an
+//! endpoint never measured, taking the next request it is drawn for when idle.
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +30,7 @@ pub(super) struct RttEstimate {
 
 #[derive(Clone, Copy, Debug)]
 struct Peak {
+    /// The estimate at `at` (the last observation), ageing from there.
     nanos: f64,
     at: Instant,
 }
@@ -41,15 +45,44 @@ impl RttEstimate {
     /// Records a response that took `rtt`, observed at `now`.
     pub(super) fn observe(&mut self, rtt: Duration, now: Instant, decay: Duration) {
         let observed = rtt.as_nanos() as f64;
-        let decayed = self.nanos_at(now, decay).unwrap_or(0.0);
+        let nanos = match self.peak {
+            // Never observed, or a probe after a long silence: what was known before says
+            // nothing now, the fresh observation is the estimate.
+            None => observed,
+            Some(_) if self.stale(now, probe_after(decay)) => observed,
+            Some(peak) => {
+                let decayed = self.nanos_at(now, decay).unwrap_or(0.0);
+                if observed >= decayed {
+                    observed
+                } else {
+                    // The weight of the past: close to 1 for back-to-back observations, close
+                    // to 0 after a long silence, when the fresh observation is most of what is
+                    // known.
+                    let past = decay_factor(now.saturating_duration_since(peak.at), decay);
+                    decayed * past + observed * (1.0 - past)
+                }
+            }
+        };
         // Completions can be recorded out of order by a few microseconds across threads; the
         // peak's time never moves back, so a late record cannot make an old peak look newer.
         let at = self.peak.map_or(now, |peak| peak.at.max(now));
-        self.peak = Some(Peak {
-            nanos: observed.max(decayed),
-            at,
-        });
+        self.peak = Some(Peak { nanos, at });
     }
+
+    /// Whether the last observation is older than `after` (never observed counts as stale).
+    pub(super) fn stale(&self, now: Instant, after: Duration) -> bool {
+        self.peak
+            .is_none_or(|peak| now.saturating_duration_since(peak.at) >= after)
+    }
+}
+
+/// How long an endpoint may go unobserved before it is probed: a thousandth of the time
+/// constant (10 ms by default), at least 10 ms. A slow endpoint is probed only when idle, so it
+/// costs at most one request per this interval plus its own latency (a 100 ms endpoint: ~9 a
+/// second, a sliver of a busy service's traffic), while a healthy one passed over after one
+/// slow answer is back in rotation within it, even under one-request-at-a-time traffic.
+pub(super) fn probe_after(decay: Duration) -> Duration {
+    (decay / 1000).max(Duration::from_millis(10))
 }
 
 /// The share of an estimate left after `elapsed`: `e^(-elapsed / decay)`.
@@ -111,21 +144,25 @@ mod tests {
     }
 
     #[test]
-    fn the_estimate_decays_with_the_time_constant_down_to_fresh_observations() {
+    fn the_estimate_decays_with_the_time_constant_and_follows_faster_observations() {
         let start = Instant::now();
         let mut estimate = RttEstimate::default();
         estimate.observe(ms(100), start, DECAY);
         // One time constant later, e^-1 of the peak is left.
-        let later = start + DECAY;
         let expected = 100.0 * (-1.0f64).exp();
-        assert!((estimate_ms(&estimate, later) - expected).abs() < 1e-9);
-        // A faster observation does not pull the estimate below its decayed peak...
+        assert!((estimate_ms(&estimate, start + DECAY) - expected).abs() < 1e-9);
+        // A faster observation soon after pulls the estimate toward it, by the share of the
+        // past that has decayed since the last one.
+        let soon = start + ms(5);
+        estimate.observe(ms(10), soon, DECAY);
+        let past = (-0.0005f64).exp();
+        let blended = 100.0 * past * past + 10.0 * (1.0 - past);
+        assert!((estimate_ms(&estimate, soon) - blended).abs() < 1e-9);
+        // After a silence longer than the probe interval, the fresh observation is all that
+        // counts.
+        let later = soon + probe_after(DECAY);
         estimate.observe(ms(10), later, DECAY);
-        assert!((estimate_ms(&estimate, later) - expected).abs() < 1e-9);
-        // ...but once the peak has decayed below it, the observation is the estimate.
-        let much_later = start + DECAY * 5;
-        estimate.observe(ms(10), much_later, DECAY);
-        assert_eq!(estimate_ms(&estimate, much_later), 10.0);
+        assert_eq!(estimate_ms(&estimate, later), 10.0);
     }
 
     #[test]

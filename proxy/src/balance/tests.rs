@@ -664,10 +664,38 @@ fn a_forgotten_endpoint_is_picked_next_as_a_probe() {
     }
     slow.expect("picked").complete_with(Duration::from_secs(3));
     fast.expect("picked").complete_with(ms(1));
-    clock.advance(Duration::from_millis(10));
+    clock.advance(Duration::from_millis(1));
     for _ in 0..20 {
         assert_eq!(pick(&balancer, None).addr(), addr(2));
     }
     balancer.forget_latency(addr(1));
     assert_eq!(pick(&balancer, None).addr(), addr(1), "probed at once");
+}
+
+#[test]
+fn one_request_at_a_time_to_identical_endpoints_starves_neither_after_a_spike() {
+    let (balancer, clock) = manual_balancer(Algorithm::default());
+    balancer.update(equal(2));
+    // One slow answer from 10.0.0.1 (a pause), then both answer in 1 ms.
+    loop {
+        let picked = pick(&balancer, None);
+        if picked.addr() == addr(1) {
+            picked.complete_with(ms(50));
+            break;
+        }
+        picked.complete_with(ms(1));
+    }
+    let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+    for _ in 0..2000 {
+        clock.advance(ms(1));
+        let picked = pick(&balancer, None);
+        *seen.entry(picked.addr()).or_default() += 1;
+        picked.complete_with(ms(1));
+    }
+    // Two seconds of sequential requests: the spiked endpoint is probed within half a second
+    // and shares the traffic again, rather than waiting out its peak's ~40 s of decay.
+    for host in [1, 2] {
+        let share = seen.get(&addr(host)).copied().unwrap_or(0);
+        assert!(share >= 400, "10.0.0.{host} got {share} of 2000: {seen:?}");
+    }
 }

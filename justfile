@@ -51,6 +51,12 @@ bench *ARGS: setup
     scripts/bench-setup
     ulimit -n "$(ulimit -Hn)" 2>/dev/null || true; cargo run --release -p mesh-bench -- {{ARGS}}
 
+# The container images of mesh-proxy, mesh-controller and mesh-injector, from release binaries:
+# target/images/<name>.tar (docker-archive, tagged localhost/mesh/<name>:<version>) and
+# target/images/oci/<name>.tar (OCI layout). Same inputs, same digests. No Docker needed.
+images: setup
+    scripts/images
+
 # `up` starts the node (building its binaries once, ~8 min) and imports the images `just images`
 # built; `down` stops it and puts the host back (sysctls, links, rules). Root only.
 # A real single-node Kubernetes here (kubelet, containerd, CNI, kube-proxy, DNS): up or down.

@@ -122,9 +122,10 @@ impl Node {
         ]);
     }
 
-    /// Names of the pods of `namespace` with label `selector`.
+    /// Names of the live pods of `namespace` with label `selector`: not finished, not being
+    /// deleted (a rollout is complete while the old pods still terminate).
     fn pods(&self, namespace: &str, selector: &str) -> Vec<String> {
-        self.kubectl_ok(&[
+        let list: serde_json::Value = serde_json::from_str(&self.kubectl_ok(&[
             "get",
             "pods",
             "-n",
@@ -133,11 +134,16 @@ impl Node {
             selector,
             "--field-selector=status.phase!=Succeeded,status.phase!=Failed",
             "-o",
-            "jsonpath={.items[*].metadata.name}",
-        ])
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect()
+            "json",
+        ]))
+        .expect("kubectl get pods -o json");
+        list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|pod| pod["metadata"]["deletionTimestamp"].is_null())
+            .filter_map(|pod| pod["metadata"]["name"].as_str().map(str::to_owned))
+            .collect()
     }
 
     fn jsonpath(&self, namespace: &str, object: &str, path: &str) -> String {
@@ -502,22 +508,20 @@ fn a_user_installs_the_mesh_on_a_real_node_and_meshes_an_app() {
     ]);
     let injected_yaml = scratch.join("injected.yaml");
     std::fs::write(&injected_yaml, &injected).expect("write the injected YAML");
-    let as_json: serde_json::Value = serde_json::from_str(&node.kubectl_ok(&[
+    // kubectl prints one JSON object per document of the stream.
+    let as_json = node.kubectl_ok(&[
         "create",
         "--dry-run=client",
         "-o",
         "json",
         "-f",
         injected_yaml.to_str().expect("path"),
-    ]))
-    .expect("kubectl reads what meshctl inject wrote");
-    let offline = as_json["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    ]);
+    let offline = serde_json::Deserializer::from_str(&as_json)
+        .into_iter::<serde_json::Value>()
+        .map(|object| object.expect("kubectl reads what meshctl inject wrote"))
         .find(|object| object["kind"] == "Deployment" && object["metadata"]["name"] == "server")
-        .unwrap_or_else(|| panic!("meshctl inject printed the server Deployment: {injected}"))
-        .clone();
+        .unwrap_or_else(|| panic!("meshctl inject printed the server Deployment: {injected}"));
     let live: serde_json::Value = serde_json::from_str(&node.kubectl_ok(&[
         "get",
         "-n",

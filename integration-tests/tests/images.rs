@@ -61,7 +61,11 @@ fn the_images_are_reproducible_and_the_proxy_image_captures_with_its_own_iptable
             .map(|line| line.split('\t').take(2).collect::<Vec<_>>().join(" "))
             .collect()
     };
-    assert_eq!(digests(&printed), digests(&again), "two builds, two sets of digests");
+    assert_eq!(
+        digests(&printed),
+        digests(&again),
+        "two builds, two sets of digests"
+    );
     let version = env!("CARGO_PKG_VERSION");
     for name in ["proxy", "controller", "injector"] {
         assert!(
@@ -100,13 +104,14 @@ fn the_images_are_reproducible_and_the_proxy_image_captures_with_its_own_iptable
     std::fs::create_dir_all(&rootfs).expect("rootfs folder");
     untar(&unpacked.join(layer), &rootfs);
     let config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            unpacked.join(manifest[0]["Config"].as_str().expect("a config")),
-        )
-        .expect("the config"),
+        &std::fs::read_to_string(unpacked.join(manifest[0]["Config"].as_str().expect("a config")))
+            .expect("the config"),
     )
     .expect("an image config");
-    assert_eq!(config["config"]["User"], "2102", "the proxy runs as its uid");
+    assert_eq!(
+        config["config"]["User"], "2102",
+        "the proxy runs as its uid"
+    );
     assert_eq!(
         config["config"]["Labels"]["org.opencontainers.image.version"],
         version
@@ -138,7 +143,11 @@ fn the_images_are_reproducible_and_the_proxy_image_captures_with_its_own_iptable
         );
         String::from_utf8_lossy(&output.stdout).into_owned()
     };
-    in_image(&["/usr/local/bin/mesh-proxy", "init", "--skip-inbound-ports=9000"]);
+    in_image(&[
+        "/usr/local/bin/mesh-proxy",
+        "init",
+        "--skip-inbound-ports=9000",
+    ]);
     let rules = in_image(&["iptables", "-t", "nat", "-S"]);
     for rule in [
         "-A PREROUTING -p tcp -j MESH_INBOUND",

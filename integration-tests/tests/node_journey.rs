@@ -466,12 +466,13 @@ fn a_user_installs_the_mesh_on_a_real_node_and_meshes_an_app() {
         "--",
         "sh",
         "-c",
-        "timeout 5 wget -qO- http://vault/ 2>&1",
+        // -S: the response's headers too.
+        "timeout 5 wget -S -O- http://vault/ 2>&1",
     ]);
+    let denied = text(&denied).to_lowercase();
     assert!(
-        text(&denied).contains("403 Forbidden"),
-        "vault denies: {}",
-        text(&denied)
+        denied.contains("403 forbidden") && denied.contains("mesh-error:"),
+        "vault denies, saying why in mesh-error: {denied}"
     );
     let proxies = node.meshctl_ok(&["check", "--proxy"]);
     assert!(

@@ -11,13 +11,13 @@ setup:
 build:
     cargo build --workspace --bins
 
-# Everything CI runs: format check, clippy with warnings denied, then every test.
 # Every target is built first (the binaries with the tests' features, as the end-to-end tests'
 # `bin_path` builds them, so nothing is relinked while tests run them as real processes), and
-# the Kubernetes API server the cluster tests start (once per machine, ~5 minutes on a fresh
-# one: built inside a test it would outlast the test's timeout; it needs root, like those tests).
+# the Kubernetes binaries the cluster tests start (once per machine, ~5 and ~8 minutes on a
+# fresh one: built inside a test they would outlast its timeout; root only, like those tests).
+# Everything CI runs: format check, clippy with warnings denied, then every test.
 test: setup fmt-check lint
-    if [ "$(id -u)" -eq 0 ]; then scripts/k8s-test-cluster build; fi
+    if [ "$(id -u)" -eq 0 ]; then scripts/k8s-test-cluster build && scripts/k8s-node build; fi
     cargo build --workspace --all-targets
     cargo nextest run --workspace --all-targets --no-tests=fail
 
@@ -50,6 +50,28 @@ demo *ARGS: setup
 bench *ARGS: setup
     scripts/bench-setup
     ulimit -n "$(ulimit -Hn)" 2>/dev/null || true; cargo run --release -p mesh-bench -- {{ARGS}}
+
+# The container images of mesh-proxy, mesh-controller and mesh-injector, from release binaries:
+# target/images/<name>.tar (docker-archive, tagged localhost/mesh/<name>:<version>) and
+# target/images/oci/<name>.tar (OCI layout). Same inputs, same digests. No Docker needed.
+images: setup
+    scripts/images
+
+# `up` starts the node (building its binaries once, ~8 min) and imports the images `just images`
+# built; `down` stops it and puts the host back (sysctls, links, rules). Root only.
+# A real single-node Kubernetes here (kubelet, containerd, CNI, kube-proxy, DNS): up or down.
+cluster ACTION:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    case "{{ACTION}}" in
+      up)
+        kubeconfig=$(scripts/k8s-node up)
+        if ls target/images/*.tar >/dev/null 2>&1; then scripts/k8s-node import target/images/*.tar; fi
+        echo "export KUBECONFIG=$kubeconfig"
+        ;;
+      down) scripts/k8s-node down ;;
+      *) echo "usage: just cluster up|down" >&2; exit 1 ;;
+    esac
 
 # Regenerate the Grafana dashboards (charts/mesh/dashboards/*.json) from scripts/dashboards.py.
 dashboards:

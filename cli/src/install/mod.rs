@@ -55,6 +55,13 @@ pub struct InstallArgs {
     /// (development); default: the mesh-injector Service.
     #[arg(long)]
     webhook_url: Option<String>,
+    /// The registry the images come from (`<registry>/<name>:<tag>`): e.g. `localhost/mesh`
+    /// for the images `just images` built; default: the chart's, ghcr.io/mesh.
+    #[arg(long)]
+    registry: Option<String>,
+    /// The images' tag; default: this meshctl's version.
+    #[arg(long)]
+    tag: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -180,6 +187,12 @@ fn values_from(args: &InstallArgs, global: &GlobalArgs) -> anyhow::Result<Values
     }
     if let Some(url) = &args.webhook_url {
         values::overlay(&mut tree, json!({"webhook": {"url": url}}));
+    }
+    if let Some(registry) = &args.registry {
+        values::overlay(&mut tree, json!({"image": {"registry": registry}}));
+    }
+    if let Some(tag) = &args.tag {
+        values::overlay(&mut tree, json!({"image": {"tag": tag}}));
     }
     Ok(Values::from_tree(tree)?)
 }
@@ -319,9 +332,8 @@ pub fn values_tree(values: &Values) -> Value {
         "trustDomain": values.trust_domain,
         "clusterDomain": values.cluster_domain,
         "image": {
-            "controller": values.image.controller,
-            "injector": values.image.injector,
-            "proxy": values.image.proxy,
+            "registry": values.image.registry,
+            "tag": values.image.tag,
             "pullPolicy": values.image.pull_policy,
         },
         "ha": values.ha,

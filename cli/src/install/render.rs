@@ -166,7 +166,7 @@ pub fn control_plane(values: &Values) -> Vec<Value> {
                 "trustDomain": values.trust_domain,
                 "clusterDomain": values.cluster_domain,
                 "ha": values.ha.to_string(),
-                "proxyImage": values.image.proxy,
+                "proxyImage": values.image.of("proxy"),
                 "defaultInboundPolicy": values.proxy.default_inbound_policy,
             },
         }),
@@ -338,7 +338,7 @@ fn controller_deployment(values: &Values) -> Value {
     let pod = json!({
         "containers": [{
             "name": "controller",
-            "image": values.image.controller,
+            "image": values.image.of("controller"),
             "imagePullPolicy": values.image.pull_policy,
             "args": [
                 "--discovery=kubernetes",
@@ -378,7 +378,7 @@ fn injector_deployment(values: &Values) -> Value {
     let pod = json!({
         "containers": [{
             "name": "injector",
-            "image": values.image.injector,
+            "image": values.image.of("injector"),
             "imagePullPolicy": values.image.pull_policy,
             "args": [
                 format!("--listen=0.0.0.0:{INJECTOR_HTTPS_PORT}"),
@@ -388,7 +388,7 @@ fn injector_deployment(values: &Values) -> Value {
                 format!("--controller-addr={controller_addr}"),
                 format!("--trust-domain={}", values.trust_domain),
                 format!("--trust-anchors-file=/var/run/mesh/trust-roots/{}", names::TRUST_ROOTS_KEY),
-                format!("--proxy-image={}", values.image.proxy),
+                format!("--proxy-image={}", values.image.of("proxy")),
                 format!("--default-inbound-policy={}", values.proxy.default_inbound_policy),
                 format!("--proxy-log-level={}", values.proxy.log_level),
                 format!("--proxy-cpu-request={}", values.proxy.cpu_request),

@@ -38,13 +38,24 @@ pub struct Values {
     pub dashboards: bool,
 }
 
+/// Where the images come from: `<registry>/<name>:<tag>`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Images {
-    pub controller: String,
-    pub injector: String,
-    pub proxy: String,
+    pub registry: String,
+    pub tag: String,
     pub pull_policy: String,
+}
+
+impl Images {
+    /// The image of `name` (`controller`, `injector` or `proxy`).
+    pub fn of(&self, name: &str) -> String {
+        format!(
+            "{}/{name}:{}",
+            self.registry.trim_end_matches('/'),
+            self.tag
+        )
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -175,6 +186,34 @@ impl Values {
         if self.namespace.is_empty() {
             return invalid("namespace", "is empty".to_owned());
         }
+        // Image references: a registry path of host, port and path characters; a tag of
+        // letters, digits, `_`, `.` and `-` (the OCI distribution spec's grammar).
+        let registry_ok = |r: &str| {
+            !r.is_empty()
+                && r.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/' | ':'))
+        };
+        if !registry_ok(&self.image.registry) {
+            return invalid(
+                "image.registry",
+                format!(
+                    "{:?} is not a registry like ghcr.io/mesh or localhost/mesh",
+                    self.image.registry
+                ),
+            );
+        }
+        let tag_ok = |t: &str| {
+            !t.is_empty()
+                && t.len() <= 128
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        };
+        if !tag_ok(&self.image.tag) {
+            return invalid(
+                "image.tag",
+                format!("{:?} is not an image tag", self.image.tag),
+            );
+        }
         Ok(())
     }
 }
@@ -187,6 +226,34 @@ mod tests {
         let mut tree = default_tree().expect("the chart's values parse");
         overlay(&mut tree, parse_tree(yaml).expect("test YAML parses"));
         Values::from_tree(tree)
+    }
+
+    #[test]
+    fn images_are_the_registrys_at_this_version_by_default() {
+        let values = values_with("{}").expect("defaults are valid");
+        assert_eq!(
+            values.image.tag,
+            env!("CARGO_PKG_VERSION"),
+            "bump values.yaml's image.tag"
+        );
+        assert_eq!(
+            values.image.of("proxy"),
+            format!("ghcr.io/mesh/proxy:{}", env!("CARGO_PKG_VERSION"))
+        );
+        let local = values_with("image: {registry: localhost/mesh/, tag: dev}").expect("valid");
+        assert_eq!(
+            local.image.of("controller"),
+            "localhost/mesh/controller:dev"
+        );
+        for (yaml, field) in [
+            ("image: {registry: ''}", "image.registry"),
+            ("image: {registry: 'my registry'}", "image.registry"),
+            ("image: {tag: 'v1 beta'}", "image.tag"),
+            ("image: {tag: ''}", "image.tag"),
+        ] {
+            let error = values_with(yaml).expect_err(yaml).to_string();
+            assert!(error.starts_with(field), "{yaml}: {error}");
+        }
     }
 
     #[test]

@@ -96,6 +96,7 @@ impl Iptables {
             .map_err(|error| match error.kind() {
                 io::ErrorKind::NotFound => CaptureError::IptablesMissing {
                     program: self.program,
+                    reason: error.to_string(),
                 },
                 _ => CaptureError::IptablesFailed {
                     command: self.display(args),

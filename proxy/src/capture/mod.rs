@@ -46,11 +46,16 @@ pub enum CaptureError {
         value: String,
         reason: &'static str,
     },
-    /// The iptables program could not be found.
+    /// The iptables program could not be started for want of a file: most often iptables
+    /// itself, but a missing `/dev/null` or loader says the same.
     #[error(
-        "{program} is not installed or not on PATH; capture needs it (apt-get install iptables)"
+        "cannot start {program}: {reason}; capture needs iptables installed and on PATH \
+         (apt-get install iptables)"
     )]
-    IptablesMissing { program: &'static str },
+    IptablesMissing {
+        program: &'static str,
+        reason: String,
+    },
     /// An iptables command exited with an error, or could not be started.
     #[error("`{command}` failed ({status}): {stderr}")]
     IptablesFailed {

@@ -1,0 +1,665 @@
+//! The journey a user makes, on a real single-node Kubernetes (kubelet, containerd, CNI,
+//! kube-proxy, DNS: `scripts/k8s-node`), with the mesh's own images imported into the node:
+//!
+//! 1. `meshctl check --pre`, `meshctl install --apply` from the images, `meshctl check` green;
+//! 2. an ordinary app in an injected namespace: the API server calls the webhook, the pods run
+//!    mesh-init and mesh-proxy, each proxy gets its certificate with its kubelet-mounted token;
+//! 3. the client reaches the server by its Service name over mutual TLS (the client's identity
+//!    in the server proxy's metrics), balanced over both replicas; a `deny` default policy
+//!    answers 403; `meshctl check --proxy` green; `meshctl inject` gives the webhook's spec;
+//! 4. lifecycle: the app starts after its proxy is ready, a Job's pod completes, a rollout
+//!    restart under traffic fails no request, a deleted pod leaves nothing on the node;
+//! 5. `meshctl uninstall --delete` leaves nothing; restarted pods run unmeshed; a second
+//!    install works.
+//!
+//! Needs root; says why and fails under `CI=true` when not. A step that fails prints what a
+//! user would look at: the pods, the events, the proxies' last log lines.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use mesh_integration_tests::bin_path;
+use mesh_integration_tests::netns::require_root;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+const BUSYBOX: &str = "localhost/k8s-node/busybox:1";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace")
+        .to_path_buf()
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The node, stopped (and the host put back) when dropped; when the test is failing, first
+/// prints what a user would look at.
+struct Node {
+    kubeconfig: PathBuf,
+}
+
+impl Node {
+    fn up() -> Node {
+        let output = Command::new(repo().join("scripts/k8s-node"))
+            .arg("up")
+            .output()
+            .expect("run scripts/k8s-node up");
+        let node = Node {
+            kubeconfig: PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()),
+        };
+        assert!(
+            output.status.success(),
+            "the node did not start:\n{}",
+            text(&output)
+        );
+        node
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("run kubectl")
+    }
+
+    /// `kubectl ARGS`, which must succeed; its stdout.
+    fn kubectl_ok(&self, args: &[&str]) -> String {
+        let output = self.kubectl(args);
+        assert!(
+            output.status.success(),
+            "kubectl {}:\n{}",
+            args.join(" "),
+            text(&output)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn apply(&self, yaml: &str) {
+        let path = std::env::temp_dir().join(format!("mesh-journey-{}.yaml", std::process::id()));
+        std::fs::write(&path, yaml).expect("write YAML");
+        self.kubectl_ok(&["apply", "-f", path.to_str().expect("UTF-8 path")]);
+    }
+
+    fn meshctl(&self, args: &[&str]) -> Output {
+        Command::new(bin_path("meshctl"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("run meshctl")
+    }
+
+    fn meshctl_ok(&self, args: &[&str]) -> String {
+        let output = self.meshctl(args);
+        assert!(
+            output.status.success(),
+            "meshctl {}:\n{}",
+            args.join(" "),
+            text(&output)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn rollout(&self, namespace: &str, deployment: &str) {
+        self.kubectl_ok(&[
+            "rollout",
+            "status",
+            "-n",
+            namespace,
+            &format!("deploy/{deployment}"),
+            "--timeout=120s",
+        ]);
+    }
+
+    /// Names of the live pods of `namespace` with label `selector`: not finished, not being
+    /// deleted (a rollout is complete while the old pods still terminate).
+    fn pods(&self, namespace: &str, selector: &str) -> Vec<String> {
+        let list: serde_json::Value = serde_json::from_str(&self.kubectl_ok(&[
+            "get",
+            "pods",
+            "-n",
+            namespace,
+            "-l",
+            selector,
+            "--field-selector=status.phase!=Succeeded,status.phase!=Failed",
+            "-o",
+            "json",
+        ]))
+        .expect("kubectl get pods -o json");
+        list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|pod| pod["metadata"]["deletionTimestamp"].is_null())
+            .filter_map(|pod| pod["metadata"]["name"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    fn jsonpath(&self, namespace: &str, object: &str, path: &str) -> String {
+        self.kubectl_ok(&[
+            "get",
+            "-n",
+            namespace,
+            object,
+            "-o",
+            &format!("jsonpath={path}"),
+        ])
+    }
+
+    /// What a user would look at when something failed.
+    fn diagnose(&self) {
+        eprintln!(
+            "==== pods\n{}",
+            text(&self.kubectl(&["get", "pods", "-A", "-o", "wide"]))
+        );
+        eprintln!(
+            "==== events\n{}",
+            text(&self.kubectl(&["get", "events", "-A", "--sort-by=.lastTimestamp"]))
+        );
+        for namespace in ["mesh-system", "shop"] {
+            let names = self.kubectl(&["get", "pods", "-n", namespace, "-o", "name"]);
+            for pod in String::from_utf8_lossy(&names.stdout).lines() {
+                for container in ["mesh-proxy", "mesh-controller", "mesh-injector"] {
+                    let logs =
+                        self.kubectl(&["logs", "-n", namespace, pod, "-c", container, "--tail=20"]);
+                    if logs.status.success() {
+                        eprintln!("==== {namespace} {pod} {container}\n{}", text(&logs));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.diagnose();
+        }
+        let output = Command::new(repo().join("scripts/k8s-node"))
+            .arg("down")
+            .output();
+        if let Ok(output) = output
+            && !output.status.success()
+        {
+            eprintln!("scripts/k8s-node down failed:\n{}", text(&output));
+        }
+    }
+}
+
+/// Polls `check` every 500 ms until it returns `Some`, failing after `timeout` with `what`.
+fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gave up after {timeout:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The mesh's images from this build (the debug binaries: a release build would take most of
+/// CI's time), as `just images` makes them.
+fn images() -> Vec<PathBuf> {
+    let output = Command::new(repo().join("scripts/images"))
+        .env("MESH_IMAGES_PROFILE", "debug")
+        .output()
+        .expect("run scripts/images");
+    assert!(
+        output.status.success(),
+        "scripts/images:\n{}",
+        text(&output)
+    );
+    ["proxy", "controller", "injector"]
+        .iter()
+        .map(|name| repo().join(format!("target/images/{name}.tar")))
+        .collect()
+}
+
+const SERVER: &str = r#"apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  annotations:
+    mesh.dev/inject: enabled
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: server, namespace: shop}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: server}}
+  template:
+    metadata: {labels: {app: server}}
+    spec:
+      terminationGracePeriodSeconds: 10
+      containers:
+      - name: httpd
+        image: BUSYBOX
+        imagePullPolicy: Never
+        command: [sh, -c, 'mkdir -p /www && echo "hello from $(hostname)" > /www/index.html && exec httpd -f -p 8080 -h /www']
+        ports: [{containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: shop}
+spec:
+  selector: {app: server}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: vault, namespace: shop}
+spec:
+  selector: {matchLabels: {app: vault}}
+  template:
+    metadata:
+      labels: {app: vault}
+      annotations: {config.mesh.dev/default-inbound-policy: deny}
+    spec:
+      containers:
+      - name: httpd
+        image: BUSYBOX
+        imagePullPolicy: Never
+        command: [sh, -c, 'mkdir -p /www && echo secret > /www/index.html && exec httpd -f -p 8080 -h /www']
+        ports: [{containerPort: 8080}]
+        readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: vault, namespace: shop}
+spec:
+  selector: {app: vault}
+  ports: [{port: 80, targetPort: 8080}]
+"#;
+
+/// A client that GETs the server twice a second and logs `ok <body>` or `fail <error>`.
+const CLIENT: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: client, namespace: shop}
+spec:
+  selector: {matchLabels: {app: client}}
+  template:
+    metadata: {labels: {app: client}}
+    spec:
+      containers:
+      - name: curl
+        image: BUSYBOX
+        imagePullPolicy: Never
+        command: [sh, -c, 'while true; do if timeout 3 wget -qO- http://server/ >/tmp/out 2>/tmp/err; then echo "ok $(cat /tmp/out)"; else echo "fail $(cat /tmp/err)"; fi; sleep 0.5; done']
+"#;
+
+const JOB: &str = r#"apiVersion: batch/v1
+kind: Job
+metadata: {name: report, namespace: shop}
+spec:
+  backoffLimit: 0
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+      - name: report
+        image: BUSYBOX
+        imagePullPolicy: Never
+        command: [sh, -c, 'timeout 5 wget -qO- http://server/ && echo done']
+"#;
+
+fn with_busybox(yaml: &str) -> String {
+    yaml.replace("BUSYBOX", BUSYBOX)
+}
+
+/// The client's log lines so far.
+fn client_log(node: &Node) -> Vec<String> {
+    node.kubectl_ok(&["logs", "-n", "shop", "deploy/client", "-c", "curl"])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The names of what a pod spec carries: containers with their images, init containers,
+/// volumes. What the webhook adds and `meshctl inject` adds must agree on these.
+fn shape(spec: &serde_json::Value) -> BTreeSet<String> {
+    let mut shape = BTreeSet::new();
+    for (list, what) in [("initContainers", "init"), ("containers", "container")] {
+        for container in spec[list].as_array().into_iter().flatten() {
+            shape.insert(format!(
+                "{what} {} {} {}",
+                container["name"].as_str().unwrap_or(""),
+                container["image"].as_str().unwrap_or(""),
+                container["args"]
+            ));
+            for var in container["env"].as_array().into_iter().flatten() {
+                shape.insert(format!(
+                    "env {} {}",
+                    container["name"].as_str().unwrap_or(""),
+                    var["name"].as_str().unwrap_or("")
+                ));
+            }
+        }
+    }
+    for volume in spec["volumes"].as_array().into_iter().flatten() {
+        let name = volume["name"].as_str().unwrap_or("");
+        // The API server adds the ServiceAccount token volume to every pod itself.
+        if !name.starts_with("default-token") && !name.starts_with("kube-api-access") {
+            shape.insert(format!("volume {name}"));
+        }
+    }
+    shape
+}
+
+#[test]
+fn a_user_installs_the_mesh_on_a_real_node_and_meshes_an_app() {
+    if !require_root("node_journey") {
+        return;
+    }
+    let images = images();
+    let node = Node::up();
+    let imported = Command::new(repo().join("scripts/k8s-node"))
+        .arg("import")
+        .args(&images)
+        .output()
+        .expect("import the images");
+    assert!(imported.status.success(), "import:\n{}", text(&imported));
+
+    // 1. Install from the images, as the README says.
+    node.meshctl_ok(&["check", "--pre"]);
+    node.meshctl_ok(&[
+        "install",
+        "--registry",
+        "localhost/mesh",
+        "--tag",
+        VERSION,
+        "--apply",
+    ]);
+    node.rollout("mesh-system", "mesh-controller");
+    node.rollout("mesh-system", "mesh-injector");
+    wait_for(
+        "meshctl check is all green",
+        Duration::from_secs(60),
+        || node.meshctl(&["check"]).status.success().then_some(()),
+    );
+
+    // 2. An ordinary app in an injected namespace; the client starts once the server serves.
+    node.apply(&with_busybox(SERVER));
+    node.rollout("shop", "server");
+    node.rollout("shop", "vault");
+    let server_pods = node.pods("shop", "app=server");
+    assert_eq!(server_pods.len(), 2, "{server_pods:?}");
+    for pod in &server_pods {
+        let containers = node.jsonpath("shop", &format!("pod/{pod}"), "{.spec.containers[*].name}");
+        assert_eq!(containers, "mesh-proxy httpd", "the webhook injected {pod}");
+        let init = node.jsonpath(
+            "shop",
+            &format!("pod/{pod}"),
+            "{.spec.initContainers[*].name}",
+        );
+        assert_eq!(init, "mesh-init", "{pod}");
+    }
+    node.apply(&with_busybox(CLIENT));
+    node.rollout("shop", "client");
+
+    // 3. By Service name, through both proxies, over mutual TLS, over both replicas.
+    let log = wait_for(
+        "the client reaching both replicas",
+        Duration::from_secs(60),
+        || {
+            let log = client_log(&node);
+            server_pods
+                .iter()
+                .all(|pod| {
+                    log.iter()
+                        .any(|line| line == &format!("ok hello from {pod}"))
+                })
+                .then_some(log)
+        },
+    );
+    // The app started after its proxy was ready: its very first request succeeded.
+    assert!(log[0].starts_with("ok "), "the first request: {log:?}");
+    let server_ip = node.jsonpath(
+        "shop",
+        &format!("pod/{}", server_pods[0]),
+        "{.status.podIP}",
+    );
+    let metrics = Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "5",
+            &format!("http://{server_ip}:4191/metrics"),
+        ])
+        .output()
+        .expect("curl the server proxy's metrics");
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let client_id = "client_id=\"spiffe://cluster.local/ns/shop/sa/default\"";
+    assert!(
+        metrics.lines().any(
+            |line| line.starts_with("request_total{direction=\"inbound\"")
+                && line.contains("tls=\"true\"")
+                && line.contains(client_id)
+        ),
+        "the server proxy counts the client's requests with its identity:\n{metrics}"
+    );
+    let client_pod = node.pods("shop", "app=client").remove(0);
+    let denied = node.kubectl(&[
+        "exec",
+        "-n",
+        "shop",
+        &client_pod,
+        "-c",
+        "curl",
+        "--",
+        "sh",
+        "-c",
+        // -S: the response's headers too.
+        "timeout 5 wget -S -O- http://vault/ 2>&1",
+    ]);
+    let denied = text(&denied).to_lowercase();
+    assert!(
+        denied.contains("403 forbidden") && denied.contains("mesh-error:"),
+        "vault denies, saying why in mesh-error: {denied}"
+    );
+    let proxies = node.meshctl_ok(&["check", "--proxy"]);
+    assert!(
+        proxies.contains("every proxy ready and current"),
+        "{proxies}"
+    );
+    // `meshctl inject` of the same YAML, with the installed trust anchors and proxy image,
+    // gives the pod spec the webhook gave.
+    let scratch = std::env::temp_dir().join(format!("mesh-journey-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).expect("scratch folder");
+    let anchors = scratch.join("anchors.pem");
+    std::fs::write(
+        &anchors,
+        node.kubectl_ok(&[
+            "get",
+            "configmap",
+            "-n",
+            "mesh-system",
+            "mesh-identity-trust-roots",
+            "-o",
+            "jsonpath={.data.ca-bundle\\.crt}",
+        ]),
+    )
+    .expect("write the anchors");
+    let server_yaml = scratch.join("server.yaml");
+    std::fs::write(&server_yaml, with_busybox(SERVER)).expect("write YAML");
+    let injected = node.meshctl_ok(&[
+        "inject",
+        server_yaml.to_str().expect("path"),
+        "--trust-anchors-file",
+        anchors.to_str().expect("path"),
+        "--proxy-image",
+        &format!("localhost/mesh/proxy:{VERSION}"),
+    ]);
+    let injected_yaml = scratch.join("injected.yaml");
+    std::fs::write(&injected_yaml, &injected).expect("write the injected YAML");
+    // kubectl prints one JSON object per document of the stream.
+    let as_json = node.kubectl_ok(&[
+        "create",
+        "--dry-run=client",
+        "-o",
+        "json",
+        "-f",
+        injected_yaml.to_str().expect("path"),
+    ]);
+    let offline = serde_json::Deserializer::from_str(&as_json)
+        .into_iter::<serde_json::Value>()
+        .map(|object| object.expect("kubectl reads what meshctl inject wrote"))
+        .find(|object| object["kind"] == "Deployment" && object["metadata"]["name"] == "server")
+        .unwrap_or_else(|| panic!("meshctl inject printed the server Deployment: {injected}"));
+    let live: serde_json::Value = serde_json::from_str(&node.kubectl_ok(&[
+        "get",
+        "-n",
+        "shop",
+        &format!("pod/{}", server_pods[0]),
+        "-o",
+        "json",
+    ]))
+    .expect("the pod as JSON");
+    assert_eq!(
+        shape(&offline["spec"]["template"]["spec"]),
+        shape(&live["spec"]),
+        "meshctl inject and the webhook made the same pod"
+    );
+
+    // 4. A Job's pod completes: its proxy exits when the job's container has.
+    node.apply(&with_busybox(JOB));
+    wait_for("the Job to complete", Duration::from_secs(60), || {
+        (node.jsonpath("shop", "job/report", "{.status.succeeded}") == "1").then_some(())
+    });
+    // A rollout restart under steady traffic fails no request.
+    let failed_before = client_log(&node)
+        .iter()
+        .filter(|l| l.starts_with("fail"))
+        .count();
+    node.kubectl_ok(&["rollout", "restart", "-n", "shop", "deploy/server"]);
+    node.rollout("shop", "server");
+    let new_servers = node.pods("shop", "app=server");
+    wait_for(
+        "traffic on the new replicas",
+        Duration::from_secs(30),
+        || {
+            let log = client_log(&node);
+            new_servers
+                .iter()
+                .all(|pod| {
+                    log.iter()
+                        .any(|line| line == &format!("ok hello from {pod}"))
+                })
+                .then_some(())
+        },
+    );
+    let log = client_log(&node);
+    let failed: Vec<_> = log.iter().filter(|l| l.starts_with("fail")).collect();
+    assert_eq!(
+        failed.len(),
+        failed_before,
+        "requests failed during the rollout: {failed:?}"
+    );
+    // A deleted pod leaves no network namespace behind, and capture never touches the host.
+    let netns = || {
+        Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
+            .unwrap_or(0)
+    };
+    let before = netns();
+    let vault = node.pods("shop", "app=vault").remove(0);
+    node.kubectl_ok(&["delete", "-n", "shop", "deploy/vault", "--wait=true"]);
+    wait_for("the vault pod gone", Duration::from_secs(60), || {
+        let found = node.kubectl(&["get", "-n", "shop", &format!("pod/{vault}")]);
+        (!found.status.success()).then_some(())
+    });
+    wait_for(
+        "its network namespace gone",
+        Duration::from_secs(30),
+        || (netns() < before).then_some(()),
+    );
+    let host_rules = Command::new("iptables-save")
+        .output()
+        .expect("iptables-save");
+    assert!(
+        !String::from_utf8_lossy(&host_rules.stdout).contains("MESH_"),
+        "the mesh's capture rules live in pods, never on the host"
+    );
+
+    // 5. Uninstall leaves nothing; restarted pods run unmeshed; a second install works.
+    node.meshctl_ok(&["uninstall", "--delete"]);
+    wait_for("mesh-system gone", Duration::from_secs(90), || {
+        (!node
+            .kubectl(&["get", "namespace", "mesh-system"])
+            .status
+            .success())
+        .then_some(())
+    });
+    for (kind, name) in [
+        ("crd", "servers.policy.mesh.dev"),
+        ("mutatingwebhookconfiguration", "mesh-injector"),
+        ("clusterrole", "mesh-controller"),
+    ] {
+        assert!(
+            !node.kubectl(&["get", kind, name]).status.success(),
+            "{kind} {name} left after uninstall"
+        );
+    }
+    node.kubectl_ok(&[
+        "rollout",
+        "restart",
+        "-n",
+        "shop",
+        "deploy/server",
+        "deploy/client",
+    ]);
+    node.rollout("shop", "server");
+    node.rollout("shop", "client");
+    for pod in node.pods("shop", "app=server") {
+        let containers = node.jsonpath("shop", &format!("pod/{pod}"), "{.spec.containers[*].name}");
+        assert_eq!(containers, "httpd", "{pod} runs unmeshed");
+    }
+    let unmeshed = node.pods("shop", "app=server");
+    wait_for(
+        "the unmeshed client reaching the server",
+        Duration::from_secs(30),
+        || {
+            let log = client_log(&node);
+            unmeshed
+                .iter()
+                .any(|pod| {
+                    log.iter()
+                        .any(|line| line == &format!("ok hello from {pod}"))
+                })
+                .then_some(())
+        },
+    );
+    node.meshctl_ok(&[
+        "install",
+        "--registry",
+        "localhost/mesh",
+        "--tag",
+        VERSION,
+        "--apply",
+    ]);
+    node.rollout("mesh-system", "mesh-controller");
+    wait_for(
+        "meshctl check green after reinstalling",
+        Duration::from_secs(60),
+        || node.meshctl(&["check"]).status.success().then_some(()),
+    );
+}

@@ -34,12 +34,18 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
+/// The workspace's root folder (scripts, target, the crates).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("integration-tests/ sits inside the workspace")
+        .to_path_buf()
+}
+
 /// Builds every target; returns the folder the binaries are in.
 fn build(name: &str) -> PathBuf {
     let (target_dir, profile) = target_dir_and_profile();
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("integration-tests/ sits inside the workspace");
+    let workspace = workspace_root();
     // `CARGO` is the cargo running these tests (same toolchain); plain `cargo` otherwise.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);

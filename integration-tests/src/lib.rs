@@ -10,4 +10,4 @@ pub mod mesh;
 pub mod netns;
 pub mod process;
 
-pub use binaries::bin_path;
+pub use binaries::{bin_path, workspace_root};

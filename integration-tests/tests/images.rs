@@ -5,22 +5,16 @@
 //!
 //! Needs root (chroot, network namespaces); says so and fails under `CI=true` when not.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use mesh_integration_tests::netns::{NetNs, require_root};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the workspace")
-        .to_path_buf()
-}
+use mesh_integration_tests::workspace_root;
 
 /// Builds the images into `out`; returns what the script printed (a line per image with its
 /// digest).
 fn build(out: &Path) -> String {
-    let output = Command::new(repo().join("scripts/images"))
+    let output = Command::new(workspace_root().join("scripts/images"))
         .env("MESH_IMAGES_PROFILE", "debug")
         .env("MESH_IMAGES_OUT", out)
         .output()

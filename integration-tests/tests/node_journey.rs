@@ -16,22 +16,15 @@
 //! user would look at: the pods, the events, the proxies' last log lines.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use mesh_integration_tests::bin_path;
 use mesh_integration_tests::netns::require_root;
+use mesh_integration_tests::{bin_path, local, workspace_root};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const BUSYBOX: &str = "localhost/k8s-node/busybox:1";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the workspace")
-        .to_path_buf()
-}
 
 fn text(output: &Output) -> String {
     format!(
@@ -39,6 +32,17 @@ fn text(output: &Output) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     )
+}
+
+/// The stdout of `program ARGS`, which must have succeeded.
+fn succeeded(program: &str, args: &[&str], output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "{program} {}:\n{}",
+        args.join(" "),
+        text(&output)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// The node, stopped (and the host put back) when dropped; when the test is failing, first
@@ -49,7 +53,7 @@ struct Node {
 
 impl Node {
     fn up() -> Node {
-        let output = Command::new(repo().join("scripts/k8s-node"))
+        let output = Command::new(workspace_root().join("scripts/k8s-node"))
             .arg("up")
             .output()
             .expect("run scripts/k8s-node up");
@@ -75,14 +79,7 @@ impl Node {
 
     /// `kubectl ARGS`, which must succeed; its stdout.
     fn kubectl_ok(&self, args: &[&str]) -> String {
-        let output = self.kubectl(args);
-        assert!(
-            output.status.success(),
-            "kubectl {}:\n{}",
-            args.join(" "),
-            text(&output)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        succeeded("kubectl", args, self.kubectl(args))
     }
 
     fn apply(&self, yaml: &str) {
@@ -101,14 +98,7 @@ impl Node {
     }
 
     fn meshctl_ok(&self, args: &[&str]) -> String {
-        let output = self.meshctl(args);
-        assert!(
-            output.status.success(),
-            "meshctl {}:\n{}",
-            args.join(" "),
-            text(&output)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        succeeded("meshctl", args, self.meshctl(args))
     }
 
     fn rollout(&self, namespace: &str, deployment: &str) {
@@ -187,7 +177,7 @@ impl Drop for Node {
         if std::thread::panicking() {
             self.diagnose();
         }
-        let output = Command::new(repo().join("scripts/k8s-node"))
+        let output = Command::new(workspace_root().join("scripts/k8s-node"))
             .arg("down")
             .output();
         if let Ok(output) = output
@@ -198,25 +188,15 @@ impl Drop for Node {
     }
 }
 
-/// Polls `check` every 500 ms until it returns `Some`, failing after `timeout` with `what`.
-fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "gave up after {timeout:?}: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+/// Polls `check` until it returns `Some`, failing after `timeout` with `what`.
+fn wait_for<T>(what: &str, timeout: Duration, check: impl FnMut() -> Option<T>) -> T {
+    local::wait_for(timeout, check, || what.to_owned())
 }
 
 /// The mesh's images from this build (the debug binaries: a release build would take most of
 /// CI's time), as `just images` makes them.
 fn images() -> Vec<PathBuf> {
-    let output = Command::new(repo().join("scripts/images"))
+    let output = Command::new(workspace_root().join("scripts/images"))
         .env("MESH_IMAGES_PROFILE", "debug")
         .output()
         .expect("run scripts/images");
@@ -227,7 +207,7 @@ fn images() -> Vec<PathBuf> {
     );
     ["proxy", "controller", "injector"]
         .iter()
-        .map(|name| repo().join(format!("target/images/{name}.tar")))
+        .map(|name| workspace_root().join(format!("target/images/{name}.tar")))
         .collect()
 }
 
@@ -370,7 +350,7 @@ fn a_user_installs_the_mesh_on_a_real_node_and_meshes_an_app() {
     }
     let images = images();
     let node = Node::up();
-    let imported = Command::new(repo().join("scripts/k8s-node"))
+    let imported = Command::new(workspace_root().join("scripts/k8s-node"))
         .arg("import")
         .args(&images)
         .output()

@@ -202,10 +202,6 @@ async fn run(args: Args) -> Result<()> {
         false
     };
     let result = measure_topologies(&plan, &binaries, &dir, &mut notes, args.hold, netns).await;
-    if args.hold.is_some() {
-        let _ = std::fs::remove_dir_all(&dir);
-        return result.map(|_| ());
-    }
     let (topologies, netns) = match result {
         Ok(t) => t,
         Err(error) => {
@@ -213,6 +209,10 @@ async fn run(args: Args) -> Result<()> {
             return Err(error);
         }
     };
+    if args.hold.is_some() {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
 
     let scale = match &plan.scale {
         None => None,
@@ -378,6 +378,7 @@ async fn controller_scale(
     let (controller, url, _admin): (Service, String, _) = topology::start_controller(
         &binaries.controller,
         &config,
+        None,
         dir,
         "scale-controller",
         plan.poll_interval,

@@ -42,7 +42,6 @@ const APP_PORT: u16 = 8080;
 const APP_H2_PORT: u16 = 8082;
 /// The relays' ports on each namespace's loopback.
 const CONTROLLER_RELAY_PORT: u16 = 9186;
-const IDENTITY_RELAY_PORT: u16 = 9187;
 /// `mesh-proxy init`'s default proxy uid: the proxies run as it.
 const PROXY_UID: &str = "2102";
 const START: Duration = Duration::from_secs(20);
@@ -198,10 +197,8 @@ impl Lab {
 /// Where the loopback control plane listens: what the namespaces' relays reach.
 #[derive(Debug, Clone)]
 pub struct ControlPlane {
-    /// The controller's gRPC address.
+    /// The controller's gRPC address (Destination, Policies and Identity).
     pub controller: SocketAddr,
-    /// The identity service's address.
-    pub identity: SocketAddr,
     /// The controller's folder of YAML (file backend).
     pub config_dir: PathBuf,
     /// The trust anchors' PEM file.
@@ -330,31 +327,28 @@ pub async fn start(
         .await
         .context("mesh-proxy init in the client pod")?;
 
-    // Relays to the control plane on the host's loopback.
-    let mut relays = Vec::new();
-    for (what, target, port) in [
-        ("controller", control.controller, CONTROLLER_RELAY_PORT),
-        ("identity", control.identity, IDENTITY_RELAY_PORT),
-    ] {
-        let socket = dir.join(format!("netns-{what}.sock"));
-        let _ = std::fs::remove_file(&socket);
-        let listener =
-            UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
-        relays.push(AbortOnDrop(tokio::spawn(relay_to_host(listener, target))));
-        for namespace in [client, server] {
-            let mut command = namespace.command(&me);
-            command
-                .arg("--relay")
-                .arg(format!("127.0.0.1:{port}"))
-                .arg(&socket);
-            let name = format!(
-                "netns-{}-{what}-relay",
-                &namespace.name()[NAME_PREFIX.len()..]
-            );
-            let mut service = Service::spawn(&name, command, dir)?;
-            wait_until(&mut service, || namespace.listening(port)).await?;
-            lab.running.keep(service)?;
-        }
+    // A relay to the control plane on the host's loopback (the controller serves Identity too).
+    let socket = dir.join("netns-controller.sock");
+    let _ = std::fs::remove_file(&socket);
+    let listener =
+        UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    let relays = vec![AbortOnDrop(tokio::spawn(relay_to_host(
+        listener,
+        control.controller,
+    )))];
+    for namespace in [client, server] {
+        let mut command = namespace.command(&me);
+        command
+            .arg("--relay")
+            .arg(format!("127.0.0.1:{CONTROLLER_RELAY_PORT}"))
+            .arg(&socket);
+        let name = format!(
+            "netns-{}-controller-relay",
+            &namespace.name()[NAME_PREFIX.len()..]
+        );
+        let mut service = Service::spawn(&name, command, dir)?;
+        wait_until(&mut service, || namespace.listening(CONTROLLER_RELAY_PORT)).await?;
+        lab.running.keep(service)?;
     }
     lab._relays = relays;
 
@@ -412,11 +406,7 @@ pub async fn start(
             .env("MESH_PROXY_POD", format!("netns-{role}"))
             .env("MESH_PROXY_IDENTITY", id)
             .env("MESH_PROXY_IDENTITY_TOKEN_FILE", token)
-            .env("MESH_PROXY_TRUST_ANCHORS_FILE", &control.anchors)
-            .env(
-                "MESH_PROXY_IDENTITY_ADDR",
-                format!("http://127.0.0.1:{IDENTITY_RELAY_PORT}"),
-            );
+            .env("MESH_PROXY_TRUST_ANCHORS_FILE", &control.anchors);
         let mut service = Service::spawn(&format!("netns-{role}-proxy"), command, dir)?;
         wait_until(&mut service, || async {
             namespace

@@ -1,18 +1,15 @@
-//! Certificates for the benchmark: one test CA signs the proxies' leaves (through a small
-//! Identity service speaking the mesh's API) and HAProxy's server and client certificates, so
-//! both meshes do mutual TLS 1.3 with ECDSA P-256 keys.
+//! Certificates for the benchmark: one test CA is the controller's issuer (so the proxies'
+//! leaves come from the real Identity service) and signs HAProxy's server and client
+//! certificates, so both meshes do mutual TLS 1.3 with ECDSA P-256 keys.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use mesh_proto::identity::{self, identity_server::Identity};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, CertifiedIssuer, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
 };
-use tonic::{Request, Response, Status};
 
 /// A trust anchor and the issuer below it.
 pub struct TestCa {
@@ -86,84 +83,18 @@ impl TestCa {
         })
     }
 
-    /// Signs a proxy's CSR for a SPIFFE identity: (leaf DER, issuer DER).
-    pub fn sign_csr(&self, csr: &[u8], spiffe_id: &str) -> Result<(Vec<u8>, Vec<u8>)> {
-        let der = rustls_pki_types::CertificateSigningRequestDer::from(csr.to_vec());
-        let mut request = CertificateSigningRequestParams::from_der(&der).context("CSR")?;
-        request.params.subject_alt_names = vec![SanType::URI(
-            spiffe_id.to_string().try_into().context("URI SAN")?,
-        )];
-        request.params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        validity(&mut request.params, Duration::from_secs(86_400));
-        let leaf = request.signed_by(&self.issuer)?;
-        Ok((leaf.der().to_vec(), self.issuer.der().to_vec()))
-    }
-}
-
-/// The mesh's Identity API over the test CA: each token proves one SPIFFE ID.
-#[derive(Debug, Clone)]
-pub struct BenchIdentity {
-    ca: Arc<TestCa>,
-    tokens: Arc<Mutex<HashMap<Vec<u8>, String>>>,
-}
-
-impl BenchIdentity {
-    /// An Identity service signing with `ca` and knowing no token yet.
-    pub fn new(ca: Arc<TestCa>) -> Self {
-        Self {
-            ca,
-            tokens: Arc::default(),
+    /// Writes the issuer in the layout `mesh-controller --identity-dir` reads (cert-manager's:
+    /// `tls.crt`, `tls.key`, `ca.crt`).
+    pub fn write_issuer_dir(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (file, pem) in [
+            ("tls.crt", self.issuer.pem()),
+            ("tls.key", self.issuer.key().serialize_pem()),
+            ("ca.crt", self.anchor_pem.clone()),
+        ] {
+            let path = dir.join(file);
+            std::fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))?;
         }
-    }
-
-    /// Lets `token` prove `spiffe_id`.
-    pub fn allow(&self, token: &str, spiffe_id: &str) {
-        if let Ok(mut tokens) = self.tokens.lock() {
-            tokens.insert(token.as_bytes().to_vec(), spiffe_id.to_string());
-        }
-    }
-
-    /// Serves on 127.0.0.1:0 in this process until the runtime ends; returns the URL.
-    pub async fn serve(&self) -> Result<String> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(identity::identity_server::IdentityServer::new(self.clone()))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        Ok(format!("http://{addr}"))
-    }
-}
-
-#[tonic::async_trait]
-impl Identity for BenchIdentity {
-    async fn certify(
-        &self,
-        request: Request<identity::CertifyRequest>,
-    ) -> Result<Response<identity::CertifyResponse>, Status> {
-        let request = request.into_inner();
-        let proven = self
-            .tokens
-            .lock()
-            .map_err(|_| Status::internal("token table poisoned"))?
-            .get(&request.token)
-            .cloned()
-            .ok_or_else(|| Status::unauthenticated("unknown token"))?;
-        if proven != request.identity {
-            return Err(Status::permission_denied("token is for another identity"));
-        }
-        let (leaf, issuer) = self
-            .ca
-            .sign_csr(&request.certificate_signing_request, &request.identity)
-            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
-        Ok(Response::new(identity::CertifyResponse {
-            leaf_certificate: leaf,
-            intermediate_certificates: vec![issuer],
-            valid_until: None,
-        }))
+        Ok(())
     }
 }

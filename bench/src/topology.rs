@@ -3,7 +3,8 @@
 //! - `direct`: the load generator talks to nginx;
 //! - `mesh`: load generator -> client proxy (outbound, routing by `Host`) -> server proxy
 //!   (inbound, reached through discovery's `inbound_proxy_port`) -> nginx, plaintext;
-//! - `mesh-mtls`: the same with identities from the bench's CA, so the hop is mutual TLS 1.3;
+//! - `mesh-mtls`: the same with identities from the controller's CA (the bench's test CA is
+//!   its issuer), so the hop is mutual TLS 1.3;
 //! - `haproxy`: load generator -> HAProxy -> (mutual TLS 1.3) -> HAProxy -> nginx.
 //!
 //! The real `mesh-controller` serves discovery from a folder of YAML written here; each
@@ -22,11 +23,14 @@ use tokio::process::Command;
 
 use crate::child::{Service, find_program, free_addr, free_port};
 use crate::load::Entry;
-use crate::pki::{BenchIdentity, TestCa};
+use crate::pki::TestCa;
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const NAMESPACE: &str = "bench";
 const START: Duration = Duration::from_secs(20);
+/// The identity tokens of the client and server proxies' ServiceAccounts.
+const CLIENT_TOKEN: &str = "client-token";
+const WEB_TOKEN: &str = "web-token";
 
 /// A process whose CPU and memory a topology is judged by.
 #[derive(Debug, Clone, Serialize)]
@@ -141,6 +145,14 @@ pub struct MeshedPod {
 /// HTTP/1.1 port, `<app>-h2` to the HTTP/2 port) and the Pod itself.
 pub fn mesh_yaml(pods: &[MeshedPod], backend_http1: u16, backend_http2: u16) -> String {
     let mut out = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NAMESPACE}\n");
+    // The file backend's ServiceAccounts declare the tokens that prove them to the Identity
+    // service: the client proxies run as `client`, the server proxies as `web`.
+    for (sa, token) in [("client", CLIENT_TOKEN), ("web", WEB_TOKEN)] {
+        out.push_str(&format!(
+            "---\napiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: {sa}\n  namespace: {NAMESPACE}\n\
+             \x20 annotations:\n    mesh.dev/identity-token: {token}\n"
+        ));
+    }
     for pod in pods {
         for (suffix, port) in [("", backend_http1), ("-h2", backend_http2)] {
             out.push_str(&format!(
@@ -202,6 +214,7 @@ pub fn spiffe_id(sa: &str) -> String {
 pub async fn start_controller(
     binary: &Path,
     dir: &Path,
+    identity_dir: Option<&Path>,
     log_dir: &Path,
     name: &str,
     poll: Duration,
@@ -216,6 +229,9 @@ pub async fn start_controller(
         .args(["--admin-listen", &admin.to_string()])
         .args(["--poll-interval-ms", &poll.as_millis().to_string()])
         .args(["--log-level", "warn"]);
+    if let Some(identity_dir) = identity_dir {
+        command.arg("--identity-dir").arg(identity_dir);
+    }
     let mut service = Service::spawn(name, command, log_dir)?;
     service.wait_listening(grpc, START).await?;
     wait_ready(&mut service, admin).await?;
@@ -304,7 +320,7 @@ async fn start_proxy(
     Ok((service, outbound, admin))
 }
 
-/// Starts the controller, the identity service and both meshes (plaintext and mutual TLS);
+/// Starts the controller (with its identity CA) and both meshes (plaintext and mutual TLS);
 /// returns the two topologies and where the control plane listens (scenario 6 reuses it).
 pub async fn start_meshes(
     binaries: &Binaries,
@@ -337,9 +353,12 @@ pub async fn start_meshes(
         config_dir.join("bench.yaml"),
         mesh_yaml(&pods, backend.http1.port(), backend.http2.port()),
     )?;
+    let identity_dir = dir.join("identity");
+    ca.write_issuer_dir(&identity_dir)?;
     let (controller, controller_url, _) = start_controller(
         &binaries.controller,
         &config_dir,
+        Some(&identity_dir),
         dir,
         "mesh-controller",
         Duration::from_millis(250),
@@ -347,17 +366,15 @@ pub async fn start_meshes(
     .await?;
     running.keep(controller)?;
 
-    // Identities: the client runs as ServiceAccount `client`, the server as `web`.
-    let identity = BenchIdentity::new(ca.clone());
+    // Identities: the client runs as ServiceAccount `client`, the server as `web`; the
+    // controller's Identity service certifies both.
     let (client_id, server_id) = (spiffe_id("client"), spiffe_id("web"));
-    identity.allow("client-token", &client_id);
-    identity.allow("web-token", &server_id);
-    let identity_url = identity.serve().await?;
+    let identity_url = controller_url.clone();
     let anchors = dir.join("trust-anchors.pem");
     std::fs::write(&anchors, &ca.anchor_pem)?;
     let (client_token, web_token) = (dir.join("client.token"), dir.join("web.token"));
-    std::fs::write(&client_token, "client-token")?;
-    std::fs::write(&web_token, "web-token")?;
+    std::fs::write(&client_token, CLIENT_TOKEN)?;
+    std::fs::write(&web_token, WEB_TOKEN)?;
 
     let addr_of = |url: &str| -> Result<SocketAddr> {
         url.trim_start_matches("http://")
@@ -366,7 +383,6 @@ pub async fn start_meshes(
     };
     let control = crate::netns::ControlPlane {
         controller: addr_of(&controller_url)?,
-        identity: addr_of(&identity_url)?,
         config_dir: config_dir.clone(),
         anchors: anchors.clone(),
         client: (client_token.clone(), client_id.clone()),

@@ -231,6 +231,14 @@ async fn run(args: Args) -> Result<()> {
         },
     };
 
+    let failures: Vec<String> = topologies
+        .iter()
+        .chain(&netns)
+        .flat_map(|t| measure::failed_runs(&t.topology.title, &t.all_runs))
+        .collect();
+    for failure in &failures {
+        notes.push(format!("**Failed run.** {failure}."));
+    }
     let report = Report {
         machine,
         plan,
@@ -253,6 +261,14 @@ async fn run(args: Args) -> Result<()> {
         json.display(),
         report.elapsed_s
     ));
+    if !failures.is_empty() {
+        bail!(
+            "{} runs had failed requests (each is noted in {}):\n{}",
+            failures.len(),
+            md.display(),
+            failures.join("\n")
+        );
+    }
     Ok(())
 }
 

@@ -361,6 +361,24 @@ pub async fn measure_all(
     Ok(results)
 }
 
+/// Every run, of every round, in which a request failed: one line each, naming the topology,
+/// the run and the count. Any is a defect of what is measured, so the benchmark fails on it
+/// (after writing its figures) rather than reporting a throughput that hides failures.
+pub fn failed_runs(title: &str, runs: &[Run]) -> Vec<String> {
+    runs.iter()
+        .filter(|run| run.measured.errors > 0)
+        .map(|run| {
+            format!(
+                "{title}: {}, round {}: {} of {} requests failed",
+                run.kind.label(),
+                run.round + 1,
+                run.measured.errors,
+                run.measured.errors + run.measured.ok
+            )
+        })
+        .collect()
+}
+
 /// Of each kind's rounds, the run during which other processes used the least CPU; in the
 /// order the kinds first ran.
 pub fn quietest(runs: &[Run]) -> Vec<Run> {
@@ -406,5 +424,49 @@ async fn idle(topology: &Topology, count: usize) -> Idle {
         open,
         shortfall,
         rss_kib,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(kind: RunKind, round: usize, ok: u64, errors: u64) -> Run {
+        Run {
+            kind,
+            key: kind.key(),
+            round,
+            measured: Measured {
+                ok,
+                errors,
+                ..Measured::default()
+            },
+            cpu_s_per_10k: Vec::new(),
+            cpu_cores: Vec::new(),
+            rss_max_kib: Vec::new(),
+            loadavg_before: 0.0,
+            other_cores: 0.0,
+        }
+    }
+
+    #[test]
+    fn every_run_with_an_error_is_a_failure_whatever_its_round() {
+        let h2 = RunKind::Http2 {
+            connections: 8,
+            streams: 8,
+        };
+        let runs = [
+            run(RunKind::Max { connections: 64 }, 0, 1000, 0),
+            run(h2, 0, 1000, 0),
+            run(h2, 1, 982, 18),
+        ];
+        assert_eq!(
+            failed_runs("mesh, plaintext", &runs),
+            vec![
+                "mesh, plaintext: max, HTTP/2, 8 connections x 8 streams, round 2: 18 of 1000 \
+                 requests failed"
+            ]
+        );
+        assert!(failed_runs("direct", &runs[..2]).is_empty());
     }
 }

@@ -193,6 +193,11 @@ async fn run(args: Args) -> Result<()> {
             dir.display()
         ));
     }
+    if let Ok(threads) = std::env::var("MESH_PROXY_WORKER_THREADS") {
+        notes.push(format!(
+            "The proxies ran with MESH_PROXY_WORKER_THREADS={threads}."
+        ));
+    }
     let netns = if args.skip_netns {
         false
     } else if mesh_bench::netns::is_root() {

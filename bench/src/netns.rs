@@ -27,7 +27,7 @@ use tokio::process::Command;
 
 use crate::child::{Service, find_program};
 use crate::load::Entry;
-use crate::topology::{Binaries, Running, Topology, Watched, pod_yaml};
+use crate::topology::{Binaries, Running, Topology, Watched, pass_worker_threads, pod_yaml};
 
 /// Prefix of every namespace made here: `mesh-b-<creator pid>-<role>`.
 const NAME_PREFIX: &str = "mesh-b-";
@@ -407,6 +407,7 @@ pub async fn start(
             .env("MESH_PROXY_IDENTITY", id)
             .env("MESH_PROXY_IDENTITY_TOKEN_FILE", token)
             .env("MESH_PROXY_TRUST_ANCHORS_FILE", &control.anchors);
+        pass_worker_threads(&mut command);
         let mut service = Service::spawn(&format!("netns-{role}-proxy"), command, dir)?;
         wait_until(&mut service, || async {
             namespace

@@ -346,8 +346,9 @@ impl Report {
              traffic (idle), its largest value sampled every 250 ms during the runs (at load), \
              and with {} idle keep-alive connections open (each made one request).\n\
              - Every kind of run goes through all topologies before the next kind starts, so \
-             background load spreads over all of them. mesh-proxy runs 2 worker threads; \
-             HAProxy `nbthread 2`; nginx one process.\n",
+             background load spreads over all of them. mesh-proxy runs its default one thread \
+             (unless a note says `MESH_PROXY_WORKER_THREADS`); HAProxy `nbthread 2`; nginx one \
+             process.\n",
             rates.join(" and "),
             p.rate_connections,
             p.rate_duration.as_secs_f64(),

@@ -307,6 +307,7 @@ async fn start_proxy(
         .env("MESH_PROXY_LOG_LEVEL", "warn")
         .env("MESH_PROXY_NAMESPACE", NAMESPACE)
         .env("MESH_PROXY_POD", spec.name);
+    pass_worker_threads(&mut command);
     if let Some((id, token_file, anchors_file, identity_addr)) = spec.identity {
         command
             .env("MESH_PROXY_IDENTITY", id)
@@ -318,6 +319,14 @@ async fn start_proxy(
     service.wait_listening(admin, START).await?;
     wait_ready(&mut service, admin).await?;
     Ok((service, outbound, admin))
+}
+
+/// Passes the bench's `MESH_PROXY_WORKER_THREADS` on to a proxy, to compare runtimes:
+/// `MESH_PROXY_WORKER_THREADS=2 just bench`.
+pub fn pass_worker_threads(command: &mut Command) {
+    if let Ok(threads) = std::env::var("MESH_PROXY_WORKER_THREADS") {
+        command.env("MESH_PROXY_WORKER_THREADS", threads);
+    }
 }
 
 /// Starts the controller (with its identity CA) and both meshes (plaintext and mutual TLS);

@@ -64,9 +64,15 @@ fn main() -> anyhow::Result<()> {
     }
     let config = Config::from_env().context("invalid proxy configuration")?;
     init_logging(&config.log_level, config.log_format)?;
-    // Two worker threads: a sidecar shares its pod's CPU and must stay small.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread runs everything on this thread: no wake-ups or work stealing between threads.
+    let mut builder = if config.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(config.worker_threads);
+        builder
+    };
+    let runtime = builder
         .enable_all()
         .build()
         .context("starting the async runtime")?;

@@ -236,13 +236,18 @@ async fn run(args: Args) -> Result<()> {
         },
     };
 
-    let failures: Vec<String> = topologies
-        .iter()
-        .chain(&netns)
-        .flat_map(|t| measure::failed_runs(&t.topology.title, &t.all_runs))
-        .collect();
-    for failure in &failures {
-        notes.push(format!("**Failed run.** {failure}."));
+    // A failed request through the mesh fails the benchmark; one of a baseline is noted only
+    // (h2load against nginx alone fails about one request in a few million).
+    let mut failures = Vec::new();
+    for t in topologies.iter().chain(&netns) {
+        for failure in measure::failed_runs(&t.topology.title, &t.all_runs) {
+            if t.topology.is_mesh() {
+                notes.push(format!("**Failed run.** {failure}."));
+                failures.push(failure);
+            } else {
+                notes.push(format!("A baseline failed requests: {failure}."));
+            }
+        }
     }
     let report = Report {
         machine,
@@ -268,7 +273,7 @@ async fn run(args: Args) -> Result<()> {
     ));
     if !failures.is_empty() {
         bail!(
-            "{} runs had failed requests (each is noted in {}):\n{}",
+            "{} runs through the mesh had failed requests (each is noted in {}):\n{}",
             failures.len(),
             md.display(),
             failures.join("\n")

@@ -115,6 +115,8 @@ pub struct TopologyResult {
     pub topology: Topology,
     /// VmRSS per watched process before any traffic, KiB.
     pub rss_idle_kib: Vec<u64>,
+    /// Of it, RssAnon (not the binary's and libraries' shared pages), KiB.
+    pub anon_idle_kib: Vec<u64>,
     /// The run of each kind kept for the report: of its rounds, the one during which other
     /// processes used the least CPU.
     pub runs: Vec<Run>,
@@ -303,16 +305,20 @@ pub async fn measure_all(
 ) -> Result<Vec<TopologyResult>> {
     let mut results: Vec<TopologyResult> = topologies
         .iter()
-        .map(|topology| TopologyResult {
-            rss_idle_kib: topology
+        .map(|topology| {
+            let idle: Vec<procfs::Memory> = topology
                 .watched
                 .iter()
-                .map(|w| procfs::memory(w.pid).map(|m| m.rss_kib).unwrap_or(0))
-                .collect(),
-            topology: topology.clone(),
-            runs: Vec::new(),
-            all_runs: Vec::new(),
-            idle: None,
+                .map(|w| procfs::memory(w.pid).unwrap_or_default())
+                .collect();
+            TopologyResult {
+                rss_idle_kib: idle.iter().map(|m| m.rss_kib).collect(),
+                anon_idle_kib: idle.iter().map(|m| m.anon_kib).collect(),
+                topology: topology.clone(),
+                runs: Vec::new(),
+                all_runs: Vec::new(),
+                idle: None,
+            }
         })
         .collect();
     for topology in topologies {
@@ -362,7 +368,7 @@ pub async fn measure_all(
 }
 
 /// Every run, of every round, in which a request failed: one line each, naming the topology,
-/// the run and the count. Any is a defect of what is measured, so the benchmark fails on it
+/// the run and the count. Through the mesh any is a defect, so the benchmark fails on it
 /// (after writing its figures) rather than reporting a throughput that hides failures.
 pub fn failed_runs(title: &str, runs: &[Run]) -> Vec<String> {
     runs.iter()

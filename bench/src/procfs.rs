@@ -60,9 +60,12 @@ pub struct Memory {
     pub rss_kib: u64,
     /// VmHWM: the peak resident set since start.
     pub peak_kib: u64,
+    /// RssAnon: the resident set less the mapped files (the binary and libraries, whose pages
+    /// every process of the same image shares): what the process itself allocated.
+    pub anon_kib: u64,
 }
 
-/// Parses the `VmRSS` and `VmHWM` lines of `/proc/<pid>/status`.
+/// Parses the `VmRSS`, `VmHWM` and `RssAnon` lines of `/proc/<pid>/status`.
 pub fn parse_status(text: &str) -> Result<Memory> {
     let value = |key: &str| -> Result<u64> {
         let line = text
@@ -79,6 +82,7 @@ pub fn parse_status(text: &str) -> Result<Memory> {
     Ok(Memory {
         rss_kib: value("VmRSS:")?,
         peak_kib: value("VmHWM:")?,
+        anon_kib: value("RssAnon:")?,
     })
 }
 
@@ -192,12 +196,14 @@ mod tests {
 
     #[test]
     fn status_memory_lines() {
-        let text = "Name:\tmesh-proxy\nVmHWM:\t   12000 kB\nVmRSS:\t    8000 kB\n";
+        let text = "Name:\tmesh-proxy\nVmHWM:\t   12000 kB\nVmRSS:\t    8000 kB\n\
+                    RssAnon:\t    1500 kB\nRssFile:\t    6500 kB\n";
         assert_eq!(
             parse_status(text).expect("parses"),
             Memory {
                 rss_kib: 8000,
-                peak_kib: 12000
+                peak_kib: 12000,
+                anon_kib: 1500,
             }
         );
         assert!(parse_status("Name:\tx\n").is_err());

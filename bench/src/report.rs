@@ -293,6 +293,15 @@ impl Report {
             idle_theirs.map_or("–".into(), mib),
             yes_no(idle_ours < 10 * 1024)
         );
+        let anon_ours = max_of(&mesh.anon_idle_kib);
+        let anon_theirs = haproxy.map(|h| max_of(&h.anon_idle_kib));
+        let _ = writeln!(
+            md,
+            "| of which the process's own (RssAnon; the rest is its binary's and libraries' \
+             pages, shared by every proxy of the same image) | {} | {} | | |",
+            mib(anon_ours),
+            anon_theirs.map_or("–".into(), mib),
+        );
         let load_ours = mesh
             .runs
             .iter()

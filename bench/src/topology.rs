@@ -56,6 +56,14 @@ pub struct Topology {
     pub watched: Vec<Watched>,
 }
 
+impl Topology {
+    /// Whether mesh proxies carry its requests (`mesh`, `mesh-mtls`, `netns-mesh-mtls`), rather
+    /// than a baseline (the direct path, HAProxy).
+    pub fn is_mesh(&self) -> bool {
+        self.key.contains("mesh")
+    }
+}
+
 /// Where the binaries under test are.
 #[derive(Debug, Clone)]
 pub struct Binaries {

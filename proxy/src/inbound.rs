@@ -66,7 +66,9 @@ async fn connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             };
             serve_app_port(stream, arrival, peer, ctx).await;
         }
-        None => direct(stream, peer, ctx).await,
+        // Boxed: mesh TLS makes this path's state several KiB, which every captured
+        // connection's task would otherwise reserve too.
+        None => Box::pin(direct(stream, peer, ctx)).await,
     }
 }
 
@@ -205,8 +207,9 @@ async fn serve_app_port<I>(mut io: I, arrival: Arrival, peer: SocketAddr, ctx: A
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Rare paths boxed, so that an HTTP connection's task does not reserve room for them.
     if let Some(listener) = ctx.own_ports.name_of(arrival.port) {
-        return refuse_own_port(io, arrival, listener, peer, ctx).await;
+        return Box::pin(refuse_own_port(io, arrival, listener, peer, ctx)).await;
     }
     let app = SocketAddr::new(ctx.config.inbound_app_ip, arrival.port);
     let authority = Label::from(arrival.name.unwrap_or_else(|| app.to_string()));
@@ -230,7 +233,7 @@ where
     };
     if arrival.opaque {
         if admit_connection(&policy, &client, &ctx.metrics, &labels) {
-            forward_tcp(io, app, &ctx, &labels).await;
+            Box::pin(forward_tcp(io, app, &ctx, &labels)).await;
         }
         return;
     }
@@ -260,7 +263,7 @@ where
         }
         Protocol::Tls | Protocol::Opaque => {
             if admit_connection(&policy, &client, &ctx.metrics, &labels) {
-                forward_tcp(io, app, &ctx, &labels).await;
+                Box::pin(forward_tcp(io, app, &ctx, &labels)).await;
             }
         }
     }

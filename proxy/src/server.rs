@@ -58,8 +58,9 @@ where
         builder
             .timer(TokioTimer::new())
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
-        let connection = builder.serve_connection(io, service);
-        tokio::pin!(connection);
+        // Boxed: an HTTP/2 connection's state is large (1.7 KiB), and every idle HTTP/1
+        // connection's task would otherwise reserve room for it too.
+        let mut connection = Box::pin(builder.serve_connection(io, service));
         tokio::select! {
             result = connection.as_mut() => result,
             () = drain.cancelled() => {

@@ -61,7 +61,9 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) 
     if let Some(dst) = orig_dst
         && ctx.config.opaque_ports.contains(&dst.port())
     {
-        return forward_tcp(stream, TargetKey::Addr(dst), &ctx).await;
+        // Forwarding's state (discovery, dial, TLS, copy) is boxed wherever it is awaited, so
+        // that an HTTP connection's task does not reserve room for it: 6.8 -> 1.8 KiB a task.
+        return Box::pin(forward_tcp(stream, TargetKey::Addr(dst), &ctx)).await;
     }
     let (protocol, prefix) = match detect::detect(&mut stream, ctx.config.detect_timeout).await {
         Ok(detected) => detected,
@@ -77,7 +79,7 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) 
             server::serve_http(io, protocol, service, ctx.http_server("outbound")).await;
         }
         (Protocol::Tls | Protocol::Opaque, Some(dst)) => {
-            forward_tcp(io, TargetKey::Addr(dst), &ctx).await;
+            Box::pin(forward_tcp(io, TargetKey::Addr(dst), &ctx)).await;
         }
         (Protocol::Tls | Protocol::Opaque, None) => {
             ctx.metrics.proxy_error(Direction::Outbound, "no target");

@@ -6,7 +6,6 @@
 //! that changed are rebuilt, and an endpoint set that did not change keeps its `Arc`, so a
 //! stream whose target is untouched sees the same pointer and does no work.
 
-use std::cell::OnceCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -21,6 +20,9 @@ use crate::meta::{self, MeshedPod, MeshedRule, PortSet};
 use crate::objects::{Kind, Object, ObjectKey};
 use crate::policy::{PolicyInputs, PolicyStore};
 use crate::target::Target;
+
+mod labels;
+use labels::PodLabels;
 
 /// How the index derives endpoints; differs between backends.
 #[derive(Debug, Clone)]
@@ -234,6 +236,8 @@ pub struct Index {
     dirty_since: Option<Instant>,
     /// Where each pod's view sits in the snapshot's pod-IP map.
     pod_ips: HashMap<ObjectKey, IpAddr>,
+    /// The pods carrying each label, for selectors.
+    pod_labels: PodLabels,
     tx: watch::Sender<Arc<Snapshot>>,
     /// The raw objects policy reads, published with each snapshot (see `policy::store`).
     policy: PolicyStore,
@@ -257,6 +261,7 @@ impl Index {
             dirty: BTreeMap::new(),
             dirty_since: None,
             pod_ips: HashMap::new(),
+            pod_labels: PodLabels::default(),
             tx,
             policy: PolicyStore::new(),
         };
@@ -286,6 +291,10 @@ impl Index {
     /// affect. Called with the index already holding `new`.
     fn mark(&mut self, kind: Kind, key: &ObjectKey, old: Option<&Object>, new: Option<&Object>) {
         self.dirty_since.get_or_insert_with(Instant::now);
+        if kind == Kind::Pod {
+            self.pod_labels
+                .update(key, pod_labels(old), pod_labels(new));
+        }
         let namespace = if kind == Kind::Namespace {
             key.name.clone()
         } else {
@@ -601,7 +610,7 @@ struct NamespaceCtx<'a> {
     namespace: Option<&'a Namespace>,
     pods: Option<&'a BTreeMap<ObjectKey, Object>>,
     slices: HashMap<&'a str, Vec<&'a EndpointSlice>>,
-    pods_by_label: OnceCell<HashMap<(&'a str, &'a str), Vec<&'a Pod>>>,
+    pod_labels: &'a PodLabels,
     options: &'a IndexOptions,
 }
 
@@ -636,7 +645,7 @@ impl<'a> NamespaceCtx<'a> {
             namespace,
             pods: index.objects.get(&Kind::Pod),
             slices,
-            pods_by_label: OnceCell::new(),
+            pod_labels: &index.pod_labels,
             options: &index.options,
         }
     }
@@ -649,47 +658,18 @@ impl<'a> NamespaceCtx<'a> {
         }
     }
 
-    /// The pods a selector picks, in name order: candidates come from the shortest list of
-    /// pods carrying one of the selector's labels, so a namespace of many Services and pods
-    /// costs about the number of matching pods, not Services x pods.
+    /// The pods a selector picks, in name order; costs about the number of pods carrying the
+    /// selector's rarest label, not the namespace's pods.
     fn selected_pods(&self, selector: &BTreeMap<String, String>) -> Vec<&'a Pod> {
         if selector.is_empty() {
             return Vec::new();
         }
-        let by_label = self.pods_by_label.get_or_init(|| {
-            let mut by_label: HashMap<(&str, &str), Vec<&Pod>> = HashMap::new();
-            let start = ObjectKey::new(self.name, "");
-            let pods = self
-                .pods
-                .into_iter()
-                .flat_map(|m| m.range(start.clone()..))
-                .take_while(|(k, _)| k.namespace == self.name);
-            for (_, object) in pods {
-                if let Object::Pod(pod) = object {
-                    for (k, v) in pod.metadata.labels.iter().flatten() {
-                        by_label
-                            .entry((k.as_str(), v.as_str()))
-                            .or_default()
-                            .push(pod.as_ref());
-                    }
-                }
-            }
-            by_label
-        });
-        let shortest = selector
-            .iter()
-            .map(|(k, v)| {
-                by_label
-                    .get(&(k.as_str(), v.as_str()))
-                    .map(Vec::as_slice)
-                    .unwrap_or_default()
-            })
-            .min_by_key(|pods| pods.len())
-            .unwrap_or_default();
-        shortest
-            .iter()
+        self.pod_labels
+            .candidates(self.name, selector)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.pod(name))
             .filter(|pod| meta::selector_matches(selector, pod.metadata.labels.as_ref()))
-            .copied()
             .collect()
     }
 

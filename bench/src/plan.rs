@@ -65,9 +65,9 @@ impl Plan {
             h2: Some((8, 8, Duration::from_secs(6))),
             idle_connections: 10_000,
             scale: Some(ScalePlan {
-                services: 1_000,
-                endpoints: 10,
-                streams: 2_000,
+                services: 5_000,
+                endpoints: 20,
+                streams: 10_000,
                 streams_per_connection: 10,
                 edits: 100,
                 edit_interval: Duration::from_millis(150),

@@ -422,12 +422,24 @@ pub(crate) async fn run(
 /// How long a burst of filesystem events may take before the folder is scanned.
 const EVENT_SETTLE: Duration = Duration::from_millis(5);
 
+/// Whether a filesystem event can mean a file changed. Opening or reading one cannot, and
+/// the scan itself opens the folder and the files it rereads: counting those woke the scan
+/// again at once, forever (0.9 cores at 5,000 files, with nothing changing).
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
 /// Watches `dir` (recursively) and sends on `wake` when anything under it changes; the
 /// channel holds one wake-up, so a burst of events costs one scan. `None` (logged) when the
 /// filesystem gives no events, e.g. out of inotify watches.
 fn watch_folder(dir: &Path, wake: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
     let on_event = move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        if event.is_ok_and(|event| is_change(&event.kind)) {
             let _ = wake.try_send(());
         }
     };
@@ -447,6 +459,27 @@ fn watch_folder(dir: &Path, wake: mpsc::Sender<()>) -> Option<notify::Recommende
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_events_that_can_change_a_file_wake_the_scan() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, RemoveKind, RenameMode,
+        };
+        let cases = [
+            (EventKind::Access(AccessKind::Open(AccessMode::Any)), false),
+            (EventKind::Access(AccessKind::Close(AccessMode::Read)), false),
+            (EventKind::Access(AccessKind::Read), false),
+            (EventKind::Access(AccessKind::Close(AccessMode::Write)), true),
+            (EventKind::Create(CreateKind::File), true),
+            (EventKind::Modify(ModifyKind::Name(RenameMode::To)), true),
+            (EventKind::Modify(ModifyKind::Any), true),
+            (EventKind::Remove(RemoveKind::File), true),
+            (EventKind::Any, true),
+        ];
+        for (kind, want) in cases {
+            assert_eq!(is_change(&kind), want, "{kind:?}");
+        }
+    }
 
     #[test]
     fn documents_parse_into_objects_or_name_what_is_wrong() {
@@ -612,11 +645,22 @@ mod tests {
         std::fs::remove_file(dir.join("b.yaml")).expect("remove b.yaml");
         let outcome = folder.rescan();
         let web = (Kind::Service, ObjectKey::new("shop", "web"));
-        assert_eq!(outcome.touched, BTreeSet::from([web.clone()]), "c.yaml is not touched");
+        assert_eq!(
+            outcome.touched,
+            BTreeSet::from([web.clone()]),
+            "c.yaml is not touched"
+        );
         folder.update(&mut index, &outcome.touched);
-        assert_eq!(ports(&mut index), Some(vec![80]), "back to a.yaml's definition");
+        assert_eq!(
+            ports(&mut index),
+            Some(vec![80]),
+            "back to a.yaml's definition"
+        );
 
-        write(&dir.join("a.yaml"), &other.replace("name: api", "name: cart"));
+        write(
+            &dir.join("a.yaml"),
+            &other.replace("name: api", "name: cart"),
+        );
         let outcome = folder.rescan();
         folder.update(&mut index, &outcome.touched);
         assert_eq!(ports(&mut index), None, "web is defined nowhere now");

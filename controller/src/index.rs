@@ -110,9 +110,11 @@ pub struct Snapshot {
     pub changed_at: Instant,
     /// Number of objects of each kind.
     pub counts: BTreeMap<Kind, usize>,
-    services: HashMap<ObjectKey, Arc<ServiceView>>,
-    cluster_ips: HashMap<IpAddr, ObjectKey>,
-    pods: HashMap<IpAddr, Arc<PodView>>,
+    // Persistent maps: each publish starts from the previous snapshot's, and a clone shares
+    // them instead of copying 100,000 pods for one that changed.
+    services: imbl::HashMap<ObjectKey, Arc<ServiceView>>,
+    cluster_ips: imbl::HashMap<IpAddr, ObjectKey>,
+    pods: imbl::HashMap<IpAddr, Arc<PodView>>,
 }
 
 impl Default for Snapshot {
@@ -121,9 +123,9 @@ impl Default for Snapshot {
             version: 0,
             changed_at: Instant::now(),
             counts: Kind::ALL.iter().map(|k| (*k, 0)).collect(),
-            services: HashMap::new(),
-            cluster_ips: HashMap::new(),
-            pods: HashMap::new(),
+            services: imbl::HashMap::new(),
+            cluster_ips: imbl::HashMap::new(),
+            pods: imbl::HashMap::new(),
         }
     }
 }

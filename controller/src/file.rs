@@ -467,9 +467,15 @@ mod tests {
         };
         let cases = [
             (EventKind::Access(AccessKind::Open(AccessMode::Any)), false),
-            (EventKind::Access(AccessKind::Close(AccessMode::Read)), false),
+            (
+                EventKind::Access(AccessKind::Close(AccessMode::Read)),
+                false,
+            ),
             (EventKind::Access(AccessKind::Read), false),
-            (EventKind::Access(AccessKind::Close(AccessMode::Write)), true),
+            (
+                EventKind::Access(AccessKind::Close(AccessMode::Write)),
+                true,
+            ),
             (EventKind::Create(CreateKind::File), true),
             (EventKind::Modify(ModifyKind::Name(RenameMode::To)), true),
             (EventKind::Modify(ModifyKind::Any), true),

@@ -27,7 +27,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Service};
+
+use crate::pod::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -212,13 +214,16 @@ where
     }
 }
 
-/// Objects from the API server, minus what discovery never reads (managed fields are often
-/// most of an object's size).
+/// Objects from the API server, minus what discovery never reads (managed fields and kubectl's
+/// copy of the last applied object are often most of an object's size).
 macro_rules! from_watched {
     ($($kind:ident),*) => {$(
         impl From<$kind> for Object {
             fn from(mut object: $kind) -> Self {
                 object.metadata.managed_fields = None;
+                if let Some(annotations) = object.metadata.annotations.as_mut() {
+                    annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+                }
                 Object::$kind(Arc::new(object))
             }
         }

@@ -24,6 +24,7 @@ pub mod kubernetes;
 pub mod meta;
 pub mod metrics;
 pub mod objects;
+pub mod pod;
 pub mod policy;
 pub mod stats;
 pub mod tap;

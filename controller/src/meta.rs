@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServicePort};
+use k8s_openapi::api::core::v1::{Namespace, ServicePort};
+
+use crate::pod::Pod;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 /// The name of the injected proxy container.

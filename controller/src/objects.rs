@@ -4,7 +4,9 @@
 use std::fmt;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
+
+use crate::pod::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::policy::kinds::PolicyObject;

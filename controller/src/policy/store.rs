@@ -13,7 +13,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
+
+use crate::pod::Pod;
 use tokio::sync::watch;
 
 use super::crds::{
@@ -127,11 +129,7 @@ impl NamespaceObjects {
 
     /// Whether storing `object` (or removing, for `None`) under `name` would change anything.
     fn differs(&self, kind: Kind, name: &str, object: Option<&Object>) -> bool {
-        fn differs<T: PartialEq>(
-            map: &ByName<T>,
-            name: &str,
-            value: Option<&Arc<T>>,
-        ) -> bool {
+        fn differs<T: PartialEq>(map: &ByName<T>, name: &str, value: Option<&Arc<T>>) -> bool {
             match (map.get(name), value) {
                 (Some(old), Some(new)) => !(Arc::ptr_eq(old, new) || old == new),
                 (None, None) => false,

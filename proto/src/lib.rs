@@ -7,6 +7,8 @@
 
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
 
+pub mod codec;
+
 /// Generated code, one module per protobuf package.
 pub mod mesh {
     pub mod common {

@@ -206,11 +206,6 @@ async fn run(args: Args) -> Result<()> {
         notes.push("Scenario 6 (network namespaces and iptables) skipped: it needs root.".into());
         false
     };
-    if std::env::var("HACK_SCALE_ONLY").is_ok() {
-        let r = controller_scale(plan.scale.as_ref().unwrap(), &binaries, &dir).await?;
-        println!("{}", serde_json::to_string_pretty(&r)?);
-        return Ok(());
-    }
     let result = measure_topologies(&plan, &binaries, &dir, &mut notes, args.hold, netns).await;
     let (topologies, netns) = match result {
         Ok(t) => t,

@@ -501,6 +501,17 @@ fn proxy_container(
             settings.default_inbound_policy.as_str(),
         ),
     ]);
+    // The proxy runs one thread unless it may use more cores: as with Linkerd and Istio, a
+    // CPU limit of N cores gives it N threads (rounded up).
+    if let Some(threads) = settings
+        .resources
+        .cpu
+        .limit
+        .as_deref()
+        .and_then(worker_threads)
+    {
+        env.push(value_env("MESH_PROXY_WORKER_THREADS", &threads.to_string()));
+    }
     // A classic sidecar in a pod that runs to completion (a Job's) must exit when the app
     // has, or the pod never completes; the kubelet stops native sidecars itself.
     let runs_to_completion = matches!(spec.restart_policy.as_deref(), Some("Never" | "OnFailure"));
@@ -688,6 +699,21 @@ fn identity_cache_volume() -> Volume {
         }),
         ..Volume::default()
     }
+}
+
+/// Most threads a CPU limit gives the proxy.
+const MAX_WORKER_THREADS: f64 = 64.0;
+
+/// The proxy's worker threads under a CPU limit (a quantity, already validated): the cores it
+/// may use, rounded up; `None` for one (the proxy's default) or an unreadable limit.
+fn worker_threads(cpu_limit: &str) -> Option<u32> {
+    let cores = annotations::parse_quantity(cpu_limit.trim())?;
+    if !cores.is_finite() {
+        return None;
+    }
+    // Within 1..=64 by the clamp, so the cast is exact.
+    let threads = cores.ceil().clamp(1.0, MAX_WORKER_THREADS) as u32;
+    (threads > 1).then_some(threads)
 }
 
 fn value_env(name: &str, value: &str) -> EnvVar {

@@ -598,7 +598,7 @@ const SKIP_PORTS_FOR_TEST: &str = annotations::SKIP_INBOUND_PORTS;
 #[test]
 fn each_annotation_takes_effect() {
     type Check = fn(&Pod);
-    let cases: [(&str, &str, Check); 21] = [
+    let cases: [(&str, &str, Check); 22] = [
         (annotations::SKIP_INBOUND_PORTS, " 22, 8000-8010 ", |pod| {
             assert!(init_args(pod).contains(&"--skip-inbound-ports=22,8000-8010".to_owned()))
         }),
@@ -638,7 +638,16 @@ fn each_annotation_takes_effect() {
             assert_eq!(quantity(pod, "requests", "cpu").as_deref(), Some("250m"))
         }),
         (annotations::PROXY_CPU_LIMIT, "1", |pod| {
-            assert_eq!(quantity(pod, "limits", "cpu").as_deref(), Some("1"))
+            assert_eq!(quantity(pod, "limits", "cpu").as_deref(), Some("1"));
+            assert_eq!(
+                env(pod, "MESH_PROXY_WORKER_THREADS"),
+                None,
+                "one core, one thread"
+            );
+        }),
+        (annotations::PROXY_CPU_LIMIT, "2500m", |pod| {
+            assert_eq!(quantity(pod, "limits", "cpu").as_deref(), Some("2500m"));
+            assert_eq!(env(pod, "MESH_PROXY_WORKER_THREADS").as_deref(), Some("3"));
         }),
         (annotations::PROXY_MEMORY_REQUEST, "64Mi", |pod| {
             assert_eq!(quantity(pod, "requests", "memory").as_deref(), Some("64Mi"))
@@ -1057,5 +1066,21 @@ fn a_classic_sidecar_in_a_pod_that_runs_to_completion_exits_with_its_app() {
             exits.then_some("true"),
             "{policy:?} native={native_sidecars}"
         );
+    }
+}
+
+#[test]
+fn a_cpu_limit_gives_the_proxy_a_thread_per_core() {
+    let cases = [
+        ("500m", None),
+        ("1", None),
+        ("1001m", Some(2)),
+        ("2", Some(2)),
+        ("2.5", Some(3)),
+        ("1e3", Some(64)),
+        ("lots", None),
+    ];
+    for (limit, want) in cases {
+        assert_eq!(worker_threads(limit), want, "{limit}");
     }
 }

@@ -230,7 +230,13 @@ macro_rules! from_watched {
     )*};
 }
 
-from_watched!(Namespace, Service, EndpointSlice, Pod);
+from_watched!(Namespace, Service, EndpointSlice);
+
+impl From<Pod> for Object {
+    fn from(pod: Pod) -> Self {
+        Object::Pod(Arc::new(pod.trimmed()))
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -284,7 +284,11 @@ impl Object {
             ("v1", "Service") => {
                 Object::Service(Arc::new(serde_json::from_value(value).map_err(wrap)?))
             }
-            ("v1", "Pod") => Object::Pod(Arc::new(serde_json::from_value(value).map_err(wrap)?)),
+            ("v1", "Pod") => Object::Pod(Arc::new(
+                serde_json::from_value::<Pod>(value)
+                    .map_err(wrap)?
+                    .trimmed(),
+            )),
             ("v1", "ServiceAccount") => {
                 Object::ServiceAccount(Arc::new(serde_json::from_value(value).map_err(wrap)?))
             }

@@ -110,6 +110,28 @@ pub struct ContainerStateTerminated {
     pub exit_code: i32,
 }
 
+impl Pod {
+    /// The pod without what the controller never reads and need not hold: managed fields,
+    /// and annotations outside the mesh's own (`*mesh.dev/...`), which in a cluster are often
+    /// most of a pod's metadata (tooling, checksums, monitoring).
+    pub fn trimmed(mut self) -> Self {
+        self.metadata.managed_fields = None;
+        if let Some(annotations) = self.metadata.annotations.as_mut() {
+            annotations.retain(|key, _| is_mesh_annotation(key));
+            if annotations.is_empty() {
+                self.metadata.annotations = None;
+            }
+        }
+        self
+    }
+}
+
+/// Whether an annotation is one of the mesh's: its prefix is `mesh.dev` or a subdomain of it.
+fn is_mesh_annotation(key: &str) -> bool {
+    key.split_once('/')
+        .is_some_and(|(prefix, _)| prefix == "mesh.dev" || prefix.ends_with(".mesh.dev"))
+}
+
 impl k8s_openapi::Resource for Pod {
     const API_VERSION: &'static str = "v1";
     const GROUP: &'static str = "";
@@ -195,6 +217,39 @@ mod tests {
             .and_then(|s| s.terminated.as_ref())
             .map(|t| t.exit_code);
         assert_eq!(terminated, Some(3));
+    }
+
+    #[test]
+    fn trimming_keeps_only_the_mesh_annotations() {
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "a", "annotations": {
+            "mesh.dev/inject": "enabled",
+            "config.mesh.dev/opaque-ports": "5432",
+            "retry.mesh.dev/http": "5xx",
+            "prometheus.io/scrape": "true",
+            "checksum/config": "abc",
+            "notmesh.dev/x": "y",
+            "kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z"
+        }}}))
+        .expect("a pod reads");
+        let kept: Vec<String> = pod
+            .trimmed()
+            .metadata
+            .annotations
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                "config.mesh.dev/opaque-ports",
+                "mesh.dev/inject",
+                "retry.mesh.dev/http"
+            ]
+        );
+        let plain: Pod = serde_json::from_value(json!({"metadata": {"annotations": {"a/b": "c"}}}))
+            .expect("a pod reads");
+        assert_eq!(plain.trimmed().metadata.annotations, None);
     }
 
     #[test]

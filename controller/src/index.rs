@@ -12,14 +12,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use k8s_openapi::api::core::v1::{Namespace, Service, ServicePort};
-
-use crate::pod::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::sync::watch;
 
 use crate::endpoints::{EndpointInfo, EndpointSet, PodMeta, TargetState};
 use crate::meta::{self, MeshedPod, MeshedRule, PortSet};
 use crate::objects::{Kind, Object, ObjectKey};
+use crate::pod::Pod;
 use crate::policy::{PolicyInputs, PolicyStore};
 use crate::target::Target;
 

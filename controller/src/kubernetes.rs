@@ -28,8 +28,6 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Service};
-
-use crate::pod::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -41,6 +39,7 @@ use crate::Health;
 use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::objects::{Kind, Object};
+use crate::pod::Pod;
 
 /// The kinds watched; the backend is synced once each has listed once.
 const WATCHED: [Kind; 4] = [

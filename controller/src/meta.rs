@@ -7,9 +7,9 @@ use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
 use k8s_openapi::api::core::v1::{Namespace, ServicePort};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::pod::Pod;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 /// The name of the injected proxy container.
 pub const PROXY_CONTAINER: &str = "mesh-proxy";

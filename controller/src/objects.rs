@@ -5,10 +5,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
-
-use crate::pod::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use crate::pod::Pod;
 use crate::policy::kinds::PolicyObject;
 
 /// The namespace of a namespaced object that names none, as `kubectl apply` assumes.

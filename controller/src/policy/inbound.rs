@@ -11,11 +11,6 @@
 //!
 //! Everything here is pure and deterministic; the gRPC server (`policy::server`) streams it.
 
-use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
-
-use crate::pod::Pod;
 use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -24,6 +19,9 @@ use mesh_proto::policy::{
     Authentication, Authorization, InboundRoute, InboundServer, Network, Protocol, RateLimit,
     authentication, inbound_server, path_match, rate_limit,
 };
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
 
 use super::crds::{self, AuthorizationPolicy, ObjectRef, ProxyProtocol, Server};
 use super::outbound::{self, Problem};
@@ -31,6 +29,7 @@ use super::store::{NamespaceObjects, PolicyInputs};
 use super::{gateway, routes};
 use crate::meta;
 use crate::objects::{Kind, ObjectKey};
+use crate::pod::Pod;
 
 /// The pod or namespace annotation naming the default inbound policy.
 pub const DEFAULT_POLICY_ANNOTATION: &str = "config.mesh.dev/default-inbound-policy";

@@ -14,8 +14,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
-
-use crate::pod::Pod;
 use tokio::sync::watch;
 
 use super::crds::{
@@ -25,6 +23,7 @@ use super::crds::{
 use super::gateway::{GRPCRoute, HTTPRoute};
 use super::kinds::PolicyObject;
 use crate::objects::{Kind, Object, ObjectKey};
+use crate::pod::Pod;
 
 /// Objects of one kind by name. A persistent map: publishing shares it with the previous
 /// snapshot, and a change copies one path of the tree, not the map (copying a namespace's

@@ -14,6 +14,8 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
+
+use crate::output::Output;
 use serde::Serialize;
 
 use crate::GlobalArgs;
@@ -23,12 +25,6 @@ use crate::kubernetes;
 
 /// The oldest Kubernetes the mesh supports.
 const MIN_MINOR: u32 = 20;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Output {
-    Table,
-    Json,
-}
 
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
@@ -84,9 +80,9 @@ pub fn run(args: CheckArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         .block_on(checks(&args, global));
     let failed = outcomes.iter().filter(|o| !o.ok).count();
     match args.output {
-        Output::Json => {
-            let report = serde_json::json!({"ok": failed == 0, "checks": outcomes});
-            println!("{}", serde_json::to_string_pretty(&report)?);
+        Output::Json | Output::Yaml => {
+            args.output
+                .print(&serde_json::json!({"ok": failed == 0, "checks": outcomes}))?;
         }
         Output::Table => {
             for outcome in &outcomes {

@@ -99,10 +99,10 @@ async fn watch(controller: &str, args: &DemoArgs) -> anyhow::Result<()> {
     eprintln!("meshctl demo: waiting for traffic through web (controller at {controller})");
     let mut client = wait_for_traffic(controller).await?;
     if !args.headless {
-        let addr = controller.to_owned();
+        let local = stat::Controller::local(controller);
         return tokio::task::spawn_blocking(move || {
             crate::dashboard::run_blocking(crate::dashboard::Options::new(
-                addr,
+                local,
                 Some(demo_app::NAMESPACE.to_owned()),
                 format!("meshctl demo — namespace {}", demo_app::NAMESPACE),
             ))
@@ -166,10 +166,11 @@ async fn watch(controller: &str, args: &DemoArgs) -> anyhow::Result<()> {
 /// Connects to the controller and waits until web has served requests, bounded.
 async fn wait_for_traffic(
     controller: &str,
-) -> anyhow::Result<mesh_proto::stats::stats_client::StatsClient<tonic::transport::Channel>> {
+) -> anyhow::Result<mesh_proto::stats::stats_client::StatsClient<stat::ControllerChannel>> {
     let deadline = Instant::now() + TRAFFIC_TIMEOUT;
+    let local = stat::Controller::local(controller);
     loop {
-        let problem = match stat::connect(controller).await {
+        let problem = match stat::connect(&local).await {
             Ok(mut client) => {
                 let selector = ResourceSelector {
                     kind: "deployment".to_owned(),
@@ -302,11 +303,13 @@ impl LocalMesh {
 
     /// The controller's gRPC address from this machine.
     fn controller(&self) -> anyhow::Result<String> {
-        stat::ControllerArgs {
+        let local = stat::ControllerArgs {
             controller: None,
             state_dir: self.state_dir.clone(),
+            token: None,
         }
-        .resolve()
+        .resolve()?;
+        Ok(local.addr)
     }
 
     /// `meshctl local down`; failures are reported, not returned (it runs on the way out).

@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use bytes::Bytes;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use http_body_util::{BodyExt as _, Full, Limited};
 use k8s_openapi::api::core::v1::Pod;
 use mesh_spiffe::report::{CertificateReport, IdentityReport, IdentityState, Timestamp, Validity};
 
 use crate::GlobalArgs;
+use crate::output::Output;
 
 /// The proxy's admin port when the pod does not name it (`mesh-admin`).
 const DEFAULT_ADMIN_PORT: u16 = 4191;
@@ -45,13 +46,6 @@ pub struct IdentityArgs {
     /// How long connecting and answering may take, e.g. `5s`.
     #[arg(long, default_value = "5s", value_parser = parse_seconds)]
     timeout: Duration,
-}
-
-/// How `meshctl identity` prints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Output {
-    Table,
-    Json,
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
@@ -140,7 +134,7 @@ pub fn run(args: IdentityArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let report = runtime.block_on(fetch(&args, global))?;
     match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Json | Output::Yaml => args.output.print(&report)?,
         Output::Table => print!("{}", render(&report, Timestamp::now())),
     }
     Ok(())

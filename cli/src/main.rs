@@ -1,7 +1,7 @@
 //! `meshctl`: the mesh's command line. Each subcommand lives in its own module; this file only
 //! parses arguments and dispatches.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 mod check;
 mod dashboard;
@@ -13,6 +13,7 @@ mod install;
 mod kubernetes;
 mod local;
 mod observability;
+mod output;
 mod stat;
 mod tap;
 
@@ -45,6 +46,12 @@ pub struct GlobalArgs {
 enum Command {
     /// Print the version of meshctl.
     Version,
+    /// Print a shell completion script: `source <(meshctl completion bash)`, or for zsh
+    /// `meshctl completion zsh > "${fpath[1]}/_meshctl"`.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Run Kubernetes YAML on this machine as local pods with the mesh (up, status, logs, down).
     Local(local::LocalArgs),
     /// Run one service of the demo app (what `meshctl demo`'s pods run).
@@ -103,9 +110,41 @@ fn main() -> anyhow::Result<()> {
         Command::Identity(args) => identity::run(args, &global),
         Command::Dashboards(args) => observability::run_dashboards(args),
         Command::PrometheusConfig(args) => observability::run_prometheus_config(args),
+        Command::Completion { shell } => {
+            completion(shell, &mut std::io::stdout());
+            Ok(())
+        }
         Command::Version => {
             println!("meshctl {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+    }
+}
+
+/// Writes `shell`'s completion script of meshctl to `out`.
+fn completion(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    clap_complete::generate(shell, &mut Cli::command(), "meshctl", out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completions_know_the_commands_and_their_flags() {
+        use clap::ValueEnum as _;
+        for shell in clap_complete::Shell::value_variants() {
+            let mut script = Vec::new();
+            completion(*shell, &mut script);
+            let script = String::from_utf8(script).expect("UTF-8");
+            for word in ["meshctl", "tap", "dashboard", "token", "kubeconfig"] {
+                assert!(script.contains(word), "{shell}: no {word:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

@@ -9,12 +9,17 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use mesh_proto::stats::stats_client::StatsClient;
 use mesh_proto::stats::{
     Denial, Edge, EdgesRequest, ResourceRef, ResourceSelector, StatsRow, SummaryRequest,
 };
 use serde_json::json;
+
+pub use crate::output::Output;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// How long connecting to the controller may take.
@@ -31,20 +36,116 @@ pub struct ControllerArgs {
     /// The local mesh's state folder (as for `meshctl local`), to find its controller.
     #[arg(long, env = "MESH_LOCAL_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// The bearer token of a Kubernetes user or ServiceAccount, for a controller on a cluster:
+    /// it serves tap and stats only to users RBAC allows (`kubectl create token NAME -n NS`
+    /// makes one). Sent to the controller named here, and nowhere else.
+    #[arg(long, env = "MESH_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    pub token: Option<String>,
 }
 
 impl ControllerArgs {
-    /// The controller's address: the flag, else the local mesh's loopback forward.
-    pub fn resolve(&self) -> anyhow::Result<String> {
-        if let Some(addr) = &self.controller {
-            return Ok(addr.clone());
-        }
-        local_controller(self.state_dir.as_deref())
+    /// The controller: the flag's address, else the local mesh's loopback forward.
+    pub fn resolve(&self) -> anyhow::Result<Controller> {
+        let addr = match &self.controller {
+            Some(addr) => addr.clone(),
+            None => local_controller(self.state_dir.as_deref())?,
+        };
+        let token = match self.token.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(token) => Some(
+                format!("Bearer {token}")
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--token is not printable ASCII"))?,
+            ),
+        };
+        Ok(Controller { addr, token })
     }
 
     /// A Stats client for the controller.
-    pub async fn connect(&self) -> anyhow::Result<StatsClient<Channel>> {
+    pub async fn connect(&self) -> anyhow::Result<StatsClient<ControllerChannel>> {
         connect(&self.resolve()?).await
+    }
+}
+
+/// The controller to ask, and the credentials to show it.
+#[derive(Clone)]
+pub struct Controller {
+    /// Its gRPC address (`HOST:PORT` or a URL).
+    pub addr: String,
+    token: Option<MetadataValue<Ascii>>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        f.debug_struct("Controller")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl std::fmt::Display for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.addr)
+    }
+}
+
+impl Controller {
+    /// A controller that needs no credentials (a local mesh's).
+    pub fn local(addr: impl Into<String>) -> Self {
+        Controller {
+            addr: addr.into(),
+            token: None,
+        }
+    }
+
+    /// A channel to it that shows the credentials with every call.
+    pub async fn channel(
+        &self,
+        call_timeout: Option<Duration>,
+    ) -> anyhow::Result<ControllerChannel> {
+        let addr = &self.addr;
+        let url = if addr.contains("://") {
+            addr.clone()
+        } else {
+            format!("http://{addr}")
+        };
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
+            .with_context(|| format!("{addr:?} is not HOST:PORT"))?
+            .connect_timeout(CONNECT_TIMEOUT);
+        if let Some(timeout) = call_timeout {
+            endpoint = endpoint.timeout(timeout);
+        }
+        let channel = endpoint
+            .connect()
+            .await
+            .with_context(|| format!("connecting to the controller at {url}"))?;
+        Ok(InterceptedService::new(
+            channel,
+            Credentials(self.token.clone()),
+        ))
+    }
+}
+
+/// A channel to the controller that sends the user's bearer token, when there is one.
+pub type ControllerChannel = InterceptedService<Channel, Credentials>;
+
+/// Adds `authorization: Bearer ...` to every call.
+#[derive(Clone)]
+pub struct Credentials(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Credentials {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        Ok(request)
     }
 }
 
@@ -84,27 +185,16 @@ pub fn controller_from_state(state: &serde_json::Value) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Connects to the controller's Stats API at `addr` (`HOST:PORT` or a URL).
-pub async fn connect(addr: &str) -> anyhow::Result<StatsClient<Channel>> {
-    let url = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let endpoint = tonic::transport::Endpoint::from_shared(url.clone())
-        .with_context(|| format!("{addr:?} is not HOST:PORT"))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(CALL_TIMEOUT);
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("connecting to the controller at {url}"))?;
-    Ok(StatsClient::new(channel))
+/// Connects to the controller's Stats API.
+pub async fn connect(controller: &Controller) -> anyhow::Result<StatsClient<ControllerChannel>> {
+    Ok(StatsClient::new(
+        controller.channel(Some(CALL_TIMEOUT)).await?,
+    ))
 }
 
 /// A `Stats.Summary` call.
 pub async fn summary(
-    client: &mut StatsClient<Channel>,
+    client: &mut StatsClient<ControllerChannel>,
     selector: ResourceSelector,
     window: Duration,
     from: Option<ResourceRef>,
@@ -123,7 +213,7 @@ pub async fn summary(
 
 /// A `Stats.Edges` call: the edges and the policy denials.
 pub async fn edges(
-    client: &mut StatsClient<Channel>,
+    client: &mut StatsClient<ControllerChannel>,
     selector: ResourceSelector,
     window: Duration,
 ) -> anyhow::Result<(Vec<Edge>, Vec<Denial>)> {
@@ -137,13 +227,6 @@ pub async fn edges(
         .map_err(|status| anyhow::anyhow!("Stats.Edges: {}", status.message()))?
         .into_inner();
     Ok((response.edges, response.denials))
-}
-
-/// How results print.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    Table,
-    Json,
 }
 
 /// `meshctl stat`.
@@ -231,10 +314,9 @@ pub fn run_stat(args: StatArgs, namespace: Option<&str>) -> anyhow::Result<()> {
         summary(&mut client, selector, args.window, from).await
     })?;
     match args.output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&rows.iter().map(row_json).collect::<Vec<_>>())?
-        ),
+        Output::Json | Output::Yaml => args
+            .output
+            .print(&rows.iter().map(row_json).collect::<Vec<_>>())?,
         Output::Table if rows.is_empty() => {
             eprintln!(
                 "no {kind} with that name{}",
@@ -262,13 +344,10 @@ pub fn run_edges(args: EdgesArgs, namespace: Option<&str>) -> anyhow::Result<()>
         edges(&mut client, selector, args.window).await
     })?;
     match args.output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
-                "edges": edge_list.iter().map(edge_json).collect::<Vec<_>>(),
-                "denials": denials.iter().map(denial_json).collect::<Vec<_>>(),
-            }))?
-        ),
+        Output::Json | Output::Yaml => args.output.print(&json!({
+            "edges": edge_list.iter().map(edge_json).collect::<Vec<_>>(),
+            "denials": denials.iter().map(denial_json).collect::<Vec<_>>(),
+        }))?,
         Output::Table => {
             if edge_list.is_empty() {
                 eprintln!("no traffic between workloads in the last {:?}", args.window);

@@ -17,12 +17,10 @@ use mesh_proto::tap::tap_client::TapClient;
 use mesh_proto::tap::tap_event::Event;
 use mesh_proto::tap::{Direction, ObserveRequest, TapEvent, TapMatch};
 use serde_json::json;
-use tonic::transport::Channel;
 
-use crate::stat::{self, ControllerArgs, Output};
+use crate::output::Output;
+use crate::stat::{self, Controller, ControllerArgs, ControllerChannel};
 
-/// How long connecting to the controller may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Requests a `top` asks for: it wants a picture, not a few lines.
 const TOP_REQUESTS: u32 = 10_000;
 /// How often `top` redraws on a terminal.
@@ -396,26 +394,15 @@ impl TopTable {
     }
 }
 
-/// Connects to the controller's Tap API at `addr`. No call timeout: a tap streams for as
-/// long as the controller allows.
-pub async fn connect(addr: &str) -> anyhow::Result<TapClient<Channel>> {
-    let url = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let channel = tonic::transport::Endpoint::from_shared(url.clone())
-        .with_context(|| format!("{addr:?} is not HOST:PORT"))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to the controller at {url}"))?;
-    Ok(TapClient::new(channel))
+/// Connects to the controller's Tap API. No call timeout: a tap streams for as long as the
+/// controller allows.
+pub async fn connect(controller: &Controller) -> anyhow::Result<TapClient<ControllerChannel>> {
+    Ok(TapClient::new(controller.channel(None).await?))
 }
 
 /// Opens a tap; events arrive on the returned stream.
 pub async fn observe(
-    client: &mut TapClient<Channel>,
+    client: &mut TapClient<ControllerChannel>,
     filter: TapMatch,
     limit: u32,
     max_duration: Duration,
@@ -464,7 +451,9 @@ pub fn run_tap(args: TapArgs, namespace: Option<&str>) -> anyhow::Result<()> {
                 continue;
             };
             match args.output {
-                Output::Json => writeln!(stdout, "{}", exchange.to_json())?,
+                Output::Json | Output::Yaml => {
+                    writeln!(stdout, "{}", args.output.stream_item(&exchange.to_json())?)?
+                }
                 Output::Table => writeln!(stdout, "{}", exchange.line())?,
             }
             stdout.flush()?;
@@ -510,7 +499,7 @@ pub fn run_top(args: TopArgs, namespace: Option<&str>) -> anyhow::Result<()> {
         Ok(table)
     })?;
     match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&table.to_json())?),
+        Output::Json | Output::Yaml => args.output.print(&table.to_json())?,
         Output::Table if table.rows().is_empty() => {
             eprintln!("no request matched in {:?}", args.filter.duration);
         }

@@ -13,6 +13,7 @@
 //! [`stats`] and [`tap`] aggregate what the proxies report for meshctl.
 //! [`run`] takes already-bound listeners so tests run it on `127.0.0.1:0`.
 
+pub mod access;
 pub mod admin;
 pub mod destination;
 pub mod endpoints;
@@ -356,10 +357,16 @@ pub async fn run(
         stopped(stop_rx.clone()),
     ));
 
+    // On Kubernetes, tap and stats are for the users RBAC allows; a local mesh's are open.
+    let observer_access = match &kube_client {
+        Some(client) => access::ObserverAccess::rbac(client.clone()),
+        None => access::ObserverAccess::Open,
+    };
     // Scrapes the proxies the index knows; serves Stats.Summary/Edges (meshctl stat, dashboard).
     let stats = stats::spawn(
         snapshots.clone(),
         stats::StatsConfig::default(),
+        observer_access.clone(),
         stop_rx.clone(),
     );
     let policy_context = policy::server::PolicyContext {
@@ -388,7 +395,12 @@ pub async fn run(
     );
     let outbound_policies =
         policy::server::OutboundPoliciesService::new(policy_context, outbound_settings);
-    let tap = tap::TapService::new(snapshots.clone(), tap_identity, tap::TapConfig::default());
+    let tap = tap::TapService::new(
+        snapshots.clone(),
+        tap_identity,
+        observer_access,
+        tap::TapConfig::default(),
+    );
     let workload = workload::WorkloadService::new(snapshots.clone(), stop_rx.clone());
     let destination = DestinationService::new(
         snapshots,

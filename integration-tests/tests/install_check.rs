@@ -15,7 +15,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -41,6 +43,203 @@ fn meshctl(kubeconfig: &Path, args: &[&str]) -> Output {
         String::from_utf8_lossy(&output.stderr)
     );
     output
+}
+
+/// A bearer token of ServiceAccount `ns/name`, made for the API server's own audience as
+/// `kubectl create token` makes it.
+async fn token_of(client: &Client, ns: &str, name: &str) -> String {
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let account: ServiceAccount = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name},
+    }))
+    .expect("service account");
+    accounts
+        .create(&PostParams::default(), &account)
+        .await
+        .expect("create a ServiceAccount");
+    let request: TokenRequest = serde_json::from_value(json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": [], "expirationSeconds": 3600},
+    }))
+    .expect("token request");
+    accounts
+        .create_token_request(name, &PostParams::default(), &request)
+        .await
+        .expect("a token")
+        .status
+        .expect("the token's status")
+        .token
+}
+
+/// `meshctl stat` (`tap: false`) or `meshctl tap` of namespace `ns` (all namespaces when
+/// `None`) at `controller` with `token`: whether it succeeded, and its stderr.
+fn observe(
+    kubeconfig: &Path,
+    controller: &str,
+    token: Option<&str>,
+    tap: bool,
+    ns: Option<&str>,
+) -> (bool, String) {
+    let mut args: Vec<&str> = Vec::new();
+    if let Some(ns) = ns {
+        args.extend(["-n", ns]);
+    }
+    if tap {
+        args.extend(["tap", "deploy/web", "--duration", "1s", "--max", "1"]);
+    } else {
+        args.extend(["stat", "deploy"]);
+    }
+    args.extend(["--controller", controller]);
+    if let Some(token) = token {
+        args.extend(["--token", token]);
+    }
+    let output = meshctl(kubeconfig, &args);
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Waits (bounded: the controller remembers a refusal for a second) until observing as
+/// `token` is no longer refused by RBAC; returns the last stderr.
+fn wait_not_refused(
+    kubeconfig: &Path,
+    controller: &str,
+    token: &str,
+    tap: bool,
+    ns: &str,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, stderr) = observe(kubeconfig, controller, Some(token), tap, Some(ns));
+        if !stderr.contains("may not") {
+            return stderr;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still refused after the grant: {stderr}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Tap and stats on a cluster: refused without a token, with a token the API server does not
+/// know, and to a user RBAC does not allow (naming the user, the verb, the namespace and the
+/// `kubectl create rolebinding` that grants it); served once that very command ran, in that
+/// namespace only; and the installed roles reach the built-in ones by aggregation: `view`
+/// may read stats but not tap, `admin` may tap.
+async fn observers_are_authorized_by_rbac(client: &Client, kubeconfig: &Path, controller: &str) {
+    for ns in ["observed", "observers"] {
+        let namespace: Namespace = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns},
+        }))
+        .expect("namespace");
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await
+            .expect("create a namespace");
+    }
+    let alice = token_of(client, "observers", "alice").await;
+
+    let (ok, stderr) = observe(kubeconfig, controller, None, false, Some("observed"));
+    assert!(
+        !ok && stderr.contains("only to Kubernetes users"),
+        "{stderr}"
+    );
+    let (ok, stderr) = observe(
+        kubeconfig,
+        controller,
+        Some("made-up"),
+        true,
+        Some("observed"),
+    );
+    assert!(
+        !ok && stderr.contains("does not accept the bearer token"),
+        "{stderr}"
+    );
+
+    for (tap, doing, role) in [
+        (false, "read the traffic stats of pods", "mesh-stats"),
+        (true, "tap pods", "mesh-tap"),
+    ] {
+        let (ok, stderr) = observe(kubeconfig, controller, Some(&alice), tap, Some("observed"));
+        assert!(!ok, "served without a grant: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "user \"system:serviceaccount:observers:alice\" may not {doing} in namespace \"observed\""
+            )),
+            "{stderr}"
+        );
+        let grant = stderr
+            .split("an admin grants it with: ")
+            .nth(1)
+            .and_then(|rest| rest.lines().next())
+            .unwrap_or_else(|| panic!("no grant in {stderr}"))
+            .to_owned();
+        assert!(grant.contains(&format!("--clusterrole={role}")), "{grant}");
+        // The grant as printed, run as the admin would.
+        let status = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(grant.trim_start_matches("kubectl ").split_whitespace())
+            .status()
+            .expect("run kubectl");
+        assert!(status.success(), "{grant}: {status}");
+        let stderr = wait_not_refused(kubeconfig, controller, &alice, tap, "observed");
+        if tap {
+            // Authorized: what is left to say is that nothing there runs the proxy.
+            assert!(stderr.contains("no meshed pod matches"), "{stderr}");
+        }
+        // Granted in one namespace, not in another, nor in all of them.
+        let (ok, stderr) = observe(kubeconfig, controller, Some(&alice), tap, Some("observers"));
+        assert!(
+            !ok && stderr.contains("in namespace \"observers\""),
+            "{stderr}"
+        );
+        let (ok, stderr) = observe(kubeconfig, controller, Some(&alice), tap, None);
+        assert!(!ok && stderr.contains("in all namespaces"), "{stderr}");
+        assert!(
+            stderr.contains("kubectl create clusterrolebinding"),
+            "{stderr}"
+        );
+    }
+    let (ok, stderr) = observe(
+        kubeconfig,
+        controller,
+        Some(&alice),
+        false,
+        Some("observed"),
+    );
+    assert!(ok, "stats after the grant: {stderr}");
+
+    // The built-in roles, by aggregation: view reads stats but may not tap; admin taps.
+    let bob = token_of(client, "observers", "bob").await;
+    let bind = |role: &str| {
+        let status = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args([
+                "create",
+                "rolebinding",
+                &format!("bob-{role}"),
+                "--namespace=observed",
+            ])
+            .arg(format!("--clusterrole={role}"))
+            .arg("--serviceaccount=observers:bob")
+            .status()
+            .expect("run kubectl");
+        assert!(status.success(), "bind {role}: {status}");
+    };
+    bind("view");
+    wait_not_refused(kubeconfig, controller, &bob, false, "observed");
+    let (ok, stderr) = observe(kubeconfig, controller, Some(&bob), true, Some("observed"));
+    assert!(
+        !ok && stderr.contains("may not tap pods"),
+        "view may tap: {stderr}"
+    );
+    bind("admin");
+    let stderr = wait_not_refused(kubeconfig, controller, &bob, true, "observed");
+    assert!(stderr.contains("no meshed pod matches"), "{stderr}");
 }
 
 fn stdout(output: &Output) -> String {
@@ -237,11 +436,12 @@ async fn install_check_and_uninstall_against_a_real_api_server() {
     secret_files(&client, "mesh-identity-issuer", &identity_dir).await;
     secret_files(&client, "mesh-injector-tls", &webhook_dir).await;
     let controller_admin = free_port();
+    let controller_grpc = free_port();
     let _controller = Process(
         Command::new(bin_path("mesh-controller"))
             .args(["--discovery", "kubernetes", "--kubeconfig"])
             .arg(&kubeconfig)
-            .args(["--grpc-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--grpc-listen", &format!("127.0.0.1:{controller_grpc}")])
             .args(["--admin-listen", &format!("127.0.0.1:{controller_admin}")])
             .arg("--identity-dir")
             .arg(&identity_dir)
@@ -301,6 +501,13 @@ async fn install_check_and_uninstall_against_a_real_api_server() {
     ] {
         assert!(names.contains(&name), "no {name} check in {names:?}");
     }
+
+    observers_are_authorized_by_rbac(
+        &client,
+        &kubeconfig,
+        &format!("127.0.0.1:{controller_grpc}"),
+    )
+    .await;
 
     // The installed webhook injects a pod of an annotated namespace, and only there.
     for (ns, annotations) in [
@@ -444,6 +651,16 @@ async fn install_check_and_uninstall_against_a_real_api_server() {
             .expect("read")
             .is_none()
     );
+    for role in ["mesh-tap", "mesh-stats"] {
+        assert!(
+            Api::<ClusterRole>::all(client.clone())
+                .get_opt(role)
+                .await
+                .expect("read")
+                .is_none(),
+            "uninstall left ClusterRole {role}"
+        );
+    }
     let crds = Api::<CustomResourceDefinition>::all(client.clone());
     let deadline = Instant::now() + WAIT;
     while crds

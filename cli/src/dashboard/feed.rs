@@ -8,9 +8,8 @@ use std::time::Duration;
 use mesh_proto::stats::stats_client::StatsClient;
 use mesh_proto::stats::{Denial, Edge, ResourceRef, ResourceSelector, StatsRow};
 use tokio::sync::watch;
-use tonic::transport::Channel;
 
-use crate::stat;
+use crate::stat::{self, Controller, ControllerChannel};
 
 /// One round of answers.
 #[derive(Debug, Clone, Default)]
@@ -43,8 +42,8 @@ pub struct Drill {
 /// What the fetcher is asked for.
 #[derive(Debug, Clone)]
 pub struct FeedConfig {
-    /// The controller's address.
-    pub controller: String,
+    /// The controller.
+    pub controller: Controller,
     /// Only this namespace (all when `None`).
     pub namespace: Option<String>,
     /// The window of rates and percentiles.
@@ -59,7 +58,7 @@ pub async fn run(
     feed: watch::Sender<Arc<Feed>>,
     mut drill: watch::Receiver<Option<ResourceRef>>,
 ) {
-    let mut client: Option<StatsClient<Channel>> = None;
+    let mut client: Option<StatsClient<ControllerChannel>> = None;
     let mut round = 0;
     loop {
         if feed.is_closed() {
@@ -86,7 +85,7 @@ pub async fn run(
 
 async fn fetch(
     config: &FeedConfig,
-    client: &mut Option<StatsClient<Channel>>,
+    client: &mut Option<StatsClient<ControllerChannel>>,
     round: u64,
     target: Option<ResourceRef>,
     previous: &Feed,

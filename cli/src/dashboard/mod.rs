@@ -26,7 +26,7 @@ use clap::Args;
 use ratatui::crossterm::event::{self, Event, KeyEventKind};
 use tokio::sync::watch;
 
-use crate::stat::ControllerArgs;
+use crate::stat::{Controller, ControllerArgs};
 
 /// How often the screen is redrawn (and keys read) when nothing happens.
 const TICK: Duration = Duration::from_millis(100);
@@ -47,8 +47,8 @@ pub struct DashboardArgs {
 /// What the dashboard shows.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The controller's gRPC address.
-    pub controller: String,
+    /// The controller.
+    pub controller: Controller,
     /// Only this namespace (all when `None`).
     pub namespace: Option<String>,
     /// The title line.
@@ -61,7 +61,7 @@ pub struct Options {
 
 impl Options {
     /// The defaults of `meshctl dashboard` for `controller`.
-    pub fn new(controller: String, namespace: Option<String>, title: String) -> Self {
+    pub fn new(controller: Controller, namespace: Option<String>, title: String) -> Self {
         Options {
             controller,
             namespace,

@@ -13,6 +13,7 @@ use std::time::Duration;
 use mesh_proto::tap::{Direction, TapMatch};
 use tokio::sync::watch;
 
+use crate::stat::Controller;
 use crate::tap::{self, Exchange, Joiner};
 
 /// Requests the pane keeps, newest first.
@@ -54,7 +55,11 @@ pub fn tap_match(namespace: Option<&str>) -> TapMatch {
 }
 
 /// Taps until every receiver is gone.
-pub async fn run(controller: String, namespace: Option<String>, feed: watch::Sender<Arc<TapFeed>>) {
+pub async fn run(
+    controller: Controller,
+    namespace: Option<String>,
+    feed: watch::Sender<Arc<TapFeed>>,
+) {
     let mut current = TapFeed::default();
     let filter = tap_match(namespace.as_deref());
     // Each pass is one bounded tap (PER_TAP requests, TAP_DURATION); the loop ends with the UI.

@@ -108,12 +108,19 @@ pub fn control_plane(values: &Values) -> Vec<Value> {
                 {"apiGroups": ["gateway.networking.k8s.io"],
                  "resources": ["httproutes/status", "grpcroutes/status"],
                  "verbs": ["patch", "update"]},
-                // Identity: a proxy's ServiceAccount token is checked before signing its CSR.
+                // Identity: a proxy's ServiceAccount token is checked before signing its CSR;
+                // tap and stats: a user's token, then whether RBAC lets the user tap or read.
                 {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+                 "verbs": ["create"]},
+                {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"],
                  "verbs": ["create"]},
             ],
         }),
         cluster_role_binding(values, names::CONTROLLER, "controller"),
+        // What users are granted to watch the mesh (the controller asks RBAC about these
+        // rules): tap by admins of a namespace, stats by anyone who may view it.
+        observer_role(values, "mesh-tap", "tap.mesh.dev", "watch", "admin"),
+        observer_role(values, "mesh-stats", "stats.mesh.dev", "get", "view"),
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
@@ -243,6 +250,26 @@ fn labels(values: &Values, component: &str) -> Value {
         "app.kubernetes.io/name": format!("mesh-{component}"),
         "app.kubernetes.io/part-of": "mesh",
         "mesh.dev/control-plane-ns": values.namespace,
+    })
+}
+
+/// A ClusterRole that lets its holders `verb` the `pods` of API group `group` through the
+/// controller, aggregated into the built-in role `aggregate_to` (and, for `view`, into `edit`
+/// and `admin`, which aggregate `view`).
+fn observer_role(
+    values: &Values,
+    name: &str,
+    group: &str,
+    verb: &str,
+    aggregate_to: &str,
+) -> Value {
+    let mut labels = labels(values, "controller");
+    labels[format!("rbac.authorization.k8s.io/aggregate-to-{aggregate_to}")] = json!("true");
+    json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": name, "labels": labels},
+        "rules": [{"apiGroups": [group], "resources": ["pods"], "verbs": [verb]}],
     })
 }
 

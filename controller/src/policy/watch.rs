@@ -21,7 +21,10 @@
 //!   resources: [serviceaccounts]   # only the file backend's tokens use them; not watched here
 //!   verbs: []
 //! - apiGroups: [authentication.k8s.io]
-//!   resources: [tokenreviews]      # the identity CA
+//!   resources: [tokenreviews]      # the identity CA; tap and stats users
+//!   verbs: [create]
+//! - apiGroups: [authorization.k8s.io]
+//!   resources: [subjectaccessreviews]  # may a user tap or read stats (`access`)
 //!   verbs: [create]
 //! ```
 

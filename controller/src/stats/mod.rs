@@ -63,9 +63,10 @@ impl Default for StatsConfig {
 pub fn spawn(
     snapshots: watch::Receiver<Arc<Snapshot>>,
     config: StatsConfig,
+    access: crate::access::ObserverAccess,
     shutdown: watch::Receiver<bool>,
 ) -> StatsService {
     let store = Arc::new(RwLock::new(store::Store::new(config.retention)));
     tokio::spawn(scrape::run(store.clone(), snapshots, config, shutdown));
-    StatsService::new(store, config.retention)
+    StatsService::new(store, config.retention, access)
 }

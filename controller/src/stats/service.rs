@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use super::aggregate::{self, FromFilter, Kind, Selector};
 use super::scrape;
 use super::store::Store;
+use crate::access::{Action, ObserverAccess};
 
 /// The window when a request names none.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
@@ -22,12 +23,18 @@ pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
 pub struct StatsService {
     store: Arc<RwLock<Store>>,
     retention: Duration,
+    access: ObserverAccess,
 }
 
 impl StatsService {
-    /// A service reading `store`, whose samples reach back `retention`.
-    pub fn new(store: Arc<RwLock<Store>>, retention: Duration) -> Self {
-        StatsService { store, retention }
+    /// A service reading `store`, whose samples reach back `retention`, for the callers
+    /// `access` admits.
+    pub fn new(store: Arc<RwLock<Store>>, retention: Duration, access: ObserverAccess) -> Self {
+        StatsService {
+            store,
+            retention,
+            access,
+        }
     }
 
     /// The tonic server for this service.
@@ -65,12 +72,35 @@ fn selector(selector: Option<&ResourceSelector>) -> Result<Selector, Status> {
     })
 }
 
+/// The one namespace whose traffic a selector reads, or `None` for all (what the caller must
+/// be allowed to read): its namespace, or the namespace it names.
+fn scope(kind: &str, namespace: &str, name: &str) -> Option<String> {
+    if !namespace.is_empty() {
+        return Some(namespace.to_owned());
+    }
+    let names_namespace = matches!(Kind::parse(kind), Ok(Kind::Namespace));
+    (names_namespace && !name.is_empty()).then(|| name.to_owned())
+}
+
+fn selector_scope(selector: Option<&ResourceSelector>) -> Option<String> {
+    selector.and_then(|s| scope(&s.kind, &s.namespace, &s.name))
+}
+
 #[tonic::async_trait]
 impl Stats for StatsService {
     async fn summary(
         &self,
         request: Request<SummaryRequest>,
     ) -> Result<Response<SummaryResponse>, Status> {
+        let mut scopes = vec![selector_scope(request.get_ref().selector.as_ref())];
+        if let Some(from) = &request.get_ref().from {
+            // Whose traffic is read: the sender's namespace too.
+            scopes.push(scope(&from.kind, &from.namespace, &from.name));
+        }
+        let scopes: Vec<Option<&str>> = scopes.iter().map(Option::as_deref).collect();
+        self.access
+            .check(request.metadata(), Action::Stats, &scopes)
+            .await?;
         let request = request.into_inner();
         let selector = selector(request.selector.as_ref())?;
         let window = self.window(request.window.as_ref())?;
@@ -88,6 +118,10 @@ impl Stats for StatsService {
         &self,
         request: Request<EdgesRequest>,
     ) -> Result<Response<EdgesResponse>, Status> {
+        let scope = selector_scope(request.get_ref().selector.as_ref());
+        self.access
+            .check(request.metadata(), Action::Stats, &[scope.as_deref()])
+            .await?;
         let request = request.into_inner();
         let selector = selector(request.selector.as_ref())?;
         let window = self.window(request.window.as_ref())?;

@@ -742,6 +742,7 @@ status:
             admin_port,
             ..super::StatsConfig::default()
         },
+        crate::access::ObserverAccess::Open,
         stop_rx.clone(),
     );
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -64,6 +64,16 @@ pub enum SelectError {
     NoPods(String),
 }
 
+/// The one namespace a tap's `match` reaches into, or `None` when it may reach any (what the
+/// caller must be allowed to tap).
+pub fn scope(filter: &tap::TapMatch) -> Option<&str> {
+    if !filter.namespace.is_empty() {
+        return Some(&filter.namespace);
+    }
+    let (kind, name) = filter.workload.trim().split_once('/')?;
+    matches!(Kind::parse(kind), Ok(Kind::Namespace)).then_some(name)
+}
+
 /// The meshed pods a tap's `match` names: those of one workload (`deploy/web`), one pod
 /// (`pod/web-1`) or one namespace (`ns/demo`), within the match's namespace (all namespaces
 /// when empty); every meshed pod when neither is given.
@@ -194,6 +204,20 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
+
+    #[test]
+    fn a_tap_reaches_into_its_namespace_or_all() {
+        let filter = |namespace: &str, workload: &str| tap::TapMatch {
+            namespace: namespace.to_owned(),
+            workload: workload.to_owned(),
+            ..tap::TapMatch::default()
+        };
+        assert_eq!(scope(&filter("books", "deploy/web")), Some("books"));
+        assert_eq!(scope(&filter("", "ns/books")), Some("books"));
+        assert_eq!(scope(&filter("books", "ns/other")), Some("books"));
+        assert_eq!(scope(&filter("", "deploy/web")), None);
+        assert_eq!(scope(&filter("", "")), None);
+    }
 
     fn pod(namespace: &str, name: &str, kind: &str, workload: &str, meshed: bool) -> PodInfo {
         PodInfo {

@@ -28,6 +28,7 @@ use tonic::{Request, Response, Status};
 
 use self::bounds::{StreamBounds, TapLimits, Verdict};
 use self::tls::ControllerIdentity;
+use crate::access::{Action, ObserverAccess};
 use crate::index::Snapshot;
 use crate::stats::scrape::pods_of;
 use crate::stats::store::PodInfo;
@@ -61,19 +62,23 @@ const MERGE_BUFFER: usize = 1024;
 pub struct TapService {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     identity: Option<Arc<ControllerIdentity>>,
+    access: ObserverAccess,
     config: TapConfig,
 }
 
 impl TapService {
-    /// Taps the meshed pods of the index's `snapshots`, over mTLS as `identity` when given.
+    /// Taps the meshed pods of the index's `snapshots`, over mTLS as `identity` when given,
+    /// for the callers `access` admits.
     pub fn new(
         snapshots: watch::Receiver<Arc<Snapshot>>,
         identity: Option<Arc<ControllerIdentity>>,
+        access: ObserverAccess,
         config: TapConfig,
     ) -> Self {
         TapService {
             snapshots,
             identity,
+            access,
             config,
         }
     }
@@ -98,8 +103,11 @@ impl Tap for TapService {
         &self,
         request: Request<ObserveRequest>,
     ) -> Result<Response<Self::ObserveStream>, Status> {
+        let filter = request.get_ref().r#match.clone().unwrap_or_default();
+        self.access
+            .check(request.metadata(), Action::Tap, &[bounds::scope(&filter)])
+            .await?;
         let request = request.into_inner();
-        let filter = request.r#match.clone().unwrap_or_default();
         let snapshot = self.snapshots.borrow().clone();
         let pods =
             bounds::select_pods(&pods_of(&snapshot), &filter).map_err(|error| match error {

@@ -99,7 +99,7 @@ async fn watch(controller: &str, args: &DemoArgs) -> anyhow::Result<()> {
     eprintln!("meshctl demo: waiting for traffic through web (controller at {controller})");
     let mut client = wait_for_traffic(controller).await?;
     if !args.headless {
-        let local = stat::Controller::local(controller);
+        let local = crate::controller::Controller::local(controller);
         return tokio::task::spawn_blocking(move || {
             crate::dashboard::run_blocking(crate::dashboard::Options::new(
                 local,
@@ -166,9 +166,11 @@ async fn watch(controller: &str, args: &DemoArgs) -> anyhow::Result<()> {
 /// Connects to the controller and waits until web has served requests, bounded.
 async fn wait_for_traffic(
     controller: &str,
-) -> anyhow::Result<mesh_proto::stats::stats_client::StatsClient<stat::ControllerChannel>> {
+) -> anyhow::Result<
+    mesh_proto::stats::stats_client::StatsClient<crate::controller::ControllerChannel>,
+> {
     let deadline = Instant::now() + TRAFFIC_TIMEOUT;
-    let local = stat::Controller::local(controller);
+    let local = crate::controller::Controller::local(controller);
     loop {
         let problem = match stat::connect(&local).await {
             Ok(mut client) => {
@@ -303,13 +305,7 @@ impl LocalMesh {
 
     /// The controller's gRPC address from this machine.
     fn controller(&self) -> anyhow::Result<String> {
-        let local = stat::ControllerArgs {
-            controller: None,
-            state_dir: self.state_dir.clone(),
-            token: None,
-        }
-        .resolve()?;
-        Ok(local.addr)
+        crate::controller::local_address(self.state_dir.as_deref())
     }
 
     /// `meshctl local down`; failures are reported, not returned (it runs on the way out).

@@ -16,6 +16,11 @@ pub const FIELD_MANAGER: &str = "meshctl";
 
 /// A client for the cluster the global flags name.
 pub async fn client(global: &GlobalArgs) -> anyhow::Result<kube::Client> {
+    kube::Client::try_from(config(global).await?).context("building the Kubernetes client")
+}
+
+/// The client configuration of the cluster the global flags name.
+pub async fn config(global: &GlobalArgs) -> anyhow::Result<kube::Config> {
     let options = kube::config::KubeConfigOptions {
         context: global.context.clone(),
         ..Default::default()
@@ -35,7 +40,7 @@ pub async fn client(global: &GlobalArgs) -> anyhow::Result<kube::Client> {
             .await
             .context("no cluster: set --kubeconfig or KUBECONFIG, or run in a pod")?,
     };
-    kube::Client::try_from(config).context("building the Kubernetes client")
+    Ok(config)
 }
 
 /// An object's kind, name and namespace, for messages.

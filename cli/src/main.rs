@@ -4,6 +4,7 @@
 use clap::{CommandFactory as _, Parser, Subcommand};
 
 mod check;
+mod controller;
 mod dashboard;
 mod demo;
 mod demo_app;
@@ -96,11 +97,11 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Local(args) => local::run(args, global.namespace.as_deref()),
         Command::DemoApp(args) => demo_app::run(args),
-        Command::Stat(args) => stat::run_stat(args, global.namespace.as_deref()),
-        Command::Edges(args) => stat::run_edges(args, global.namespace.as_deref()),
-        Command::Tap(args) => tap::run_tap(args, global.namespace.as_deref()),
-        Command::Top(args) => tap::run_top(args, global.namespace.as_deref()),
-        Command::Dashboard(args) => dashboard::run(args, global.namespace.as_deref()),
+        Command::Stat(args) => stat::run_stat(args, &global),
+        Command::Edges(args) => stat::run_edges(args, &global),
+        Command::Tap(args) => tap::run_tap(args, &global),
+        Command::Top(args) => tap::run_top(args, &global),
+        Command::Dashboard(args) => dashboard::run(args, &global),
         Command::Demo(args) => demo::run(args),
         Command::Inject(args) => inject::run_inject(&args, global.namespace.as_deref()),
         Command::Uninject(args) => inject::run_uninject(&args),

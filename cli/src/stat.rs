@@ -4,8 +4,6 @@
 //! the local mesh's loopback forward from `meshctl local status`), calling the API, and
 //! formatting rates, shares and latencies.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -16,174 +14,12 @@ use mesh_proto::stats::{
 };
 use serde_json::json;
 
+use crate::GlobalArgs;
+use crate::controller::{Controller, ControllerArgs, ControllerChannel};
 pub use crate::output::Output;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
-/// How long connecting to the controller may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one Stats call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Where the controller is.
-#[derive(Debug, Clone, Args)]
-pub struct ControllerArgs {
-    /// The controller's gRPC address (HOST:PORT); default: the local mesh's forward.
-    #[arg(long, env = "MESHCTL_CONTROLLER", value_name = "HOST:PORT")]
-    pub controller: Option<String>,
-    /// The local mesh's state folder (as for `meshctl local`), to find its controller.
-    #[arg(long, env = "MESH_LOCAL_STATE_DIR", value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// The bearer token of a Kubernetes user or ServiceAccount, for a controller on a cluster:
-    /// it serves tap and stats only to users RBAC allows (`kubectl create token NAME -n NS`
-    /// makes one). Sent to the controller named here, and nowhere else.
-    #[arg(long, env = "MESH_TOKEN", hide_env_values = true, value_name = "TOKEN")]
-    pub token: Option<String>,
-}
-
-impl ControllerArgs {
-    /// The controller: the flag's address, else the local mesh's loopback forward.
-    pub fn resolve(&self) -> anyhow::Result<Controller> {
-        let addr = match &self.controller {
-            Some(addr) => addr.clone(),
-            None => local_controller(self.state_dir.as_deref())?,
-        };
-        let token = match self.token.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(token) => Some(
-                format!("Bearer {token}")
-                    .parse()
-                    .map_err(|_| anyhow::anyhow!("--token is not printable ASCII"))?,
-            ),
-        };
-        Ok(Controller { addr, token })
-    }
-
-    /// A Stats client for the controller.
-    pub async fn connect(&self) -> anyhow::Result<StatsClient<ControllerChannel>> {
-        connect(&self.resolve()?).await
-    }
-}
-
-/// The controller to ask, and the credentials to show it.
-#[derive(Clone)]
-pub struct Controller {
-    /// Its gRPC address (`HOST:PORT` or a URL).
-    pub addr: String,
-    token: Option<MetadataValue<Ascii>>,
-}
-
-impl std::fmt::Debug for Controller {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the token.
-        f.debug_struct("Controller")
-            .field("addr", &self.addr)
-            .field("token", &self.token.as_ref().map(|_| "<set>"))
-            .finish()
-    }
-}
-
-impl std::fmt::Display for Controller {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.addr)
-    }
-}
-
-impl Controller {
-    /// A controller that needs no credentials (a local mesh's).
-    pub fn local(addr: impl Into<String>) -> Self {
-        Controller {
-            addr: addr.into(),
-            token: None,
-        }
-    }
-
-    /// A channel to it that shows the credentials with every call.
-    pub async fn channel(
-        &self,
-        call_timeout: Option<Duration>,
-    ) -> anyhow::Result<ControllerChannel> {
-        let addr = &self.addr;
-        let url = if addr.contains("://") {
-            addr.clone()
-        } else {
-            format!("http://{addr}")
-        };
-        let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
-            .with_context(|| format!("{addr:?} is not HOST:PORT"))?
-            .connect_timeout(CONNECT_TIMEOUT);
-        if let Some(timeout) = call_timeout {
-            endpoint = endpoint.timeout(timeout);
-        }
-        let channel = endpoint
-            .connect()
-            .await
-            .with_context(|| format!("connecting to the controller at {url}"))?;
-        Ok(InterceptedService::new(
-            channel,
-            Credentials(self.token.clone()),
-        ))
-    }
-}
-
-/// A channel to the controller that sends the user's bearer token, when there is one.
-pub type ControllerChannel = InterceptedService<Channel, Credentials>;
-
-/// Adds `authorization: Bearer ...` to every call.
-#[derive(Clone)]
-pub struct Credentials(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for Credentials {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(token) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", token.clone());
-        }
-        Ok(request)
-    }
-}
-
-/// The local mesh's controller, from `meshctl local status -o json` (so the state folder's
-/// default and format stay the local runtime's business).
-fn local_controller(state_dir: Option<&std::path::Path>) -> anyhow::Result<String> {
-    let exe = std::env::current_exe().context("finding meshctl's own path")?;
-    let mut command = Command::new(exe);
-    command.args(["local", "status", "-o", "json"]);
-    if let Some(dir) = state_dir {
-        command.arg("--state-dir").arg(dir);
-    }
-    let output = command
-        .output()
-        .context("running `meshctl local status` to find the controller")?;
-    let no_controller = || {
-        anyhow::anyhow!(
-            "no controller to ask: pass --controller HOST:PORT (e.g. a port-forward to the \
-             controller's gRPC port 8086), or start a mesh on this machine with `meshctl demo` \
-             or `meshctl local up -f FILE`"
-        )
-    };
-    if !output.status.success() {
-        let why = String::from_utf8_lossy(&output.stderr);
-        return Err(no_controller().context(why.trim().to_owned()));
-    }
-    let state: serde_json::Value =
-        serde_json::from_slice(&output.stdout).context("reading `meshctl local status -o json`")?;
-    controller_from_state(&state).ok_or_else(no_controller)
-}
-
-/// The controller's address as seen from this machine, in a local mesh's state.
-pub fn controller_from_state(state: &serde_json::Value) -> Option<String> {
-    state
-        .pointer("/controller/grpc/from_host")
-        .and_then(serde_json::Value::as_str)
-        .map(str::to_owned)
-}
 
 /// Connects to the controller's Stats API.
 pub async fn connect(controller: &Controller) -> anyhow::Result<StatsClient<ControllerChannel>> {
@@ -297,7 +133,9 @@ fn parse_from(text: &str, namespace: Option<&str>) -> anyhow::Result<ResourceRef
 }
 
 /// Runs `meshctl stat`; `namespace` is the global `-n` (absent: every namespace).
-pub fn run_stat(args: StatArgs, namespace: Option<&str>) -> anyhow::Result<()> {
+pub fn run_stat(args: StatArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+    let namespace = global.namespace.as_deref();
+    let controller = args.controller.resolve(global)?;
     let kind = normalize_kind(&args.kind)?;
     let from = args
         .from
@@ -310,7 +148,7 @@ pub fn run_stat(args: StatArgs, namespace: Option<&str>) -> anyhow::Result<()> {
         name: args.name.clone().unwrap_or_default(),
     };
     let rows = block_on(async {
-        let mut client = args.controller.connect().await?;
+        let mut client = connect(&controller).await?;
         summary(&mut client, selector, args.window, from).await
     })?;
     match args.output {
@@ -333,14 +171,16 @@ pub fn run_stat(args: StatArgs, namespace: Option<&str>) -> anyhow::Result<()> {
 }
 
 /// Runs `meshctl edges`.
-pub fn run_edges(args: EdgesArgs, namespace: Option<&str>) -> anyhow::Result<()> {
+pub fn run_edges(args: EdgesArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+    let namespace = global.namespace.as_deref();
+    let controller = args.controller.resolve(global)?;
     let selector = ResourceSelector {
         kind: "workload".to_owned(),
         namespace: namespace.unwrap_or_default().to_owned(),
         name: args.name.clone().unwrap_or_default(),
     };
     let (edge_list, denials) = block_on(async {
-        let mut client = args.controller.connect().await?;
+        let mut client = connect(&controller).await?;
         edges(&mut client, selector, args.window).await
     })?;
     match args.output {
@@ -807,18 +647,6 @@ mod tests {
             ("deployment", "demo", "web")
         );
         assert!(parse_from("web", None).is_err());
-    }
-
-    #[test]
-    fn the_controller_comes_from_the_local_state() {
-        let state = json!({"controller": {"grpc": {"in_mesh": "10.77.0.1:8086", "from_host": "127.0.0.1:41234"}}});
-        assert_eq!(
-            controller_from_state(&state).as_deref(),
-            Some("127.0.0.1:41234")
-        );
-        let starting =
-            json!({"controller": {"grpc": {"in_mesh": "10.77.0.1:8086", "from_host": null}}});
-        assert_eq!(controller_from_state(&starting), None);
     }
 
     #[test]

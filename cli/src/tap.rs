@@ -18,8 +18,10 @@ use mesh_proto::tap::tap_event::Event;
 use mesh_proto::tap::{Direction, ObserveRequest, TapEvent, TapMatch};
 use serde_json::json;
 
+use crate::GlobalArgs;
+use crate::controller::{Controller, ControllerArgs, ControllerChannel};
 use crate::output::Output;
-use crate::stat::{self, Controller, ControllerArgs, ControllerChannel};
+use crate::stat;
 
 /// Requests a `top` asks for: it wants a picture, not a few lines.
 const TOP_REQUESTS: u32 = 10_000;
@@ -432,9 +434,10 @@ impl TapFilterArgs {
 }
 
 /// Runs `meshctl tap`; `namespace` is the global `-n`.
-pub fn run_tap(args: TapArgs, namespace: Option<&str>) -> anyhow::Result<()> {
+pub fn run_tap(args: TapArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+    let namespace = global.namespace.as_deref();
     let filter = args.filter.tap_match(namespace)?;
-    let controller = args.filter.controller.resolve()?;
+    let controller = args.filter.controller.resolve(global)?;
     block_on(async {
         let mut client = connect(&controller).await?;
         let mut stream = observe(&mut client, filter, args.max, args.filter.duration).await?;
@@ -470,9 +473,10 @@ pub fn run_tap(args: TapArgs, namespace: Option<&str>) -> anyhow::Result<()> {
 }
 
 /// Runs `meshctl top`; `namespace` is the global `-n`.
-pub fn run_top(args: TopArgs, namespace: Option<&str>) -> anyhow::Result<()> {
+pub fn run_top(args: TopArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+    let namespace = global.namespace.as_deref();
     let filter = args.filter.tap_match(namespace)?;
-    let controller = args.filter.controller.resolve()?;
+    let controller = args.filter.controller.resolve(global)?;
     let live = args.output == Output::Table && std::io::stdout().is_terminal();
     let table = block_on(async {
         let mut client = connect(&controller).await?;

@@ -435,6 +435,63 @@ fn a_user_installs_the_mesh_on_a_real_node_and_meshes_an_app() {
         ),
         "the server proxy counts the client's requests with its identity:\n{metrics}"
     );
+    // Watching it from a laptop, with only the kubeconfig: meshctl reaches the controller by a
+    // port-forward through the API server; tap and stats need a user RBAC allows. The admin
+    // kubeconfig's user has a client certificate, not a token, so it is told how to send one.
+    let refused = node.meshctl(&["-n", "shop", "stat", "deploy"]);
+    assert!(
+        !refused.status.success() && text(&refused).contains("only to Kubernetes users"),
+        "stat without a token: {}",
+        text(&refused)
+    );
+    node.kubectl_ok(&["-n", "shop", "create", "serviceaccount", "watcher"]);
+    node.kubectl_ok(&[
+        "-n",
+        "shop",
+        "create",
+        "rolebinding",
+        "watcher-admin",
+        "--clusterrole=admin",
+        "--serviceaccount=shop:watcher",
+    ]);
+    let token = node.kubectl_ok(&["-n", "shop", "create", "token", "watcher"]);
+    let token = token.trim();
+    let stat = wait_for(
+        "stat of the server through a port-forward",
+        Duration::from_secs(60),
+        || {
+            let out = node.meshctl(&[
+                "-n", "shop", "stat", "deploy", "-o", "json", "--token", token,
+            ]);
+            let rows: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            rows.as_array()?
+                .iter()
+                .any(|row| {
+                    row["resource"]["name"] == "server"
+                        && row["success_count"].as_u64().is_some_and(|n| n > 0)
+                })
+                .then(|| text(&out))
+        },
+    );
+    eprintln!("meshctl stat through the API server:\n{stat}");
+    let tap = node.meshctl_ok(&[
+        "-n",
+        "shop",
+        "tap",
+        "deploy/server",
+        "--max",
+        "2",
+        "--duration",
+        "20s",
+        "-o",
+        "json",
+        "--token",
+        token,
+    ]);
+    assert!(
+        tap.lines().count() >= 2 && tap.contains("spiffe://cluster.local/ns/shop/sa/default"),
+        "tap through the API server shows requests with the caller's identity:\n{tap}"
+    );
     let client_pod = node.pods("shop", "app=client").remove(0);
     let denied = node.kubectl(&[
         "exec",

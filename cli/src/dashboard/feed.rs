@@ -9,7 +9,8 @@ use mesh_proto::stats::stats_client::StatsClient;
 use mesh_proto::stats::{Denial, Edge, ResourceRef, ResourceSelector, StatsRow};
 use tokio::sync::watch;
 
-use crate::stat::{self, Controller, ControllerChannel};
+use crate::controller::{Controller, ControllerChannel};
+use crate::stat;
 
 /// One round of answers.
 #[derive(Debug, Clone, Default)]

@@ -26,7 +26,8 @@ use clap::Args;
 use ratatui::crossterm::event::{self, Event, KeyEventKind};
 use tokio::sync::watch;
 
-use crate::stat::{Controller, ControllerArgs};
+use crate::GlobalArgs;
+use crate::controller::{Controller, ControllerArgs};
 
 /// How often the screen is redrawn (and keys read) when nothing happens.
 const TICK: Duration = Duration::from_millis(100);
@@ -73,8 +74,9 @@ impl Options {
 }
 
 /// Runs `meshctl dashboard`; `namespace` is the global `-n`.
-pub fn run(args: DashboardArgs, namespace: Option<&str>) -> anyhow::Result<()> {
-    let controller = args.controller.resolve()?;
+pub fn run(args: DashboardArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+    let namespace = global.namespace.as_deref();
+    let controller = args.controller.resolve(global)?;
     let title = match namespace {
         Some(ns) => format!("mesh dashboard — namespace {ns} — window {:?}", args.window),
         None => format!("mesh dashboard — all namespaces — window {:?}", args.window),

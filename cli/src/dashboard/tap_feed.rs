@@ -13,7 +13,7 @@ use std::time::Duration;
 use mesh_proto::tap::{Direction, TapMatch};
 use tokio::sync::watch;
 
-use crate::stat::Controller;
+use crate::controller::Controller;
 use crate::tap::{self, Exchange, Joiner};
 
 /// Requests the pane keeps, newest first.

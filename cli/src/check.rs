@@ -141,6 +141,7 @@ async fn checks(args: &CheckArgs, global: &GlobalArgs) -> Vec<Outcome> {
     outcomes.extend(identity_checks(&client, ns).await);
     if args.proxy {
         outcomes.push(proxy_check(&client, global.namespace.as_deref()).await);
+        outcomes.push(proxy_certificates_check(&client, ns, global.namespace.as_deref()).await);
     }
     outcomes
 }
@@ -561,6 +562,161 @@ fn expiry_outcome(name: &str, what: &str, certs_: &[CertSummary], fix: &str) -> 
     }
 }
 
+/// Meshed pods whose proxy certificates are read at most (each is a port-forward).
+const MAX_CERTIFICATE_READS: usize = 200;
+
+/// How long one proxy may take to show its certificates.
+const CERTIFICATE_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The meshed pods' certificates, read from their proxies through the API server as
+/// `meshctl identity POD` does: each has one, valid for more than a day, under the control
+/// plane's trust anchors.
+async fn proxy_certificates_check(
+    client: &kube::Client,
+    control_plane_ns: &str,
+    namespace: Option<&str>,
+) -> Outcome {
+    const NAME: &str = "proxy-certificates";
+    let fix = "a proxy renews its certificate itself: see `meshctl identity POD -n NS` for its last \
+               error and `kubectl -n mesh-system logs deploy/mesh-controller`; a proxy trusting \
+               other anchors needs a restart (`kubectl rollout restart`) after an anchor change";
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), control_plane_ns);
+    let anchors_pem = match config_maps.get_opt(names::TRUST_ROOTS).await {
+        Ok(found) => found
+            .and_then(|cm| cm.data)
+            .and_then(|d| d.get(names::TRUST_ROOTS_KEY).cloned())
+            .unwrap_or_default(),
+        Err(e) => {
+            return Outcome::fail(
+                NAME,
+                format!(
+                    "cannot read the trust anchors {control_plane_ns}/{}: {e}",
+                    names::TRUST_ROOTS
+                ),
+                "check that you may read ConfigMaps in the control plane's namespace",
+            );
+        }
+    };
+    let anchors = der_blocks(&anchors_pem);
+    let pods: Api<Pod> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let list = match pods.list(&ListParams::default()).await {
+        Ok(list) => list,
+        Err(e) => {
+            return Outcome::fail(
+                NAME,
+                format!("cannot list pods: {e}"),
+                "check that you may list pods",
+            );
+        }
+    };
+    let meshed: Vec<(String, String)> = list
+        .items
+        .iter()
+        .filter(|pod| {
+            pod.metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(mesh_injector::annotations::INJECTED))
+                && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        })
+        .filter_map(|pod| Some((pod.metadata.namespace.clone()?, pod.metadata.name.clone()?)))
+        .collect();
+    let now = mesh_spiffe::report::Timestamp::now();
+    let mut problems = Vec::new();
+    for (ns, name) in meshed.iter().take(MAX_CERTIFICATE_READS) {
+        let pod = format!("{ns}/{name}");
+        match crate::identity::fetch_through_api_server(client, ns, name, CERTIFICATE_READ_TIMEOUT)
+            .await
+        {
+            Ok(report) => problems.extend(certificate_problems(&pod, &report, &anchors, now)),
+            Err(e) => problems.push(format!("{pod}: cannot read its certificates: {e:#}")),
+        }
+    }
+    let read = meshed.len().min(MAX_CERTIFICATE_READS);
+    let skipped = match meshed.len().saturating_sub(MAX_CERTIFICATE_READS) {
+        0 => String::new(),
+        n => format!(" ({n} more not read: name a namespace with -n)"),
+    };
+    if problems.is_empty() {
+        Outcome::pass(
+            NAME,
+            format!(
+                "{read} running meshed pod(s): every certificate valid for more than a day, under the control plane's anchors{skipped}"
+            ),
+        )
+    } else {
+        Outcome::fail(NAME, format!("{}{skipped}", problems.join("; ")), fix)
+    }
+}
+
+/// The DER of each certificate of a PEM bundle (nothing for what does not parse).
+fn der_blocks(pem: &str) -> Vec<Vec<u8>> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .map(|der| der.to_vec())
+        .collect()
+}
+
+/// What is wrong with one proxy's certificates: none, expired or expiring within a day, or
+/// trust anchors none of which is the control plane's (it would refuse the mesh's peers).
+fn certificate_problems(
+    pod: &str,
+    report: &mesh_spiffe::report::IdentityReport,
+    control_plane_anchors: &[Vec<u8>],
+    now: mesh_spiffe::report::Timestamp,
+) -> Vec<String> {
+    use mesh_spiffe::report::IdentityState;
+    const DAY: i64 = 24 * 60 * 60;
+    let mut problems = Vec::new();
+    match report.state {
+        IdentityState::Disabled => problems.push(format!(
+            "{pod}: its proxy runs without an identity (plaintext only)"
+        )),
+        IdentityState::Pending => problems.push(format!(
+            "{pod}: its proxy has no certificate yet{}",
+            report
+                .last_error
+                .as_deref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        )),
+        IdentityState::Certified => {}
+    }
+    if let Some(leaf) = report.chain.first() {
+        let left = leaf.not_after.0 - now.0;
+        if left <= 0 {
+            problems.push(format!(
+                "{pod}: its certificate expired {}h ago",
+                -left / 3600
+            ));
+        } else if left < DAY {
+            problems.push(format!(
+                "{pod}: its certificate expires in {}h {}m",
+                left / 3600,
+                left / 60 % 60
+            ));
+        }
+    }
+    if report.state != IdentityState::Disabled && !control_plane_anchors.is_empty() {
+        let trusted = report
+            .trust_anchors
+            .iter()
+            .flat_map(|anchor| der_blocks(&anchor.pem))
+            .any(|der| control_plane_anchors.contains(&der));
+        if !trusted {
+            problems.push(format!(
+                "{pod}: its proxy trusts anchors that are not the control plane's"
+            ));
+        }
+    }
+    problems
+}
+
 /// The meshed pods: their proxy is this version and ready.
 async fn proxy_check(client: &kube::Client, namespace: Option<&str>) -> Outcome {
     const NAME: &str = "proxies";
@@ -620,5 +776,82 @@ async fn proxy_check(client: &kube::Client, namespace: Option<&str>) -> Outcome 
             problems.join("; "),
             "kubectl rollout restart the workloads of those pods (they get the current proxy), and see `kubectl logs POD -c mesh-proxy`",
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_spiffe::report::{CertificateReport, IdentityReport, IdentityState, Timestamp};
+
+    use super::*;
+
+    /// A report of `state` whose leaf ends at `not_after` and whose anchor is `anchor_pem`.
+    fn report(state: IdentityState, not_after: i64, anchor_pem: &str) -> IdentityReport {
+        let cert = |pem: &str| CertificateReport {
+            subject: String::new(),
+            issuer: String::new(),
+            serial: String::new(),
+            spiffe_id: None,
+            not_before: Timestamp(0),
+            not_after: Timestamp(not_after),
+            pem: pem.to_owned(),
+        };
+        IdentityReport {
+            state,
+            chain: vec![cert("")],
+            trust_anchors: vec![cert(anchor_pem)],
+            ..IdentityReport::disabled()
+        }
+    }
+
+    #[test]
+    fn certificates_expiring_within_a_day_or_under_other_anchors_are_named() {
+        let ours = mesh_controller::identity::GeneratedCa::generate(
+            "cluster.local",
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        )
+        .expect("a CA");
+        let theirs = mesh_controller::identity::GeneratedCa::generate(
+            "cluster.local",
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        )
+        .expect("another CA");
+        let anchors = der_blocks(&ours.trust_anchor.cert_pem);
+        assert_eq!(anchors.len(), 1);
+        let now = Timestamp(1_000_000);
+        let ours_pem = ours.trust_anchor.cert_pem.as_str();
+        let day = 24 * 3600;
+
+        let healthy = report(IdentityState::Certified, now.0 + 2 * day, ours_pem);
+        assert!(certificate_problems("shop/web", &healthy, &anchors, now).is_empty());
+
+        let soon = report(IdentityState::Certified, now.0 + 3 * 3600 + 120, ours_pem);
+        assert_eq!(
+            certificate_problems("shop/web", &soon, &anchors, now),
+            ["shop/web: its certificate expires in 3h 2m"]
+        );
+        let expired = report(IdentityState::Certified, now.0 - 7200, ours_pem);
+        assert_eq!(
+            certificate_problems("shop/web", &expired, &anchors, now),
+            ["shop/web: its certificate expired 2h ago"]
+        );
+        let foreign = report(
+            IdentityState::Certified,
+            now.0 + 2 * day,
+            &theirs.trust_anchor.cert_pem,
+        );
+        assert_eq!(
+            certificate_problems("shop/web", &foreign, &anchors, now),
+            ["shop/web: its proxy trusts anchors that are not the control plane's"]
+        );
+        let mut pending = report(IdentityState::Pending, now.0 + 2 * day, ours_pem);
+        pending.chain.clear();
+        pending.last_error = Some("the controller is unreachable".to_owned());
+        assert_eq!(
+            certificate_problems("shop/web", &pending, &anchors, now),
+            ["shop/web: its proxy has no certificate yet (the controller is unreachable)"]
+        );
     }
 }

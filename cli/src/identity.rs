@@ -154,7 +154,8 @@ async fn fetch(args: &IdentityArgs, global: &GlobalArgs) -> anyhow::Result<Ident
         let source = format!("the proxy of local pod {namespace}/{pod} ({addr})");
         return fetch_direct(&addr.to_string(), &source, args.timeout).await;
     }
-    fetch_through_api_server(global, namespace, pod, args.timeout).await
+    let client = crate::kubernetes::client(global).await?;
+    fetch_through_api_server(&client, namespace, pod, args.timeout).await
 }
 
 /// `GET /identity` from an admin server at `addr` (`HOST:PORT`, or an `http://` URL).
@@ -221,8 +222,8 @@ where
 
 /// `GET /identity` through a port-forward to the pod (via the API server), after checking the pod exists and is
 /// meshed (so those errors say so rather than a bare 404 or 503).
-async fn fetch_through_api_server(
-    global: &GlobalArgs,
+pub async fn fetch_through_api_server(
+    client: &kube::Client,
     namespace: &str,
     pod: &str,
     timeout: Duration,
@@ -230,7 +231,6 @@ async fn fetch_through_api_server(
     if !is_object_name(namespace) || !is_object_name(pod) {
         bail!("{namespace}/{pod} is not a valid pod name");
     }
-    let client = crate::kubernetes::client(global).await?;
     let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), namespace);
     let found = tokio::time::timeout(timeout, pods.get_opt(pod))
         .await

@@ -513,7 +513,10 @@ fn a_user_installs_the_mesh_on_a_real_node_and_meshes_an_app() {
     );
     let proxies = node.meshctl_ok(&["check", "--proxy"]);
     assert!(
-        proxies.contains("every proxy ready and current"),
+        proxies.contains("every proxy ready and current")
+            && proxies.contains(
+                "every certificate valid for more than a day, under the control plane's anchors"
+            ),
         "{proxies}"
     );
     // `meshctl inject` of the same YAML, with the installed trust anchors and proxy image,

@@ -717,6 +717,35 @@ fn certificate_problems(
     problems
 }
 
+/// The command that replaces `pod` with a new one: a rollout restart of the workload that
+/// owns it (a Deployment through its ReplicaSet, a StatefulSet, a DaemonSet), else deleting
+/// the pod itself.
+fn restart_command(pod: &Pod) -> String {
+    let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let owner = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true));
+    let workload = owner.and_then(|owner| match owner.kind.as_str() {
+        // A Deployment's ReplicaSet is named <deployment>-<pod-template-hash>.
+        "ReplicaSet" => {
+            let hash = pod.metadata.labels.as_ref()?.get("pod-template-hash")?;
+            let deployment = owner.name.strip_suffix(&format!("-{hash}"))?;
+            Some(format!("deploy/{deployment}"))
+        }
+        "StatefulSet" => Some(format!("statefulset/{}", owner.name)),
+        "DaemonSet" => Some(format!("daemonset/{}", owner.name)),
+        _ => None,
+    });
+    match workload {
+        Some(workload) => format!("kubectl -n {ns} rollout restart {workload}"),
+        None => format!("kubectl -n {ns} delete pod {name}"),
+    }
+}
+
 /// The meshed pods: their proxy is this version and ready.
 async fn proxy_check(client: &kube::Client, namespace: Option<&str>) -> Outcome {
     const NAME: &str = "proxies";
@@ -736,6 +765,8 @@ async fn proxy_check(client: &kube::Client, namespace: Option<&str>) -> Outcome 
     };
     let mut meshed = 0;
     let mut problems = Vec::new();
+    // The restarts that give old proxies the current one, a line per workload.
+    let mut restarts = std::collections::BTreeSet::new();
     for pod in &list.items {
         let annotations = pod.metadata.annotations.clone().unwrap_or_default();
         let Some(version) = annotations.get(mesh_injector::annotations::INJECTED) else {
@@ -752,6 +783,7 @@ async fn proxy_check(client: &kube::Client, namespace: Option<&str>) -> Outcome 
                 "{name} runs proxy {version}, not {}",
                 mesh_injector::VERSION
             ));
+            restarts.insert(restart_command(pod));
         }
         let status = pod.status.clone().unwrap_or_default();
         let proxy_ready = status
@@ -771,11 +803,16 @@ async fn proxy_check(client: &kube::Client, namespace: Option<&str>) -> Outcome 
             format!("{meshed} meshed pod(s), every proxy ready and current"),
         )
     } else {
-        Outcome::fail(
-            NAME,
-            problems.join("; "),
-            "kubectl rollout restart the workloads of those pods (they get the current proxy), and see `kubectl logs POD -c mesh-proxy`",
-        )
+        let fix = if restarts.is_empty() {
+            "see `kubectl logs POD -c mesh-proxy` and `kubectl describe pod POD`".to_owned()
+        } else {
+            let commands: Vec<String> = restarts.into_iter().collect();
+            format!(
+                "restart their workloads, whose new pods get the current proxy: {}",
+                commands.join("; ")
+            )
+        };
+        Outcome::fail(NAME, problems.join("; "), fix)
     }
 }
 
@@ -801,6 +838,53 @@ mod tests {
             chain: vec![cert("")],
             trust_anchors: vec![cert(anchor_pem)],
             ..IdentityReport::disabled()
+        }
+    }
+
+    #[test]
+    fn old_proxies_are_updated_by_restarting_their_workloads() {
+        let pod = |owner: Option<(&str, &str)>, hash: Option<&str>| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {
+                    "name": "web-5d8f7-abcde", "namespace": "shop",
+                    "labels": hash.map(|h| serde_json::json!({"pod-template-hash": h})),
+                    "ownerReferences": owner.map(|(kind, name)| serde_json::json!([{
+                        "apiVersion": "apps/v1", "kind": kind, "name": name, "uid": "u",
+                        "controller": true,
+                    }])),
+                },
+            }))
+            .expect("a pod")
+        };
+        let cases = [
+            (
+                pod(Some(("ReplicaSet", "web-5d8f7")), Some("5d8f7")),
+                "kubectl -n shop rollout restart deploy/web",
+            ),
+            (
+                pod(Some(("StatefulSet", "db")), None),
+                "kubectl -n shop rollout restart statefulset/db",
+            ),
+            (
+                pod(Some(("DaemonSet", "agent")), None),
+                "kubectl -n shop rollout restart daemonset/agent",
+            ),
+            (
+                pod(Some(("Job", "once")), None),
+                "kubectl -n shop delete pod web-5d8f7-abcde",
+            ),
+            (
+                pod(None, None),
+                "kubectl -n shop delete pod web-5d8f7-abcde",
+            ),
+            // A ReplicaSet of its own (no Deployment) has no hash label.
+            (
+                pod(Some(("ReplicaSet", "web-5d8f7")), None),
+                "kubectl -n shop delete pod web-5d8f7-abcde",
+            ),
+        ];
+        for (pod, want) in cases {
+            assert_eq!(restart_command(&pod), want);
         }
     }
 

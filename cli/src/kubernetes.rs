@@ -159,6 +159,89 @@ pub async fn apply(client: &kube::Client, objects: &[Value]) -> anyhow::Result<(
     Ok(())
 }
 
+/// The kinds [`prune`] looks at: all the control plane is made of but its CRDs and its
+/// namespace, which hold the users' own objects and are never deleted behind their back.
+const PRUNABLE: &[(&str, &str, &str)] = &[
+    ("", "v1", "ServiceAccount"),
+    ("", "v1", "ConfigMap"),
+    ("", "v1", "Secret"),
+    ("", "v1", "Service"),
+    ("apps", "v1", "Deployment"),
+    ("rbac.authorization.k8s.io", "v1", "ClusterRole"),
+    ("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding"),
+    ("rbac.authorization.k8s.io", "v1", "Role"),
+    ("rbac.authorization.k8s.io", "v1", "RoleBinding"),
+    (
+        "admissionregistration.k8s.io",
+        "v1",
+        "MutatingWebhookConfiguration",
+    ),
+    ("policy", "v1", "PodDisruptionBudget"),
+];
+
+/// Deletes what the cluster has of the mesh (objects labelled `selector`, of the
+/// [`PRUNABLE`] kinds) that `objects` no longer has: what an older version installed and this
+/// one does not. Returns what it deleted.
+pub async fn prune(
+    client: &kube::Client,
+    objects: &[Value],
+    selector: &str,
+) -> anyhow::Result<Vec<String>> {
+    let key = |kind: &str, namespace: Option<&str>, name: &str| {
+        format!("{kind} {}/{name}", namespace.unwrap_or_default())
+    };
+    let wanted: std::collections::BTreeSet<String> = objects
+        .iter()
+        .map(|o| {
+            key(
+                o["kind"].as_str().unwrap_or_default(),
+                o["metadata"]["namespace"].as_str(),
+                o["metadata"]["name"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let discovery = discover_serving(client, &[]).await?;
+    let mut deleted = Vec::new();
+    for (group, version, kind) in PRUNABLE {
+        let gvk = GroupVersionKind::gvk(group, version, kind);
+        // Not served here (an older API server): nothing of it can be left.
+        let Some((resource, _)) = discovery.resolve_gvk(&gvk) else {
+            continue;
+        };
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+        let found = api
+            .list(&kube::api::ListParams::default().labels(selector))
+            .await
+            .with_context(|| format!("listing the mesh's {kind}s"))?;
+        for object in found.items {
+            let (namespace, name) = (
+                object.metadata.namespace.as_deref(),
+                object.metadata.name.as_deref().unwrap_or_default(),
+            );
+            if wanted.contains(&key(kind, namespace, name)) {
+                continue;
+            }
+            let api: Api<DynamicObject> = match namespace {
+                Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+                None => Api::all_with(client.clone(), &resource),
+            };
+            let what = match namespace {
+                Some(ns) => format!("{kind} {ns}/{name}"),
+                None => format!("{kind} {name}"),
+            };
+            match api.delete(name, &DeleteParams::background()).await {
+                Ok(_) => {
+                    println!("pruned {what} (this version no longer has it)");
+                    deleted.push(what);
+                }
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(e) => return Err(e).with_context(|| format!("pruning {what}")),
+            }
+        }
+    }
+    Ok(deleted)
+}
+
 /// Deletes `objects` in reverse order; those already gone are skipped.
 pub async fn delete(client: &kube::Client, objects: &[Value]) -> anyhow::Result<()> {
     let discovery = discover_serving(client, &[]).await?;

@@ -76,6 +76,10 @@ enum Command {
     Uninject(inject::UninjectArgs),
     /// Print (or apply, with --apply) everything the mesh's control plane needs in a cluster.
     Install(install::InstallArgs),
+    /// Move an installed control plane to this version in place: `install --apply` that keeps
+    /// the identity issuer, trust anchors and webhook certificate, and prunes what this version
+    /// no longer has. Proxies update when their pods restart (`meshctl check --proxy` lists them).
+    Upgrade(install::InstallArgs),
     /// Print (or delete, with --delete) what `meshctl install` created.
     Uninstall(install::UninstallArgs),
     /// A proxy's certificate chain, trust anchors and renewal: of POD (through the API server,
@@ -106,6 +110,7 @@ fn main() -> anyhow::Result<()> {
         Command::Inject(args) => inject::run_inject(&args, global.namespace.as_deref()),
         Command::Uninject(args) => inject::run_uninject(&args),
         Command::Install(args) => install::run_install(args, &global),
+        Command::Upgrade(args) => install::run_upgrade(args, &global),
         Command::Uninstall(args) => install::run_uninstall(args, &global),
         Command::Check(args) => check::run(args, &global),
         Command::Identity(args) => identity::run(args, &global),

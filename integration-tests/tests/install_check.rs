@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
@@ -414,6 +414,14 @@ async fn install_check_and_uninstall_against_a_real_api_server() {
         "meshctl install --apply",
     );
 
+    // Nothing to upgrade yet.
+    let early = meshctl(&kubeconfig, &["upgrade"]);
+    assert!(
+        !early.status.success()
+            && String::from_utf8_lossy(&early.stderr).contains("nothing to upgrade"),
+        "upgrade before any install"
+    );
+
     // The install, its injector at a loopback URL.
     let injector_port = free_port();
     let url = format!("https://127.0.0.1:{injector_port}/inject");
@@ -501,6 +509,56 @@ async fn install_check_and_uninstall_against_a_real_api_server() {
     ] {
         assert!(names.contains(&name), "no {name} check in {names:?}");
     }
+
+    // An upgrade in place: a leftover of an older version (labelled as the mesh's) is pruned,
+    // what is not the mesh's stays, and the identity issuer is kept.
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+    for (name, labels) in [
+        (
+            "mesh-retired",
+            json!({"app.kubernetes.io/part-of": "mesh", "mesh.dev/control-plane-ns": NS}),
+        ),
+        ("someone-elses", json!({})),
+    ] {
+        let config_map: ConfigMap = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "labels": labels},
+        }))
+        .expect("config map");
+        config_maps
+            .create(&PostParams::default(), &config_map)
+            .await
+            .expect("create a ConfigMap");
+    }
+    let issuer = |secret: Secret| secret.data.and_then(|d| d.get("tls.crt").cloned());
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let issuer_before = issuer(secrets.get("mesh-identity-issuer").await.expect("issuer"));
+    let upgrade = meshctl(&kubeconfig, &["upgrade", "--webhook-url", &url]);
+    assert!(upgrade.status.success(), "upgrade must succeed");
+    assert!(
+        stdout(&upgrade).contains("pruned ConfigMap mesh-system/mesh-retired"),
+        "{}",
+        stdout(&upgrade)
+    );
+    assert!(
+        config_maps
+            .get_opt("mesh-retired")
+            .await
+            .expect("read")
+            .is_none()
+    );
+    assert!(
+        config_maps
+            .get_opt("someone-elses")
+            .await
+            .expect("read")
+            .is_some()
+    );
+    assert_eq!(
+        issuer(secrets.get("mesh-identity-issuer").await.expect("issuer")),
+        issuer_before,
+        "the upgrade replaced the identity issuer"
+    );
 
     observers_are_authorized_by_rbac(
         &client,

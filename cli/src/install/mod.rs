@@ -95,12 +95,63 @@ pub fn run_install(args: InstallArgs, global: &GlobalArgs) -> anyhow::Result<()>
             Some(client) => {
                 let objects = keep_foreign_crds(client, objects).await?;
                 kubernetes::apply(client, &objects).await?;
+                // Applied first, pruned after: the webhook and the control plane are never
+                // without the objects they run on, and an upgrade leaves no stale ones behind.
+                let selector = format!(
+                    "app.kubernetes.io/part-of=mesh,mesh.dev/control-plane-ns={}",
+                    values.namespace
+                );
+                kubernetes::prune(client, &objects, &selector).await?;
                 println!("installed; `meshctl check` tells when the control plane is ready");
                 Ok(())
             }
             None => print_yaml(&objects),
         }
     })
+}
+
+/// `meshctl upgrade`: `install --apply` over an installed control plane, which must be there.
+pub fn run_upgrade(mut args: InstallArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+    if args.crds || args.print_values {
+        anyhow::bail!("upgrade applies: --crds and --print-values are for `meshctl install`");
+    }
+    let values = values_from(&args, global)?;
+    runtime()?.block_on(async {
+        let client = kubernetes::client(global).await?;
+        let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+            kube::Api::namespaced(client, &values.namespace);
+        let installed = deployments
+            .get_opt(names::CONTROLLER)
+            .await
+            .with_context(|| {
+                format!(
+                    "reading deployment {}/{}",
+                    values.namespace,
+                    names::CONTROLLER
+                )
+            })?;
+        let Some(installed) = installed else {
+            anyhow::bail!(
+                "nothing to upgrade: no {} deployment in namespace {} (install with `meshctl \
+                 install --apply`)",
+                names::CONTROLLER,
+                values.namespace
+            );
+        };
+        let image = installed
+            .spec
+            .and_then(|s| s.template.spec)
+            .and_then(|s| s.containers.into_iter().next())
+            .and_then(|c| c.image)
+            .unwrap_or_default();
+        println!(
+            "upgrading the control plane in {} (controller image was {image})",
+            values.namespace
+        );
+        anyhow::Ok(())
+    })?;
+    args.apply = true;
+    run_install(args, global)
 }
 
 pub fn run_uninstall(args: UninstallArgs, global: &GlobalArgs) -> anyhow::Result<()> {

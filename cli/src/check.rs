@@ -644,7 +644,7 @@ async fn proxy_certificates_check(
         Outcome::pass(
             NAME,
             format!(
-                "{read} running meshed pod(s): every certificate valid for more than a day, under the control plane's anchors{skipped}"
+                "{read} running meshed pod(s): every certificate valid, renewed in time, under the control plane's anchors{skipped}"
             ),
         )
     } else {
@@ -662,8 +662,10 @@ fn der_blocks(pem: &str) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// What is wrong with one proxy's certificates: none, expired or expiring within a day, or
-/// trust anchors none of which is the control plane's (it would refuse the mesh's peers).
+/// What is wrong with one proxy's certificates: none, expired, or expiring soon (within a day,
+/// or, for leaves shorter-lived than five days such as the default 24 h ones, within a fifth
+/// of their lifetime: the proxy renews at 70%, so such a leaf missed its renewal), or trust
+/// anchors none of which is the control plane's (it would refuse the mesh's peers).
 fn certificate_problems(
     pod: &str,
     report: &mesh_spiffe::report::IdentityReport,
@@ -689,12 +691,14 @@ fn certificate_problems(
     }
     if let Some(leaf) = report.chain.first() {
         let left = leaf.not_after.0 - now.0;
+        let lifetime = leaf.not_after.0 - leaf.not_before.0;
+        let soon = DAY.min(lifetime / 5);
         if left <= 0 {
             problems.push(format!(
                 "{pod}: its certificate expired {}h ago",
                 -left / 3600
             ));
-        } else if left < DAY {
+        } else if left < soon {
             problems.push(format!(
                 "{pod}: its certificate expires in {}h {}m",
                 left / 3600,
@@ -910,6 +914,16 @@ mod tests {
 
         let healthy = report(IdentityState::Certified, now.0 + 2 * day, ours_pem);
         assert!(certificate_problems("shop/web", &healthy, &anchors, now).is_empty());
+        // A default 24 h leaf: fresh is fine, 3 h before its end it missed its renewal.
+        let mut fresh = report(IdentityState::Certified, now.0 + day - 60, ours_pem);
+        fresh.chain[0].not_before = Timestamp(now.0 - 60);
+        assert!(certificate_problems("shop/web", &fresh, &anchors, now).is_empty());
+        let mut late = report(IdentityState::Certified, now.0 + 3 * 3600, ours_pem);
+        late.chain[0].not_before = Timestamp(now.0 + 3 * 3600 - day);
+        assert_eq!(
+            certificate_problems("shop/web", &late, &anchors, now),
+            ["shop/web: its certificate expires in 3h 0m"]
+        );
 
         let soon = report(IdentityState::Certified, now.0 + 3 * 3600 + 120, ours_pem);
         assert_eq!(

@@ -41,6 +41,9 @@ pub struct GlobalArgs {
     /// The namespace to act in.
     #[arg(short = 'n', long, global = true)]
     pub namespace: Option<String>,
+    /// Every namespace (what stat, edges, tap, top, dashboard and check --proxy do without -n).
+    #[arg(short = 'A', long, global = true, conflicts_with = "namespace")]
+    pub all_namespaces: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -518,7 +518,7 @@ fn a_user_installs_the_mesh_on_a_real_node_and_meshes_an_app() {
     assert!(
         proxies.contains("every proxy ready and current")
             && proxies.contains(
-                "every certificate valid for more than a day, under the control plane's anchors"
+                "every certificate valid, renewed in time, under the control plane's anchors"
             ),
         "{proxies}"
     );

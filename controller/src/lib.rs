@@ -22,6 +22,7 @@ pub mod health;
 pub mod identity;
 pub mod index;
 pub mod kubernetes;
+pub mod lease;
 pub mod meta;
 pub mod metrics;
 pub mod objects;
@@ -84,6 +85,9 @@ pub struct Config {
     pub default_inbound_policy: policy::inbound::DefaultPolicy,
     /// Spans of the gRPC handlers, exported over OTLP; none without it.
     pub trace: Option<trace::TraceOptions>,
+    /// The Lease replicas compete for to write route status (Kubernetes, several replicas);
+    /// without it this replica writes alone.
+    pub status_lease: Option<lease::Election>,
 }
 
 /// Where the identity CA's issuer comes from and how it signs.
@@ -120,6 +124,7 @@ impl Config {
             identity: None,
             default_inbound_policy: policy::inbound::DefaultPolicy::AllUnauthenticated,
             trace: None,
+            status_lease: None,
         }
     }
 }
@@ -379,11 +384,20 @@ pub async fn run(
     let outbound_settings = policy::outbound::OutboundSettings {
         cluster_domain: config.cluster_domain.clone(),
     };
+    let leading = match (&kube_client, &config.status_lease) {
+        (Some(client), Some(election)) => Some(lease::spawn(
+            client.clone(),
+            election.clone(),
+            stop_rx.clone(),
+        )),
+        _ => None,
+    };
     tokio::spawn(policy::report::run(
         policy_inputs,
         outbound_settings.clone(),
         policy_metrics,
         kube_client,
+        leading,
         stop_rx.clone(),
     ));
     let inbound_policies = policy::server::InboundPoliciesService::new(

@@ -103,6 +103,13 @@ struct Args {
         default_value = "all-unauthenticated"
     )]
     default_inbound_policy: DefaultPolicy,
+    /// This replica's name (its pod's, from the downward API): with --lease-namespace, the
+    /// replicas elect one route status writer with a Lease.
+    #[arg(long, env = "MESH_CONTROLLER_POD_NAME")]
+    pod_name: Option<String>,
+    /// Where the status writer's Lease lives (the control plane's namespace).
+    #[arg(long, env = "MESH_CONTROLLER_POD_NAMESPACE")]
+    lease_namespace: Option<String>,
     /// An OpenTelemetry collector (OTLP/gRPC, `http://host:4317`) for spans of the gRPC
     /// handlers; none without it.
     #[arg(long, env = "MESH_CONTROLLER_TRACE_COLLECTOR")]
@@ -174,6 +181,14 @@ fn main() -> anyhow::Result<()> {
                 collector,
                 sample_rate: args.trace_sample_rate,
             }),
+        status_lease: match (&args.lease_namespace, &args.pod_name) {
+            (Some(namespace), Some(identity)) => Some(mesh_controller::lease::Election {
+                namespace: namespace.clone(),
+                name: mesh_controller::lease::STATUS_WRITER_LEASE.to_owned(),
+                identity: identity.clone(),
+            }),
+            _ => None,
+        },
         ..Config::new(discovery)
     };
 

@@ -388,3 +388,122 @@ async fn kubernetes_changes_arrive_as_diffs() {
     let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
     drop(cluster);
 }
+
+/// Polls `leaders` until `want` (a, b, c) holds, failing after `within`.
+async fn wait_leaders(
+    leaders: &[&tokio::sync::watch::Receiver<bool>],
+    want: &[bool],
+    within: Duration,
+    what: &str,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let now: Vec<bool> = leaders.iter().map(|l| *l.borrow()).collect();
+        if now == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: leaders {now:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// HA: replicas elect exactly one route status writer with a Lease; a writer that stops hands
+/// over at once (it releases the Lease); one that vanished without releasing (a killed pod) is
+/// replaced once its record has not been renewed for the lease's duration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_elect_one_status_writer_and_hand_over() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use mesh_controller::lease::{self, Election, LEASE_DURATION};
+    use tokio::sync::watch;
+
+    let Some(cluster) = Cluster::get("controller_lease") else {
+        return;
+    };
+    let client = Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&cluster.kubeconfig).expect("read the kubeconfig"),
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .expect("a client config from the kubeconfig"),
+    )
+    .expect("a Kubernetes client");
+    let election = |name: &str, identity: &str| Election {
+        namespace: "default".to_owned(),
+        name: name.to_owned(),
+        identity: identity.to_owned(),
+    };
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    let holder = |lease: Lease| lease.spec.and_then(|s| s.holder_identity);
+
+    let (stop_a, stop_a_rx) = watch::channel(false);
+    let (stop_b, stop_b_rx) = watch::channel(false);
+    let a = lease::spawn(client.clone(), election("writer", "a"), stop_a_rx);
+    let b = lease::spawn(client.clone(), election("writer", "b"), stop_b_rx);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while *a.borrow() == *b.borrow() {
+        assert!(!(*a.borrow() && *b.borrow()), "two leaders");
+        assert!(tokio::time::Instant::now() < deadline, "no leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Exactly one, through more than one renewal, and the Lease names it.
+    let a_leads = *a.borrow();
+    for _ in 0..70 {
+        assert_ne!(
+            *a.borrow(),
+            *b.borrow(),
+            "exactly one leader at every moment"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        holder(leases.get("writer").await.expect("lease")).as_deref(),
+        Some(if a_leads { "a" } else { "b" })
+    );
+    // The leader stops: it releases, and the other takes over within a retry.
+    let (leader_stop, follower) = if a_leads {
+        (&stop_a, &b)
+    } else {
+        (&stop_b, &a)
+    };
+    leader_stop.send(true).expect("stop the leader");
+    wait_leaders(&[follower], &[true], Duration::from_secs(5), "hand-over").await;
+
+    // A holder that vanished without releasing: its record stands until it is stale.
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    );
+    let ghost: Lease = serde_json::from_value(json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "ghosted"},
+        "spec": {"holderIdentity": "killed-pod", "leaseDurationSeconds": 15,
+                 "renewTime": now, "acquireTime": now},
+    }))
+    .expect("lease");
+    leases
+        .create(&PostParams::default(), &ghost)
+        .await
+        .expect("create the ghost's lease");
+    let (_stop_c, stop_c_rx) = watch::channel(false);
+    let started = tokio::time::Instant::now();
+    let c = lease::spawn(client.clone(), election("ghosted", "c"), stop_c_rx);
+    wait_leaders(
+        &[&c],
+        &[true],
+        LEASE_DURATION + Duration::from_secs(10),
+        "take-over",
+    )
+    .await;
+    assert!(
+        started.elapsed() >= LEASE_DURATION - Duration::from_secs(1),
+        "took over a lease that was not stale yet ({:?})",
+        started.elapsed()
+    );
+    assert_eq!(
+        holder(leases.get("ghosted").await.expect("lease")).as_deref(),
+        Some("c")
+    );
+}

@@ -117,6 +117,24 @@ pub fn control_plane(values: &Values) -> Vec<Value> {
             ],
         }),
         cluster_role_binding(values, names::CONTROLLER, "controller"),
+        // The status writer's Lease, in the control plane's namespace only.
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": names::CONTROLLER, "namespace": ns,
+                         "labels": labels(values, "controller")},
+            "rules": [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                       "verbs": ["get", "create", "update"]}],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": names::CONTROLLER, "namespace": ns,
+                         "labels": labels(values, "controller")},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                        "name": names::CONTROLLER},
+            "subjects": [{"kind": "ServiceAccount", "name": names::CONTROLLER, "namespace": ns}],
+        }),
         // What users are granted to watch the mesh (the controller asks RBAC about these
         // rules): tap by admins of a namespace, stats by anyone who may view it.
         observer_role(values, "mesh-tap", "tap.mesh.dev", "watch", "admin"),
@@ -377,6 +395,13 @@ fn controller_deployment(values: &Values) -> Value {
                 format!("--identity-leaf-lifetime={}", values.identity.leaf_lifetime),
                 format!("--default-inbound-policy={}", values.proxy.default_inbound_policy),
                 format!("--log-level={}", values.controller_log_level),
+            ],
+            // Who this replica is and where the replicas elect the route status writer.
+            "env": [
+                {"name": "MESH_CONTROLLER_POD_NAME",
+                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "MESH_CONTROLLER_POD_NAMESPACE",
+                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
             ],
             "ports": [
                 {"name": "grpc", "containerPort": GRPC_PORT},

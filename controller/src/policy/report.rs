@@ -26,12 +26,15 @@ type Written = BTreeMap<(Kind, ObjectKey), (Option<i64>, Option<String>)>;
 /// The controller name written into route status.
 pub const CONTROLLER_NAME: &str = "mesh.dev/controller";
 
-/// Runs until `shutdown` turns true, reporting on every new snapshot.
+/// Runs until `shutdown` turns true, reporting on every new snapshot. Route status is
+/// written through `client` while `leading` says this replica holds the status writer's Lease
+/// (always, without an election: one replica).
 pub async fn run(
     mut inputs: watch::Receiver<Arc<PolicyInputs>>,
     settings: OutboundSettings,
     metrics: PolicyMetrics,
     client: Option<kube::Client>,
+    mut leading: Option<watch::Receiver<bool>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut reported: BTreeSet<String> = BTreeSet::new();
@@ -74,11 +77,23 @@ pub async fn run(
             );
         }
         reported = now;
-        if let Some(client) = &client {
-            write_route_status(client, &snapshot, &problems, &mut written).await;
+        let writes = leading.as_mut().is_none_or(|l| *l.borrow_and_update());
+        match &client {
+            Some(client) if writes => {
+                write_route_status(client, &snapshot, &problems, &mut written).await;
+            }
+            // Another replica writes; when this one takes over, it writes everything afresh.
+            _ => written.clear(),
         }
+        let leadership_changed = async {
+            match leading.as_mut() {
+                Some(l) => l.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             changed = inputs.changed() => if changed.is_err() { return },
+            ok = leadership_changed => if !ok { return },
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }

@@ -148,6 +148,7 @@ pub async fn apply(client: &kube::Client, objects: &[Value]) -> anyhow::Result<(
         if is_crd {
             new_kinds.extend(crd_kinds(object));
         }
+        let object = &served_version(&discovery, object);
         let (api, name) = api_for(client, &discovery, object)?;
         let typed: DynamicObject = serde_json::from_value(object.clone())
             .with_context(|| format!("{} is not a Kubernetes object", describe(object)))?;
@@ -177,6 +178,7 @@ const PRUNABLE: &[(&str, &str, &str)] = &[
         "MutatingWebhookConfiguration",
     ),
     ("policy", "v1", "PodDisruptionBudget"),
+    ("policy", "v1beta1", "PodDisruptionBudget"),
 ];
 
 /// Deletes what the cluster has of the mesh (objects labelled `selector`, of the
@@ -242,10 +244,39 @@ pub async fn prune(
     Ok(deleted)
 }
 
+/// Older API versions of what the mesh renders, with the same fields, for API servers that do
+/// not serve the current one yet: (current, kind, older).
+const OLDER_VERSIONS: &[(&str, &str, &str)] =
+    &[("policy/v1", "PodDisruptionBudget", "policy/v1beta1")];
+
+/// `object`, or the same at an older API version the server serves when it does not serve
+/// `object`'s (a PodDisruptionBudget on Kubernetes 1.20).
+fn served_version(discovery: &Discovery, object: &Value) -> Value {
+    let served = |api_version: &str, kind: &str| {
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        discovery
+            .resolve_gvk(&GroupVersionKind::gvk(group, version, kind))
+            .is_some()
+    };
+    let api_version = object["apiVersion"].as_str().unwrap_or_default();
+    let kind = object["kind"].as_str().unwrap_or_default();
+    if !served(api_version, kind) {
+        for (current, older_kind, older) in OLDER_VERSIONS {
+            if *current == api_version && *older_kind == kind && served(older, kind) {
+                let mut older_object = object.clone();
+                older_object["apiVersion"] = Value::from(*older);
+                return older_object;
+            }
+        }
+    }
+    object.clone()
+}
+
 /// Deletes `objects` in reverse order; those already gone are skipped.
 pub async fn delete(client: &kube::Client, objects: &[Value]) -> anyhow::Result<()> {
     let discovery = discover_serving(client, &[]).await?;
     for object in objects.iter().rev() {
+        let object = &served_version(&discovery, object);
         let Ok((api, name)) = api_for(client, &discovery, object) else {
             // Its kind is not served (a CRD already removed): nothing of it is left.
             continue;

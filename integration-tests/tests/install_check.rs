@@ -668,6 +668,31 @@ async fn install_check_and_uninstall_against_a_real_api_server() {
         std::thread::sleep(Duration::from_millis(500));
     }
 
+    // HA adds disruption budgets (policy/v1beta1 on this 1.20 API server, which does not
+    // serve policy/v1 yet).
+    let ha = meshctl(
+        &kubeconfig,
+        &["install", "--apply", "--ha", "--webhook-url", &url],
+    );
+    assert!(ha.status.success(), "install --ha must succeed");
+    for name in ["mesh-controller", "mesh-injector"] {
+        assert!(
+            stdout(&ha).contains(&format!("applied PodDisruptionBudget mesh-system/{name}")),
+            "{}",
+            stdout(&ha)
+        );
+    }
+    let pdbs = || {
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["-n", NS, "get", "pdb", "-o", "name"])
+            .output()
+            .expect("run kubectl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(pdbs().contains("mesh-controller"), "{}", pdbs());
+
     // An issuer of another anchor.
     let other = temp.join("other");
     std::fs::create_dir_all(&other).expect("mkdir");
@@ -698,6 +723,7 @@ async fn install_check_and_uninstall_against_a_real_api_server() {
     // Uninstall removes what install made.
     let uninstall = meshctl(&kubeconfig, &["uninstall", "--delete"]);
     assert!(uninstall.status.success());
+    assert_eq!(pdbs().trim(), "", "uninstall left disruption budgets");
     let webhooks =
         Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
             client.clone(),

@@ -156,6 +156,8 @@ pub fn run_upgrade(mut args: InstallArgs, global: &GlobalArgs) -> anyhow::Result
 
 pub fn run_uninstall(args: UninstallArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let mut tree = values::default_tree()?;
+    // With HA, so what only an HA install has (its disruption budgets) is listed too.
+    values::overlay(&mut tree, json!({"ha": true}));
     if let Some(ns) = &global.namespace {
         values::overlay(&mut tree, json!({"namespace": ns}));
     }

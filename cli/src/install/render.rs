@@ -214,6 +214,9 @@ pub fn control_plane(values: &Values) -> Vec<Value> {
                 ],
             },
         }),
+    ])
+    .chain(disruption_budget(values, names::CONTROLLER, "controller"))
+    .chain([
         injector_deployment(values),
         json!({
             "apiVersion": "v1",
@@ -227,9 +230,25 @@ pub fn control_plane(values: &Values) -> Vec<Value> {
                 "ports": [{"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"}],
             },
         }),
-        webhook_configuration(values),
     ])
+    .chain([webhook_configuration(values)])
+    .chain(disruption_budget(values, names::INJECTOR, "injector"))
     .collect()
+}
+
+/// With HA, a drain or a node upgrade takes at most one replica of `component` at a time.
+/// policy/v1 (Kubernetes 1.21+); `kubernetes::apply` falls back to policy/v1beta1 on older
+/// API servers.
+fn disruption_budget(values: &Values, name: &str, component: &str) -> Option<Value> {
+    values.ha.then(|| {
+        json!({
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": {"name": name, "namespace": values.namespace,
+                         "labels": labels(values, component)},
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(component)}},
+        })
+    })
 }
 
 /// The Grafana dashboards as ConfigMaps for Grafana's dashboard sidecar, each JSON compacted

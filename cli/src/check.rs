@@ -598,19 +598,9 @@ async fn proxy_certificates_check(
         }
     };
     let anchors = der_blocks(&anchors_pem);
-    let pods: Api<Pod> = match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let list = match pods.list(&ListParams::default()).await {
+    let list = match list_pods(client, namespace, NAME).await {
         Ok(list) => list,
-        Err(e) => {
-            return Outcome::fail(
-                NAME,
-                format!("cannot list pods: {e}"),
-                "check that you may list pods",
-            );
-        }
+        Err(failed) => return failed,
     };
     let meshed: Vec<(String, String)> = list
         .items
@@ -750,22 +740,32 @@ fn restart_command(pod: &Pod) -> String {
     }
 }
 
-/// The meshed pods: their proxy is this version and ready.
-async fn proxy_check(client: &kube::Client, namespace: Option<&str>) -> Outcome {
-    const NAME: &str = "proxies";
+/// The pods of `namespace` (all namespaces when `None`), or the failed check `name` saying
+/// they could not be listed.
+async fn list_pods(
+    client: &kube::Client,
+    namespace: Option<&str>,
+    name: &str,
+) -> Result<kube::core::ObjectList<Pod>, Outcome> {
     let pods: Api<Pod> = match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let list = match pods.list(&ListParams::default()).await {
+    pods.list(&ListParams::default()).await.map_err(|e| {
+        Outcome::fail(
+            name,
+            format!("cannot list pods: {e}"),
+            "check that you may list pods",
+        )
+    })
+}
+
+/// The meshed pods: their proxy is this version and ready.
+async fn proxy_check(client: &kube::Client, namespace: Option<&str>) -> Outcome {
+    const NAME: &str = "proxies";
+    let list = match list_pods(client, namespace, NAME).await {
         Ok(list) => list,
-        Err(e) => {
-            return Outcome::fail(
-                NAME,
-                format!("cannot list pods: {e}"),
-                "check that you may list pods",
-            );
-        }
+        Err(failed) => return failed,
     };
     let mut meshed = 0;
     let mut problems = Vec::new();

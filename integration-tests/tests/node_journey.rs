@@ -366,6 +366,7 @@ fn a_user_installs_the_mesh_on_a_real_node_and_meshes_an_app() {
         "--tag",
         VERSION,
         "--apply",
+        "--ha",
     ]);
     node.rollout("mesh-system", "mesh-controller");
     node.rollout("mesh-system", "mesh-injector");
@@ -586,6 +587,43 @@ fn a_user_installs_the_mesh_on_a_real_node_and_meshes_an_app() {
     wait_for("the Job to complete", Duration::from_secs(60), || {
         (node.jsonpath("shop", "job/report", "{.status.succeeded}") == "1").then_some(())
     });
+    // HA: a controller replica killed under steady traffic fails no request; the proxies
+    // reconnect to the others, which then carry the rollout below (new endpoints, new
+    // certificates), and meshctl's port-forward finds a Ready replica.
+    let count = |prefix: &str| {
+        client_log(&node)
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .count()
+    };
+    let controllers = node.pods("mesh-system", "mesh.dev/control-plane-component=controller");
+    assert_eq!(
+        controllers.len(),
+        3,
+        "--ha runs 3 controllers: {controllers:?}"
+    );
+    let (failed_before_kill, ok_before_kill) = (count("fail"), count("ok"));
+    node.kubectl_ok(&[
+        "-n",
+        "mesh-system",
+        "delete",
+        "pod",
+        &controllers[0],
+        "--grace-period=0",
+        "--force",
+    ]);
+    wait_for(
+        "10 s of traffic after a controller was killed",
+        Duration::from_secs(60),
+        || (count("ok") >= ok_before_kill + 20).then_some(()),
+    );
+    assert_eq!(
+        count("fail"),
+        failed_before_kill,
+        "requests failed when a controller replica was killed"
+    );
+    node.meshctl_ok(&["-n", "shop", "stat", "deploy", "--token", token]);
+
     // A rollout restart under steady traffic fails no request.
     let failed_before = client_log(&node)
         .iter()

@@ -1,8 +1,7 @@
-//! `meshctl stat` and `meshctl edges`: the controller's Stats API as tables or JSON.
+//! `meshctl stat` and `meshctl edges`: the controller's Stats API as tables, JSON or YAML.
 //!
-//! Also what the dashboard and the demo share with them: finding the controller (a flag, or
-//! the local mesh's loopback forward from `meshctl local status`), calling the API, and
-//! formatting rates, shares and latencies.
+//! Also what the dashboard and the demo share with them: calling the API (the controller is
+//! found and reached by [`crate::controller`]) and formatting rates, shares and latencies.
 
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use serde_json::json;
 
 use crate::GlobalArgs;
 use crate::controller::{Controller, ControllerArgs, ControllerChannel};
-pub use crate::output::Output;
+use crate::output::Output;
 
 /// How long one Stats call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);

@@ -624,6 +624,39 @@ fn a_user_installs_the_mesh_on_a_real_node_and_meshes_an_app() {
     );
     node.meshctl_ok(&["-n", "shop", "stat", "deploy", "--token", token]);
 
+    // An upgrade in place under the same steady traffic: `meshctl upgrade` applies and prunes,
+    // then the control plane rolls (as a new version's images would make it) one replica at a
+    // time; no request fails. (There is one version's images here; the protos' wire format
+    // across versions is pinned by mesh-proto's compat test.)
+    let failed_before_upgrade = count("fail");
+    node.meshctl_ok(&[
+        "upgrade",
+        "--registry",
+        "localhost/mesh",
+        "--tag",
+        VERSION,
+        "--ha",
+    ]);
+    node.kubectl_ok(&[
+        "rollout",
+        "restart",
+        "-n",
+        "mesh-system",
+        "deploy/mesh-controller",
+        "deploy/mesh-injector",
+    ]);
+    node.rollout("mesh-system", "mesh-controller");
+    node.rollout("mesh-system", "mesh-injector");
+    let ok_after_upgrade = count("ok");
+    wait_for("traffic after the upgrade", Duration::from_secs(60), || {
+        (count("ok") >= ok_after_upgrade + 10).then_some(())
+    });
+    assert_eq!(
+        count("fail"),
+        failed_before_upgrade,
+        "requests failed during the upgrade"
+    );
+
     // A rollout restart under steady traffic fails no request.
     let failed_before = client_log(&node)
         .iter()

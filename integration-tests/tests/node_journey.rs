@@ -496,6 +496,40 @@ fn a_user_installs_the_mesh_on_a_real_node_and_meshes_an_app() {
             .contains("\"source_identity\":\"spiffe://cluster.local/ns/shop/sa/default\"")),
         "tap through the API server shows requests with the caller's identity:\n{tap}"
     );
+    // Who calls whom, with which identities; and the top paths.
+    let edges = wait_for("the client -> server edge", Duration::from_secs(30), || {
+        let out = node.meshctl(&["-n", "shop", "edges", "-o", "json", "--token", token]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        report["edges"]
+            .as_array()?
+            .iter()
+            .any(|edge| {
+                edge["source"]["name"] == "client"
+                    && edge["destination"]["name"] == "server"
+                    && edge["client_identity"] == "spiffe://cluster.local/ns/shop/sa/default"
+            })
+            .then(|| text(&out))
+    });
+    eprintln!("meshctl edges through the API server:\n{edges}");
+    let top = node.meshctl_ok(&[
+        "-n",
+        "shop",
+        "top",
+        "deploy/server",
+        "--duration",
+        "5s",
+        "-o",
+        "json",
+        "--token",
+        token,
+    ]);
+    let rows: serde_json::Value = serde_json::from_str(&top).expect("top -o json");
+    assert!(
+        rows.as_array().is_some_and(|rows| rows
+            .iter()
+            .any(|r| r["path"] == "/" && r["count"].as_u64() > Some(0))),
+        "top through the API server counts GET /: {top}"
+    );
     let client_pod = node.pods("shop", "app=client").remove(0);
     let denied = node.kubectl(&[
         "exec",

@@ -10,7 +10,9 @@
 //! The decisions are pure functions over snapshots, tested beside them: [`meta`] (meshed,
 //! identity, opaque ports, workload), [`index`] (endpoints of a Service port or a pod),
 //! [`endpoints`] (the diffs a stream sends), [`target`] (what a request names).
-//! [`stats`] and [`tap`] aggregate what the proxies report for meshctl.
+//! [`stats`] and [`tap`] aggregate what the proxies report for meshctl, to the users
+//! [`access`] admits (Kubernetes RBAC). With several replicas, [`lease`] elects the one that
+//! writes route status.
 //! [`run`] takes already-bound listeners so tests run it on `127.0.0.1:0`.
 
 pub mod access;

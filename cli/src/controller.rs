@@ -305,34 +305,22 @@ fn kubeconfig_token(config: &kube::Config) -> anyhow::Result<Option<MetadataValu
     Ok(Some(bearer(&token).context("the kubeconfig's token")?))
 }
 
-/// The local mesh's controller, from `meshctl local status -o json` (so the state folder's
-/// default and format stay the local runtime's business): `None` when no local mesh runs and
-/// no state folder was named.
+/// The local mesh's controller: `None` when no local mesh runs and no state folder was named.
 fn local_controller(state_dir: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
-    let exe = std::env::current_exe().context("finding meshctl's own path")?;
-    let mut command = std::process::Command::new(exe);
-    command.args(["local", "status", "-o", "json"]);
-    if let Some(dir) = state_dir {
-        command.arg("--state-dir").arg(dir);
+    let found = match crate::local::status_json(state_dir)? {
+        Ok(state) => {
+            controller_from_state(&state).ok_or_else(|| "its controller is not up yet".to_owned())
+        }
+        Err(reason) => Err(reason),
+    };
+    match found {
+        Ok(addr) => Ok(Some(addr)),
+        Err(why) if state_dir.is_some() => bail!(
+            "no local mesh's controller in that --state-dir ({why}): start one with `meshctl \
+             demo` or `meshctl local up -f FILE`"
+        ),
+        Err(_) => Ok(None),
     }
-    let output = command
-        .output()
-        .context("running `meshctl local status` to find the controller")?;
-    let found = output
-        .status
-        .success()
-        .then(|| serde_json::from_slice::<serde_json::Value>(&output.stdout).ok())
-        .flatten()
-        .and_then(|state| controller_from_state(&state));
-    if found.is_none() && state_dir.is_some() {
-        let why = String::from_utf8_lossy(&output.stderr);
-        bail!(
-            "no local mesh's controller in that --state-dir ({}): start one with `meshctl demo` \
-             or `meshctl local up -f FILE`",
-            why.trim()
-        );
-    }
-    Ok(found)
 }
 
 /// The local mesh's controller address, or why there is none.

@@ -9,7 +9,6 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
@@ -175,26 +174,11 @@ pub fn run_prometheus_config(args: PrometheusConfigArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The local mesh's state, from `meshctl local status -o json` (so the state folder's default
-/// and format stay the local runtime's business, as for `meshctl stat`).
+/// The local mesh's state, or why there is none to scrape.
 fn local_state(state_dir: Option<&Path>) -> anyhow::Result<Value> {
-    let exe = std::env::current_exe().context("finding meshctl's own path")?;
-    let mut command = Command::new(exe);
-    command.args(["local", "status", "-o", "json"]);
-    if let Some(dir) = state_dir {
-        command.arg("--state-dir").arg(dir);
-    }
-    let output = command
-        .output()
-        .context("running `meshctl local status` to find the local mesh")?;
-    if !output.status.success() {
-        // The first line is the reason; a backtrace may follow.
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let reason = stderr.lines().next().unwrap_or_default();
-        let reason = reason.strip_prefix("Error: ").unwrap_or(reason);
-        bail!("no local mesh to scrape: {reason}; or run `meshctl demo --keep`");
-    }
-    serde_json::from_slice(&output.stdout).context("reading `meshctl local status -o json`")
+    crate::local::status_json(state_dir)?.map_err(|reason| {
+        anyhow::anyhow!("no local mesh to scrape: {reason}; or run `meshctl demo --keep`")
+    })
 }
 
 /// A YAML double-quoted scalar (JSON string syntax is valid YAML).

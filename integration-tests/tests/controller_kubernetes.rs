@@ -159,12 +159,9 @@ fn authority(text: String) -> GetDestination {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubernetes_changes_arrive_as_diffs() {
-    let Some(cluster) = Cluster::get("controller_kubernetes") else {
-        return;
-    };
-    let client = Client::try_from(
+/// An admin client of `cluster`.
+async fn client(cluster: &Cluster) -> Client {
+    Client::try_from(
         kube::Config::from_custom_kubeconfig(
             kube::config::Kubeconfig::read_from(&cluster.kubeconfig).expect("read the kubeconfig"),
             &kube::config::KubeConfigOptions::default(),
@@ -172,7 +169,15 @@ async fn kubernetes_changes_arrive_as_diffs() {
         .await
         .expect("a client config from the kubeconfig"),
     )
-    .expect("a Kubernetes client");
+    .expect("a Kubernetes client")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_changes_arrive_as_diffs() {
+    let Some(cluster) = Cluster::get("controller_kubernetes") else {
+        return;
+    };
+    let client = client(&cluster).await;
 
     let ns = format!("mesh-ctl-test-{}", std::process::id());
     let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -422,15 +427,7 @@ async fn replicas_elect_one_status_writer_and_hand_over() {
     let Some(cluster) = Cluster::get("controller_lease") else {
         return;
     };
-    let client = Client::try_from(
-        kube::Config::from_custom_kubeconfig(
-            kube::config::Kubeconfig::read_from(&cluster.kubeconfig).expect("read the kubeconfig"),
-            &kube::config::KubeConfigOptions::default(),
-        )
-        .await
-        .expect("a client config from the kubeconfig"),
-    )
-    .expect("a Kubernetes client");
+    let client = client(&cluster).await;
     let election = |name: &str, identity: &str| Election {
         namespace: "default".to_owned(),
         name: name.to_owned(),

@@ -174,6 +174,36 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     }
 }
 
+/// This machine's local mesh as `meshctl local status -o json` prints it, run as a child (so
+/// the state folder's default and format stay the local runtime's business); `Err` holds the
+/// reason it gave when no mesh runs there (the first line of its error).
+pub fn status_json(
+    state_dir: Option<&std::path::Path>,
+) -> anyhow::Result<Result<serde_json::Value, String>> {
+    use anyhow::Context as _;
+    let exe = std::env::current_exe().context("finding meshctl's own path")?;
+    let mut command = std::process::Command::new(exe);
+    command.args(["local", "status", "-o", "json"]);
+    if let Some(dir) = state_dir {
+        command.arg("--state-dir").arg(dir);
+    }
+    let output = command
+        .output()
+        .context("running `meshctl local status` to find the local mesh")?;
+    if !output.status.success() {
+        // The first line is the reason; a backtrace may follow.
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let reason = stderr.lines().next().unwrap_or_default();
+        return Ok(Err(reason
+            .strip_prefix("Error: ")
+            .unwrap_or(reason)
+            .to_owned()));
+    }
+    serde_json::from_slice(&output.stdout)
+        .map(Ok)
+        .context("reading `meshctl local status -o json`")
+}
+
 /// The address this machine reaches a local pod's proxy admin server at (`meshctl identity
 /// --local`); `pod` as for `meshctl local logs`.
 pub fn proxy_admin_addr(

@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use futures::FutureExt;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -437,6 +439,29 @@ const LIMIT_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1
 /// at most `accept.max_connections` at once. A connection past the limit is closed at once
 /// (the client sees a reset or an immediate close, not a hang), counted in
 /// `listener_connections_refused_total` and logged.
+/// A connection's share of its listener: counted as open, holding one of the listener's
+/// permits, until it ends (or its task is dropped).
+struct ConnectionSlot {
+    open: Gauge,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl ConnectionSlot {
+    fn new(open: Gauge, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        open.inc();
+        Self {
+            open,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
 pub async fn accept_loop<F, Fut>(listener: TcpListener, accept: Accept, handle: F)
 where
     F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
@@ -474,14 +499,10 @@ where
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let open = open.clone();
-                open.inc();
-                let served = handle(stream, peer);
-                connections.spawn(async move {
-                    served.await;
-                    open.dec();
-                    drop(permit);
-                });
+                let slot = ConnectionSlot::new(open.clone(), permit);
+                // `map` rather than an `async` block awaiting `served`: the block would keep
+                // room for the connection's future twice, doubling every connection's task.
+                connections.spawn(handle(stream, peer).map(move |()| drop(slot)));
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.

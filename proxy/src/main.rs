@@ -45,8 +45,9 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 
 /// jemalloc rather than glibc's malloc: a proxied request makes some thirty small allocations
 /// on each side, and glibc's (with its consolidation of freed chunks) took 11% of the proxy's
-/// CPU under load.
-#[global_allocator]
+/// CPU under load. `RUSTFLAGS="--cfg mesh_sysalloc"` builds without it, for heap profilers
+/// that intercept malloc (heaptrack).
+#[cfg_attr(not(mesh_sysalloc), global_allocator)]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> anyhow::Result<()> {

@@ -363,6 +363,9 @@ pub struct Metrics {
     pub backend_in_flight: Family<BackendLabels, Gauge>,
     /// `listener_connections_open`: connections each listener serves now.
     pub listener_open: Family<ListenerLabels, Gauge>,
+    /// `listener_connections_idle`: HTTP/1 keep-alive connections parked between requests,
+    /// holding no buffers.
+    pub listener_idle: Family<ListenerLabels, Gauge>,
     /// `listener_connections_refused_total`: connections closed at accept (connection limit).
     pub listener_refused: Family<ListenerReasonLabels, Counter>,
     /// `connection_timeout_total`: connections closed because a peer was too slow (header
@@ -510,6 +513,12 @@ impl Metrics {
             "Connections each listener serves now",
             listener_open.clone(),
         );
+        let listener_idle = Family::default();
+        registry.register(
+            "listener_connections_idle",
+            "HTTP/1 keep-alive connections parked between requests, holding no buffers",
+            listener_idle.clone(),
+        );
         let listener_refused = Family::default();
         registry.register(
             "listener_connections_refused",
@@ -575,6 +584,7 @@ impl Metrics {
             concurrency_overflows,
             backend_in_flight,
             listener_open,
+            listener_idle,
             listener_refused,
             connection_timeouts,
             spans_dropped,
@@ -597,6 +607,15 @@ impl Metrics {
     /// The gauge of `listener`'s open connections.
     pub fn listener_open(&self, listener: &'static str) -> Gauge {
         self.listener_open
+            .get_or_create(&ListenerLabels {
+                listener: Label::new(listener),
+            })
+            .clone()
+    }
+
+    /// The gauge of `listener`'s parked HTTP/1 connections.
+    pub fn listener_idle(&self, listener: &'static str) -> Gauge {
+        self.listener_idle
             .get_or_create(&ListenerLabels {
                 listener: Label::new(listener),
             })

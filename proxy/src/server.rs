@@ -16,6 +16,10 @@ use tracing::debug;
 use crate::detect::Protocol;
 use crate::metrics::Metrics;
 
+mod http1;
+
+pub use http1::RELEASE_AFTER;
+
 /// Streams per HTTP/2 connection at once.
 const MAX_CONCURRENT_STREAMS: u32 = 1000;
 
@@ -45,45 +49,50 @@ where
     S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
+        + Unpin
         + 'static,
     S::Future: Send + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let io = TokioIo::new(io);
-    let service = TowerToHyperService::new(service);
-    let drain = server.drain.clone();
-    let result = if protocol == Protocol::Http2 {
-        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
-        // Boxed: an HTTP/2 connection's state is large (1.7 KiB), and every idle HTTP/1
+    if protocol == Protocol::Http2 {
+        // Boxed: an HTTP/2 connection's state is large (3 KiB with hyper's), and every HTTP/1
         // connection's task would otherwise reserve room for it too.
-        let mut connection = Box::pin(builder.serve_connection(io, service));
-        tokio::select! {
-            result = connection.as_mut() => result,
-            () = drain.cancelled() => {
-                connection.as_mut().graceful_shutdown();
-                connection.await
-            }
-        }
+        Box::pin(serve_http2(io, service, server)).await;
     } else {
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(server.header_read_timeout)
-            .max_buf_size(HTTP1_MAX_BUFFER)
-            .serve_connection(io, service)
-            .with_upgrades();
-        tokio::pin!(connection);
-        tokio::select! {
-            result = connection.as_mut() => result,
-            () = drain.cancelled() => {
-                connection.as_mut().graceful_shutdown();
-                connection.await
-            }
+        http1::serve(io, service, server).await;
+    }
+}
+
+async fn serve_http2<I, S, B>(io: I, service: S, server: HttpServer)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+    let connection = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = server.drain.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
         }
     };
+    log_end(&server, result);
+}
+
+/// Counts and logs how a connection ended.
+fn log_end(server: &HttpServer, result: Result<(), hyper::Error>) {
     match result {
         Err(error) if error.is_timeout() => {
             server

@@ -143,6 +143,11 @@ fn cargo_build(repo: &Path) -> Result<()> {
 
 async fn run(args: Args) -> Result<()> {
     let repo = repo_root();
+    // Before the run, not after it: a report with nowhere to go would lose minutes of work.
+    if let Some(out_dir) = &args.out_dir {
+        std::fs::create_dir_all(out_dir)
+            .with_context(|| format!("creating the output folder {}", out_dir.display()))?;
+    }
     let mut plan = match args.mode {
         Mode::Full => Plan::full(),
         Mode::Quick => Plan::quick(),

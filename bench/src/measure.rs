@@ -399,6 +399,9 @@ pub fn quietest(runs: &[Run]) -> Vec<Run> {
     kept
 }
 
+/// How long connections stay idle before the memory they hold is read.
+const IDLE_SETTLE: Duration = Duration::from_secs(2);
+
 /// Opens idle connections, measures memory, closes them.
 async fn idle(topology: &Topology, count: usize) -> Idle {
     let mut shortfall = None;
@@ -413,8 +416,10 @@ async fn idle(topology: &Topology, count: usize) -> Idle {
         }
     }
     let connections = load::open_idle(&topology.http1, requested, 200).await;
-    // Let the proxies settle (detection buffers freed, pools idle) before reading memory.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let the connections be idle a while before reading memory: a proxy frees what an idle
+    // connection does not need only once it is idle (mesh-proxy parks an HTTP/1 connection
+    // after 250 ms of quiet, and its allocator returns freed pages within about a second).
+    tokio::time::sleep(IDLE_SETTLE).await;
     let rss_kib = topology
         .watched
         .iter()

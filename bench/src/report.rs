@@ -401,7 +401,7 @@ impl Report {
              - CPU: utime + stime from `/proc/<pid>/stat` over each run, per proxy process, divided \
              by the successful requests. Memory: VmRSS from `/proc/<pid>/status` before any \
              traffic (idle), its largest value sampled every 250 ms during the runs (at load), \
-             and with {} idle keep-alive connections open (each made one request).\n\
+             and with {} idle keep-alive connections open (each made one request; read 2 s after the last one opened).\n\
              - Every kind of run goes through all topologies before the next kind starts, so \
              background load spreads over all of them. mesh-proxy runs its default one thread \
              (unless a note says `MESH_PROXY_WORKER_THREADS`); HAProxy `nbthread 2`; nginx one \

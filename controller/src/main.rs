@@ -137,7 +137,8 @@ enum Command {
 /// jemalloc rather than glibc's malloc: the index churns many small objects across the
 /// runtime's threads, and glibc's per-thread arenas kept the freed memory (the scale
 /// benchmark's RSS grew by a sixth with every minute of endpoint churn).
-#[global_allocator]
+/// `RUSTFLAGS="--cfg mesh_sysalloc"` builds without it, for heap profilers (heaptrack).
+#[cfg_attr(not(mesh_sysalloc), global_allocator)]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> anyhow::Result<()> {

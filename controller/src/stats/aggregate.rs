@@ -90,13 +90,13 @@ impl FromFilter {
                 } else {
                     &self.name
                 };
-                pod.namespace == *namespace
+                pod.namespace() == *namespace
             }
-            Ok(Kind::Pod) => pod.namespace == self.namespace && pod.name == self.name,
+            Ok(Kind::Pod) => pod.namespace() == self.namespace && pod.name() == self.name,
             Ok(Kind::Workload(kind)) => {
-                pod.namespace == self.namespace
-                    && pod.workload_name == self.name
-                    && kind.is_none_or(|k| k == pod.workload_kind)
+                pod.namespace() == self.namespace
+                    && pod.workload_name() == self.name
+                    && kind.is_none_or(|k| k == pod.workload_kind())
             }
             _ => false,
         }
@@ -214,7 +214,7 @@ impl RefKey {
 }
 
 fn workload_of(pod: &PodInfo) -> RefKey {
-    RefKey::new(&pod.workload_kind, &pod.namespace, &pod.workload_name)
+    RefKey::new(pod.workload_kind(), pod.namespace(), pod.workload_name())
 }
 
 /// The Summary rows for `selector`, from the pods' windows; `from` limits `authority` and
@@ -246,31 +246,31 @@ pub fn summary(
         match &selector.kind {
             Kind::Namespace | Kind::Workload(_) | Kind::Pod => {
                 let (kind, namespace, name) = match &selector.kind {
-                    Kind::Namespace => ("namespace".to_owned(), String::new(), &pod.namespace),
-                    Kind::Pod => ("pod".to_owned(), pod.namespace.clone(), &pod.name),
+                    Kind::Namespace => ("namespace".to_owned(), String::new(), pod.namespace()),
+                    Kind::Pod => ("pod".to_owned(), pod.namespace().to_owned(), pod.name()),
                     Kind::Workload(want) => {
-                        if want.as_ref().is_some_and(|k| *k != pod.workload_kind) {
+                        if want.as_ref().is_some_and(|k| *k != pod.workload_kind()) {
                             continue;
                         }
                         (
-                            pod.workload_kind.clone(),
-                            pod.namespace.clone(),
-                            &pod.workload_name,
+                            pod.workload_kind().to_owned(),
+                            pod.namespace().to_owned(),
+                            pod.workload_name(),
                         )
                     }
                     Kind::Authority | Kind::Route => continue,
                 };
-                if !namespace_ok(&pod.namespace) || !name_ok(name) {
+                if !namespace_ok(pod.namespace()) || !name_ok(name) {
                     continue;
                 }
-                let totals = rows.entry((namespace, name.clone(), kind)).or_default();
+                let totals = rows.entry((namespace, name.to_owned(), kind)).or_default();
                 totals.add_pod(pod);
                 for (key, counters) in inbound() {
                     totals.add(key, counters, window.seconds);
                 }
             }
             Kind::Authority => {
-                if !namespace_ok(&pod.namespace) || from.is_some_and(|f| !f.matches(pod)) {
+                if !namespace_ok(pod.namespace()) || from.is_some_and(|f| !f.matches(pod)) {
                     continue;
                 }
                 for (key, counters) in outbound() {
@@ -278,7 +278,7 @@ pub fn summary(
                         continue;
                     }
                     rows.entry((
-                        pod.namespace.clone(),
+                        pod.namespace().to_owned(),
                         key.authority.to_string(),
                         "authority".to_owned(),
                     ))
@@ -287,7 +287,7 @@ pub fn summary(
                 }
             }
             Kind::Route => {
-                if !namespace_ok(&pod.namespace)
+                if !namespace_ok(pod.namespace())
                     || from.is_some_and(|f| !f.matches(pod))
                     || window.seconds <= 0.0
                 {
@@ -299,7 +299,7 @@ pub fn summary(
                         continue;
                     }
                     let totals = rows
-                        .entry((pod.namespace.clone(), name, "route".to_owned()))
+                        .entry((pod.namespace().to_owned(), name, "route".to_owned()))
                         .or_default();
                     totals.successes += counters.successes;
                     totals.failures += counters.failures;
@@ -349,7 +349,7 @@ struct EdgeTotals {
 /// The edges between workloads, from the clients' outbound traffic, sorted by source then
 /// destination. A destination that is no pod the index knows is named by its authority.
 pub fn edges(pods: &[PodWindow], selector: &Selector) -> Vec<Edge> {
-    let by_ip: BTreeMap<IpAddr, &PodInfo> = pods.iter().map(|w| (w.pod.ip, &w.pod)).collect();
+    let by_ip: BTreeMap<IpAddr, &PodInfo> = pods.iter().map(|w| (w.pod.ip(), &w.pod)).collect();
     type EdgeKey = (RefKey, RefKey, String, String, String);
     let mut edges: BTreeMap<EdgeKey, EdgeTotals> = BTreeMap::new();
     for window in pods.iter().filter(|w| w.seconds > 0.0) {

@@ -36,14 +36,7 @@ pub enum ScrapeError {
 pub fn pods_of(snapshot: &Snapshot) -> Vec<PodInfo> {
     snapshot
         .pods()
-        .map(|view| PodInfo {
-            namespace: view.meta.namespace.clone(),
-            name: view.meta.name.clone(),
-            ip: view.ip,
-            workload_kind: view.meta.workload_kind.clone(),
-            workload_name: view.meta.workload_name.clone(),
-            identity: view.meshed.as_ref().and_then(|m| m.identity.clone()),
-        })
+        .map(|view| PodInfo::new(view.clone()))
         .collect()
 }
 
@@ -64,7 +57,7 @@ pub async fn run(
         let meshed: Vec<PodInfo> = pods.into_iter().filter(PodInfo::meshed).collect();
         let results: Vec<_> = futures::stream::iter(meshed)
             .map(|pod| async move {
-                let addr = SocketAddr::new(pod.ip, config.admin_port);
+                let addr = SocketAddr::new(pod.ip(), config.admin_port);
                 let result = scrape(addr, config.scrape_timeout).await;
                 (pod, Instant::now(), result)
             })
@@ -75,10 +68,10 @@ pub async fn run(
             let mut store = write(&store);
             for (pod, at, result) in results {
                 match result {
-                    Ok(sample) => store.record(pod.ip, at, sample),
+                    Ok(sample) => store.record(pod.ip(), at, sample),
                     Err(error) => {
-                        tracing::debug!(pod = %format!("{}/{}", pod.namespace, pod.name), %error, "scrape failed");
-                        store.record_error(pod.ip, error.to_string());
+                        tracing::debug!(pod = %format!("{}/{}", pod.namespace(), pod.name()), %error, "scrape failed");
+                        store.record_error(pod.ip(), error.to_string());
                     }
                 }
             }

@@ -8,28 +8,84 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::sample::ProxySample;
+use crate::index::PodView;
 
-/// A pod as the stats need it, from the index.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct PodInfo {
-    /// The pod's namespace.
-    pub namespace: String,
-    /// The pod's name.
-    pub name: String,
-    /// Its IP.
-    pub ip: IpAddr,
-    /// The owning workload's kind, lower case (`deployment`, `pod`, ...).
-    pub workload_kind: String,
-    /// The owning workload's name.
-    pub workload_name: String,
-    /// The SPIFFE ID its proxy has, when meshed.
-    pub identity: Option<String>,
-}
+/// A pod as the stats (and tap) need it: the index's view of it, shared rather than copied.
+/// Every scrape round lists every pod, so a copy of each pod's names per round was, at
+/// 100,000 pods, a copy of the cluster's names every few seconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodInfo(Arc<PodView>);
 
 impl PodInfo {
-    /// Whether the pod has a proxy.
+    /// The pod as the index sees it.
+    pub fn new(view: Arc<PodView>) -> Self {
+        Self(view)
+    }
+
+    /// The pod's namespace.
+    pub fn namespace(&self) -> &str {
+        &self.0.meta.namespace
+    }
+
+    /// The pod's name.
+    pub fn name(&self) -> &str {
+        &self.0.meta.name
+    }
+
+    /// Its IP.
+    pub fn ip(&self) -> IpAddr {
+        self.0.ip
+    }
+
+    /// The owning workload's kind, lower case (`deployment`, `pod`, ...).
+    pub fn workload_kind(&self) -> &str {
+        &self.0.meta.workload_kind
+    }
+
+    /// The owning workload's name.
+    pub fn workload_name(&self) -> &str {
+        &self.0.meta.workload_name
+    }
+
+    /// The SPIFFE ID its proxy has, when meshed.
+    pub fn identity(&self) -> Option<&str> {
+        self.0.meshed.as_ref()?.identity.as_deref()
+    }
+
+    /// Whether the pod has a proxy (with an identity: only those are scraped and tapped).
     pub fn meshed(&self) -> bool {
-        self.identity.is_some()
+        self.identity().is_some()
+    }
+
+    /// A pod of a `deployment` for tests, meshed with `identity` when given.
+    #[cfg(test)]
+    pub fn for_test(
+        namespace: &str,
+        name: &str,
+        ip: IpAddr,
+        workload: (&str, &str),
+        identity: Option<String>,
+    ) -> Self {
+        use crate::endpoints::PodMeta;
+        use crate::meta::MeshedPod;
+        Self(Arc::new(PodView {
+            meta: PodMeta {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                workload_kind: workload.0.to_owned(),
+                workload_name: workload.1.to_owned(),
+                service_account: "default".to_owned(),
+            },
+            ip,
+            zone: None,
+            meshed: identity.map(|identity| MeshedPod {
+                identity: Some(identity),
+                inbound_proxy_port: 4143,
+            }),
+            opaque: Default::default(),
+            port_names: Default::default(),
+            app_finished: false,
+        }))
     }
 }
 
@@ -75,12 +131,12 @@ impl Store {
     /// Replaces the set of known pods; the rings of pods that are gone (or whose IP now
     /// belongs to another pod) are dropped.
     pub fn set_pods(&mut self, pods: impl IntoIterator<Item = PodInfo>) {
-        let pods: BTreeMap<IpAddr, PodInfo> = pods.into_iter().map(|p| (p.ip, p)).collect();
+        let pods: BTreeMap<IpAddr, PodInfo> = pods.into_iter().map(|p| (p.ip(), p)).collect();
         self.rings.retain(|ip, _| {
             pods.get(ip).is_some_and(|pod| {
-                self.pods
-                    .get(ip)
-                    .is_none_or(|old| old.namespace == pod.namespace && old.name == pod.name)
+                self.pods.get(ip).is_none_or(|old| {
+                    old.namespace() == pod.namespace() && old.name() == pod.name()
+                })
             })
         });
         self.pods = pods;
@@ -135,7 +191,7 @@ impl Store {
             .map(|pod| {
                 let (seconds, delta) = self
                     .rings
-                    .get(&pod.ip)
+                    .get(&pod.ip())
                     .and_then(|ring| window_of(&ring.samples, window))
                     .unwrap_or((0.0, ProxySample::default()));
                 PodWindow {
@@ -173,14 +229,13 @@ mod tests {
     use crate::stats::sample::{Direction, TrafficCounters, TrafficKey};
 
     fn pod(name: &str, last: u8) -> PodInfo {
-        PodInfo {
-            namespace: "demo".into(),
-            name: name.into(),
-            ip: IpAddr::from([10, 0, 0, last]),
-            workload_kind: "deployment".into(),
-            workload_name: name.into(),
-            identity: Some(format!("spiffe://cluster.local/ns/demo/sa/{name}")),
-        }
+        PodInfo::for_test(
+            "demo",
+            name,
+            IpAddr::from([10, 0, 0, last]),
+            ("deployment", name),
+            Some(format!("spiffe://cluster.local/ns/demo/sa/{name}")),
+        )
     }
 
     fn sample(successes: f64) -> ProxySample {
@@ -282,8 +337,8 @@ mod tests {
         store.set_pods([pod("web", 1)]);
         let ip = IpAddr::from([10, 0, 0, 1]);
         store.record(ip, t0, sample(100.0));
-        let mut other = pod("books", 1);
-        other.ip = ip;
+        let other = pod("books", 1);
+        assert_eq!(other.ip(), ip, "another pod on the same IP");
         store.set_pods([other]);
         store.record(ip, t0 + Duration::from_secs(10), sample(3.0));
         let windows = store.window(Duration::from_secs(60));

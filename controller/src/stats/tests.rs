@@ -20,14 +20,13 @@ fn id(sa: &str) -> String {
 }
 
 fn pod(name: &str, workload: &str, last: u8, meshed: bool) -> PodInfo {
-    PodInfo {
-        namespace: "demo".into(),
-        name: name.into(),
-        ip: IpAddr::from([10, 77, 0, last]),
-        workload_kind: "deployment".into(),
-        workload_name: workload.into(),
-        identity: meshed.then(|| id(workload)),
-    }
+    PodInfo::for_test(
+        "demo",
+        name,
+        IpAddr::from([10, 77, 0, last]),
+        ("deployment", workload),
+        meshed.then(|| id(workload)),
+    )
 }
 
 /// A histogram with `counts[i]` observations in the i-th of the bounds 10, 20, 50, +Inf.

@@ -97,16 +97,16 @@ pub fn select_pods(pods: &[PodInfo], filter: &tap::TapMatch) -> Result<Vec<PodIn
     let chosen: Vec<PodInfo> = pods
         .iter()
         .filter(|pod| pod.meshed())
-        .filter(|pod| filter.namespace.is_empty() || pod.namespace == filter.namespace)
+        .filter(|pod| filter.namespace.is_empty() || pod.namespace() == filter.namespace)
         .filter(|pod| match &target {
             // A namespace target needs no namespace of its own.
             Some(t) if matches!(Kind::parse(&t.kind), Ok(Kind::Namespace)) => {
-                pod.namespace == t.name
+                pod.namespace() == t.name
             }
             Some(t) if t.namespace.is_empty() => {
                 // No namespace given: the workload's name alone decides, in any namespace.
                 let mut any_ns = t.clone();
-                any_ns.namespace = pod.namespace.clone();
+                any_ns.namespace = pod.namespace().to_owned();
                 any_ns.matches(pod)
             }
             Some(t) => t.matches(pod),
@@ -220,14 +220,13 @@ mod tests {
     }
 
     fn pod(namespace: &str, name: &str, kind: &str, workload: &str, meshed: bool) -> PodInfo {
-        PodInfo {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-            ip: IpAddr::from([10, 77, 0, 2]),
-            workload_kind: kind.to_owned(),
-            workload_name: workload.to_owned(),
-            identity: meshed.then(|| format!("spiffe://cluster.local/ns/{namespace}/sa/default")),
-        }
+        PodInfo::for_test(
+            namespace,
+            name,
+            IpAddr::from([10, 77, 0, 2]),
+            (kind, workload),
+            meshed.then(|| format!("spiffe://cluster.local/ns/{namespace}/sa/default")),
+        )
     }
 
     #[test]
@@ -250,7 +249,7 @@ mod tests {
             )
             .map(|pods| {
                 pods.iter()
-                    .map(|p| format!("{}/{}", p.namespace, p.name))
+                    .map(|p| format!("{}/{}", p.namespace(), p.name()))
                     .collect::<Vec<_>>()
             })
         };

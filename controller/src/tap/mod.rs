@@ -139,13 +139,14 @@ impl Tap for TapService {
         let deadline = Instant::now() + duration;
         let (merged_tx, merged_rx) = mpsc::channel(MERGE_BUFFER);
         let mut tasks = Vec::with_capacity(pods.len());
-        for pod in pods.iter().cloned() {
+        for pod in pods.iter() {
+            let pod = pod.clone();
             let tx = merged_tx.clone();
             let request = proxy_request.clone();
             let identity = self.identity.clone();
             let config = self.config;
             tasks.push(tokio::spawn(async move {
-                let reporter = format!("{}/{}", pod.namespace, pod.name);
+                let reporter = format!("{}/{}", pod.namespace(), pod.name());
                 if let Err(error) = tap_pod(&pod, identity.as_deref(), config, request, &tx).await {
                     tracing::debug!(%reporter, %error, "tap of a proxy failed");
                     let _ = tx.send(FromProxy::Failed(reporter, error)).await;
@@ -230,10 +231,10 @@ async fn tap_pod(
     request: ObserveRequest,
     tx: &mpsc::Sender<FromProxy>,
 ) -> Result<(), String> {
-    let addr = SocketAddr::new(pod.ip, config.admin_port);
+    let addr = SocketAddr::new(pod.ip(), config.admin_port);
     let channel = tokio::time::timeout(
         config.connect_timeout,
-        connect(addr, pod.identity.as_deref(), identity),
+        connect(addr, pod.identity(), identity),
     )
     .await
     .map_err(|_| {
@@ -247,11 +248,14 @@ async fn tap_pod(
         .await
         .map_err(|status| describe(&status))?
         .into_inner();
-    let reporter = format!("{}/{}", pod.namespace, pod.name);
+    let reporter = format!("{}/{}", pod.namespace(), pod.name());
     let labels: HashMap<String, String> = [
-        ("namespace".to_owned(), pod.namespace.clone()),
-        (pod.workload_kind.clone(), pod.workload_name.clone()),
-        ("pod".to_owned(), pod.name.clone()),
+        ("namespace".to_owned(), pod.namespace().to_owned()),
+        (
+            pod.workload_kind().to_owned(),
+            pod.workload_name().to_owned(),
+        ),
+        ("pod".to_owned(), pod.name().to_owned()),
     ]
     .into();
     // Bounded by the proxy's own limits and the merge's deadline, which aborts this task.

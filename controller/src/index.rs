@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use crate::endpoints::{EndpointInfo, EndpointSet, PodMeta, TargetState};
 use crate::meta::{self, MeshedPod, MeshedRule, PortSet};
 use crate::objects::{Kind, Object, ObjectKey};
-use crate::pod::Pod;
+use crate::pod::{Labels, Pod};
 use crate::policy::{PolicyInputs, PolicyStore};
 use crate::target::Target;
 
@@ -247,9 +247,9 @@ pub struct Index {
 }
 
 /// The labels a Service selector is matched against, or `None` for an object without any.
-fn pod_labels(object: Option<&Object>) -> Option<&BTreeMap<String, String>> {
+fn pod_labels(object: Option<&Object>) -> Option<&Labels> {
     match object {
-        Some(Object::Pod(pod)) => pod.metadata.labels.as_ref(),
+        Some(Object::Pod(pod)) => Some(&pod.labels),
         _ => None,
     }
 }
@@ -352,11 +352,7 @@ impl Index {
     /// The Services of a namespace whose endpoints a pod with any of these label sets can
     /// be part of: those whose selector matches, and those without a selector (their
     /// hand-made EndpointSlices may name the pod).
-    fn services_selecting(
-        &self,
-        namespace: &str,
-        label_sets: [Option<&BTreeMap<String, String>>; 2],
-    ) -> Vec<String> {
+    fn services_selecting(&self, namespace: &str, label_sets: [Option<&Labels>; 2]) -> Vec<String> {
         self.in_namespace(Kind::Service, namespace)
             .filter_map(|object| match object {
                 Object::Service(service) => Some(service),
@@ -672,7 +668,7 @@ impl<'a> NamespaceCtx<'a> {
             .into_iter()
             .flatten()
             .filter_map(|name| self.pod(name))
-            .filter(|pod| meta::selector_matches(selector, pod.metadata.labels.as_ref()))
+            .filter(|pod| meta::selector_matches(selector, Some(&pod.labels)))
             .collect()
     }
 
@@ -734,11 +730,7 @@ fn pod_meta(pod: &Pod) -> PodMeta {
 }
 
 fn pod_zone(pod: &Pod) -> Option<String> {
-    pod.metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(meta::LABEL_ZONE))
-        .cloned()
+    pod.labels.get(meta::LABEL_ZONE).map(str::to_owned)
 }
 
 fn container_port_names(pod: &Pod) -> BTreeMap<u16, String> {

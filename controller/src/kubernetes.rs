@@ -233,7 +233,8 @@ from_watched!(Namespace, Service, EndpointSlice);
 
 impl From<Pod> for Object {
     fn from(pod: Pod) -> Self {
-        Object::Pod(Arc::new(pod.trimmed()))
+        // Already trimmed as read (`Pod`'s `From<WirePod>`).
+        Object::Pod(Arc::new(pod))
     }
 }
 

@@ -9,7 +9,7 @@ use std::ops::RangeInclusive;
 use k8s_openapi::api::core::v1::{Namespace, ServicePort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::pod::Pod;
+use crate::pod::{Pod, StringMap};
 
 /// The name of the injected proxy container.
 pub const PROXY_CONTAINER: &str = "mesh-proxy";
@@ -94,12 +94,12 @@ fn is_port_name(s: &str) -> bool {
         && s.chars().any(|c| c.is_ascii_lowercase())
 }
 
-fn annotation<'a>(annotations: Option<&'a BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
-    annotations.and_then(|a| a.get(key)).map(String::as_str)
+fn annotation<'a, M: StringMap>(annotations: Option<&'a M>, key: &str) -> Option<&'a str> {
+    annotations.and_then(|a| a.value(key))
 }
 
 /// The opaque ports an object's annotations declare (empty without the annotation).
-pub fn opaque_ports(annotations: Option<&BTreeMap<String, String>>) -> PortSet {
+pub fn opaque_ports<M: StringMap>(annotations: Option<&M>) -> PortSet {
     match annotation(annotations, ANNOTATION_OPAQUE_PORTS) {
         Some(value) => {
             let (set, bad) = PortSet::parse(value);
@@ -118,7 +118,7 @@ pub fn opaque_ports(annotations: Option<&BTreeMap<String, String>>) -> PortSet {
 /// The opaque ports of a pod: its own annotation, or its namespace's when it has none
 /// (the pod's annotation overrides, as with the injector's other config annotations).
 pub fn pod_opaque_ports(pod: &Pod, namespace: Option<&Namespace>) -> PortSet {
-    let own = pod.metadata.annotations.as_ref();
+    let own = Some(&pod.annotations);
     if annotation(own, ANNOTATION_OPAQUE_PORTS).is_some() {
         opaque_ports(own)
     } else {
@@ -157,7 +157,7 @@ pub fn meshed(
     rule: MeshedRule,
     identity_enabled: bool,
 ) -> Option<MeshedPod> {
-    let annotations = pod.metadata.annotations.as_ref();
+    let annotations = Some(&pod.annotations);
     let port_annotation = annotation(annotations, ANNOTATION_INBOUND_PORT);
     let proxy_container = pod.spec.as_ref().and_then(|spec| {
         spec.containers
@@ -227,12 +227,8 @@ pub fn workload(pod: &Pod) -> (String, String) {
     };
     let kind = owner.kind.to_ascii_lowercase();
     if kind == "replicaset" {
-        let hash = pod
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_POD_TEMPLATE_HASH));
-        if let Some(deployment) = deployment_of_replicaset(&owner.name, hash.map(String::as_str)) {
+        let hash = pod.labels.get(LABEL_POD_TEMPLATE_HASH);
+        if let Some(deployment) = deployment_of_replicaset(&owner.name, hash) {
             return ("deployment".to_owned(), deployment.to_owned());
         }
     }
@@ -329,14 +325,14 @@ pub fn pod_uses_host_network(pod: &Pod) -> bool {
 
 /// Whether every label of the selector is on the object. An empty selector selects nothing,
 /// as for Services (a Service without a selector has its endpoints managed by hand).
-pub fn selector_matches(
+pub fn selector_matches<M: StringMap>(
     selector: &BTreeMap<String, String>,
-    labels: Option<&BTreeMap<String, String>>,
+    labels: Option<&M>,
 ) -> bool {
     !selector.is_empty()
         && selector
             .iter()
-            .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+            .all(|(k, v)| labels.and_then(|l| l.value(k)) == Some(v.as_str()))
 }
 
 /// The pod port a Service port forwards to: `targetPort` as a number, as the name of one of
@@ -758,6 +754,9 @@ mod tests {
             Some(&labels)
         ));
         assert!(!selector_matches(&sel(&[]), Some(&labels)));
-        assert!(!selector_matches(&sel(&[("app", "web")]), None));
+        assert!(!selector_matches::<BTreeMap<String, String>>(
+            &sel(&[("app", "web")]),
+            None
+        ));
     }
 }

@@ -284,9 +284,7 @@ impl Object {
                 Object::Service(Arc::new(serde_json::from_value(value).map_err(wrap)?))
             }
             ("v1", "Pod") => Object::Pod(Arc::new(
-                serde_json::from_value::<Pod>(value)
-                    .map_err(wrap)?
-                    .trimmed(),
+                serde_json::from_value::<Pod>(value).map_err(wrap)?,
             )),
             ("v1", "ServiceAccount") => {
                 Object::ServiceAccount(Arc::new(serde_json::from_value(value).map_err(wrap)?))

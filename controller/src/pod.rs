@@ -14,15 +14,114 @@ use serde::Deserialize;
 
 /// A Pod, as far as discovery and policy read it.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(from = "WirePod")]
 pub struct Pod {
-    /// Name, namespace, labels, annotations, owners, deletion.
-    #[serde(default)]
+    /// Name, namespace, owners, deletion; its labels and annotations are the fields below.
     pub metadata: ObjectMeta,
+    /// Its labels, which selectors match.
+    pub labels: Labels,
+    /// Its annotations of the mesh's own (`*mesh.dev/...`); the others are dropped as read:
+    /// in a cluster they are often most of a pod's metadata (tooling, checksums, monitoring).
+    pub annotations: Labels,
     /// What the pod runs.
     pub spec: Option<PodSpec>,
     /// Where it runs and how it is doing.
     pub status: Option<PodStatus>,
+}
+
+/// A Pod as the API server and the YAML files spell it.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WirePod {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    spec: Option<PodSpec>,
+    status: Option<PodStatus>,
+}
+
+impl From<WirePod> for Pod {
+    fn from(wire: WirePod) -> Self {
+        let mut metadata = wire.metadata;
+        // Never read, and often the largest part of an object from the API server.
+        metadata.managed_fields = None;
+        let labels = Labels::from_iter(metadata.labels.take().into_iter().flatten());
+        let annotations = Labels::from_iter(
+            metadata
+                .annotations
+                .take()
+                .into_iter()
+                .flatten()
+                .filter(|(key, _)| is_mesh_annotation(key)),
+        );
+        Self {
+            metadata,
+            labels,
+            annotations,
+            spec: wire.spec,
+            status: wire.status,
+        }
+    }
+}
+
+/// A pod's labels or annotations: key-value pairs sorted by key, in one allocation.
+///
+/// Hand-written rather than a `BTreeMap` (what `ObjectMeta` holds): a `BTreeMap`'s first
+/// node has room for eleven pairs, 640 bytes however few there are, twice per pod, and pods
+/// are the objects a cluster has 100,000 of. Lookups are a binary search.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Labels(Box<[(Box<str>, Box<str>)]>);
+
+impl Labels {
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_ref().cmp(key))
+            .ok()
+            .map(|i| self.0[i].1.as_ref())
+    }
+
+    /// Every pair, by key.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_ref(), v.as_ref()))
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// A label or annotation map, stored either way: a pod's [`Labels`], or the `BTreeMap` of
+/// other objects' `ObjectMeta` (and of selectors), so the helpers that read them serve both.
+pub trait StringMap {
+    /// The value of `key`.
+    fn value(&self, key: &str) -> Option<&str>;
+}
+
+impl StringMap for Labels {
+    fn value(&self, key: &str) -> Option<&str> {
+        self.get(key)
+    }
+}
+
+impl StringMap for std::collections::BTreeMap<String, String> {
+    fn value(&self, key: &str) -> Option<&str> {
+        self.get(key).map(String::as_str)
+    }
+}
+
+impl FromIterator<(String, String)> for Labels {
+    /// Pairs in any order; of two with the same key, the last is kept.
+    fn from_iter<T: IntoIterator<Item = (String, String)>>(pairs: T) -> Self {
+        let mut pairs: Vec<(Box<str>, Box<str>)> = pairs
+            .into_iter()
+            .map(|(k, v)| (k.into_boxed_str(), v.into_boxed_str()))
+            .collect();
+        pairs.reverse();
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        pairs.dedup_by(|later, earlier| later.0 == earlier.0);
+        Self(pairs.into_boxed_slice())
+    }
 }
 
 /// The pod's spec: its containers and identity.
@@ -108,22 +207,6 @@ pub struct ContainerState {
 pub struct ContainerStateTerminated {
     /// Its exit code.
     pub exit_code: i32,
-}
-
-impl Pod {
-    /// The pod without what the controller never reads and need not hold: managed fields,
-    /// and annotations outside the mesh's own (`*mesh.dev/...`), which in a cluster are often
-    /// most of a pod's metadata (tooling, checksums, monitoring).
-    pub fn trimmed(mut self) -> Self {
-        self.metadata.managed_fields = None;
-        if let Some(annotations) = self.metadata.annotations.as_mut() {
-            annotations.retain(|key, _| is_mesh_annotation(key));
-            if annotations.is_empty() {
-                self.metadata.annotations = None;
-            }
-        }
-        self
-    }
 }
 
 /// Whether an annotation is one of the mesh's: its prefix is `mesh.dev` or a subdomain of it.
@@ -220,8 +303,10 @@ mod tests {
     }
 
     #[test]
-    fn trimming_keeps_only_the_mesh_annotations() {
-        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "a", "annotations": {
+    fn reading_keeps_only_the_mesh_annotations_and_every_label() {
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "a",
+        "labels": {"app": "web", "version": "v2", "pod-template-hash": "abc"},
+        "annotations": {
             "mesh.dev/inject": "enabled",
             "config.mesh.dev/opaque-ports": "5432",
             "retry.mesh.dev/http": "5xx",
@@ -231,14 +316,7 @@ mod tests {
             "kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z"
         }}}))
         .expect("a pod reads");
-        let kept: Vec<String> = pod
-            .trimmed()
-            .metadata
-            .annotations
-            .into_iter()
-            .flatten()
-            .map(|(k, _)| k)
-            .collect();
+        let kept: Vec<&str> = pod.annotations.iter().map(|(k, _)| k).collect();
         assert_eq!(
             kept,
             [
@@ -247,9 +325,32 @@ mod tests {
                 "retry.mesh.dev/http"
             ]
         );
+        assert_eq!(pod.annotations.get("mesh.dev/inject"), Some("enabled"));
+        assert_eq!(pod.annotations.get("prometheus.io/scrape"), None);
+        assert_eq!(pod.labels.get("app"), Some("web"));
+        assert_eq!(pod.labels.get("version"), Some("v2"));
+        assert_eq!(pod.labels.get("pod-template-hash"), Some("abc"));
+        assert_eq!(pod.labels.get("missing"), None);
+        assert_eq!(
+            (pod.metadata.labels, pod.metadata.annotations),
+            (None, None),
+            "held once, in the compact form"
+        );
         let plain: Pod = serde_json::from_value(json!({"metadata": {"annotations": {"a/b": "c"}}}))
             .expect("a pod reads");
-        assert_eq!(plain.trimmed().metadata.annotations, None);
+        assert!(plain.annotations.is_empty() && plain.labels.is_empty());
+    }
+
+    #[test]
+    fn labels_are_sorted_and_the_last_of_a_repeated_key_wins() {
+        let labels: Labels = [("b", "1"), ("a", "2"), ("b", "3"), ("c", "4")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        assert_eq!(
+            labels.iter().collect::<Vec<_>>(),
+            [("a", "2"), ("b", "3"), ("c", "4")]
+        );
     }
 
     #[test]

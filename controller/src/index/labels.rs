@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::objects::ObjectKey;
+use crate::pod::Labels;
 
 /// namespace -> label key -> label value -> names of the pods carrying it.
 #[derive(Debug, Default)]
@@ -14,25 +15,20 @@ pub(super) struct PodLabels {
 
 impl PodLabels {
     /// Records that the pod `key` went from the labels `old` to `new` (either absent).
-    pub(super) fn update(
-        &mut self,
-        key: &ObjectKey,
-        old: Option<&BTreeMap<String, String>>,
-        new: Option<&BTreeMap<String, String>>,
-    ) {
+    pub(super) fn update(&mut self, key: &ObjectKey, old: Option<&Labels>, new: Option<&Labels>) {
         if old == new {
             return;
         }
-        for (label, value) in old.into_iter().flatten() {
+        for (label, value) in old.into_iter().flat_map(Labels::iter) {
             self.remove(key, label, value);
         }
         if let Some(new) = new {
             let namespace = self.namespaces.entry(key.namespace.clone()).or_default();
-            for (label, value) in new {
+            for (label, value) in new.iter() {
                 namespace
-                    .entry(label.clone())
+                    .entry(label.to_owned())
                     .or_default()
-                    .entry(value.clone())
+                    .entry(value.to_owned())
                     .or_default()
                     .insert(key.name.clone());
             }
@@ -91,6 +87,13 @@ mod tests {
             .collect()
     }
 
+    fn pod_labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
     fn names(set: Option<&BTreeSet<String>>) -> Vec<&str> {
         set.into_iter().flatten().map(String::as_str).collect()
     }
@@ -102,19 +105,19 @@ mod tests {
         let web2 = ObjectKey::new("shop", "web-2");
         let api = ObjectKey::new("shop", "api-1");
         let other = ObjectKey::new("other", "web-9");
-        let web_v1 = labels(&[("app", "web"), ("version", "v1")]);
+        let web_v1 = pod_labels(&[("app", "web"), ("version", "v1")]);
         index.update(&web1, None, Some(&web_v1));
         index.update(
             &web2,
             None,
-            Some(&labels(&[("app", "web"), ("version", "v2")])),
+            Some(&pod_labels(&[("app", "web"), ("version", "v2")])),
         );
         index.update(
             &api,
             None,
-            Some(&labels(&[("app", "api"), ("version", "v1")])),
+            Some(&pod_labels(&[("app", "api"), ("version", "v1")])),
         );
-        index.update(&other, None, Some(&labels(&[("app", "web")])));
+        index.update(&other, None, Some(&pod_labels(&[("app", "web")])));
 
         let app_web = labels(&[("app", "web")]);
         assert_eq!(
@@ -135,7 +138,7 @@ mod tests {
         );
 
         // Relabelled, then deleted.
-        index.update(&web1, Some(&web_v1), Some(&labels(&[("app", "api")])));
+        index.update(&web1, Some(&web_v1), Some(&pod_labels(&[("app", "api")])));
         assert_eq!(names(index.candidates("shop", &app_web)), ["web-2"]);
         assert_eq!(
             names(index.candidates("shop", &labels(&[("app", "api")]))),
@@ -143,14 +146,14 @@ mod tests {
         );
         index.update(
             &web2,
-            Some(&labels(&[("app", "web"), ("version", "v2")])),
+            Some(&pod_labels(&[("app", "web"), ("version", "v2")])),
             None,
         );
         assert_eq!(
             names(index.candidates("shop", &app_web)),
             Vec::<&str>::new()
         );
-        index.update(&other, Some(&labels(&[("app", "web")])), None);
+        index.update(&other, Some(&pod_labels(&[("app", "web")])), None);
         assert!(
             !index.namespaces.contains_key("other"),
             "emptied namespaces are dropped"

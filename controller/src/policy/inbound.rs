@@ -29,7 +29,7 @@ use super::store::{NamespaceObjects, PolicyInputs};
 use super::{gateway, routes};
 use crate::meta;
 use crate::objects::{Kind, ObjectKey};
-use crate::pod::Pod;
+use crate::pod::{Pod, StringMap};
 
 /// The pod or namespace annotation naming the default inbound policy.
 pub const DEFAULT_POLICY_ANNOTATION: &str = "config.mesh.dev/default-inbound-policy";
@@ -161,13 +161,13 @@ pub fn default_policy(
     namespace: Option<&NamespaceObjects>,
     cluster_default: DefaultPolicy,
 ) -> DefaultPolicy {
-    let annotation = |annotations: Option<&BTreeMap<String, String>>| {
+    fn annotation<M: StringMap>(annotations: Option<&M>) -> Option<DefaultPolicy> {
         annotations?
-            .get(DEFAULT_POLICY_ANNOTATION)?
+            .value(DEFAULT_POLICY_ANNOTATION)?
             .parse::<DefaultPolicy>()
             .ok()
-    };
-    pod.and_then(|p| annotation(p.metadata.annotations.as_ref()))
+    }
+    pod.and_then(|p| annotation(Some(&p.annotations)))
         .or_else(|| {
             namespace
                 .and_then(|n| n.namespace.as_ref())
@@ -256,24 +256,21 @@ fn container_port_name(pod: &Pod, port: u16) -> Option<String> {
 }
 
 /// Whether a label selector (matchLabels and matchExpressions) picks these labels.
-pub fn label_selector_matches(
-    selector: &LabelSelector,
-    labels: Option<&BTreeMap<String, String>>,
-) -> bool {
-    let empty = BTreeMap::new();
-    let labels = labels.unwrap_or(&empty);
+pub fn label_selector_matches<M: StringMap>(selector: &LabelSelector, labels: Option<&M>) -> bool {
+    let get = |key: &str| labels.and_then(|l| l.value(key));
     let labels_match = selector
         .match_labels
         .iter()
         .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
+        .all(|(k, v)| get(k) == Some(v.as_str()));
     let expressions_match = selector.match_expressions.iter().flatten().all(|e| {
         let values = e.values.as_deref().unwrap_or_default();
+        let has_value = || get(&e.key).is_some_and(|v| values.iter().any(|w| w == v));
         match e.operator.as_str() {
-            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
-            "NotIn" => !labels.get(&e.key).is_some_and(|v| values.contains(v)),
-            "Exists" => labels.contains_key(&e.key),
-            "DoesNotExist" => !labels.contains_key(&e.key),
+            "In" => has_value(),
+            "NotIn" => !has_value(),
+            "Exists" => get(&e.key).is_some(),
+            "DoesNotExist" => get(&e.key).is_none(),
             // An operator the API server would have refused: select nothing.
             _ => false,
         }
@@ -297,8 +294,7 @@ fn covering_server<'a>(
                 IntOrString::Int(number) => *number == i32::from(port),
                 IntOrString::String(name) => port_name.as_deref() == Some(name.as_str()),
             };
-            port_matches
-                && label_selector_matches(&server.spec.pod_selector, pod.metadata.labels.as_ref())
+            port_matches && label_selector_matches(&server.spec.pod_selector, Some(&pod.labels))
         })
         .collect();
     covering.sort_by(|a, b| {

@@ -152,6 +152,27 @@ impl<I> PrefixedIo<I> {
     pub fn get_ref(&self) -> &I {
         &self.io
     }
+
+    /// Puts `bytes` back in front of what is still to be read.
+    pub fn unread(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            // Dropped, not kept: an empty `Bytes` can still hold a whole buffer.
+            return;
+        }
+        if self.prefix.is_empty() {
+            self.prefix = bytes;
+        } else {
+            let mut joined = BytesMut::with_capacity(bytes.len() + self.prefix.len());
+            joined.extend_from_slice(&bytes);
+            joined.extend_from_slice(&self.prefix);
+            self.prefix = joined.freeze();
+        }
+    }
+
+    /// Whether bytes read earlier are still to be replayed.
+    pub fn has_prefix(&self) -> bool {
+        !self.prefix.is_empty()
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for PrefixedIo<I> {

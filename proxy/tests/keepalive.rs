@@ -95,6 +95,12 @@ async fn read_response(stream: &mut TcpStream) -> (String, String) {
         .expect("a response in time")
 }
 
+/// Sends `request` and reads its response.
+async fn exchange(stream: &mut TcpStream, request: &str) -> (String, String) {
+    stream.write_all(request.as_bytes()).await.expect("write");
+    read_response(stream).await
+}
+
 /// Whether the proxy closes `stream` within `within` (reading and dropping what it sends).
 async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
     let mut buf = [0u8; 1024];
@@ -121,21 +127,13 @@ fn assert_kept_alive(head: &str, path: &str, body: &str) {
 async fn a_quiet_connection_is_parked_and_serves_the_next_requests() {
     let setup = setup(&[]).await;
     let mut stream = setup.connect().await;
-    stream
-        .write_all(setup.get("/one").as_bytes())
-        .await
-        .expect("write");
-    let (head, body) = read_response(&mut stream).await;
+    let (head, body) = exchange(&mut stream, &setup.get("/one")).await;
     assert_kept_alive(&head, "/one", &body);
 
     tokio::time::sleep(quiet()).await;
     assert_eq!(setup.parked().await, 1.0, "a quiet connection is parked");
 
-    stream
-        .write_all(setup.get("/two").as_bytes())
-        .await
-        .expect("write");
-    let (head, body) = read_response(&mut stream).await;
+    let (head, body) = exchange(&mut stream, &setup.get("/two")).await;
     assert_kept_alive(&head, "/two", &body);
     assert_eq!(setup.parked().await, 0.0, "a connection in use is not");
 
@@ -154,11 +152,7 @@ async fn a_quiet_connection_is_parked_and_serves_the_next_requests() {
 async fn a_request_head_interrupted_by_a_quiet_spell_is_served_whole() {
     let setup = setup(&[]).await;
     let mut stream = setup.connect().await;
-    stream
-        .write_all(setup.get("/one").as_bytes())
-        .await
-        .expect("write");
-    read_response(&mut stream).await;
+    exchange(&mut stream, &setup.get("/one")).await;
     tokio::time::sleep(quiet()).await;
     assert_eq!(setup.parked().await, 1.0);
 
@@ -180,17 +174,9 @@ async fn a_slow_response_is_not_cut_short_by_the_quiet_on_its_connection() {
     // The backend takes longer than several release periods to answer: nothing moves on the
     // connection meanwhile, but a request is in flight.
     let slow_ms = (quiet() * 2).as_millis();
-    stream
-        .write_all(setup.get(&format!("/slow?ms={slow_ms}")).as_bytes())
-        .await
-        .expect("write");
-    let (head, body) = read_response(&mut stream).await;
+    let (head, body) = exchange(&mut stream, &setup.get(&format!("/slow?ms={slow_ms}"))).await;
     assert_kept_alive(&head, "/slow", &body);
-    stream
-        .write_all(setup.get("/after").as_bytes())
-        .await
-        .expect("write");
-    let (head, body) = read_response(&mut stream).await;
+    let (head, body) = exchange(&mut stream, &setup.get("/after")).await;
     assert_kept_alive(&head, "/after", &body);
 }
 
@@ -198,11 +184,7 @@ async fn a_slow_response_is_not_cut_short_by_the_quiet_on_its_connection() {
 async fn an_upgrade_after_a_quiet_spell_is_spliced() {
     let setup = setup(&[]).await;
     let mut stream = setup.connect().await;
-    stream
-        .write_all(setup.get("/one").as_bytes())
-        .await
-        .expect("write");
-    read_response(&mut stream).await;
+    exchange(&mut stream, &setup.get("/one")).await;
     tokio::time::sleep(quiet()).await;
     assert_eq!(setup.parked().await, 1.0);
 
@@ -235,11 +217,7 @@ async fn an_upgrade_after_a_quiet_spell_is_spliced() {
 async fn a_parked_connection_closes_after_the_header_read_timeout() {
     let setup = setup(&[("MESH_PROXY_HTTP_HEADER_READ_TIMEOUT", "1s")]).await;
     let mut stream = setup.connect().await;
-    stream
-        .write_all(setup.get("/one").as_bytes())
-        .await
-        .expect("write");
-    read_response(&mut stream).await;
+    exchange(&mut stream, &setup.get("/one")).await;
     tokio::time::sleep(quiet()).await;
     assert_eq!(setup.parked().await, 1.0);
     assert!(

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -30,6 +30,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::{HTTP1_MAX_BUFFER, HttpServer, log_end};
+use crate::detect::PrefixedIo;
 
 /// How long a connection stays with hyper after its last byte before its buffers go. Much
 /// longer than a request takes, so a busy connection is never released between requests, and
@@ -57,8 +58,7 @@ where
     let activity = Arc::new(Activity::default());
     let mut idle = Idle {
         io: Watched {
-            io,
-            prefix: Bytes::new(),
+            io: PrefixedIo::new(Bytes::new(), io),
             activity: activity.clone(),
         },
         service: Tracked {
@@ -77,7 +77,7 @@ where
             return;
         };
         idle = released;
-        if !idle.io.prefix.is_empty() {
+        if idle.io.io.has_prefix() {
             may_release = false;
             continue;
         }
@@ -183,12 +183,10 @@ where
     }
     // Not polled to completion, so hyper neither shuts the socket down nor answers; what it
     // read and did not parse comes back in `read_buf`. An empty `read_buf` still holds
-    // hyper's whole read buffer, so it is dropped rather than kept.
+    // hyper's whole read buffer, so `unread` drops it rather than keeping it.
     let parts = connection.into_parts()?;
     let mut io = parts.io.into_inner();
-    if !parts.read_buf.is_empty() {
-        io.unread(parts.read_buf);
-    }
+    io.io.unread(parts.read_buf);
     Some(Idle {
         io,
         service: parts.service,
@@ -238,28 +236,15 @@ impl Activity {
 /// The socket as hyper sees it: bytes given back by an earlier hyper connection first, and
 /// every read and write counted.
 struct Watched<I> {
-    io: I,
-    prefix: Bytes,
+    io: PrefixedIo<I>,
     activity: Arc<Activity>,
 }
 
 impl<I: AsyncRead + Unpin> Watched<I> {
-    /// Puts `bytes` back in front of what is still to be read.
-    fn unread(&mut self, bytes: Bytes) {
-        if self.prefix.is_empty() {
-            self.prefix = bytes;
-        } else {
-            let mut joined = BytesMut::with_capacity(bytes.len() + self.prefix.len());
-            joined.extend_from_slice(&bytes);
-            joined.extend_from_slice(&self.prefix);
-            self.prefix = joined.freeze();
-        }
-    }
-
     /// Waits for the client's next bytes, holding no buffer while it waits; false when the
     /// client closed the connection instead.
     async fn wait_for_input(&mut self) -> io::Result<bool> {
-        if !self.prefix.is_empty() {
+        if self.io.has_prefix() {
             return Ok(true);
         }
         let read = poll_fn(|cx| {
@@ -273,7 +258,7 @@ impl<I: AsyncRead + Unpin> Watched<I> {
         if read.is_empty() {
             return Ok(false);
         }
-        self.prefix = read;
+        self.io.unread(read);
         Ok(true)
     }
 }
@@ -284,15 +269,6 @@ impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            if self.prefix.is_empty() {
-                self.prefix = Bytes::new();
-            }
-            return Poll::Ready(Ok(()));
-        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         if buf.filled().len() > before {

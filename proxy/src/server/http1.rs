@@ -11,7 +11,6 @@
 //! Hand-written because hyper has no option to release its buffers; it does give the socket
 //! back (`into_parts`), which is what this relies on.
 
-use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
@@ -29,7 +28,7 @@ use hyper_util::service::TowerToHyperService;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::{HTTP1_MAX_BUFFER, HttpServer, log_end};
+use super::{ConnectionService, HTTP1_MAX_BUFFER, HttpServer, ResponseBody, log_end};
 use crate::detect::PrefixedIo;
 
 /// How long a connection stays with hyper after its last byte before its buffers go. Much
@@ -46,14 +45,8 @@ const WAKE_READ: usize = 2048;
 pub async fn serve<I, S, B>(io: I, service: S, server: HttpServer)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + Unpin
-        + 'static,
-    S::Future: Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
 {
     let activity = Arc::new(Activity::default());
     let mut idle = Idle {
@@ -142,14 +135,8 @@ async fn serve_until_quiet<I, S, B>(
 ) -> Option<Idle<I, TowerToHyperService<S>>>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + Unpin
-        + 'static,
-    S::Future: Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
 {
     let activity = idle.io.activity.clone();
     let mut connection = hyper::server::conn::http1::Builder::new()
@@ -331,7 +318,6 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
 }
 
 /// The service, counting requests in flight until hyper drops their response bodies.
-#[derive(Clone)]
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,

@@ -1,28 +1,25 @@
 //! `Destination.Get`: resolves a target against the index and streams its endpoint set.
 //!
-//! Each stream is one task holding the last state it sent. When a snapshot arrives it
-//! resolves its target again (a map lookup); if the endpoint set is the same `Arc` as before
-//! (the index reuses unchanged sets) it does nothing, otherwise it sends the diff. Snapshots
-//! that arrive while a slow client is still being sent to are coalesced by the `watch`
-//! channel: the next diff is taken against what the client last got, so it is always right.
+//! Each stream follows the index's snapshots ([`crate::follow`]) holding the last state it
+//! sent. On a new snapshot it resolves its target again (a map lookup); if the endpoint set is
+//! the same `Arc` as before (the index reuses unchanged sets) it sends nothing, otherwise the
+//! diff. Snapshots published while a slow client is not reading are coalesced, and the next
+//! diff is taken against what the client last got, so it is always right.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_proto::destination::destination_server::{Destination, DestinationServer};
 use mesh_proto::destination::{GetDestination, Update, update};
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::endpoints::{self, TargetState};
+use crate::follow::{WatchStream, follow};
 use crate::health::Health;
 use crate::index::{Resolution, Snapshot};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StreamGuard};
 use crate::target::{self, Target};
-
-/// Updates buffered per stream before the stream's task waits for the client.
-const STREAM_BUFFER: usize = 16;
 
 /// The Destination service.
 #[derive(Debug, Clone)]
@@ -64,7 +61,7 @@ impl DestinationService {
 
 #[tonic::async_trait]
 impl Destination for DestinationService {
-    type GetStream = ReceiverStream<Result<Update, Status>>;
+    type GetStream = WatchStream<Update>;
 
     async fn get(
         &self,
@@ -100,92 +97,57 @@ impl Destination for DestinationService {
         };
         self.metrics.stream_started("ok");
         tracing::debug!(%target, "destination stream opened");
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let stream = Stream {
+        let first = endpoints::initial(&state);
+        count_sent(&self.metrics, &first);
+        let mut stream = Stream {
             target,
-            snapshots,
-            tx,
+            last: state,
             metrics: self.metrics.clone(),
-            shutdown: self.shutdown.clone(),
+            _active: self.metrics.stream_guard(),
         };
-        tokio::spawn(stream.run(state));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(follow(
+            snapshots,
+            self.shutdown.clone(),
+            first,
+            move |snapshot: &Arc<Snapshot>| stream.step(snapshot),
+        )))
     }
 }
 
-/// Resolves once `shutdown` turns true (or its sender is gone).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
-}
-
-/// One open `Get` stream.
+/// What one open `Get` stream keeps between snapshots.
 struct Stream {
     target: Target,
-    snapshots: watch::Receiver<Arc<Snapshot>>,
-    tx: mpsc::Sender<Result<Update, Status>>,
+    /// The state the client was last sent.
+    last: TargetState,
     metrics: Metrics,
-    shutdown: watch::Receiver<bool>,
+    _active: StreamGuard,
 }
 
 impl Stream {
-    async fn run(mut self, first: TargetState) {
-        let _active = self.metrics.stream_guard();
-        if !self.send(endpoints::initial(&first), None).await {
-            return;
+    /// The updates that bring the client to `snapshot`.
+    fn step(&mut self, snapshot: &Snapshot) -> Vec<Update> {
+        let next = snapshot.resolve(&self.target).into_state();
+        if next.same_as(&self.last) {
+            return Vec::new();
         }
-        let mut last = first;
-        loop {
-            tokio::select! {
-                changed = self.snapshots.changed() => {
-                    if changed.is_err() {
-                        // The index is gone: the controller is stopping.
-                        return;
-                    }
-                }
-                _ = self.tx.closed() => {
-                    tracing::debug!(target = %self.target, "destination stream closed by the client");
-                    return;
-                }
-                _ = stopped(&mut self.shutdown) => {
-                    // Ending the stream lets the server drain; the client reconnects elsewhere.
-                    let _ = self.tx.send(Err(Status::unavailable("the controller is shutting down"))).await;
-                    return;
-                }
-            }
-            let snapshot = self.snapshots.borrow_and_update().clone();
-            let next = snapshot.resolve(&self.target).into_state();
-            if next.same_as(&last) {
-                continue;
-            }
-            let updates = endpoints::diff(&last, &next);
-            if !self.send(updates, Some(&snapshot)).await {
-                return;
-            }
-            last = next;
-        }
-    }
-
-    /// Sends updates; false when the client is gone.
-    async fn send(&self, updates: Vec<Update>, snapshot: Option<&Snapshot>) -> bool {
-        if updates.is_empty() {
-            return true;
-        }
-        for update in updates {
-            let kind = match &update.update {
-                Some(update::Update::Add(_)) => "add",
-                Some(update::Update::Remove(_)) => "remove",
-                Some(update::Update::NoEndpoints(_)) => "no_endpoints",
-                None => "none",
-            };
-            if self.tx.send(Ok(update)).await.is_err() {
-                return false;
-            }
-            self.metrics.update_sent(kind);
-        }
-        if let Some(snapshot) = snapshot {
+        let updates = endpoints::diff(&self.last, &next);
+        self.last = next;
+        if !updates.is_empty() {
+            count_sent(&self.metrics, &updates);
             self.metrics
                 .observe_latency(snapshot.changed_at.elapsed().as_secs_f64());
         }
-        true
+        updates
+    }
+}
+
+fn count_sent(metrics: &Metrics, updates: &[Update]) {
+    for update in updates {
+        metrics.update_sent(match &update.update {
+            Some(update::Update::Add(_)) => "add",
+            Some(update::Update::Remove(_)) => "remove",
+            Some(update::Update::NoEndpoints(_)) => "no_endpoints",
+            None => "none",
+        });
     }
 }

@@ -157,6 +157,11 @@ impl Snapshot {
         self.pods.values()
     }
 
+    /// The pod whose own IP is `ip`.
+    pub fn pod_at(&self, ip: IpAddr) -> Option<&Arc<PodView>> {
+        self.pods.get(&ip)
+    }
+
     /// The service view by key.
     pub fn service(&self, key: &ObjectKey) -> Option<&Arc<ServiceView>> {
         self.services.get(key)

@@ -20,6 +20,7 @@ pub mod admin;
 pub mod destination;
 pub mod endpoints;
 pub mod file;
+pub mod follow;
 pub mod health;
 pub mod identity;
 pub mod index;

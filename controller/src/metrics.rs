@@ -236,8 +236,8 @@ impl Metrics {
     }
 }
 
-/// Decrements the active stream gauge when the stream's task ends, however it ends.
-pub(crate) struct StreamGuard(Gauge);
+/// Decrements the active stream gauge when the stream ends, however it ends.
+pub struct StreamGuard(Gauge);
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {

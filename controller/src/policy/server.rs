@@ -1,10 +1,10 @@
 //! The policy gRPC servers: `InboundPolicies.Watch` and `OutboundPolicies.Watch`.
 //!
-//! Each stream is one task that computes its policy with the pure functions
+//! Each stream ([`crate::follow`]) computes its policy with the pure functions
 //! (`policy::inbound`, `policy::outbound`) from the current [`PolicyInputs`], sends it, and
 //! computes it again on every new snapshot, sending only when it differs from what the client
-//! last got (snapshots that arrive while a slow client is being sent to are coalesced by the
-//! `watch` channel). The servers decide nothing themselves.
+//! last got (snapshots published while a slow client is not reading are coalesced). The
+//! servers decide nothing themselves.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,18 +14,15 @@ use mesh_proto::policy::outbound_policies_server::{OutboundPolicies, OutboundPol
 use mesh_proto::policy::{
     InboundPolicyRequest, InboundServer, OutboundPolicy, OutboundPolicyRequest,
 };
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use super::inbound::{self, InboundSettings};
 use super::metrics::PolicyMetrics;
 use super::outbound::{self, OutboundSettings};
 use super::store::PolicyInputs;
+use crate::follow::{WatchStream, follow};
 use crate::health::Health;
-
-/// Policies buffered per stream before the stream's task waits for the client.
-const STREAM_BUFFER: usize = 4;
 
 /// What both servers share.
 #[derive(Debug, Clone)]
@@ -56,58 +53,40 @@ impl PolicyContext {
 
     /// Streams `first`, then whatever `next` computes from each new snapshot: `Some` is the
     /// policy now (sent when it differs from the last one sent), `None` keeps the last one.
-    fn spawn_stream<T, F>(
+    /// `first` was computed from `inputs`, which is marked seen.
+    fn stream<T, F>(
         &self,
         api: &'static str,
+        inputs: watch::Receiver<Arc<PolicyInputs>>,
         first: T,
         mut next: F,
-    ) -> ReceiverStream<Result<T, Status>>
+    ) -> WatchStream<T>
     where
         T: PartialEq + Clone + Send + Sync + 'static,
         F: FnMut(&PolicyInputs) -> Option<T> + Send + 'static,
     {
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let mut inputs = self.inputs.clone();
-        let mut shutdown = self.shutdown.clone();
         let metrics = self.metrics.clone();
-        tokio::spawn(async move {
-            let _active = metrics.stream_guard(api);
-            // Marks the current snapshot seen: `first` was computed from it or an older one,
-            // and a newer one arriving meanwhile still wakes the loop.
-            inputs.borrow_and_update();
-            if tx.send(Ok(first.clone())).await.is_err() {
-                return;
+        let active = metrics.stream_guard(api);
+        metrics.update_sent(api);
+        let mut last = first.clone();
+        follow(inputs, self.shutdown.clone(), vec![first], move |snapshot| {
+            let _counted_until_dropped = &active;
+            match next(snapshot) {
+                Some(policy) if policy != last => {
+                    metrics.update_sent(api);
+                    last = policy.clone();
+                    vec![policy]
+                }
+                _ => Vec::new(),
             }
-            metrics.update_sent(api);
-            let mut last = first;
-            loop {
-                let stopping = tokio::select! {
-                    changed = inputs.changed() => if changed.is_err() { return } else { false },
-                    _ = tx.closed() => return,
-                    // `wait_for`'s guard is not `Send`: nothing may await inside this arm.
-                    _ = shutdown.wait_for(|stop| *stop) => true,
-                };
-                if stopping {
-                    let _ = tx
-                        .send(Err(Status::unavailable("the controller is shutting down")))
-                        .await;
-                    return;
-                }
-                let snapshot = inputs.borrow_and_update().clone();
-                let Some(policy) = next(&snapshot) else {
-                    continue;
-                };
-                if policy == last {
-                    continue;
-                }
-                if tx.send(Ok(policy.clone())).await.is_err() {
-                    return;
-                }
-                metrics.update_sent(api);
-                last = policy;
-            }
-        });
-        ReceiverStream::new(rx)
+        })
+    }
+
+    /// A receiver of the policy inputs with the current ones marked seen, and those inputs.
+    fn inputs(&self) -> (watch::Receiver<Arc<PolicyInputs>>, Arc<PolicyInputs>) {
+        let mut inputs = self.inputs.clone();
+        let current = inputs.borrow_and_update().clone();
+        (inputs, current)
     }
 }
 
@@ -135,7 +114,7 @@ impl InboundPoliciesService {
 
 #[tonic::async_trait]
 impl InboundPolicies for InboundPoliciesService {
-    type WatchStream = ReceiverStream<Result<InboundServer, Status>>;
+    type WatchStream = WatchStream<InboundServer>;
 
     async fn watch(
         &self,
@@ -154,8 +133,8 @@ impl InboundPolicies for InboundPoliciesService {
             })?;
         self.context.wait_synced().await?;
         let settings = self.settings.clone();
-        let first =
-            inbound::inbound_server(&self.context.inputs.borrow(), &workload, port, &settings);
+        let (inputs, current) = self.context.inputs();
+        let first = inbound::inbound_server(&current, &workload, port, &settings);
         tracing::debug!(
             namespace = %workload.namespace,
             pod = %workload.pod,
@@ -163,8 +142,9 @@ impl InboundPolicies for InboundPoliciesService {
             policy = %first.name,
             "inbound policy stream opened"
         );
-        Ok(Response::new(self.context.spawn_stream(
+        Ok(Response::new(self.context.stream(
             "inbound",
+            inputs,
             first,
             move |inputs| Some(inbound::inbound_server(inputs, &workload, port, &settings)),
         )))
@@ -195,7 +175,7 @@ impl OutboundPoliciesService {
 
 #[tonic::async_trait]
 impl OutboundPolicies for OutboundPoliciesService {
-    type WatchStream = ReceiverStream<Result<OutboundPolicy, Status>>;
+    type WatchStream = WatchStream<OutboundPolicy>;
 
     async fn watch(
         &self,
@@ -208,21 +188,19 @@ impl OutboundPolicies for OutboundPoliciesService {
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.context.wait_synced().await?;
         let settings = self.settings.clone();
-        let (target, outcome) = {
-            let inputs = self.context.inputs.borrow();
-            let target = outbound::resolve_target(&inputs, &wanted)
-                .ok_or_else(|| Status::not_found(format!("{wanted} is not a Service port")))?;
-            let outcome = outbound::outbound_policy(&inputs, &target, &source, &settings);
-            (target, outcome)
-        };
+        let (inputs, current) = self.context.inputs();
+        let target = outbound::resolve_target(&current, &wanted)
+            .ok_or_else(|| Status::not_found(format!("{wanted} is not a Service port")))?;
+        let outcome = outbound::outbound_policy(&current, &target, &source, &settings);
         // A target with neither routes nor annotations has no policy: the proxy then routes
         // by discovery alone.
         let first = outcome
             .policy
             .ok_or_else(|| Status::not_found(format!("{target} has no outbound policy")))?;
         tracing::debug!(%target, "outbound policy stream opened");
-        Ok(Response::new(self.context.spawn_stream(
+        Ok(Response::new(self.context.stream(
             "outbound",
+            inputs,
             first,
             move |inputs| {
                 let outcome = outbound::outbound_policy(inputs, &target, &source, &settings);

@@ -100,7 +100,11 @@ mod tests {
         shutdown: watch::Receiver<bool>,
     ) -> WatchStream<u32> {
         follow(snapshots, shutdown, vec![0], |n: &u32| {
-            if n % 2 == 0 { vec![n * 2, n * 2 + 1] } else { vec![] }
+            if n.is_multiple_of(2) {
+                vec![n * 2, n * 2 + 1]
+            } else {
+                vec![]
+            }
         })
     }
 

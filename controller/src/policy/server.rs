@@ -69,17 +69,22 @@ impl PolicyContext {
         let active = metrics.stream_guard(api);
         metrics.update_sent(api);
         let mut last = first.clone();
-        follow(inputs, self.shutdown.clone(), vec![first], move |snapshot| {
-            let _counted_until_dropped = &active;
-            match next(snapshot) {
-                Some(policy) if policy != last => {
-                    metrics.update_sent(api);
-                    last = policy.clone();
-                    vec![policy]
+        follow(
+            inputs,
+            self.shutdown.clone(),
+            vec![first],
+            move |snapshot| {
+                let _counted_until_dropped = &active;
+                match next(snapshot) {
+                    Some(policy) if policy != last => {
+                        metrics.update_sent(api);
+                        last = policy.clone();
+                        vec![policy]
+                    }
+                    _ => Vec::new(),
                 }
-                _ => Vec::new(),
-            }
-        })
+            },
+        )
     }
 
     /// A receiver of the policy inputs with the current ones marked seen, and those inputs.

@@ -34,10 +34,11 @@ pub struct EndpointInfo {
     pub addr: SocketAddr,
     /// The zone, when known.
     pub zone: Option<String>,
-    /// The pod behind the address, when known.
-    pub pod: Option<PodMeta>,
-    /// The SPIFFE ID to require, when the pod is meshed.
-    pub identity: Option<String>,
+    /// The pod behind the address, when known; shared with the pod's own view and every other
+    /// endpoint of the pod (a cluster has as many endpoints as pods, or more).
+    pub pod: Option<Arc<PodMeta>>,
+    /// The SPIFFE ID to require, when the pod is meshed; shared like `pod`.
+    pub identity: Option<Arc<str>>,
     /// The pod's proxy inbound port, when the pod is meshed.
     pub inbound_proxy_port: Option<u16>,
     /// Whether the port is opaque (no protocol detection).
@@ -165,7 +166,7 @@ pub fn to_proto(ep: &EndpointInfo) -> pb::Endpoint {
         weight: 0,
         metric_labels: labels,
         tls_identity: ep.identity.as_ref().map(|id| TlsIdentity {
-            spiffe_id: id.clone(),
+            spiffe_id: id.to_string(),
             server_name: String::new(),
         }),
         protocol_hint: hint as i32,
@@ -325,14 +326,14 @@ mod tests {
         let meshed = EndpointInfo {
             addr: A.parse().expect("test address"),
             zone: Some("zone-a".to_owned()),
-            pod: Some(PodMeta {
+            pod: Some(Arc::new(PodMeta {
                 namespace: "shop".to_owned(),
                 name: "web-7d9f8-abcde".to_owned(),
                 workload_kind: "deployment".to_owned(),
                 workload_name: "web".to_owned(),
                 service_account: "web".to_owned(),
-            }),
-            identity: Some("spiffe://cluster.local/ns/shop/sa/web".to_owned()),
+            })),
+            identity: Some("spiffe://cluster.local/ns/shop/sa/web".into()),
             inbound_proxy_port: Some(4143),
             opaque: false,
         };

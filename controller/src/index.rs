@@ -70,8 +70,8 @@ pub struct ServiceView {
 /// A pod reachable by its own IP, for targets that are a pod IP and port.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodView {
-    /// The pod's metadata for labels.
-    pub meta: PodMeta,
+    /// The pod's metadata for labels, shared with its endpoints.
+    pub meta: Arc<PodMeta>,
     /// Its IP.
     pub ip: IpAddr,
     /// The zone, when known.
@@ -517,7 +517,38 @@ impl Index {
         let mut changed = false;
         let mut pod_ips = Vec::new();
         {
-            let ctx = NamespaceCtx::new(self, namespace);
+            let mut ctx = NamespaceCtx::new(self, namespace);
+            // Pods first: the services' endpoints then share their metadata.
+            for name in pods {
+                let key = ObjectKey::new(namespace, name);
+                let old_ip = self.pod_ips.get(&key).copied();
+                let is_this_pod =
+                    |p: &Arc<PodView>| p.meta.name == key.name && p.meta.namespace == key.namespace;
+                let old = old_ip
+                    .and_then(|ip| prev.pods.get(&ip))
+                    .filter(|p| is_this_pod(p));
+                if let Some(ip) = old_ip
+                    && next.pods.get(&ip).is_some_and(is_this_pod)
+                {
+                    next.pods.remove(&ip);
+                }
+                let view = ctx.pod(&key.name).and_then(|pod| pod_view(&ctx, pod));
+                let view = match (view, old) {
+                    (Some(view), Some(old)) if **old == view => Some(old.clone()),
+                    (Some(view), _) => Some(Arc::new(view)),
+                    (None, _) => None,
+                };
+                changed |= match (&view, old) {
+                    (Some(view), Some(old)) => !Arc::ptr_eq(view, old),
+                    (None, None) => false,
+                    _ => true,
+                };
+                pod_ips.push((key, view.as_ref().map(|v| v.ip)));
+                if let Some(view) = view {
+                    next.pods.insert(view.ip, view);
+                }
+            }
+            ctx.pod_views = Some(&next.pods);
             for name in services {
                 let key = ObjectKey::new(namespace, name);
                 let old = prev.services.get(&key);
@@ -553,35 +584,6 @@ impl Index {
                 }
                 next.services.insert(key, view);
             }
-            for name in pods {
-                let key = ObjectKey::new(namespace, name);
-                let old_ip = self.pod_ips.get(&key).copied();
-                let is_this_pod =
-                    |p: &Arc<PodView>| p.meta.name == key.name && p.meta.namespace == key.namespace;
-                let old = old_ip
-                    .and_then(|ip| prev.pods.get(&ip))
-                    .filter(|p| is_this_pod(p));
-                if let Some(ip) = old_ip
-                    && next.pods.get(&ip).is_some_and(is_this_pod)
-                {
-                    next.pods.remove(&ip);
-                }
-                let view = ctx.pod(&key.name).and_then(|pod| pod_view(&ctx, pod));
-                let view = match (view, old) {
-                    (Some(view), Some(old)) if **old == view => Some(old.clone()),
-                    (Some(view), _) => Some(Arc::new(view)),
-                    (None, _) => None,
-                };
-                changed |= match (&view, old) {
-                    (Some(view), Some(old)) => !Arc::ptr_eq(view, old),
-                    (None, None) => false,
-                    _ => true,
-                };
-                pod_ips.push((key, view.as_ref().map(|v| v.ip)));
-                if let Some(view) = view {
-                    next.pods.insert(view.ip, view);
-                }
-            }
         }
         for (key, ip) in pod_ips {
             match ip {
@@ -616,6 +618,8 @@ struct NamespaceCtx<'a> {
     slices: HashMap<&'a str, Vec<&'a EndpointSlice>>,
     pod_labels: &'a PodLabels,
     options: &'a IndexOptions,
+    /// The pods' views once this publish has rebuilt them: endpoints share their metadata.
+    pod_views: Option<&'a imbl::HashMap<IpAddr, Arc<PodView>>>,
 }
 
 impl<'a> NamespaceCtx<'a> {
@@ -651,6 +655,7 @@ impl<'a> NamespaceCtx<'a> {
             slices,
             pod_labels: &index.pod_labels,
             options: &index.options,
+            pod_views: None,
         }
     }
 
@@ -699,6 +704,19 @@ impl<'a> NamespaceCtx<'a> {
                 opaque: service_opaque || ns_opaque.contains(addr.port(), None),
             };
         };
+        let view = self
+            .pod_views
+            .and_then(|views| views.get(&addr.ip()))
+            .filter(|view| {
+                Some(&view.meta.name) == pod.metadata.name.as_ref()
+                    && Some(&view.meta.namespace) == pod.metadata.namespace.as_ref()
+            });
+        if let Some(view) = view {
+            let mut endpoint = view.endpoint(addr.port());
+            endpoint.opaque |= service_opaque;
+            endpoint.zone = zone.or(endpoint.zone);
+            return endpoint;
+        }
         let meshed = meta::meshed(
             pod,
             self.namespace,
@@ -715,7 +733,7 @@ impl<'a> NamespaceCtx<'a> {
         EndpointInfo {
             addr,
             zone: zone.or_else(|| pod_zone(pod)),
-            pod: Some(pod_meta(pod)),
+            pod: Some(Arc::new(pod_meta(pod))),
             identity: meshed.as_ref().and_then(|m| m.identity.clone()),
             inbound_proxy_port: meshed.map(|m| m.inbound_proxy_port),
             opaque,
@@ -759,7 +777,7 @@ fn pod_view(ctx: &NamespaceCtx<'_>, pod: &Pod) -> Option<PodView> {
     }
     let ip = meta::pod_ip(pod)?;
     Some(PodView {
-        meta: pod_meta(pod),
+        meta: Arc::new(pod_meta(pod)),
         ip,
         zone: pod_zone(pod),
         meshed: meta::meshed(

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, ServicePort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -142,7 +143,7 @@ pub enum MeshedRule {
 pub struct MeshedPod {
     /// `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`; `None` when its proxy runs without identity
     /// (peers then send it plaintext, which it alone accepts).
-    pub identity: Option<String>,
+    pub identity: Option<Arc<str>>,
     /// The proxy's inbound port on the pod IP.
     pub inbound_proxy_port: u16,
 }
@@ -198,7 +199,7 @@ pub fn meshed(
     });
     Some(MeshedPod {
         identity: (identity_enabled && !proxy_without_identity)
-            .then(|| spiffe_id(trust_domain, namespace, service_account)),
+            .then(|| spiffe_id(trust_domain, namespace, service_account).into()),
         inbound_proxy_port,
     })
 }
@@ -499,8 +500,12 @@ mod tests {
             ),
         ];
         for (name, pod, ns, rule, want) in cases {
-            let got = meshed(&pod, ns.as_ref(), td, rule, true)
-                .map(|m| (m.identity.unwrap_or_default(), m.inbound_proxy_port));
+            let got = meshed(&pod, ns.as_ref(), td, rule, true).map(|m| {
+                (
+                    m.identity.as_deref().unwrap_or_default().to_owned(),
+                    m.inbound_proxy_port,
+                )
+            });
             assert_eq!(got, want, "{name}");
         }
     }

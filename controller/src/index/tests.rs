@@ -324,6 +324,26 @@ fn unchanged_sets_keep_their_pointer_and_changes_make_new_ones() {
 }
 
 #[test]
+fn endpoints_share_their_pods_metadata_and_identity_with_the_pod_view() {
+    let (_index, rx) = loaded(SHOP, file_options());
+    let snapshot = rx.borrow().clone();
+    let state = snapshot.resolve(&svc("web", 80)).into_state();
+    let endpoint = state
+        .endpoints
+        .values()
+        .find(|ep| ep.addr.ip().to_string() == "10.0.0.1")
+        .expect("the ready web pod is an endpoint");
+    let view = snapshot
+        .pod_at("10.0.0.1".parse().expect("test address"))
+        .expect("the pod has a view");
+    let meta = endpoint.pod.as_ref().expect("the endpoint names its pod");
+    assert!(Arc::ptr_eq(meta, &view.meta), "one PodMeta, not a copy");
+    let identity = endpoint.identity.as_ref().expect("the pod is meshed");
+    let view_identity = view.meshed.as_ref().and_then(|m| m.identity.as_ref());
+    assert!(view_identity.is_some_and(|id| Arc::ptr_eq(id, identity)));
+}
+
+#[test]
 fn namespace_annotations_mesh_and_make_opaque_the_pods_in_it() {
     let yaml = r#"
 apiVersion: v1

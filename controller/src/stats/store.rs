@@ -69,17 +69,17 @@ impl PodInfo {
         use crate::endpoints::PodMeta;
         use crate::meta::MeshedPod;
         Self(Arc::new(PodView {
-            meta: PodMeta {
+            meta: Arc::new(PodMeta {
                 namespace: namespace.to_owned(),
                 name: name.to_owned(),
                 workload_kind: workload.0.to_owned(),
                 workload_name: workload.1.to_owned(),
                 service_account: "default".to_owned(),
-            },
+            }),
             ip,
             zone: None,
             meshed: identity.map(|identity| MeshedPod {
-                identity: Some(identity),
+                identity: Some(identity.into()),
                 inbound_proxy_port: 4143,
             }),
             opaque: Default::default(),

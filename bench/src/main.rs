@@ -44,6 +44,10 @@ struct Args {
     /// Skip scenario 5 (controller scale).
     #[arg(long)]
     skip_scale: bool,
+    /// Run scenario 5 (controller scale) alone and print its figures; writes no report. For
+    /// iterating on the controller.
+    #[arg(long, conflicts_with_all = ["skip_scale", "hold"])]
+    only_scale: bool,
     /// Start the topologies, print where they listen and their pids, keep them up this many
     /// seconds (for profiling with perf or valgrind), then stop without measuring.
     #[arg(long, value_name = "SECONDS")]
@@ -179,6 +183,13 @@ async fn run(args: Args) -> Result<()> {
         "working in {} (logs of every process)",
         dir.display()
     ));
+    if args.only_scale {
+        let scale_plan = plan.scale.as_ref().context("this mode has no scenario 5")?;
+        let result = controller_scale(scale_plan, &binaries, &dir).await?;
+        println!("{}", serde_json::to_string_pretty(&result)?);
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
 
     let proxy = binaries.proxy.display().to_string();
     let machine = Machine::detect(

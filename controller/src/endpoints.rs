@@ -78,12 +78,18 @@ impl TargetState {
     }
 }
 
+/// Endpoints per Add. A stream's encode buffer keeps the size of the largest message it
+/// ever sent for as long as it lives (tonic reuses it), so a set of 20 endpoints sent whole
+/// would cost every stream of that service about 4 KiB for good; in Adds of this many, and
+/// with the codec handing each message on by itself (`mesh_proto::codec`), about 1.5 KiB.
+const ADD_CHUNK: usize = 8;
+
 /// The updates a stream sends first: the whole set, or that there is none.
 pub fn initial(state: &TargetState) -> Vec<Update> {
     if state.endpoints.is_empty() {
         vec![no_endpoints(state.exists)]
     } else {
-        vec![add(state.endpoints.values(), &state.labels)]
+        adds(state.endpoints.values(), &state.labels)
     }
 }
 
@@ -101,9 +107,7 @@ pub fn diff(old: &TargetState, new: &TargetState) -> Vec<Update> {
         .values()
         .filter(|ep| labels_changed || old.endpoints.get(&ep.addr) != Some(*ep))
         .collect();
-    if !added.is_empty() {
-        updates.push(add(added, &new.labels));
-    }
+    updates.extend(adds(added, &new.labels));
     let removed: Vec<SocketAddr> = old
         .endpoints
         .keys()
@@ -129,16 +133,21 @@ fn no_endpoints(exists: bool) -> Update {
     }
 }
 
-fn add<'a>(
+/// Adds for `endpoints`, [`ADD_CHUNK`] to each; none for none.
+fn adds<'a>(
     endpoints: impl IntoIterator<Item = &'a EndpointInfo>,
     labels: &BTreeMap<String, String>,
-) -> Update {
-    Update {
-        update: Some(update::Update::Add(AddEndpoints {
-            endpoints: endpoints.into_iter().map(to_proto).collect(),
-            metric_labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        })),
-    }
+) -> Vec<Update> {
+    let endpoints: Vec<pb::Endpoint> = endpoints.into_iter().map(to_proto).collect();
+    endpoints
+        .chunks(ADD_CHUNK)
+        .map(|chunk| Update {
+            update: Some(update::Update::Add(AddEndpoints {
+                endpoints: chunk.to_vec(),
+                metric_labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            })),
+        })
+        .collect()
 }
 
 /// The wire form of an endpoint.
@@ -247,6 +256,28 @@ mod tests {
         for (st, want) in cases {
             assert_eq!(show(&initial(&st)), want, "{st:?}");
         }
+    }
+
+    #[test]
+    fn large_sets_go_in_adds_of_a_bounded_size() {
+        let many: Vec<EndpointInfo> = (1..=ADD_CHUNK * 2 + 1)
+            .map(|i| ep(&format!("10.0.1.{i}:80")))
+            .collect();
+        let sizes = |updates: Vec<Update>| -> Vec<usize> {
+            updates
+                .into_iter()
+                .map(|u| match u.update {
+                    Some(update::Update::Add(add)) => add.endpoints.len(),
+                    other => panic!("expected only adds, got {other:?}"),
+                })
+                .collect()
+        };
+        let whole = state(true, &many);
+        assert_eq!(sizes(initial(&whole)), [ADD_CHUNK, ADD_CHUNK, 1]);
+        assert_eq!(
+            sizes(diff(&state(true, &[]), &whole)),
+            [ADD_CHUNK, ADD_CHUNK, 1]
+        );
     }
 
     #[test]

@@ -14,8 +14,12 @@ use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 /// Starting size of a call's buffers: a typical update with its gRPC frame header.
 const START_BUFFER: usize = 512;
 
-/// How much a response stream may batch before yielding: tonic's default.
-const YIELD_THRESHOLD: usize = 32 * 1024;
+/// How much a response stream batches before handing its bytes on. tonic's default (32 KiB)
+/// encodes every ready message into one buffer, and the buffer keeps that size for the life
+/// of the call: a controller stream sending a large set in several updates would grow to hold
+/// them all. At this size each message larger than a small one goes on by itself, and small
+/// ones still share a frame.
+const YIELD_THRESHOLD: usize = START_BUFFER;
 
 /// [`ProstCodec`] with [`START_BUFFER`]-sized buffers.
 #[derive(Debug)]

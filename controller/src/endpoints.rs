@@ -55,8 +55,9 @@ pub struct TargetState {
     pub exists: bool,
     /// Its ready endpoints; shared with the index so unchanged sets compare by pointer.
     pub endpoints: Arc<EndpointSet>,
-    /// Labels for the target as a whole (`service`, `namespace`).
-    pub labels: BTreeMap<String, String>,
+    /// Labels for the target as a whole (`service`, `namespace`); shared by every stream of
+    /// a Service, which keeps them for as long as it is open.
+    pub labels: Arc<BTreeMap<String, String>>,
 }
 
 impl TargetState {
@@ -65,7 +66,7 @@ impl TargetState {
         Self {
             exists: false,
             endpoints: Arc::default(),
-            labels: BTreeMap::new(),
+            labels: Arc::default(),
         }
     }
 
@@ -203,7 +204,7 @@ mod tests {
         TargetState {
             exists,
             endpoints: Arc::new(eps.iter().map(|e| (e.addr, e.clone())).collect()),
-            labels: [("service".to_owned(), "web".to_owned())].into(),
+            labels: Arc::new([("service".to_owned(), "web".to_owned())].into()),
         }
     }
 

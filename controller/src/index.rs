@@ -65,6 +65,8 @@ pub struct ServiceView {
     pub cluster_ips: Vec<IpAddr>,
     /// Ready endpoints by Service port.
     pub ports: BTreeMap<u16, Arc<EndpointSet>>,
+    /// The labels of its targets (`service`, `namespace`).
+    pub labels: Arc<BTreeMap<String, String>>,
 }
 
 /// A pod reachable by its own IP, for targets that are a pod IP and port.
@@ -194,7 +196,9 @@ impl Snapshot {
                     return Resolution::Found(TargetState {
                         exists: true,
                         endpoints: Arc::new([(ep.addr, ep)].into()),
-                        labels: [("namespace".to_owned(), pod.meta.namespace.clone())].into(),
+                        labels: Arc::new(
+                            [("namespace".to_owned(), pod.meta.namespace.clone())].into(),
+                        ),
                     });
                 }
                 Resolution::NotFound(format!(
@@ -210,11 +214,7 @@ fn service_port_state(view: &ServiceView, port: u16) -> Resolution {
         Some(set) => Resolution::Found(TargetState {
             exists: true,
             endpoints: set.clone(),
-            labels: [
-                ("service".to_owned(), view.key.name.clone()),
-                ("namespace".to_owned(), view.key.namespace.clone()),
-            ]
-            .into(),
+            labels: view.labels.clone(),
         }),
         None => Resolution::NotFound(format!("service {} has no TCP port {port}", view.key)),
     }
@@ -846,10 +846,21 @@ fn service_view(
         };
         ports.insert(port, set);
     }
+    let labels = match prev {
+        Some(prev) => prev.labels.clone(),
+        None => Arc::new(
+            [
+                ("service".to_owned(), key.name.clone()),
+                ("namespace".to_owned(), key.namespace.clone()),
+            ]
+            .into(),
+        ),
+    };
     ServiceView {
         key,
         cluster_ips,
         ports,
+        labels,
     }
 }
 

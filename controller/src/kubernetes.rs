@@ -39,7 +39,7 @@ use crate::Health;
 use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::objects::{Kind, Object};
-use crate::pod::Pod;
+use crate::pod::{Pod, WirePod};
 
 /// The kinds watched; the backend is synced once each has listed once.
 const WATCHED: [Kind; 4] = [
@@ -115,7 +115,7 @@ pub(crate) async fn run(
             Kind::EndpointSlice,
             tx.clone(),
         )),
-        tokio::spawn(forward(Api::<Pod>::all(client), Kind::Pod, tx)),
+        tokio::spawn(forward(Api::<WirePod>::all(client), Kind::Pod, tx)),
     ];
     let mut states: BTreeMap<Kind, WatchState> = WATCHED
         .iter()
@@ -231,10 +231,9 @@ macro_rules! from_watched {
 
 from_watched!(Namespace, Service, EndpointSlice);
 
-impl From<Pod> for Object {
-    fn from(pod: Pod) -> Self {
-        // Already trimmed as read (`Pod`'s `From<WirePod>`).
-        Object::Pod(Arc::new(pod))
+impl From<WirePod> for Object {
+    fn from(pod: WirePod) -> Self {
+        Object::Pod(Arc::new(Pod::from(pod)))
     }
 }
 

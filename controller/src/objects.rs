@@ -187,38 +187,41 @@ impl Object {
         }
     }
 
-    fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-        match self {
+    /// The object's name and namespace, as written.
+    fn name_and_namespace(&self) -> (&Option<String>, &Option<String>) {
+        let meta = match self {
             Object::Namespace(o) => &o.metadata,
             Object::Service(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
-            Object::Pod(o) => &o.metadata,
+            // A pod keeps only the metadata discovery reads (`PodObjectMeta`).
+            Object::Pod(o) => return (&o.metadata.name, &o.metadata.namespace),
             Object::ServiceAccount(o) => &o.metadata,
             Object::Policy(o) => o.metadata(),
-        }
+        };
+        (&meta.name, &meta.namespace)
     }
 
-    fn metadata_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    /// The object's namespace, to write; copies a shared object.
+    fn namespace_mut(&mut self) -> &mut Option<String> {
         match self {
-            Object::Namespace(o) => &mut Arc::make_mut(o).metadata,
-            Object::Service(o) => &mut Arc::make_mut(o).metadata,
-            Object::EndpointSlice(o) => &mut Arc::make_mut(o).metadata,
-            Object::Pod(o) => &mut Arc::make_mut(o).metadata,
-            Object::ServiceAccount(o) => &mut Arc::make_mut(o).metadata,
-            Object::Policy(o) => o.metadata_mut(),
+            Object::Namespace(o) => &mut Arc::make_mut(o).metadata.namespace,
+            Object::Service(o) => &mut Arc::make_mut(o).metadata.namespace,
+            Object::EndpointSlice(o) => &mut Arc::make_mut(o).metadata.namespace,
+            Object::Pod(o) => &mut Arc::make_mut(o).metadata.namespace,
+            Object::ServiceAccount(o) => &mut Arc::make_mut(o).metadata.namespace,
+            Object::Policy(o) => &mut o.metadata_mut().namespace,
         }
     }
 
     /// The object's key. Namespaced objects without a namespace get [`DEFAULT_NAMESPACE`]
     /// (see [`Object::with_default_namespace`]); cluster-scoped ones an empty namespace.
     pub fn key(&self) -> ObjectKey {
-        let meta = self.metadata();
-        let name = meta.name.clone().unwrap_or_default();
+        let (name, namespace) = self.name_and_namespace();
+        let name = name.clone().unwrap_or_default();
         if self.kind() == Kind::Namespace {
             return ObjectKey::new("", name);
         }
-        let namespace = meta
-            .namespace
+        let namespace = namespace
             .clone()
             .filter(|ns| !ns.is_empty())
             .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
@@ -228,15 +231,15 @@ impl Object {
     /// The same object with its namespace filled in when it named none, as the API server
     /// would do on create; files often leave it out.
     pub fn with_default_namespace(mut self) -> Self {
-        // Checked before `metadata_mut`, which copies a shared object.
+        // Checked before `namespace_mut`, which copies a shared object.
         if self.kind() != Kind::Namespace
             && self
-                .metadata()
-                .namespace
+                .name_and_namespace()
+                .1
                 .as_deref()
                 .is_none_or(str::is_empty)
         {
-            self.metadata_mut().namespace = Some(DEFAULT_NAMESPACE.to_owned());
+            *self.namespace_mut() = Some(DEFAULT_NAMESPACE.to_owned());
         }
         self
     }

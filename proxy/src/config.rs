@@ -50,7 +50,8 @@ pub struct Config {
     pub discovery_timeout: Duration,
     /// How long draining waits for in-flight work before exiting.
     pub shutdown_grace_period: Duration,
-    /// Log filter (tracing-subscriber EnvFilter syntax).
+    /// Log filter: a level, or `target=level` pairs separated by commas (tracing-subscriber's
+    /// `Targets` syntax), e.g. `warn,mesh_proxy=debug`.
     pub log_level: String,
     /// Log format: `plain` or `json`.
     pub log_format: LogFormat,

@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand};
 use mesh_proxy::app;
 use mesh_proxy::capture::{self, InitArgs};
 use mesh_proxy::config::{Config, LogFormat};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// The mesh's sidecar proxy. With no subcommand it runs the proxy, configured from
 /// `MESH_PROXY_*` environment variables (see ARCHITECTURE.md).
@@ -108,15 +110,18 @@ async fn shutdown_signal() {
 }
 
 fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(level)
+    // `Targets` (a level, or `target=level` pairs) rather than `EnvFilter`, whose span and
+    // field directives bring two regex engines into the binary for a setting read once.
+    let filter: Targets = level
+        .parse()
         .with_context(|| format!("MESH_PROXY_LOG_LEVEL={level:?} is not a log filter"))?;
     // Logs go to stderr: stdout carries the access log.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Plain => builder.init(),
+        LogFormat::Json => registry.with(logs.json()).try_init(),
+        LogFormat::Plain => registry.with(logs).try_init(),
     }
+    .context("installing the logger")?;
     Ok(())
 }

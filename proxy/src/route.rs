@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method, Request};
 use mesh_proto::policy::{self, backend, filter, header_match, path_match, path_modifier};
-use regex::Regex;
+use regex_lite::Regex;
 
 use crate::balance::Algorithm;
 use crate::retry::{RetryBudget, RetryConditions, RetryParams};
@@ -363,7 +363,7 @@ pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
 }
 
 fn regex(text: &str) -> Result<Regex, String> {
-    let invalid = |e: regex::Error| format!("invalid regex {text:?}: {e}");
+    let invalid = |e: regex_lite::Error| format!("invalid regex {text:?}: {e}");
     // Checked alone first: a text like `a)|(b` is invalid, but would close the group below
     // and escape its anchors.
     Regex::new(text).map_err(invalid)?;
@@ -417,7 +417,7 @@ pub fn compile_match(wire: &policy::RouteMatch) -> Result<Match, String> {
             ))),
             (true, false) => Some(PathCondition::Regex(regex(&format!(
                 "/[^/]+/{}",
-                regex::escape(&grpc.method)
+                regex_lite::escape(&grpc.method)
             ))?)),
         };
     }

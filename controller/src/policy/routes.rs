@@ -89,7 +89,7 @@ fn created(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) ->
 }
 
 fn regex_problem(field: &str, text: &str) -> Option<RouteProblem> {
-    regex::Regex::new(&format!("^(?:{text})$"))
+    regex_lite::Regex::new(&format!("^(?:{text})$"))
         .err()
         .map(|e| problem(field, text, format!("not a regular expression: {e}")))
 }

@@ -462,7 +462,7 @@ fn matches_compile_only_from_valid_parts() {
         };
         for text in regexes {
             prop_assert!(
-                regex::Regex::new(text).is_ok(),
+                regex_lite::Regex::new(text).is_ok(),
                 "the invalid regex {:?} compiled",
                 text
             );

@@ -32,6 +32,21 @@ async fn a_bad_setting_exits_with_the_variable_and_the_value() {
 }
 
 #[tokio::test]
+async fn a_log_filter_with_an_unknown_level_exits_naming_it() {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+        .env("MESH_PROXY_LOG_LEVEL", "warn,mesh_proxy=loud")
+        .output()
+        .await
+        .expect("run mesh-proxy");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("MESH_PROXY_LOG_LEVEL") && stderr.contains("mesh_proxy=loud"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
 async fn json_access_logs_have_every_field() {
     let backend = Backend::start("books").await;
     let (outbound, admin) = (free_port(), free_port());

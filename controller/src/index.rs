@@ -89,6 +89,11 @@ pub struct PodView {
 }
 
 impl PodView {
+    /// Whether this is the view of pod `namespace/name` (an IP can pass to another pod).
+    pub fn is(&self, namespace: &str, name: &str) -> bool {
+        self.meta.name == name && self.meta.namespace == namespace
+    }
+
     fn endpoint(&self, port: u16) -> EndpointInfo {
         EndpointInfo {
             addr: SocketAddr::new(self.ip, port),
@@ -522,8 +527,7 @@ impl Index {
             for name in pods {
                 let key = ObjectKey::new(namespace, name);
                 let old_ip = self.pod_ips.get(&key).copied();
-                let is_this_pod =
-                    |p: &Arc<PodView>| p.meta.name == key.name && p.meta.namespace == key.namespace;
+                let is_this_pod = |p: &Arc<PodView>| p.is(&key.namespace, &key.name);
                 let old = old_ip
                     .and_then(|ip| prev.pods.get(&ip))
                     .filter(|p| is_this_pod(p));
@@ -708,8 +712,10 @@ impl<'a> NamespaceCtx<'a> {
             .pod_views
             .and_then(|views| views.get(&addr.ip()))
             .filter(|view| {
-                Some(&view.meta.name) == pod.metadata.name.as_ref()
-                    && Some(&view.meta.namespace) == pod.metadata.namespace.as_ref()
+                view.is(
+                    pod.metadata.namespace.as_deref().unwrap_or_default(),
+                    pod.metadata.name.as_deref().unwrap_or_default(),
+                )
             });
         if let Some(view) = view {
             let mut endpoint = view.endpoint(addr.port());

@@ -51,15 +51,17 @@ fn state(pod: Option<&Arc<PodView>>) -> WorkloadState {
 }
 
 /// Pod `namespace/name`: at `ip` (where it was last seen) when it is still there, else by a
-/// scan of every pod. A pod keeps its IP for life, so a stream scans about once, not on every
-/// snapshot: 10,000 proxies each scanning 10,000 pods per change would be 10^8 steps.
+/// scan of every pod. A pod keeps its IP for life, so the stream of a pod the index has scans
+/// about once, not on every snapshot (10,000 proxies each scanning 10,000 pods per change
+/// would be 10^8 steps). A stream naming a pod the index does not have still scans on every
+/// snapshot, as every stream did before.
 fn find<'a>(
     snapshot: &'a Snapshot,
     namespace: &str,
     name: &str,
     ip: Option<IpAddr>,
 ) -> Option<&'a Arc<PodView>> {
-    let is_it = |pod: &&Arc<PodView>| pod.meta.namespace == namespace && pod.meta.name == name;
+    let is_it = |pod: &&Arc<PodView>| pod.is(namespace, name);
     ip.and_then(|ip| snapshot.pod_at(ip).filter(is_it))
         .or_else(|| snapshot.pods().find(is_it))
 }

@@ -16,34 +16,29 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-#[tokio::test]
-async fn a_bad_setting_exits_with_the_variable_and_the_value() {
+/// Runs the proxy with `variable=value` and asserts it refuses to start, naming both.
+async fn refuses_to_start_with(variable: &str, value: &str) {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
-        .env("MESH_PROXY_DETECT_TIMEOUT", "soon")
+        .env(variable, value)
         .output()
         .await
         .expect("run mesh-proxy");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("MESH_PROXY_DETECT_TIMEOUT") && stderr.contains("soon"),
+        stderr.contains(variable) && stderr.contains(value),
         "{stderr}"
     );
 }
 
 #[tokio::test]
+async fn a_bad_setting_exits_with_the_variable_and_the_value() {
+    refuses_to_start_with("MESH_PROXY_DETECT_TIMEOUT", "soon").await;
+}
+
+#[tokio::test]
 async fn a_log_filter_with_an_unknown_level_exits_naming_it() {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
-        .env("MESH_PROXY_LOG_LEVEL", "warn,mesh_proxy=loud")
-        .output()
-        .await
-        .expect("run mesh-proxy");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("MESH_PROXY_LOG_LEVEL") && stderr.contains("mesh_proxy=loud"),
-        "{stderr}"
-    );
+    refuses_to_start_with("MESH_PROXY_LOG_LEVEL", "warn,mesh_proxy=loud").await;
 }
 
 #[tokio::test]

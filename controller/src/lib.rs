@@ -91,6 +91,8 @@ pub struct Config {
     /// The Lease replicas compete for to write route status (Kubernetes, several replicas);
     /// without it this replica writes alone.
     pub status_lease: Option<lease::Election>,
+    /// Traffic leaving the mesh: the global EgressNetworks' namespace and the default policy.
+    pub egress: policy::egress::EgressSettings,
 }
 
 /// Where the identity CA's issuer comes from and how it signs.
@@ -128,6 +130,7 @@ impl Config {
             default_inbound_policy: policy::inbound::DefaultPolicy::AllUnauthenticated,
             trace: None,
             status_lease: None,
+            egress: policy::egress::EgressSettings::default(),
         }
     }
 }
@@ -386,6 +389,7 @@ pub async fn run(
     };
     let outbound_settings = policy::outbound::OutboundSettings {
         cluster_domain: config.cluster_domain.clone(),
+        egress: config.egress.clone(),
     };
     let leading = match (&kube_client, &config.status_lease) {
         (Some(client), Some(election)) => Some(lease::spawn(

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use mesh_controller::policy::egress::{EgressSettings, TrafficPolicy};
 use mesh_controller::policy::inbound::DefaultPolicy;
 use mesh_controller::{Config, Discovery, IdentityOptions};
 use tracing_subscriber::EnvFilter;
@@ -103,6 +104,21 @@ struct Args {
         default_value = "all-unauthenticated"
     )]
     default_inbound_policy: DefaultPolicy,
+    /// The namespace whose EgressNetworks apply to clients of every namespace (the control
+    /// plane's).
+    #[arg(
+        long,
+        env = "MESH_CONTROLLER_EGRESS_NAMESPACE",
+        default_value = "mesh-system"
+    )]
+    egress_namespace: String,
+    /// What happens to traffic leaving the mesh that no EgressNetwork covers: allow or deny.
+    #[arg(
+        long,
+        env = "MESH_CONTROLLER_DEFAULT_EGRESS_POLICY",
+        default_value = "allow"
+    )]
+    default_egress_policy: TrafficPolicy,
     /// This replica's name (its pod's, from the downward API): with --lease-namespace, the
     /// replicas elect one route status writer with a Lease.
     #[arg(long, env = "MESH_CONTROLLER_POD_NAME")]
@@ -175,6 +191,10 @@ fn main() -> anyhow::Result<()> {
             ..IdentityOptions::new(dir)
         }),
         default_inbound_policy: args.default_inbound_policy,
+        egress: EgressSettings {
+            global_namespace: args.egress_namespace.clone(),
+            default_policy: args.default_egress_policy,
+        },
         trace: args
             .trace_collector
             .clone()

@@ -37,15 +37,21 @@ pub enum Kind {
     NetworkAuthentication,
     /// policy.mesh.dev HTTPLocalRateLimitPolicy.
     HTTPLocalRateLimitPolicy,
+    /// policy.mesh.dev EgressNetwork.
+    EgressNetwork,
     /// gateway.networking.k8s.io HTTPRoute.
     HTTPRoute,
     /// gateway.networking.k8s.io GRPCRoute.
     GRPCRoute,
+    /// gateway.networking.k8s.io TLSRoute.
+    TLSRoute,
+    /// gateway.networking.k8s.io TCPRoute.
+    TCPRoute,
 }
 
 impl Kind {
     /// Every kind, in a fixed order (metrics report each, even when zero).
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Namespace,
         Kind::Service,
         Kind::EndpointSlice,
@@ -56,8 +62,11 @@ impl Kind {
         Kind::MeshTLSAuthentication,
         Kind::NetworkAuthentication,
         Kind::HTTPLocalRateLimitPolicy,
+        Kind::EgressNetwork,
         Kind::HTTPRoute,
         Kind::GRPCRoute,
+        Kind::TLSRoute,
+        Kind::TCPRoute,
     ];
 
     /// Whether this is a policy kind (read by `crate::policy`, not by discovery's views).
@@ -69,8 +78,11 @@ impl Kind {
                 | Kind::MeshTLSAuthentication
                 | Kind::NetworkAuthentication
                 | Kind::HTTPLocalRateLimitPolicy
+                | Kind::EgressNetwork
                 | Kind::HTTPRoute
                 | Kind::GRPCRoute
+                | Kind::TLSRoute
+                | Kind::TCPRoute
         )
     }
 
@@ -87,8 +99,11 @@ impl Kind {
             Kind::MeshTLSAuthentication => "MeshTLSAuthentication",
             Kind::NetworkAuthentication => "NetworkAuthentication",
             Kind::HTTPLocalRateLimitPolicy => "HTTPLocalRateLimitPolicy",
+            Kind::EgressNetwork => "EgressNetwork",
             Kind::HTTPRoute => "HTTPRoute",
             Kind::GRPCRoute => "GRPCRoute",
+            Kind::TLSRoute => "TLSRoute",
+            Kind::TCPRoute => "TCPRoute",
         }
     }
 }

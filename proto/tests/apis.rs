@@ -182,6 +182,7 @@ fn outbound_policy() -> policy::OutboundPolicy {
                 }),
                 max_body_bytes: 65_536,
             }),
+            hostnames: vec!["api.example.com".into(), "*.example.org".into()],
         }],
         default_backends: vec![policy::WeightedBackend {
             weight: 1,
@@ -203,6 +204,12 @@ fn outbound_policy() -> policy::OutboundPolicy {
         retry: None,
         max_in_flight_per_backend: 100,
         labels: HashMap::from([("kind".into(), "HTTPRoute".into())]),
+        egress: Some(policy::Egress {
+            network: "shop/external".into(),
+            traffic_policy: policy::egress::TrafficPolicy::Deny.into(),
+            tls_hosts: vec!["secure.example.com".into()],
+            tcp_allowed: true,
+        }),
     }
 }
 

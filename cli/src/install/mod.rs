@@ -414,6 +414,9 @@ pub fn values_tree(values: &Values) -> Value {
             "memoryRequest": values.proxy.memory_request,
             "memoryLimit": values.proxy.memory_limit,
         },
+        "egress": {
+            "defaultPolicy": values.egress.default_policy,
+        },
         "controllerLogLevel": values.controller_log_level,
         "dashboards": values.dashboards,
     })

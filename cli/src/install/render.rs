@@ -40,12 +40,24 @@ const CRD_FILES: &[(&str, &str)] = &[
         include_str!("../../../charts/mesh/crds/policy.mesh.dev_httplocalratelimitpolicies.yaml"),
     ),
     (
+        "policy.mesh.dev_egressnetworks.yaml",
+        include_str!("../../../charts/mesh/crds/policy.mesh.dev_egressnetworks.yaml"),
+    ),
+    (
         "gateway.networking.k8s.io_httproutes.yaml",
         include_str!("../../../charts/mesh/crds/gateway.networking.k8s.io_httproutes.yaml"),
     ),
     (
         "gateway.networking.k8s.io_grpcroutes.yaml",
         include_str!("../../../charts/mesh/crds/gateway.networking.k8s.io_grpcroutes.yaml"),
+    ),
+    (
+        "gateway.networking.k8s.io_tlsroutes.yaml",
+        include_str!("../../../charts/mesh/crds/gateway.networking.k8s.io_tlsroutes.yaml"),
+    ),
+    (
+        "gateway.networking.k8s.io_tcproutes.yaml",
+        include_str!("../../../charts/mesh/crds/gateway.networking.k8s.io_tcproutes.yaml"),
     ),
 ];
 
@@ -100,10 +112,12 @@ pub fn control_plane(values: &Values) -> Vec<Value> {
                  "verbs": ["get", "list", "watch"]},
                 {"apiGroups": ["policy.mesh.dev"],
                  "resources": ["servers", "authorizationpolicies", "meshtlsauthentications",
-                               "networkauthentications", "httplocalratelimitpolicies"],
+                               "networkauthentications", "httplocalratelimitpolicies",
+                               "egressnetworks"],
                  "verbs": ["get", "list", "watch"]},
                 {"apiGroups": ["gateway.networking.k8s.io"],
-                 "resources": ["httproutes", "grpcroutes"], "verbs": ["get", "list", "watch"]},
+                 "resources": ["httproutes", "grpcroutes", "tlsroutes", "tcproutes"],
+                 "verbs": ["get", "list", "watch"]},
                 // Route conditions (Accepted, ResolvedRefs) are written to status only.
                 {"apiGroups": ["gateway.networking.k8s.io"],
                  "resources": ["httproutes/status", "grpcroutes/status"],
@@ -413,6 +427,8 @@ fn controller_deployment(values: &Values) -> Value {
                 "--identity-dir=/var/run/mesh/identity",
                 format!("--identity-leaf-lifetime={}", values.identity.leaf_lifetime),
                 format!("--default-inbound-policy={}", values.proxy.default_inbound_policy),
+                format!("--egress-namespace={}", values.namespace),
+                format!("--default-egress-policy={}", values.egress.default_policy),
                 format!("--log-level={}", values.controller_log_level),
             ],
             // Who this replica is and where the replicas elect the route status writer.

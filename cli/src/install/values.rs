@@ -34,8 +34,16 @@ pub struct Values {
     pub identity: Identity,
     pub webhook: Webhook,
     pub proxy: Proxy,
+    pub egress: Egress,
     pub controller_log_level: String,
     pub dashboards: bool,
+}
+
+/// Traffic leaving the mesh.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Egress {
+    pub default_policy: String,
 }
 
 /// Where the images come from: `<registry>/<name>:<tag>`.
@@ -182,6 +190,12 @@ impl Values {
             .parse::<mesh_injector::InboundPolicy>()
         {
             return invalid("proxy.defaultInboundPolicy", e.to_string());
+        }
+        if !matches!(self.egress.default_policy.as_str(), "allow" | "deny") {
+            return invalid(
+                "egress.defaultPolicy",
+                format!("{:?} is neither allow nor deny", self.egress.default_policy),
+            );
         }
         if self.namespace.is_empty() {
             return invalid("namespace", "is empty".to_owned());

@@ -10,6 +10,8 @@
 //! - [`NetworkAuthentication`]: clients from some networks.
 //! - [`HTTPLocalRateLimitPolicy`]: request rates allowed into a Server, in total and per
 //!   client identity.
+//! - [`EgressNetwork`]: destinations outside the mesh, and whether traffic to them that no
+//!   route allows passes.
 //!
 //! These are plain data: what a field means for a proxy is decided in `policy::inbound`.
 //! Fields are lenient where the controller can report a mistake better than admission can
@@ -188,6 +190,28 @@ pub struct HTTPLocalRateLimitPolicySpec {
     pub overrides: Vec<RateLimitOverride>,
 }
 
+/// Destinations outside the mesh (addresses that are no Service's and no pod's), for the
+/// clients of its namespace, or of every namespace when it lives in the control plane's.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "policy.mesh.dev",
+    version = "v1alpha1",
+    kind = "EgressNetwork",
+    namespaced,
+    derive = "PartialEq",
+    shortname = "egressnet",
+    printcolumn = r#"{"name":"Policy","type":"string","jsonPath":".spec.trafficPolicy"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressNetworkSpec {
+    /// The networks covered; every address outside the mesh when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<NetworkSpec>,
+    /// What happens to traffic that no route attached to this network allows: `Allow` or
+    /// `Deny`.
+    pub traffic_policy: String,
+}
+
 /// A rate.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -217,8 +241,13 @@ pub fn crds() -> Vec<(
 )> {
     use kube::CustomResourceExt;
 
-    use super::gateway::{GRPCRoute, HTTPRoute};
-    let mut gateway = [HTTPRoute::crd(), GRPCRoute::crd()];
+    use super::gateway::{GRPCRoute, HTTPRoute, TCPRoute, TLSRoute};
+    let mut gateway = [
+        HTTPRoute::crd(),
+        GRPCRoute::crd(),
+        TLSRoute::crd(),
+        TCPRoute::crd(),
+    ];
     for crd in &mut gateway {
         keep_unknown_fields(crd);
         crd.metadata.annotations = Some(
@@ -247,6 +276,7 @@ pub fn crds() -> Vec<(
         MeshTLSAuthentication::crd(),
         NetworkAuthentication::crd(),
         HTTPLocalRateLimitPolicy::crd(),
+        EgressNetwork::crd(),
     ]
     .into_iter()
     .chain(gateway)
@@ -361,8 +391,11 @@ mod tests {
                 "policy.mesh.dev/MeshTLSAuthentication",
                 "policy.mesh.dev/NetworkAuthentication",
                 "policy.mesh.dev/HTTPLocalRateLimitPolicy",
+                "policy.mesh.dev/EgressNetwork",
                 "gateway.networking.k8s.io/HTTPRoute",
                 "gateway.networking.k8s.io/GRPCRoute",
+                "gateway.networking.k8s.io/TLSRoute",
+                "gateway.networking.k8s.io/TCPRoute",
             ]
         );
         let stream = crd_stream().expect("CRDs serialise");
@@ -376,7 +409,7 @@ mod tests {
             schema["properties"]["spec"]["properties"]["port"]["x-kubernetes-int-or-string"],
             true
         );
-        let route = &documents[5];
+        let route = &documents[6];
         assert_eq!(
             route["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["x-kubernetes-preserve-unknown-fields"],
             true

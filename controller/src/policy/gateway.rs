@@ -1,6 +1,7 @@
 //! The Gateway API routes the mesh reads (`gateway.networking.k8s.io/v1` `HTTPRoute` and
-//! `GRPCRoute`), as the subset of fields the mesh uses (the GAMMA pattern: routes whose
-//! parentRefs name a Service).
+//! `GRPCRoute`, `v1alpha2` `TLSRoute` and `TCPRoute`), as the subset of fields the mesh uses
+//! (the GAMMA pattern: routes whose parentRefs name a Service; and routes whose parentRefs
+//! name an `EgressNetwork`, for traffic leaving the mesh).
 //!
 //! Why our own types and not the `gateway-api` crate: its newest release (0.22) is built on
 //! kube 4 and k8s-openapi 0.28, and k8s-openapi allows one version per build; it cannot
@@ -371,4 +372,60 @@ pub struct GRPCRouteSpec {
     /// The rules.
     #[serde(default)]
     pub rules: Vec<GRPCRouteRule>,
+}
+
+/// One rule of a TLSRoute or TCPRoute: for the mesh only whether it has backends.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamRouteRule {
+    /// The rule's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Backends, by weight.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backend_refs: Vec<BackendRef>,
+}
+
+/// TLS connections by server name (SNI), never terminated: for the mesh, which names an
+/// `EgressNetwork` allows.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1alpha2",
+    kind = "TLSRoute",
+    namespaced,
+    derive = "PartialEq",
+    status = "RouteStatus"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TLSRouteSpec {
+    /// What the route attaches to.
+    #[serde(default)]
+    pub parent_refs: Vec<ParentReference>,
+    /// The server names (SNI) the route takes, exact or `*.suffix`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
+    /// The rules.
+    #[serde(default)]
+    pub rules: Vec<StreamRouteRule>,
+}
+
+/// TCP connections to a port: for the mesh, which ports of an `EgressNetwork` are allowed.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1alpha2",
+    kind = "TCPRoute",
+    namespaced,
+    derive = "PartialEq",
+    status = "RouteStatus"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TCPRouteSpec {
+    /// What the route attaches to.
+    #[serde(default)]
+    pub parent_refs: Vec<ParentReference>,
+    /// The rules.
+    #[serde(default)]
+    pub rules: Vec<StreamRouteRule>,
 }

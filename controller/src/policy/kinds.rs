@@ -9,10 +9,10 @@ use std::sync::Arc;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::crds::{
-    AuthorizationPolicy, HTTPLocalRateLimitPolicy, MeshTLSAuthentication, NetworkAuthentication,
-    Server,
+    AuthorizationPolicy, EgressNetwork, HTTPLocalRateLimitPolicy, MeshTLSAuthentication,
+    NetworkAuthentication, Server,
 };
-use super::gateway::{GRPCRoute, HTTPRoute};
+use super::gateway::{GRPCRoute, HTTPRoute, TCPRoute, TLSRoute};
 use crate::objects::{Kind, Object};
 
 /// One object of a policy kind.
@@ -28,10 +28,16 @@ pub enum PolicyObject {
     NetworkAuthentication(Arc<NetworkAuthentication>),
     /// `policy.mesh.dev` HTTPLocalRateLimitPolicy.
     HTTPLocalRateLimitPolicy(Arc<HTTPLocalRateLimitPolicy>),
+    /// `policy.mesh.dev` EgressNetwork.
+    EgressNetwork(Arc<EgressNetwork>),
     /// Gateway API HTTPRoute.
     HTTPRoute(Arc<HTTPRoute>),
     /// Gateway API GRPCRoute.
     GRPCRoute(Arc<GRPCRoute>),
+    /// Gateway API TLSRoute.
+    TLSRoute(Arc<TLSRoute>),
+    /// Gateway API TCPRoute.
+    TCPRoute(Arc<TCPRoute>),
 }
 
 /// Applies `$body` to the inner `Arc` of whichever variant `$object` is.
@@ -43,8 +49,11 @@ macro_rules! each {
             PolicyObject::MeshTLSAuthentication($inner) => $body,
             PolicyObject::NetworkAuthentication($inner) => $body,
             PolicyObject::HTTPLocalRateLimitPolicy($inner) => $body,
+            PolicyObject::EgressNetwork($inner) => $body,
             PolicyObject::HTTPRoute($inner) => $body,
             PolicyObject::GRPCRoute($inner) => $body,
+            PolicyObject::TLSRoute($inner) => $body,
+            PolicyObject::TCPRoute($inner) => $body,
         }
     };
 }
@@ -58,8 +67,11 @@ impl PolicyObject {
             PolicyObject::MeshTLSAuthentication(_) => Kind::MeshTLSAuthentication,
             PolicyObject::NetworkAuthentication(_) => Kind::NetworkAuthentication,
             PolicyObject::HTTPLocalRateLimitPolicy(_) => Kind::HTTPLocalRateLimitPolicy,
+            PolicyObject::EgressNetwork(_) => Kind::EgressNetwork,
             PolicyObject::HTTPRoute(_) => Kind::HTTPRoute,
             PolicyObject::GRPCRoute(_) => Kind::GRPCRoute,
+            PolicyObject::TLSRoute(_) => Kind::TLSRoute,
+            PolicyObject::TCPRoute(_) => Kind::TCPRoute,
         }
     }
 
@@ -82,6 +94,11 @@ impl PolicyObject {
             ) => Arc::ptr_eq(a, b) || a == b,
             (PolicyObject::HTTPRoute(a), PolicyObject::HTTPRoute(b)) => Arc::ptr_eq(a, b) || a == b,
             (PolicyObject::GRPCRoute(a), PolicyObject::GRPCRoute(b)) => Arc::ptr_eq(a, b) || a == b,
+            (PolicyObject::EgressNetwork(a), PolicyObject::EgressNetwork(b)) => {
+                Arc::ptr_eq(a, b) || a == b
+            }
+            (PolicyObject::TLSRoute(a), PolicyObject::TLSRoute(b)) => Arc::ptr_eq(a, b) || a == b,
+            (PolicyObject::TCPRoute(a), PolicyObject::TCPRoute(b)) => Arc::ptr_eq(a, b) || a == b,
             _ => false,
         }
     }
@@ -110,10 +127,12 @@ impl PolicyObject {
         }
         let group = match api_version {
             "policy.mesh.dev/v1alpha1" => "policy.mesh.dev",
-            // v1beta1 routes have the same shape for the fields the mesh reads.
-            "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1" => {
-                "gateway.networking.k8s.io"
-            }
+            // v1beta1 routes have the same shape for the fields the mesh reads, and so do
+            // v1alpha2 (TLSRoute and TCPRoute live there) and v1alpha3.
+            "gateway.networking.k8s.io/v1"
+            | "gateway.networking.k8s.io/v1beta1"
+            | "gateway.networking.k8s.io/v1alpha2"
+            | "gateway.networking.k8s.io/v1alpha3" => "gateway.networking.k8s.io",
             _ => return None,
         };
         Some(match (group, kind) {
@@ -130,7 +149,10 @@ impl PolicyObject {
             ("policy.mesh.dev", "HTTPLocalRateLimitPolicy") => {
                 read(value, PolicyObject::HTTPLocalRateLimitPolicy)
             }
+            ("policy.mesh.dev", "EgressNetwork") => read(value, PolicyObject::EgressNetwork),
             ("gateway.networking.k8s.io", "HTTPRoute") => read(value, PolicyObject::HTTPRoute),
+            ("gateway.networking.k8s.io", "TLSRoute") => read(value, PolicyObject::TLSRoute),
+            ("gateway.networking.k8s.io", "TCPRoute") => read(value, PolicyObject::TCPRoute),
             ("gateway.networking.k8s.io", "GRPCRoute") => read(value, PolicyObject::GRPCRoute),
             _ => return None,
         })
@@ -155,6 +177,9 @@ from_watched!(
     MeshTLSAuthentication,
     NetworkAuthentication,
     HTTPLocalRateLimitPolicy,
+    EgressNetwork,
     HTTPRoute,
-    GRPCRoute
+    GRPCRoute,
+    TLSRoute,
+    TCPRoute
 );

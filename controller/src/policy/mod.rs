@@ -3,7 +3,8 @@
 //!
 //! It owns, one module each:
 //! - [`crds`]: the `policy.mesh.dev/v1alpha1` CRD types and the CRD YAML generated from them;
-//! - [`gateway`]: the subset of Gateway API `HTTPRoute`/`GRPCRoute` the mesh reads;
+//! - [`gateway`]: the subset of Gateway API routes the mesh reads (`HTTPRoute`, `GRPCRoute`,
+//!   and for egress `TLSRoute`, `TCPRoute`);
 //! - [`kinds`]: [`PolicyObject`](kinds::PolicyObject), those kinds as discovery objects;
 //! - [`store`]: the raw objects policy reads (Namespaces, Pods, Services, ServiceAccounts and
 //!   the policy kinds), kept by the discovery [`Index`](crate::index::Index) beside its
@@ -12,6 +13,8 @@
 //! - [`outbound`]: the pure function snapshot + Service port + source -> `OutboundPolicy`,
 //!   with [`routes`] (Gateway API rules -> proxy routes) and [`annotations`] (the Service's
 //!   `retry.mesh.dev/*`, `timeout.mesh.dev/*`, ... annotations);
+//! - [`egress`]: the pure function snapshot + outside address + source -> `OutboundPolicy`
+//!   with its `Egress` (the covering `EgressNetwork` and the routes attached to it);
 //! - [`server`]: the two Watch servers streaming those functions' results;
 //! - [`report`]: invalid routes and annotations in logs, metrics and route status;
 //! - [`watch`]: the Kubernetes watchers of the policy kinds (missing CRDs tolerated);
@@ -23,6 +26,7 @@
 pub mod annotations;
 pub mod crds;
 pub mod duration;
+pub mod egress;
 pub mod gateway;
 pub mod inbound;
 pub mod kinds;

@@ -24,6 +24,7 @@ use mesh_proto::policy::{
 };
 
 use super::annotations;
+use super::egress::{self, EgressSettings};
 use super::gateway::ParentReference;
 use super::routes::{self, RankedRoute, RouteContext, RouteProblem};
 use super::store::PolicyInputs;
@@ -35,12 +36,15 @@ use crate::target::{self, Target, TargetError};
 pub struct OutboundSettings {
     /// The cluster's DNS domain (`name.ns.svc.<domain>`).
     pub cluster_domain: String,
+    /// Traffic leaving the mesh.
+    pub egress: EgressSettings,
 }
 
 impl Default for OutboundSettings {
     fn default() -> Self {
         Self {
             cluster_domain: "cluster.local".to_owned(),
+            egress: EgressSettings::default(),
         }
     }
 }
@@ -236,6 +240,7 @@ fn attached_routes(
         namespace,
         port: target.port,
         cluster_domain: &settings.cluster_domain,
+        egress: None,
     };
     let mut ranked = Vec::new();
     let mut any = false;
@@ -411,13 +416,14 @@ pub fn plain_policy(target: &ServiceTarget, settings: &OutboundSettings) -> Outb
             ("namespace".to_owned(), target.namespace.clone()),
         ]
         .into(),
+        egress: None,
     }
 }
 
-/// Every problem of every route object and Service in the snapshot, whatever targets them:
-/// what `policy::report` logs, counts and writes to route status.
+/// Every problem of every route object, Service and EgressNetwork in the snapshot, whatever
+/// targets them: what `policy::report` logs, counts and writes to route status.
 pub fn all_problems(inputs: &PolicyInputs, settings: &OutboundSettings) -> Vec<Problem> {
-    let mut problems = Vec::new();
+    let mut problems = egress::all_problems(inputs, settings);
     for (namespace, objects) in inputs.namespaces() {
         for (name, route) in &objects.http_routes {
             for port in route_ports(&route.spec.parent_refs, namespace, inputs) {
@@ -425,6 +431,7 @@ pub fn all_problems(inputs: &PolicyInputs, settings: &OutboundSettings) -> Vec<P
                     namespace,
                     port,
                     cluster_domain: &settings.cluster_domain,
+                    egress: None,
                 };
                 if let Err(p) = routes::http_routes(route, ctx) {
                     problems.push(Problem::of_route(
@@ -442,6 +449,7 @@ pub fn all_problems(inputs: &PolicyInputs, settings: &OutboundSettings) -> Vec<P
                     namespace,
                     port,
                     cluster_domain: &settings.cluster_domain,
+                    egress: None,
                 };
                 if let Err(p) = routes::grpc_routes(route, ctx) {
                     problems.push(Problem::of_route(

@@ -77,6 +77,9 @@ pub struct RouteContext<'a> {
     pub port: u16,
     /// The cluster's DNS domain.
     pub cluster_domain: &'a str,
+    /// For routes of an `EgressNetwork`: the destination asked for, where a backendRef naming
+    /// the network sends.
+    pub egress: Option<std::net::SocketAddr>,
 }
 
 /// The authority of a Service port.
@@ -164,6 +167,15 @@ fn backends(
 fn backend_of(field: &str, r: &BackendRef, ctx: RouteContext<'_>) -> Result<Backend, RouteProblem> {
     let group = r.group.as_deref().unwrap_or("");
     let kind = r.kind.as_deref().unwrap_or("Service");
+    if let Some(destination) = ctx.egress
+        && group == super::crds::GROUP
+        && kind == "EgressNetwork"
+    {
+        // The network itself: the destination the application asked for.
+        return Ok(Backend {
+            kind: Some(backend::Kind::Addr(destination.into())),
+        });
+    }
     if !(group.is_empty() || group == "core") || kind != "Service" {
         return Err(RouteProblem {
             condition_reason: "InvalidKind",
@@ -460,6 +472,7 @@ pub fn http_routes(
                     backends: backends.clone(),
                     timeouts: (timeouts != Timeouts::default()).then_some(timeouts),
                     retry: annotated.retry.clone(),
+                    hostnames: Vec::new(),
                 },
             });
         }
@@ -673,6 +686,7 @@ pub fn grpc_routes(
                     backends: backends.clone(),
                     timeouts: annotated.timeouts,
                     retry: annotated.retry.clone(),
+                    hostnames: Vec::new(),
                 },
             });
         }

@@ -17,6 +17,7 @@ use mesh_proto::policy::{
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use super::egress;
 use super::inbound::{self, InboundSettings};
 use super::metrics::PolicyMetrics;
 use super::outbound::{self, OutboundSettings};
@@ -164,6 +165,46 @@ pub struct OutboundPoliciesService {
 }
 
 impl OutboundPoliciesService {
+    /// The egress policy of an address outside the mesh: NOT_FOUND when it is in the mesh
+    /// after all (a pod's IP), or when nothing covers it and the mesh-wide default allows, so
+    /// the proxy forwards it unchanged and asks again later.
+    fn egress_stream(
+        &self,
+        inputs: watch::Receiver<Arc<PolicyInputs>>,
+        current: &PolicyInputs,
+        destination: std::net::SocketAddr,
+        source: mesh_proto::common::WorkloadRef,
+    ) -> Result<Response<WatchStream<OutboundPolicy>>, Status> {
+        let not_found = || {
+            Status::not_found(format!(
+                "{destination} is not a Service port, and no EgressNetwork covers it"
+            ))
+        };
+        let settings = self.settings.clone();
+        let (first, _) = egress::egress_policy(current, destination, &source, &settings);
+        let first = first.ok_or_else(not_found)?;
+        // Asked last: it scans every Service and pod.
+        if egress::in_mesh(current, destination.ip()) {
+            return Err(not_found());
+        }
+        tracing::debug!(%destination, network = ?first.egress.as_ref().map(|e| &e.network), "egress policy stream opened");
+        Ok(Response::new(self.context.stream(
+            "outbound",
+            inputs,
+            first,
+            move |inputs| {
+                let (policy, problems) =
+                    egress::egress_policy(inputs, destination, &source, &settings);
+                // As for Services: an invalid route keeps the last valid policy; a network
+                // that went away leaves the destination unrestricted.
+                if !problems.is_empty() {
+                    return None;
+                }
+                Some(policy.unwrap_or_else(|| egress::unrestricted(destination)))
+            },
+        )))
+    }
+
     /// A server computing policies with `settings`.
     pub fn new(context: PolicyContext, settings: OutboundSettings) -> Self {
         Self {
@@ -194,8 +235,16 @@ impl OutboundPolicies for OutboundPoliciesService {
         self.context.wait_synced().await?;
         let settings = self.settings.clone();
         let (inputs, current) = self.context.inputs();
-        let target = outbound::resolve_target(&current, &wanted)
-            .ok_or_else(|| Status::not_found(format!("{wanted} is not a Service port")))?;
+        let Some(target) = outbound::resolve_target(&current, &wanted) else {
+            return match wanted {
+                outbound::TargetRequest::Addr(destination) => {
+                    self.egress_stream(inputs, &current, destination, source)
+                }
+                outbound::TargetRequest::Service(_) => {
+                    Err(Status::not_found(format!("{wanted} is not a Service port")))
+                }
+            };
+        };
         let outcome = outbound::outbound_policy(&current, &target, &source, &settings);
         // A target with neither routes nor annotations has no policy: the proxy then routes
         // by discovery alone.

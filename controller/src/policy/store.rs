@@ -17,10 +17,10 @@ use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
 use tokio::sync::watch;
 
 use super::crds::{
-    AuthorizationPolicy, HTTPLocalRateLimitPolicy, MeshTLSAuthentication, NetworkAuthentication,
-    Server,
+    AuthorizationPolicy, EgressNetwork, HTTPLocalRateLimitPolicy, MeshTLSAuthentication,
+    NetworkAuthentication, Server,
 };
-use super::gateway::{GRPCRoute, HTTPRoute};
+use super::gateway::{GRPCRoute, HTTPRoute, TCPRoute, TLSRoute};
 use super::kinds::PolicyObject;
 use crate::objects::{Kind, Object, ObjectKey};
 use crate::pod::Pod;
@@ -51,10 +51,16 @@ pub struct NamespaceObjects {
     pub network_authentications: ByName<NetworkAuthentication>,
     /// HTTPLocalRateLimitPolicies.
     pub rate_limits: ByName<HTTPLocalRateLimitPolicy>,
+    /// EgressNetworks.
+    pub egress_networks: ByName<EgressNetwork>,
     /// HTTPRoutes.
     pub http_routes: ByName<HTTPRoute>,
     /// GRPCRoutes.
     pub grpc_routes: ByName<GRPCRoute>,
+    /// TLSRoutes.
+    pub tls_routes: ByName<TLSRoute>,
+    /// TCPRoutes.
+    pub tcp_routes: ByName<TCPRoute>,
 }
 
 /// Expands `$apply!(kind, field, pattern binding the object's Arc)` for every named kind, so
@@ -110,6 +116,24 @@ macro_rules! named_kinds {
             grpc_routes,
             o,
             Object::Policy(PolicyObject::GRPCRoute(o))
+        );
+        $apply!(
+            Kind::EgressNetwork,
+            egress_networks,
+            o,
+            Object::Policy(PolicyObject::EgressNetwork(o))
+        );
+        $apply!(
+            Kind::TLSRoute,
+            tls_routes,
+            o,
+            Object::Policy(PolicyObject::TLSRoute(o))
+        );
+        $apply!(
+            Kind::TCPRoute,
+            tcp_routes,
+            o,
+            Object::Policy(PolicyObject::TCPRoute(o))
         );
     };
 }

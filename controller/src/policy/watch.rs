@@ -9,10 +9,10 @@
 //! ```yaml
 //! - apiGroups: [policy.mesh.dev]
 //!   resources: [servers, authorizationpolicies, meshtlsauthentications,
-//!               networkauthentications, httplocalratelimitpolicies]
+//!               networkauthentications, httplocalratelimitpolicies, egressnetworks]
 //!   verbs: [get, list, watch]
 //! - apiGroups: [gateway.networking.k8s.io]
-//!   resources: [httproutes, grpcroutes]
+//!   resources: [httproutes, grpcroutes, tlsroutes, tcproutes]
 //!   verbs: [get, list, watch]
 //! - apiGroups: [gateway.networking.k8s.io]
 //!   resources: [httproutes/status, grpcroutes/status]
@@ -39,10 +39,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::crds::{
-    AuthorizationPolicy, HTTPLocalRateLimitPolicy, MeshTLSAuthentication, NetworkAuthentication,
-    Server,
+    AuthorizationPolicy, EgressNetwork, HTTPLocalRateLimitPolicy, MeshTLSAuthentication,
+    NetworkAuthentication, Server,
 };
-use super::gateway::{GRPCRoute, HTTPRoute};
+use super::gateway::{GRPCRoute, HTTPRoute, TCPRoute, TLSRoute};
 use crate::kubernetes::Change;
 use crate::objects::{Kind, Object};
 
@@ -85,6 +85,21 @@ pub(crate) fn spawn_watchers(
         tokio::spawn(forward(
             Api::<GRPCRoute>::all(client.clone()),
             Kind::GRPCRoute,
+            tx.clone(),
+        )),
+        tokio::spawn(forward(
+            Api::<EgressNetwork>::all(client.clone()),
+            Kind::EgressNetwork,
+            tx.clone(),
+        )),
+        tokio::spawn(forward(
+            Api::<TLSRoute>::all(client.clone()),
+            Kind::TLSRoute,
+            tx.clone(),
+        )),
+        tokio::spawn(forward(
+            Api::<TCPRoute>::all(client.clone()),
+            Kind::TCPRoute,
             tx.clone(),
         )),
     ]

@@ -275,15 +275,17 @@ fn wire_route() -> impl Strategy<Value = policy::Route> {
         weighted_backends(),
         option::of(timeouts()),
         option::of(retry()),
+        vec("api\\.example\\.com|\\*\\.example\\.com|.{0,8}", 0..3),
     )
         .prop_map(
-            |(name, matches, filters, backends, timeouts, retry)| policy::Route {
+            |(name, matches, filters, backends, timeouts, retry, hostnames)| policy::Route {
                 name,
                 matches,
                 filters,
                 backends,
                 timeouts,
                 retry,
+                hostnames,
             },
         )
 }

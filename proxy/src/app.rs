@@ -166,6 +166,8 @@ pub struct Context {
     pub ready: AtomicBool,
     /// The ports of our own listeners, which nothing forwarded may reach.
     pub own_ports: OwnPorts,
+    /// The host names egress metrics name traffic by, bounded.
+    pub egress_hosts: crate::egress::HostLabels,
     local_id: Label,
     /// Clients for addresses forwarded to unchanged (targets discovery doesn't know).
     direct_clients: Arc<IdleMap<SocketAddr, HttpClients>>,
@@ -355,6 +357,7 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
         drain: drain.clone(),
         ready: AtomicBool::new(false),
         own_ports,
+        egress_hosts: crate::egress::HostLabels::default(),
         local_id,
         direct_clients,
     });

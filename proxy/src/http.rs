@@ -53,6 +53,9 @@ pub enum ProxyError {
     Overloaded(String),
     /// The request names one of a proxy's own listeners, which nothing forwarded may reach.
     ProxyPort(String),
+    /// The destination is outside the mesh and its EgressNetwork (or the mesh-wide default)
+    /// does not allow this traffic.
+    EgressDenied(String),
 }
 
 impl ProxyError {
@@ -72,7 +75,9 @@ impl ProxyError {
             Self::ConnectFailed(_) | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::Unauthorized(_) | Self::ProxyPort(_) => StatusCode::FORBIDDEN,
+            Self::Unauthorized(_) | Self::ProxyPort(_) | Self::EgressDenied(_) => {
+                StatusCode::FORBIDDEN
+            }
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
         }
@@ -92,6 +97,7 @@ impl ProxyError {
             Self::RateLimited(..) => "rate limited",
             Self::Overloaded(_) => "concurrency limit",
             Self::ProxyPort(_) => "proxy port",
+            Self::EgressDenied(_) => "egress denied",
         }
     }
 
@@ -108,6 +114,7 @@ impl ProxyError {
             | Self::NoRoute(d)
             | Self::Overloaded(d)
             | Self::ProxyPort(d)
+            | Self::EgressDenied(d)
             | Self::RateLimited(d, _) => d,
         }
     }
@@ -118,7 +125,7 @@ impl ProxyError {
     fn grpc_code(&self) -> u8 {
         match self {
             Self::Timeout(_) => 4,
-            Self::Unauthorized(_) | Self::ProxyPort(_) => 7,
+            Self::Unauthorized(_) | Self::ProxyPort(_) | Self::EgressDenied(_) => 7,
             Self::NoRoute(_) => 12,
             Self::RateLimited(..) => 8,
             Self::BadRequest(_) => 13,

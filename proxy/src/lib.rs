@@ -18,6 +18,7 @@ pub mod client;
 pub mod config;
 pub mod detect;
 pub mod discovery;
+pub mod egress;
 pub mod forward;
 pub mod http;
 pub mod http_metrics;

@@ -12,6 +12,7 @@ use mesh_proto::policy::{self, backend, filter, header_match, path_match, path_m
 use regex_lite::Regex;
 
 use crate::balance::Algorithm;
+use crate::egress::{EgressPlan, HostPattern, host_of};
 use crate::retry::{RetryBudget, RetryConditions, RetryParams};
 
 /// A policy that cannot be compiled; the last valid plan keeps applying.
@@ -152,6 +153,8 @@ pub struct Match {
 /// One route.
 #[derive(Debug)]
 pub struct Route {
+    /// Host names the request's authority must match; empty matches any (egress routes only).
+    hostnames: Vec<HostPattern>,
     matches: Vec<Match>,
     /// Filters, in order.
     pub filters: Vec<Filter>,
@@ -176,6 +179,8 @@ pub struct OutboundPlan {
     pub failure_accrual: Option<FailureAccrual>,
     /// Most requests in flight to one backend; `None` is unlimited.
     pub max_in_flight_per_backend: Option<NonZeroU32>,
+    /// Set when the target is outside the mesh: what its EgressNetwork allows.
+    pub egress: Option<EgressPlan>,
 }
 
 /// What consistent hashing hashes.
@@ -233,6 +238,12 @@ impl OutboundPlan {
             )
             .map_err(in_route)?;
             routes.push(Route {
+                hostnames: route
+                    .hostnames
+                    .iter()
+                    .map(|h| HostPattern::parse(h))
+                    .collect::<Result<_, _>>()
+                    .map_err(in_route)?,
                 matches: route
                     .matches
                     .iter()
@@ -276,10 +287,17 @@ impl OutboundPlan {
             min_backoff: duration(f.min_backoff.as_ref()).unwrap_or(Duration::from_secs(1)),
             max_backoff: duration(f.max_backoff.as_ref()).unwrap_or(Duration::from_secs(60)),
         });
+        let egress = policy
+            .egress
+            .as_ref()
+            .map(EgressPlan::from_proto)
+            .transpose()
+            .map_err(error)?;
         Ok(Self {
             service: Arc::from(policy.service.as_str()),
             routes,
             default_route: Route {
+                hostnames: Vec::new(),
                 matches: Vec::new(),
                 filters: Vec::new(),
                 backends: default_backends,
@@ -289,15 +307,32 @@ impl OutboundPlan {
             hash_key,
             failure_accrual,
             max_in_flight_per_backend: NonZeroU32::new(policy.max_in_flight_per_backend),
+            egress,
         })
     }
 
     /// The first route with a matching rule, else the default route.
     pub fn route<B>(&self, request: &Request<B>) -> &Route {
-        self.routes
-            .iter()
-            .find(|route| any_holds(&route.matches, request))
-            .unwrap_or(&self.default_route)
+        self.matched(request).unwrap_or(&self.default_route)
+    }
+
+    /// The route of requests no other route matches.
+    pub fn default_route(&self) -> &Route {
+        &self.default_route
+    }
+
+    /// The first route with a matching rule, if any.
+    pub fn matched<B>(&self, request: &Request<B>) -> Option<&Route> {
+        let mut host = None;
+        self.routes.iter().find(|route| {
+            if !route.hostnames.is_empty() {
+                let host = host.get_or_insert_with(|| request_host(request));
+                if !route.hostnames.iter().any(|p| p.matches(host)) {
+                    return false;
+                }
+            }
+            any_holds(&route.matches, request)
+        })
     }
 
     /// The backends of a route, its own or the plan's defaults.
@@ -344,6 +379,17 @@ impl Match {
                     .any(|(key, value)| key == name && condition.holds(value))
             })
     }
+}
+
+/// The host a request names (its URI's authority, else `Host`), for hostname matches.
+fn request_host<B>(request: &Request<B>) -> String {
+    let authority = request.uri().authority().map(|a| a.as_str()).or_else(|| {
+        request
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+    });
+    authority.map(host_of).unwrap_or_default()
 }
 
 /// Whether a route with `matches` takes `request`: no matches take everything, else any one.
@@ -737,6 +783,35 @@ mod tests {
         for (request, want) in cases {
             let route = plan.route(&request);
             assert_eq!(&*route.params.name, want, "{}", request.uri());
+        }
+    }
+
+    #[test]
+    fn routes_with_hostnames_take_only_requests_for_those_hosts() {
+        let mut api = route("api", vec![]);
+        api.hostnames = vec!["api.example.com".into()];
+        let mut cdn = route(
+            "cdn",
+            vec![RouteMatch {
+                path: Some(PathMatch {
+                    kind: Some(path_match::Kind::Prefix("/v1".into())),
+                }),
+                ..Default::default()
+            }],
+        );
+        cdn.hostnames = vec!["*.example.org".into()];
+        let plan = plan(vec![api, cdn]);
+        let cases = [
+            (request("GET", "/x", &[("host", "API.example.com:80")]), Some("api")),
+            (request("GET", "/x", &[("host", "www.example.com")]), None),
+            (request("GET", "http://img.example.org/v1/a", &[]), Some("cdn")),
+            (request("GET", "/v2/a", &[("host", "img.example.org")]), None),
+            (request("GET", "/v1/a", &[("host", "example.org")]), None),
+            (request("GET", "/v1/a", &[]), None),
+        ];
+        for (request, want) in cases {
+            let got = plan.matched(&request).map(|r| &*r.params.name);
+            assert_eq!(got, want, "{} {:?}", request.uri(), request.headers());
         }
     }
 

@@ -63,7 +63,8 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) 
     {
         // Forwarding's state (discovery, dial, TLS, copy) is boxed wherever it is awaited, so
         // that an HTTP connection's task does not reserve room for it: 6.8 -> 1.8 KiB a task.
-        return Box::pin(forward_tcp(stream, TargetKey::Addr(dst), &ctx)).await;
+        let io = PrefixedIo::new(bytes::Bytes::new(), stream);
+        return Box::pin(forward_tcp(io, TargetKey::Addr(dst), None, &ctx)).await;
     }
     let (protocol, prefix) = match detect::detect(&mut stream, ctx.config.detect_timeout).await {
         Ok(detected) => detected,
@@ -79,7 +80,7 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) 
             server::serve_http(io, protocol, service, ctx.http_server("outbound")).await;
         }
         (Protocol::Tls | Protocol::Opaque, Some(dst)) => {
-            Box::pin(forward_tcp(io, TargetKey::Addr(dst), &ctx)).await;
+            Box::pin(forward_tcp(io, TargetKey::Addr(dst), Some(protocol), &ctx)).await;
         }
         (Protocol::Tls | Protocol::Opaque, None) => {
             ctx.metrics.proxy_error(Direction::Outbound, "no target");
@@ -89,8 +90,15 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) 
 }
 
 /// Forwards an opaque connection to a balanced endpoint of the target, or to the target
-/// itself when discovery doesn't know it.
-async fn forward_tcp<C>(client: C, key: TargetKey, ctx: &Context)
+/// itself when discovery doesn't know it (and, outside the mesh, its EgressNetwork allows it:
+/// TLS by the server name it asks for, anything else by port). `protocol` is `None` where
+/// nothing was detected (opaque ports, CONNECT tunnels).
+async fn forward_tcp<C>(
+    mut client: PrefixedIo<C>,
+    key: TargetKey,
+    protocol: Option<Protocol>,
+    ctx: &Context,
+)
 where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -112,7 +120,15 @@ where
                     warn!(target = %key, "closing a connection: {}", error.detail());
                     return;
                 }
-                (Dial::Direct(*addr), Label::from(key.to_string()), None)
+                let authority = match egress_check(&mut client, *addr, protocol, ctx).await {
+                    Ok(authority) => authority,
+                    Err(error) => {
+                        ctx.metrics.proxy_error(Direction::Outbound, error.reason());
+                        warn!(target = %key, "closing a connection: {}", error.detail());
+                        return;
+                    }
+                };
+                (Dial::Direct(*addr), authority, None)
             }
             TargetKey::Authority(_) => {
                 ctx.metrics
@@ -130,6 +146,55 @@ where
     if let Err(error) = tcp::forward(client, &dial, ctx, &labels).await {
         debug!(target = %key, %error, "TCP forward ended with an error");
     }
+}
+
+/// Whether the egress policy of `addr`, an address discovery does not know, allows this
+/// connection; its metric label (the TLS server name when there is one) when it does. An
+/// undetected connection is detected only when its port alone is not allowed, so a
+/// server-speaks-first protocol is not held up where nothing needs its first bytes.
+async fn egress_check<C>(
+    client: &mut PrefixedIo<C>,
+    addr: SocketAddr,
+    protocol: Option<Protocol>,
+    ctx: &Context,
+) -> Result<Label, crate::http::ProxyError>
+where
+    C: tokio::io::AsyncRead + Unpin,
+{
+    let by_address = || Label::from(addr.to_string());
+    let Some(plan) = ctx.plans.plan(&TargetKey::Addr(addr)).await else {
+        return Ok(by_address());
+    };
+    let Some(egress) = &plan.egress else {
+        return Ok(by_address());
+    };
+    let protocol = match protocol {
+        Some(protocol) => protocol,
+        None if egress.refuses_tcp().is_none() => return Ok(by_address()),
+        None => match detect::detect(client, ctx.config.detect_timeout).await {
+            Ok((protocol, prefix)) => {
+                client.unread(prefix);
+                protocol
+            }
+            Err(_) => Protocol::Opaque,
+        },
+    };
+    if protocol != Protocol::Tls {
+        return egress.refuses_tcp().map_or_else(|| Ok(by_address()), Err);
+    }
+    let server_name =
+        crate::egress::read_server_name(client, ctx.config.detect_timeout).await;
+    if let Some(error) = egress.refuses_tls(server_name.as_deref()) {
+        return Err(error);
+    }
+    Ok(match server_name {
+        Some(name) => Label::from(ctx.egress_hosts.label(
+            &crate::egress::host_of(&name),
+            addr.port(),
+            &addr.to_string(),
+        )),
+        None => by_address(),
+    })
 }
 
 /// The metric labels of outbound traffic; `server_id` is the identity the peer proved.
@@ -191,18 +256,20 @@ fn connect_tunnel(
     tokio::spawn(async move {
         match upgrade.await {
             Ok(upgraded) => {
-                let io = hyper_util::rt::TokioIo::new(upgraded);
+                let io = PrefixedIo::new(bytes::Bytes::new(), hyper_util::rt::TokioIo::new(upgraded));
                 let resolution = ctx.discovery.resolve(key.clone());
                 let state = resolution.state(ctx.config.discovery_timeout).await;
                 match (state, &key) {
                     (State::NotFound | State::Pending, TargetKey::Authority(authority)) => {
                         // Not a mesh service: resolve the name as the app would have.
                         match router::direct_target(&key, &ctx).await {
-                            Ok(addr) => forward_tcp(io, TargetKey::Addr(addr), &ctx).await,
+                            Ok(addr) => {
+                                forward_tcp(io, TargetKey::Addr(addr), None, &ctx).await
+                            }
                             Err(_) => debug!(%authority, "CONNECT target does not resolve"),
                         }
                     }
-                    _ => forward_tcp(io, key, &ctx).await,
+                    _ => forward_tcp(io, key, None, &ctx).await,
                 }
             }
             Err(error) => debug!(%error, "CONNECT upgrade failed"),

@@ -128,9 +128,44 @@ where
         let (backend_key, route_info, logical) = match &plan {
             None => (key.clone(), None, None),
             Some(plan) => {
-                let route = plan.route(&request);
+                // Egress traffic is known by the host it asked for, else by its address.
+                let logical = match (&plan.egress, &key) {
+                    (Some(_), TargetKey::Addr(addr)) => {
+                        let host = crate::egress::host_of(&uri_authority);
+                        Label::from(self.ctx.egress_hosts.label(
+                            &host,
+                            addr.port(),
+                            &plan.service,
+                        ))
+                    }
+                    _ => Label::new(&plan.service),
+                };
+                let route = match (plan.matched(&request), &plan.egress) {
+                    (Some(route), _) => route,
+                    (None, Some(egress)) if egress.denies_unmatched_http() => {
+                        let what = format!(
+                            "{} {}{}",
+                            request.method(),
+                            uri_authority,
+                            request.uri().path()
+                        );
+                        let labels = outbound_labels(
+                            &self.ctx,
+                            logical,
+                            key.to_string(),
+                            None,
+                        );
+                        return super::error_response(
+                            &self.ctx,
+                            egress.denied(&what),
+                            grpc,
+                            Some(labels),
+                        );
+                    }
+                    (None, _) => plan.default_route(),
+                };
                 let labels = RouteLabels {
-                    authority: Label::new(&plan.service),
+                    authority: logical.clone(),
                     route: Label::new(&route.params.name),
                 };
                 self.ctx.metrics.route_requests.get_or_create(&labels).inc();
@@ -145,11 +180,7 @@ where
                 let backend = pick_backend(plan.backends(route), rand::random::<u64>())
                     .cloned()
                     .map_or_else(|| key.clone(), backend_key);
-                (
-                    backend,
-                    Some(RouteInfo(route.params.clone())),
-                    Some(Label::new(&plan.service)),
-                )
+                (backend, Some(RouteInfo(route.params.clone())), Some(logical))
             }
         };
 

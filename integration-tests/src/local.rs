@@ -150,6 +150,31 @@ pub fn pod_of<'a>(state: &'a serde_json::Value, deployment: &str) -> &'a serde_j
         .unwrap_or_else(|| panic!("no pod of deployment {deployment} in {state:#}"))
 }
 
+/// The network namespace of a Deployment's pod (root mode).
+pub fn netns_of(state: &serde_json::Value, deployment: &str) -> String {
+    pod_of(state, deployment)["netns"]
+        .as_str()
+        .expect("root mode pods have a namespace")
+        .to_owned()
+}
+
+/// Runs `argv` inside network namespace `netns`: its stdout, whatever the exit status.
+pub fn in_pod(netns: &str, argv: &[&str]) -> String {
+    let output = Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(argv)
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run {argv:?} in {netns}: {error}"));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `curl` from inside `netns`: the status line and headers (`--include`), then the body.
+pub fn curl(netns: &str, args: &[&str]) -> String {
+    let mut argv = vec!["curl", "--silent", "--include", "--max-time", "5"];
+    argv.extend_from_slice(args);
+    in_pod(netns, &argv)
+}
+
 /// A plain HTTP/1.0 GET (no chunking to undo): the body.
 pub fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
     let mut stream = TcpStream::connect(addr)?;

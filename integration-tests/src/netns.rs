@@ -90,14 +90,7 @@ impl NetNs {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut argv = argv.into_iter();
-        let program = argv.next().expect("a command has a program");
-        let mut command = self.command(program);
-        command.args(argv).stdout(Stdio::piped());
-        let child = command
-            .spawn()
-            .unwrap_or_else(|error| panic!("cannot start {command:?}: {error}"));
-        ChildGuard { child }
+        spawn_in(&self.name, argv)
     }
 
     /// Joins this namespace and `peer` with a veth pair, giving this end `address` and the
@@ -139,6 +132,24 @@ impl Drop for NetNs {
             Err(error) => eprintln!("netns: cannot delete {}: {error}", self.name),
         }
     }
+}
+
+/// Starts `argv` inside the existing namespace `netns` (one made elsewhere, e.g. a local
+/// mesh's) with its stdout piped; the process is killed when the returned guard drops.
+pub fn spawn_in<I, S>(netns: &str, argv: I) -> ChildGuard
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", netns])
+        .args(argv)
+        .stdout(Stdio::piped());
+    let child = command
+        .spawn()
+        .unwrap_or_else(|error| panic!("cannot start {command:?}: {error}"));
+    ChildGuard { child }
 }
 
 /// A child process, killed and reaped on drop. Declare it after the namespace it runs in so it

@@ -5,10 +5,11 @@
 //!
 //! Needs root; says so loudly and fails under `CI=true` when not.
 
-use std::process::Command;
 use std::time::Duration;
 
-use mesh_integration_tests::local::{LocalMesh, assert_success, http_get, pod_of, wait_for};
+use mesh_integration_tests::local::{
+    LocalMesh, assert_success, curl, http_get, in_pod, netns_of, pod_of, wait_for,
+};
 use mesh_integration_tests::netns::require_root;
 
 const YAML: &str = r#"apiVersion: v1
@@ -69,23 +70,6 @@ spec:
         command: [sleep, "3600"]
 "#;
 
-/// Runs `argv` inside network namespace `netns`: its stdout, whatever the exit status.
-fn in_pod(netns: &str, argv: &[&str]) -> String {
-    let output = Command::new("ip")
-        .args(["netns", "exec", netns])
-        .args(argv)
-        .output()
-        .unwrap_or_else(|error| panic!("cannot run {argv:?} in {netns}: {error}"));
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// `curl` from inside `netns`: the status line and headers (`--include`), then the body.
-fn curl(netns: &str, args: &[&str]) -> String {
-    let mut argv = vec!["curl", "--silent", "--include", "--max-time", "5"];
-    argv.extend_from_slice(args);
-    in_pod(netns, &argv)
-}
-
 /// Sends a mesh transport header naming `port` in plaintext to `ip:4143`, then `request`;
 /// returns what came back before the proxy closed the connection (Python's repr of the bytes).
 fn plaintext_header(netns: &str, ip: &str, port: u16, request: &str) -> String {
@@ -111,13 +95,6 @@ fn plaintext_header(netns: &str, ip: &str, port: u16, request: &str) -> String {
          sys.stdout.write(repr(data))\n"
     );
     in_pod(netns, &["python3", "-c", &script])
-}
-
-fn netns_of(state: &serde_json::Value, deployment: &str) -> String {
-    pod_of(state, deployment)["netns"]
-        .as_str()
-        .expect("root mode pods have a namespace")
-        .to_owned()
 }
 
 #[test]

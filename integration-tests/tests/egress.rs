@@ -1,0 +1,229 @@
+//! Egress, as a user meets it: a meshed client in a local mesh (network namespaces, iptables
+//! capture, the real controller over a folder of YAML) calls servers outside the mesh, which
+//! answer HTTP and TLS on an address no Service or pod has (198.18.0.10, on the local mesh's
+//! router namespace, which routes nowhere else). The client's calls are allowed, then denied by
+//! an `EgressNetwork`, then allowed for one host and path by an HTTPRoute and for one server
+//! name by a TLSRoute; the proxy's metrics name the external hosts.
+//!
+//! Needs root; says so loudly and fails under `CI=true` when not.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use mesh_integration_tests::local::{
+    LocalMesh, assert_success, counter, curl, in_pod, netns_of, wait_for,
+};
+use mesh_integration_tests::netns::{ChildGuard, require_root, spawn_in};
+
+const YAML: &str = r#"apiVersion: v1
+kind: Namespace
+metadata:
+  name: demo
+  annotations:
+    mesh.dev/inject: enabled
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: client, namespace: demo}
+spec:
+  selector: {matchLabels: {app: client}}
+  template:
+    metadata: {labels: {app: client}}
+    spec:
+      containers:
+      - name: idle
+        command: [sleep, "3600"]
+"#;
+
+/// The outside address: in the benchmarking range (RFC 2544), far from the mesh's 10.77/16.
+const OUTSIDE: &str = "198.18.0.10";
+
+/// Denies everything outside the mesh for the clients of `demo`.
+const DENY_ALL: &str = r#"apiVersion: policy.mesh.dev/v1alpha1
+kind: EgressNetwork
+metadata: {name: external, namespace: demo}
+spec:
+  networks: [{cidr: 198.18.0.0/15}]
+  trafficPolicy: Deny
+"#;
+
+/// Allows `api.example.com` under `/allowed`, and TLS to `secure.example.com`.
+const ROUTES: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api-allowed, namespace: demo}
+spec:
+  parentRefs: [{group: policy.mesh.dev, kind: EgressNetwork, name: external}]
+  hostnames: [api.example.com]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /allowed}}]
+    backendRefs: [{group: policy.mesh.dev, kind: EgressNetwork, name: external}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TLSRoute
+metadata: {name: secure, namespace: demo}
+spec:
+  parentRefs: [{group: policy.mesh.dev, kind: EgressNetwork, name: external, port: 8443}]
+  hostnames: [secure.example.com]
+"#;
+
+/// Puts `yaml` into the controller's folder whole (written aside, then renamed).
+fn apply(mesh: &LocalMesh, file: &str, yaml: &str) {
+    let folder = mesh.state_dir.join("controller");
+    let aside = folder.join(format!(".{file}.tmp"));
+    std::fs::write(&aside, yaml).expect("write the object");
+    std::fs::rename(&aside, folder.join(file)).expect("move the object into place");
+}
+
+/// `curl` to `host:port` at the outside address, as the application would call it by name:
+/// the status line and headers, then the body; `TLS` for HTTPS (any certificate).
+fn call(netns: &str, scheme: &str, host: &str, port: u16, path: &str) -> String {
+    let resolve = format!("{host}:{port}:{OUTSIDE}");
+    let url = format!("{scheme}://{host}:{port}{path}");
+    curl(netns, &["--insecure", "--resolve", &resolve, &url])
+}
+
+fn status(response: &str) -> &str {
+    response.lines().next().unwrap_or("(no response)").trim_end()
+}
+
+/// An HTTP server (`orig-dst-echo`) on 8080 and a TLS one (`openssl s_server -www`) on 8443 at
+/// the outside address, in the router namespace.
+fn outside_servers(router: &str, dir: &Path) -> (ChildGuard, ChildGuard) {
+    let run = |argv: &[&str]| {
+        let output = Command::new("ip")
+            .args(["netns", "exec", router])
+            .args(argv)
+            .output()
+            .unwrap_or_else(|error| panic!("cannot run {argv:?}: {error}"));
+        assert!(
+            output.status.success(),
+            "{argv:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run(&["ip", "addr", "add", &format!("{OUTSIDE}/32"), "dev", "lo"]);
+    let mut http = spawn_in(
+        router,
+        [
+            env!("CARGO_BIN_EXE_orig-dst-echo"),
+            &format!("{OUTSIDE}:8080"),
+            "external",
+        ],
+    );
+    assert!(http.read_line().starts_with("listening on "));
+
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=secure.example.com", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl (scripts/setup installs it)");
+    assert!(status.status.success(), "openssl req: {status:?}");
+    let tls = spawn_in(
+        router,
+        [
+            "openssl".as_ref(),
+            "s_server".as_ref(),
+            "-accept".as_ref(),
+            format!("{OUTSIDE}:8443").as_ref(),
+            "-cert".as_ref(),
+            cert.as_os_str(),
+            "-key".as_ref(),
+            key.as_os_str(),
+            "-www".as_ref(),
+            "-quiet".as_ref(),
+        ],
+    );
+    (http, tls)
+}
+
+#[test]
+fn egress_networks_and_routes_allow_and_deny_traffic_leaving_the_mesh() {
+    if !require_root("egress") {
+        return;
+    }
+    let mesh = LocalMesh::new("egress");
+    let yaml = mesh.write("app.yaml", YAML);
+    assert_success(&mesh.up(&yaml, &["--mode", "root"]), "local up");
+    let state = mesh.state();
+    let client = netns_of(&state, "client");
+    let router = state["router_netns"]
+        .as_str()
+        .expect("root mode has a router namespace")
+        .to_owned();
+    let (_http, _tls) = outside_servers(&router, &mesh.dir);
+
+    // Nothing covers the outside yet: forwarded unchanged, as before egress existed.
+    let open = wait_for(
+        Duration::from_secs(20),
+        || {
+            let response = call(&client, "http", "api.example.com", 8080, "/other");
+            status(&response).contains(" 200").then_some(response)
+        },
+        || call(&client, "http", "api.example.com", 8080, "/other"),
+    );
+    assert!(open.contains("external not redirected"), "{open}");
+    let tls_open = wait_for(
+        Duration::from_secs(20),
+        || {
+            let response = call(&client, "https", "evil.example.com", 8443, "/");
+            status(&response).contains(" 200").then_some(response)
+        },
+        || call(&client, "https", "evil.example.com", 8443, "/"),
+    );
+    assert!(tls_open.contains("s_server"), "{tls_open}");
+
+    // Denied: a 403 naming the network and why; TLS closed before the handshake.
+    apply(&mesh, "egress.yaml", DENY_ALL);
+    let denied = wait_for(
+        Duration::from_secs(30),
+        || {
+            let response = call(&client, "http", "api.example.com", 8080, "/other");
+            status(&response).contains(" 403").then_some(response)
+        },
+        || call(&client, "http", "api.example.com", 8080, "/other"),
+    );
+    assert!(
+        denied.contains("mesh-error: egress denied: GET api.example.com:8080/other")
+            && denied.contains("EgressNetwork demo/external"),
+        "{denied}"
+    );
+    let tls_denied = call(&client, "https", "evil.example.com", 8443, "/");
+    assert!(!tls_denied.contains(" 200"), "{tls_denied}");
+
+    // Routes: one host and path over HTTP, one server name over TLS.
+    apply(&mesh, "routes.yaml", ROUTES);
+    let allowed = wait_for(
+        Duration::from_secs(30),
+        || {
+            let response = call(&client, "http", "api.example.com", 8080, "/allowed/1");
+            status(&response).contains(" 200").then_some(response)
+        },
+        || call(&client, "http", "api.example.com", 8080, "/allowed/1"),
+    );
+    assert!(allowed.contains("external not redirected"), "{allowed}");
+    for (host, path) in [("api.example.com", "/other"), ("www.example.com", "/allowed")] {
+        let response = call(&client, "http", host, 8080, path);
+        assert!(status(&response).contains(" 403"), "{host}{path}: {response}");
+    }
+    let secure = call(&client, "https", "secure.example.com", 8443, "/");
+    assert!(status(&secure).contains(" 200"), "{secure}");
+    let evil = call(&client, "https", "evil.example.com", 8443, "/");
+    assert!(!evil.contains(" 200"), "{evil}");
+
+    // The client's proxy names the external hosts and counts the refusals.
+    let metrics = in_pod(&client, &["curl", "--silent", "http://127.0.0.1:4191/metrics"]);
+    for host in ["api.example.com:8080", "secure.example.com:8443"] {
+        assert!(
+            metrics.contains(&format!("authority=\"{host}\"")),
+            "no series for {host} in:\n{metrics}"
+        );
+    }
+    let refusals = counter(&metrics, "proxy_error_total", &["reason=\"egress denied\""]);
+    assert!(refusals >= 4.0, "{refusals} refusals counted:\n{metrics}");
+}

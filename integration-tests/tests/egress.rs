@@ -3,7 +3,8 @@
 //! answer HTTP and TLS on an address no Service or pod has (198.18.0.10, on the local mesh's
 //! router namespace, which routes nowhere else). The client's calls are allowed, then denied by
 //! an `EgressNetwork`, then allowed for one host and path by an HTTPRoute and for one server
-//! name by a TLSRoute; the proxy's metrics name the external hosts.
+//! name by a TLSRoute; the proxy's metrics and `meshctl stat authority` name the external
+//! hosts.
 //!
 //! Needs root; says so loudly and fails under `CI=true` when not.
 
@@ -11,6 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use mesh_integration_tests::bin_path;
 use mesh_integration_tests::local::{
     LocalMesh, assert_success, counter, curl, in_pod, netns_of, wait_for,
 };
@@ -226,4 +228,20 @@ fn egress_networks_and_routes_allow_and_deny_traffic_leaving_the_mesh() {
     }
     let refusals = counter(&metrics, "proxy_error_total", &["reason=\"egress denied\""]);
     assert!(refusals >= 4.0, "{refusals} refusals counted:\n{metrics}");
+
+    // So does `meshctl stat authority`, from the controller's aggregate of the proxies.
+    let stat = || {
+        let output = Command::new(bin_path("meshctl"))
+            .args(["stat", "authority", "-n", "demo", "--state-dir"])
+            .arg(&mesh.state_dir)
+            .output()
+            .expect("run meshctl stat");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr)
+    };
+    wait_for(
+        Duration::from_secs(30),
+        || stat().contains("api.example.com:8080").then_some(()),
+        stat,
+    );
 }

@@ -510,6 +510,45 @@ async fn install_check_and_uninstall_against_a_real_api_server() {
         assert!(names.contains(&name), "no {name} check in {names:?}");
     }
 
+    // An EgressNetwork covering the cluster's own addresses is a warning, not a failure.
+    let resource = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+        "policy.mesh.dev",
+        "v1alpha1",
+        "EgressNetwork",
+    ));
+    let networks: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &resource);
+    let everything: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "policy.mesh.dev/v1alpha1", "kind": "EgressNetwork",
+        "metadata": {"name": "everything", "namespace": "default"},
+        "spec": {"trafficPolicy": "Deny", "networks": [{"cidr": "0.0.0.0/0"}]},
+    }))
+    .expect("an EgressNetwork");
+    networks
+        .create(&PostParams::default(), &everything)
+        .await
+        .expect("create an EgressNetwork");
+    let check = meshctl(&kubeconfig, &["check", "-o", "json"]);
+    let report: serde_json::Value = serde_json::from_slice(&check.stdout).expect("check -o json");
+    assert!(check.status.success(), "a warning passes: {report:#}");
+    let egress = report["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["name"] == "egress-networks")
+        .unwrap_or_else(|| panic!("no egress-networks check in {report:#}"));
+    assert_eq!(egress["warning"], json!(true), "{egress:#}");
+    let detail = egress["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("EgressNetwork default/everything covers")
+            && detail.contains("(Service default/kubernetes)"),
+        "{detail}"
+    );
+    networks
+        .delete("everything", &Default::default())
+        .await
+        .expect("delete the EgressNetwork");
+
     // An upgrade in place: a leftover of an older version (labelled as the mesh's) is pruned,
     // what is not the mesh's stays, and the identity issuer is kept.
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), NS);

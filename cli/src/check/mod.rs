@@ -23,6 +23,7 @@ use crate::install::certs;
 use crate::install::render::{self, names};
 use crate::kubernetes;
 
+mod egress;
 mod proxies;
 
 use proxies::{identity_checks, proxy_certificates_check, proxy_check};
@@ -51,6 +52,9 @@ pub struct CheckArgs {
 pub struct Outcome {
     pub name: String,
     pub ok: bool,
+    /// Passed, but something looks wrong: said, and not counted as a failure.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub warning: bool,
     pub detail: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fix: Option<String>,
@@ -61,6 +65,7 @@ impl Outcome {
         Self {
             name: name.to_owned(),
             ok: true,
+            warning: false,
             detail: detail.into(),
             fix: None,
         }
@@ -70,8 +75,17 @@ impl Outcome {
         Self {
             name: name.to_owned(),
             ok: false,
+            warning: false,
             detail: detail.into(),
             fix: Some(fix.into()),
+        }
+    }
+
+    fn warn(name: &str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self {
+            warning: true,
+            ok: true,
+            ..Self::fail(name, detail, fix)
         }
     }
 }
@@ -90,7 +104,11 @@ pub fn run(args: CheckArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         }
         Output::Table => {
             for outcome in &outcomes {
-                let mark = if outcome.ok { '✔' } else { '✘' };
+                let mark = match (outcome.ok, outcome.warning) {
+                    (true, false) => '✔',
+                    (true, true) => '⚠',
+                    (false, _) => '✘',
+                };
                 println!("{mark} {}: {}", outcome.name, outcome.detail);
                 if let Some(fix) = &outcome.fix {
                     println!("    fix: {fix}");
@@ -143,6 +161,7 @@ async fn checks(args: &CheckArgs, global: &GlobalArgs) -> Vec<Outcome> {
     outcomes.push(deployment_check(&client, ns, names::INJECTOR).await);
     outcomes.push(webhook_check(&client, ns).await);
     outcomes.extend(identity_checks(&client, ns).await);
+    outcomes.push(egress::egress_check(&client).await);
     if args.proxy {
         outcomes.push(proxy_check(&client, global.namespace.as_deref()).await);
         outcomes.push(proxy_certificates_check(&client, ns, global.namespace.as_deref()).await);

@@ -86,7 +86,11 @@ fn call(netns: &str, scheme: &str, host: &str, port: u16, path: &str) -> String 
 }
 
 fn status(response: &str) -> &str {
-    response.lines().next().unwrap_or("(no response)").trim_end()
+    response
+        .lines()
+        .next()
+        .unwrap_or("(no response)")
+        .trim_end()
 }
 
 /// An HTTP server (`orig-dst-echo`) on 8080 and a TLS one (`openssl s_server -www`) on 8443 at
@@ -209,9 +213,15 @@ fn egress_networks_and_routes_allow_and_deny_traffic_leaving_the_mesh() {
         || call(&client, "http", "api.example.com", 8080, "/allowed/1"),
     );
     assert!(allowed.contains("external not redirected"), "{allowed}");
-    for (host, path) in [("api.example.com", "/other"), ("www.example.com", "/allowed")] {
+    for (host, path) in [
+        ("api.example.com", "/other"),
+        ("www.example.com", "/allowed"),
+    ] {
         let response = call(&client, "http", host, 8080, path);
-        assert!(status(&response).contains(" 403"), "{host}{path}: {response}");
+        assert!(
+            status(&response).contains(" 403"),
+            "{host}{path}: {response}"
+        );
     }
     let secure = call(&client, "https", "secure.example.com", 8443, "/");
     assert!(status(&secure).contains(" 200"), "{secure}");
@@ -219,7 +229,10 @@ fn egress_networks_and_routes_allow_and_deny_traffic_leaving_the_mesh() {
     assert!(!evil.contains(" 200"), "{evil}");
 
     // The client's proxy names the external hosts and counts the refusals.
-    let metrics = in_pod(&client, &["curl", "--silent", "http://127.0.0.1:4191/metrics"]);
+    let metrics = in_pod(
+        &client,
+        &["curl", "--silent", "http://127.0.0.1:4191/metrics"],
+    );
     for host in ["api.example.com:8080", "secure.example.com:8443"] {
         assert!(
             metrics.contains(&format!("authority=\"{host}\"")),
@@ -228,6 +241,58 @@ fn egress_networks_and_routes_allow_and_deny_traffic_leaving_the_mesh() {
     }
     let refusals = counter(&metrics, "proxy_error_total", &["reason=\"egress denied\""]);
     assert!(refusals >= 4.0, "{refusals} refusals counted:\n{metrics}");
+    let decisions = |labels: &[&str]| counter(&metrics, "outbound_egress_total", labels);
+    let network = "network=\"demo/external\"";
+    for (labels, at_least) in [
+        (
+            &[
+                "authority=\"api.example.com:8080\"",
+                "protocol=\"http\"",
+                "decision=\"allowed\"",
+            ],
+            1.0,
+        ),
+        (
+            &[
+                "authority=\"api.example.com:8080\"",
+                "protocol=\"http\"",
+                "decision=\"denied\"",
+            ],
+            2.0,
+        ),
+        (
+            &[
+                "authority=\"www.example.com:8080\"",
+                "protocol=\"http\"",
+                "decision=\"denied\"",
+            ],
+            1.0,
+        ),
+        (
+            &[
+                "authority=\"secure.example.com:8443\"",
+                "protocol=\"tls\"",
+                "decision=\"allowed\"",
+            ],
+            1.0,
+        ),
+        (
+            &[
+                "authority=\"evil.example.com:8443\"",
+                "protocol=\"tls\"",
+                "decision=\"denied\"",
+            ],
+            2.0,
+        ),
+    ] {
+        let mut labels = labels.to_vec();
+        labels.push(network);
+        let counted = decisions(&labels);
+        assert!(
+            counted >= at_least,
+            "{counted} for {labels:?} in:\n{metrics}"
+        );
+    }
 
     // So does `meshctl stat authority`, from the controller's aggregate of the proxies.
     let stat = || {

@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::detect::PrefixedIo;
 use crate::http::ProxyError;
+use crate::metrics::{EgressLabels, Label, Metrics};
 
 /// A host name condition of a route: `api.example.com`, `*.example.com` (any name below it)
 /// or `*` (any).
@@ -65,9 +66,7 @@ impl HostPattern {
 pub fn host_of(authority: &str) -> String {
     let host = match authority.rsplit_once(':') {
         // `[::1]:80`, `name:80`; a bare IPv6 address has more than one colon.
-        Some((host, port))
-            if port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(':') =>
-        {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(':') => {
             host
         }
         _ => authority,
@@ -80,6 +79,8 @@ pub fn host_of(authority: &str) -> String {
 pub struct EgressPlan {
     /// `EgressNetwork ns/name`, or `the mesh-wide egress default`: what refusals name.
     pub source: String,
+    /// `ns/name`, or `default`: the metric label.
+    network: Label,
     deny: bool,
     tls_hosts: Vec<HostPattern>,
     tcp_allowed: bool,
@@ -99,6 +100,11 @@ impl EgressPlan {
             } else {
                 format!("EgressNetwork {}", egress.network)
             },
+            network: Label::new(if egress.network.is_empty() {
+                "default"
+            } else {
+                &egress.network
+            }),
             deny,
             tls_hosts: egress
                 .tls_hosts
@@ -134,6 +140,19 @@ impl EgressPlan {
     /// Why an opaque TCP connection is refused, if it is.
     pub fn refuses_tcp(&self) -> Option<ProxyError> {
         (self.deny && !self.tcp_allowed).then(|| self.denied("TCP"))
+    }
+
+    /// Counts one decision on `protocol` traffic to `authority`.
+    pub fn count(&self, metrics: &Metrics, authority: &Label, protocol: &str, allowed: bool) {
+        metrics
+            .egress
+            .get_or_create(&EgressLabels {
+                network: self.network.clone(),
+                authority: authority.clone(),
+                protocol: Label::new(protocol),
+                decision: Label::new(if allowed { "allowed" } else { "denied" }),
+            })
+            .inc();
     }
 
     /// The refusal of `what`, naming the network and the rule that refused it.
@@ -344,10 +363,16 @@ mod tests {
 
         // Not TLS at all: no name, and the bytes are still there.
         let (mut writer, reader) = tokio::io::duplex(1024);
-        writer.write_all(b"\x16\x03\x01\x00\x05hello").await.expect("write");
+        writer
+            .write_all(b"\x16\x03\x01\x00\x05hello")
+            .await
+            .expect("write");
         drop(writer);
         let mut io = PrefixedIo::new(bytes::Bytes::new(), reader);
-        assert_eq!(read_server_name(&mut io, Duration::from_secs(5)).await, None);
+        assert_eq!(
+            read_server_name(&mut io, Duration::from_secs(5)).await,
+            None
+        );
         let mut replayed = Vec::new();
         io.read_to_end(&mut replayed).await.expect("replayed");
         assert_eq!(replayed, b"\x16\x03\x01\x00\x05hello");

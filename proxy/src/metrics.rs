@@ -234,6 +234,19 @@ pub struct ErrorLabels {
     pub reason: Label,
 }
 
+/// An egress decision's labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EgressLabels {
+    /// The EgressNetwork (`namespace/name`), or `default` for the mesh-wide default.
+    pub network: Label,
+    /// The host asked for with its port (bounded in number), else the address.
+    pub authority: Label,
+    /// `http` (counted per request), `tls` or `tcp` (per connection).
+    pub protocol: Label,
+    /// `allowed` or `denied`.
+    pub decision: Label,
+}
+
 /// An authorization decision's labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuthzLabels {
@@ -332,6 +345,8 @@ pub struct Metrics {
     pub tcp_write_bytes: Family<TargetLabels, Counter>,
     /// `proxy_error_total`: errors the proxy produced itself (no endpoints, timeouts, ...).
     pub proxy_errors: Family<ErrorLabels, Counter>,
+    /// `outbound_egress_total`: requests and connections an egress policy judged.
+    pub egress: Family<EgressLabels, Counter>,
     /// `inbound_http_authz_deny_total`: requests refused by policy.
     pub http_authz_denies: Family<AuthzLabels, Counter>,
     /// `inbound_tcp_authz_deny_total`: connections refused by policy.
@@ -429,6 +444,13 @@ impl Metrics {
             "proxy_error",
             "Errors produced by the proxy itself, by reason",
             proxy_errors.clone(),
+        );
+        let egress = Family::default();
+        registry.register(
+            "outbound_egress",
+            "Requests (HTTP) and connections (TLS, TCP) to destinations outside the mesh that \
+             an EgressNetwork or the mesh-wide default covers, by network, host and decision",
+            egress.clone(),
         );
         let http_authz_denies = Family::default();
         registry.register(
@@ -570,6 +592,7 @@ impl Metrics {
             tcp_read_bytes,
             tcp_write_bytes,
             proxy_errors,
+            egress,
             http_authz_denies,
             tcp_authz_denies,
             authz_audits,

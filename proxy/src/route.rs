@@ -802,10 +802,19 @@ mod tests {
         cdn.hostnames = vec!["*.example.org".into()];
         let plan = plan(vec![api, cdn]);
         let cases = [
-            (request("GET", "/x", &[("host", "API.example.com:80")]), Some("api")),
+            (
+                request("GET", "/x", &[("host", "API.example.com:80")]),
+                Some("api"),
+            ),
             (request("GET", "/x", &[("host", "www.example.com")]), None),
-            (request("GET", "http://img.example.org/v1/a", &[]), Some("cdn")),
-            (request("GET", "/v2/a", &[("host", "img.example.org")]), None),
+            (
+                request("GET", "http://img.example.org/v1/a", &[]),
+                Some("cdn"),
+            ),
+            (
+                request("GET", "/v2/a", &[("host", "img.example.org")]),
+                None,
+            ),
             (request("GET", "/v1/a", &[("host", "example.org")]), None),
             (request("GET", "/v1/a", &[]), None),
         ];

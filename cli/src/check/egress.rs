@@ -96,7 +96,11 @@ async fn mesh_ranges(client: &kube::Client) -> Result<Vec<MeshRange>, kube::Erro
         .unwrap_or_default();
     for node in &nodes {
         let spec = node.spec.clone().unwrap_or_default();
-        let cidrs = spec.pod_cidrs.unwrap_or_default().into_iter().chain(spec.pod_cidr);
+        let cidrs = spec
+            .pod_cidrs
+            .unwrap_or_default()
+            .into_iter()
+            .chain(spec.pod_cidr);
         for cidr in cidrs {
             if let Ok(range) = cidr.parse() {
                 ranges.push(MeshRange {
@@ -134,7 +138,11 @@ async fn mesh_ranges(client: &kube::Client) -> Result<Vec<MeshRange>, kube::Erro
         .items
     {
         let spec = service.spec.unwrap_or_default();
-        let ips = spec.cluster_ips.unwrap_or_default().into_iter().chain(spec.cluster_ip);
+        let ips = spec
+            .cluster_ips
+            .unwrap_or_default()
+            .into_iter()
+            .chain(spec.cluster_ip);
         let mut seen = Vec::new();
         for ip in ips.filter_map(|ip| ip.parse::<std::net::IpAddr>().ok()) {
             if seen.contains(&ip) {

@@ -164,7 +164,11 @@ fn network<'a>(
 }
 
 /// The network of `namespace` that covers `ip` most specifically.
-fn covering_in<'a>(namespace: &'a str, objects: &'a NamespaceObjects, ip: IpAddr) -> Option<Network<'a>> {
+fn covering_in<'a>(
+    namespace: &'a str,
+    objects: &'a NamespaceObjects,
+    ip: IpAddr,
+) -> Option<Network<'a>> {
     let mut best: Option<(i16, Network<'a>)> = None;
     // In name order, so among equally specific networks the first name wins.
     for (name, object) in &objects.egress_networks {
@@ -216,9 +220,9 @@ fn parent_is_network(
 
 /// Whether any parentRef names some EgressNetwork.
 pub fn attaches_to_networks(parents: &[ParentReference]) -> bool {
-    parents.iter().any(|p| {
-        p.group.as_deref() == Some(GROUP) && p.kind.as_deref() == Some("EgressNetwork")
-    })
+    parents
+        .iter()
+        .any(|p| p.group.as_deref() == Some(GROUP) && p.kind.as_deref() == Some("EgressNetwork"))
 }
 
 /// What one namespace's routes allow on the network.
@@ -238,7 +242,9 @@ fn hostname_problem(name: &str) -> Option<&'static str> {
         && bare.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         });
@@ -293,13 +299,12 @@ fn attached(
             continue;
         }
         out.any = true;
-        let converted = hostnames(Kind::HTTPRoute, key(name), &route.spec.hostnames).and_then(
-            |hosts| {
+        let converted =
+            hostnames(Kind::HTTPRoute, key(name), &route.spec.hostnames).and_then(|hosts| {
                 routes::http_routes(route, ctx)
                     .map(|ranked| (hosts, ranked))
                     .map_err(|p| Problem::of_route(Kind::HTTPRoute, key(name), p))
-            },
-        );
+            });
         match converted {
             Ok((hosts, ranked)) => out.routes.extend(ranked.into_iter().map(|mut r| {
                 r.route.hostnames = hosts.clone();
@@ -313,13 +318,12 @@ fn attached(
             continue;
         }
         out.any = true;
-        let converted = hostnames(Kind::GRPCRoute, key(name), &route.spec.hostnames).and_then(
-            |hosts| {
+        let converted =
+            hostnames(Kind::GRPCRoute, key(name), &route.spec.hostnames).and_then(|hosts| {
                 routes::grpc_routes(route, ctx)
                     .map(|ranked| (hosts, ranked))
                     .map_err(|p| Problem::of_route(Kind::GRPCRoute, key(name), p))
-            },
-        );
+            });
         match converted {
             Ok((hosts, ranked)) => out.routes.extend(ranked.into_iter().map(|mut r| {
                 r.route.hostnames = hosts.clone();
@@ -441,12 +445,19 @@ fn policy(
             ]
             .into(),
         ),
-        None => (String::new(), [("kind".to_owned(), "default".to_owned())].into()),
+        None => (
+            String::new(),
+            [("kind".to_owned(), "default".to_owned())].into(),
+        ),
     };
     OutboundPolicy {
         service: destination.to_string(),
         protocol: Protocol::Detect as i32,
-        routes: attached.routes.into_iter().map(|r| r.route).collect::<Vec<Route>>(),
+        routes: attached
+            .routes
+            .into_iter()
+            .map(|r| r.route)
+            .collect::<Vec<Route>>(),
         // No default backends: what no route sends elsewhere goes where it was going.
         default_backends: Vec::new(),
         labels,
@@ -480,7 +491,14 @@ pub fn all_problems(inputs: &PolicyInputs, settings: &OutboundSettings) -> Vec<P
             let destination = SocketAddr::from(([192, 0, 2, 1], 1));
             for port in network_ports(objects, &network) {
                 let destination = SocketAddr::new(destination.ip(), port);
-                attached(inputs, namespace, &network, destination, settings, &mut problems);
+                attached(
+                    inputs,
+                    namespace,
+                    &network,
+                    destination,
+                    settings,
+                    &mut problems,
+                );
             }
         }
     }
@@ -495,7 +513,12 @@ fn network_ports(objects: &NamespaceObjects, network: &Network<'_>) -> Vec<u16> 
         .http_routes
         .values()
         .flat_map(|r| r.spec.parent_refs.iter())
-        .chain(objects.grpc_routes.values().flat_map(|r| r.spec.parent_refs.iter()));
+        .chain(
+            objects
+                .grpc_routes
+                .values()
+                .flat_map(|r| r.spec.parent_refs.iter()),
+        );
     let mut ports: Vec<u16> = parents
         .filter(|p| p.name == network.name && attaches_to_networks(std::slice::from_ref(p)))
         .map(|p| p.port.and_then(|p| u16::try_from(p).ok()).unwrap_or(1))

@@ -98,8 +98,7 @@ async fn forward_tcp<C>(
     key: TargetKey,
     protocol: Option<Protocol>,
     ctx: &Context,
-)
-where
+) where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let resolution = ctx.discovery.resolve(key.clone());
@@ -170,7 +169,11 @@ where
     };
     let protocol = match protocol {
         Some(protocol) => protocol,
-        None if egress.refuses_tcp().is_none() => return Ok(by_address()),
+        None if egress.refuses_tcp().is_none() => {
+            let authority = by_address();
+            egress.count(&ctx.metrics, &authority, "tcp", true);
+            return Ok(authority);
+        }
         None => match detect::detect(client, ctx.config.detect_timeout).await {
             Ok((protocol, prefix)) => {
                 client.unread(prefix);
@@ -179,22 +182,22 @@ where
             Err(_) => Protocol::Opaque,
         },
     };
-    if protocol != Protocol::Tls {
-        return egress.refuses_tcp().map_or_else(|| Ok(by_address()), Err);
-    }
-    let server_name =
-        crate::egress::read_server_name(client, ctx.config.detect_timeout).await;
-    if let Some(error) = egress.refuses_tls(server_name.as_deref()) {
-        return Err(error);
-    }
-    Ok(match server_name {
-        Some(name) => Label::from(ctx.egress_hosts.label(
-            &crate::egress::host_of(&name),
-            addr.port(),
-            &addr.to_string(),
-        )),
-        None => by_address(),
-    })
+    let (authority, refusal, kind) = if protocol == Protocol::Tls {
+        let server_name = crate::egress::read_server_name(client, ctx.config.detect_timeout).await;
+        let authority = match &server_name {
+            Some(name) => Label::from(ctx.egress_hosts.label(
+                &crate::egress::host_of(name),
+                addr.port(),
+                &addr.to_string(),
+            )),
+            None => by_address(),
+        };
+        (authority, egress.refuses_tls(server_name.as_deref()), "tls")
+    } else {
+        (by_address(), egress.refuses_tcp(), "tcp")
+    };
+    egress.count(&ctx.metrics, &authority, kind, refusal.is_none());
+    refusal.map_or(Ok(authority), Err)
 }
 
 /// The metric labels of outbound traffic; `server_id` is the identity the peer proved.
@@ -256,16 +259,15 @@ fn connect_tunnel(
     tokio::spawn(async move {
         match upgrade.await {
             Ok(upgraded) => {
-                let io = PrefixedIo::new(bytes::Bytes::new(), hyper_util::rt::TokioIo::new(upgraded));
+                let io =
+                    PrefixedIo::new(bytes::Bytes::new(), hyper_util::rt::TokioIo::new(upgraded));
                 let resolution = ctx.discovery.resolve(key.clone());
                 let state = resolution.state(ctx.config.discovery_timeout).await;
                 match (state, &key) {
                     (State::NotFound | State::Pending, TargetKey::Authority(authority)) => {
                         // Not a mesh service: resolve the name as the app would have.
                         match router::direct_target(&key, &ctx).await {
-                            Ok(addr) => {
-                                forward_tcp(io, TargetKey::Addr(addr), None, &ctx).await
-                            }
+                            Ok(addr) => forward_tcp(io, TargetKey::Addr(addr), None, &ctx).await,
                             Err(_) => debug!(%authority, "CONNECT target does not resolve"),
                         }
                     }

@@ -132,15 +132,20 @@ where
                 let logical = match (&plan.egress, &key) {
                     (Some(_), TargetKey::Addr(addr)) => {
                         let host = crate::egress::host_of(&uri_authority);
-                        Label::from(self.ctx.egress_hosts.label(
-                            &host,
-                            addr.port(),
-                            &plan.service,
-                        ))
+                        Label::from(
+                            self.ctx
+                                .egress_hosts
+                                .label(&host, addr.port(), &plan.service),
+                        )
                     }
                     _ => Label::new(&plan.service),
                 };
-                let route = match (plan.matched(&request), &plan.egress) {
+                let matched = plan.matched(&request);
+                if let Some(egress) = &plan.egress {
+                    let allowed = matched.is_some() || !egress.denies_unmatched_http();
+                    egress.count(&self.ctx.metrics, &logical, "http", allowed);
+                }
+                let route = match (matched, &plan.egress) {
                     (Some(route), _) => route,
                     (None, Some(egress)) if egress.denies_unmatched_http() => {
                         let what = format!(
@@ -149,12 +154,7 @@ where
                             uri_authority,
                             request.uri().path()
                         );
-                        let labels = outbound_labels(
-                            &self.ctx,
-                            logical,
-                            key.to_string(),
-                            None,
-                        );
+                        let labels = outbound_labels(&self.ctx, logical, key.to_string(), None);
                         return super::error_response(
                             &self.ctx,
                             egress.denied(&what),
@@ -180,7 +180,11 @@ where
                 let backend = pick_backend(plan.backends(route), rand::random::<u64>())
                     .cloned()
                     .map_or_else(|| key.clone(), backend_key);
-                (backend, Some(RouteInfo(route.params.clone())), Some(logical))
+                (
+                    backend,
+                    Some(RouteInfo(route.params.clone())),
+                    Some(logical),
+                )
             }
         };
 

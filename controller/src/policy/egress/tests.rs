@@ -100,7 +100,11 @@ fn the_most_specific_network_of_the_source_namespace_then_the_global_one_applies
         (&[], "shop", "none problems=0"),
         (&[&everything], "shop", "mesh-system/everything Allow"),
         // A CIDR beats a network without one.
-        (&[&everything, &global_deny], "web", "mesh-system/doc-net Deny"),
+        (
+            &[&everything, &global_deny],
+            "web",
+            "mesh-system/doc-net Deny",
+        ),
         // The source's own namespace comes first, however wide.
         (&[&global_deny, &wide], "shop", "shop/wide Allow"),
         (&[&global_deny, &wide], "web", "mesh-system/doc-net Deny"),
@@ -204,7 +208,10 @@ fn consumer_routes_replace_the_networks_own_for_their_namespace() {
     );
     let all = inputs(&[global, own, consumer]);
     let shop = show(&all, "shop", &settings);
-    assert!(shop.contains(r#"shop-only[\"payments.example.com\"]"#), "{shop}");
+    assert!(
+        shop.contains(r#"shop-only[\"payments.example.com\"]"#),
+        "{shop}"
+    );
     assert!(!shop.contains("everyone"), "{shop}");
     let web = show(&all, "web", &settings);
     assert!(web.contains(r#"everyone[\"public.example.com\"]"#), "{web}");

@@ -29,7 +29,7 @@ use mesh_proto::policy::{Egress, OutboundPolicy, Protocol, Route, egress};
 use super::crds::{EgressNetwork, GROUP};
 use super::gateway::ParentReference;
 use super::outbound::{OutboundSettings, Problem};
-use super::routes::{self, RankedRoute, RouteContext};
+use super::routes::{self, RankedRoute, RouteContext, RouteProblem};
 use super::store::{NamespaceObjects, PolicyInputs};
 use crate::objects::{Kind, ObjectKey};
 
@@ -118,10 +118,8 @@ fn network<'a>(
     namespace: &'a str,
     name: &'a str,
     object: &EgressNetwork,
-) -> Result<Network<'a>, Problem> {
-    let problem = |field: String, value: &str, reason: &str| Problem {
-        kind: Kind::EgressNetwork,
-        object: ObjectKey::new(namespace, name),
+) -> Result<Network<'a>, RouteProblem> {
+    let problem = |field: String, value: &str, reason: &str| RouteProblem {
         field,
         value: value.to_owned(),
         reason: reason.to_owned(),
@@ -134,25 +132,15 @@ fn network<'a>(
             "not Allow or Deny",
         )
     })?;
+    let cidr = |field: String, text: &str| {
+        parse_net(text).ok_or_else(|| problem(field, text, "not a CIDR or an IP"))
+    };
     let mut networks = Vec::with_capacity(object.spec.networks.len());
     for (i, spec) in object.spec.networks.iter().enumerate() {
-        let net = parse_net(&spec.cidr).ok_or_else(|| {
-            problem(
-                format!("spec.networks[{i}].cidr"),
-                &spec.cidr,
-                "not a CIDR or an IP",
-            )
-        })?;
-        let mut except = Vec::with_capacity(spec.except.len());
-        for (j, text) in spec.except.iter().enumerate() {
-            except.push(parse_net(text).ok_or_else(|| {
-                problem(
-                    format!("spec.networks[{i}].except[{j}]"),
-                    text,
-                    "not a CIDR or an IP",
-                )
-            })?);
-        }
+        let net = cidr(format!("spec.networks[{i}].cidr"), &spec.cidr)?;
+        let except = (spec.except.iter().enumerate())
+            .map(|(j, text)| cidr(format!("spec.networks[{i}].except[{j}]"), text))
+            .collect::<Result<_, _>>()?;
         networks.push((net, except));
     }
     Ok(Network {
@@ -251,13 +239,11 @@ fn hostname_problem(name: &str) -> Option<&'static str> {
     (!valid).then_some("not a host name (a DNS name, or `*.` and one)")
 }
 
-/// A route's hostnames, lower-cased, or the problem naming the route.
-fn hostnames(kind: Kind, object: ObjectKey, names: &[String]) -> Result<Vec<String>, Problem> {
+/// A route's hostnames, lower-cased, or the problem.
+fn hostnames(names: &[String]) -> Result<Vec<String>, RouteProblem> {
     for (i, name) in names.iter().enumerate() {
         if let Some(reason) = hostname_problem(name) {
-            return Err(Problem {
-                kind,
-                object,
+            return Err(RouteProblem {
                 field: format!("spec.hostnames[{i}]"),
                 value: name.clone(),
                 reason: reason.to_owned(),
@@ -293,43 +279,32 @@ fn attached(
             .iter()
             .any(|p| parent_is_network(p, namespace, network, port))
     };
-    let key = |name: &str| ObjectKey::new(namespace, name);
-    for (name, route) in &objects.http_routes {
-        if !on_network(&route.spec.parent_refs) {
-            continue;
-        }
+    let mut problem = |kind: Kind, name: &str, p: RouteProblem| {
+        problems.push(Problem::of_route(kind, ObjectKey::new(namespace, name), p));
+    };
+    // HTTP and gRPC routes: each rule takes only requests for the route's hostnames.
+    let http = (objects.http_routes.iter())
+        .filter(|(_, r)| on_network(&r.spec.parent_refs))
+        .map(|(name, r)| {
+            let ranked = hostnames(&r.spec.hostnames)
+                .and_then(|hosts| Ok((hosts, routes::http_routes(r, ctx)?)));
+            (Kind::HTTPRoute, name, ranked)
+        });
+    let grpc = (objects.grpc_routes.iter())
+        .filter(|(_, r)| on_network(&r.spec.parent_refs))
+        .map(|(name, r)| {
+            let ranked = hostnames(&r.spec.hostnames)
+                .and_then(|hosts| Ok((hosts, routes::grpc_routes(r, ctx)?)));
+            (Kind::GRPCRoute, name, ranked)
+        });
+    for (kind, name, ranked) in http.chain(grpc) {
         out.any = true;
-        let converted =
-            hostnames(Kind::HTTPRoute, key(name), &route.spec.hostnames).and_then(|hosts| {
-                routes::http_routes(route, ctx)
-                    .map(|ranked| (hosts, ranked))
-                    .map_err(|p| Problem::of_route(Kind::HTTPRoute, key(name), p))
-            });
-        match converted {
+        match ranked {
             Ok((hosts, ranked)) => out.routes.extend(ranked.into_iter().map(|mut r| {
-                r.route.hostnames = hosts.clone();
+                r.route.hostnames.clone_from(&hosts);
                 r
             })),
-            Err(problem) => problems.push(problem),
-        }
-    }
-    for (name, route) in &objects.grpc_routes {
-        if !on_network(&route.spec.parent_refs) {
-            continue;
-        }
-        out.any = true;
-        let converted =
-            hostnames(Kind::GRPCRoute, key(name), &route.spec.hostnames).and_then(|hosts| {
-                routes::grpc_routes(route, ctx)
-                    .map(|ranked| (hosts, ranked))
-                    .map_err(|p| Problem::of_route(Kind::GRPCRoute, key(name), p))
-            });
-        match converted {
-            Ok((hosts, ranked)) => out.routes.extend(ranked.into_iter().map(|mut r| {
-                r.route.hostnames = hosts.clone();
-                r
-            })),
-            Err(problem) => problems.push(problem),
+            Err(p) => problem(kind, name, p),
         }
     }
     for (name, route) in &objects.tls_routes {
@@ -337,18 +312,20 @@ fn attached(
             continue;
         }
         out.any = true;
-        match hostnames(Kind::TLSRoute, key(name), &route.spec.hostnames) {
+        match hostnames(&route.spec.hostnames) {
             // A TLSRoute without host names takes every server name.
             Ok(hosts) if hosts.is_empty() => out.tls_hosts.push("*".to_owned()),
             Ok(hosts) => out.tls_hosts.extend(hosts),
-            Err(problem) => problems.push(problem),
+            Err(p) => problem(Kind::TLSRoute, name, p),
         }
     }
-    for route in objects.tcp_routes.values() {
-        if on_network(&route.spec.parent_refs) {
-            out.any = true;
-            out.tcp_allowed = true;
-        }
+    if objects
+        .tcp_routes
+        .values()
+        .any(|route| on_network(&route.spec.parent_refs))
+    {
+        out.any = true;
+        out.tcp_allowed = true;
     }
     out
 }
@@ -482,8 +459,9 @@ pub fn all_problems(inputs: &PolicyInputs, settings: &OutboundSettings) -> Vec<P
         for (name, object) in &objects.egress_networks {
             let network = match network(namespace, name, object) {
                 Ok(network) => network,
-                Err(problem) => {
-                    problems.push(problem);
+                Err(p) => {
+                    let key = ObjectKey::new(namespace, name.as_str());
+                    problems.push(Problem::of_route(Kind::EgressNetwork, key, p));
                     continue;
                 }
             };

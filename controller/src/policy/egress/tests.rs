@@ -134,7 +134,7 @@ fn the_mesh_wide_default_applies_where_no_network_covers() {
     };
     let elsewhere = network("shop", "elsewhere", "Allow", "[{cidr: 198.51.100.0/24}]");
     assert_eq!(
-        show(&inputs(&[elsewhere.clone()]), "shop", &deny),
+        show(&inputs(std::slice::from_ref(&elsewhere)), "shop", &deny),
         "default Deny routes=[] tls=[] tcp=false problems=0"
     );
     assert_eq!(
@@ -172,11 +172,13 @@ fn routes_attached_to_the_network_allow_by_host_port_and_server_name() {
          spec: {{parentRefs: [{}], hostnames: [secure.example.com]}}\n",
         parent("shop", "external")
     );
-    let tcp = format!(
-        "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\n\
-         metadata: {{name: db, namespace: shop}}\n\
-         spec: {{parentRefs: [{{group: policy.mesh.dev, kind: EgressNetwork, name: external, port: 5432}}]}}\n"
-    );
+    let tcp = "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\n\
+               metadata: {name: db, namespace: shop}\n\
+               spec: {parentRefs: [{group: policy.mesh.dev, kind: EgressNetwork, name: external, port: 5432}]}\n"
+        .to_owned();
+    let any_port = tcp.replace(", port: 5432", "");
+    let with_any_port = show(&inputs(&[net.clone(), any_port]), "shop", &settings);
+    assert!(with_any_port.contains("tcp=true"), "{with_any_port}");
     let got = show(
         &inputs(&[net, to_origin, redirected, other_port, tls, tcp]),
         "shop",

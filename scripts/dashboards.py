@@ -7,7 +7,8 @@ variables, the panel layout and the PromQL. Edit here, run it, commit both.
 
 Labels the queries rely on:
 - from the proxy's /metrics (proxy/src/metrics.rs): direction, authority, target_addr, tls,
-  client_id, server_id, status_code, classification, route, reason, policy;
+  client_id, server_id, status_code, classification, route, reason, policy; and on
+  outbound_egress_total network, protocol, decision;
 - from the scrape configuration (`meshctl prometheus-config`): namespace, pod, workload,
   workload_kind on every proxy target; job is mesh-proxy, mesh-controller or mesh-injector.
 """
@@ -207,6 +208,12 @@ def dashboard(uid, title, description, variables, panels, tags=()):
     }
 
 
+EGRESS_NAMESPACE = {
+    **query_var("namespace", "Namespace", "label_values(outbound_egress_total, namespace)", True),
+    "allValue": ".*",
+}
+
+
 def top_line():
     inbound = 'direction="inbound"'
     return dashboard("mesh-top-line", "Mesh / Top line",
@@ -357,6 +364,34 @@ def authority():
     ], ["authority"])
 
 
+def egress():
+    sel = 'namespace=~"$namespace"'
+    egress_rate = f"rate(outbound_egress_total{{{sel}}}[{RI}])"
+    denied = f'rate(outbound_egress_total{{{sel}, decision="denied"}}[{RI}])'
+    return dashboard("mesh-egress", "Mesh / Egress",
+                     "Traffic leaving the mesh that an EgressNetwork (or the mesh-wide default) "
+                     "covers: which workloads call out, to which hosts, allowed and denied. HTTP "
+                     "is counted per request, TLS and TCP per connection.",
+                     [EGRESS_NAMESPACE], [
+        stat("Egress rate", f"sum({egress_rate})", "reqps"),
+        stat("Denied rate", f"sum({denied})", "reqps"),
+        stat("Denied share", f"sum({denied}) / sum({egress_rate})", "percentunit"),
+        stat("External hosts", f'count(count by (authority) (increase(outbound_egress_total{{{sel}}}[1h])))',
+             "short", "Distinct hosts (or addresses) called in the last hour."),
+        ts("Allowed by workload and host",
+           [(f'sum by (workload, authority) (rate(outbound_egress_total{{{sel}, decision="allowed"}}[{RI}]))',
+             "{{workload}} -> {{authority}}")], "reqps"),
+        ts("Denied by workload and host",
+           [(f"sum by (workload, authority) ({denied})", "{{workload}} -> {{authority}}")], "reqps",
+           "Refused with 403 (HTTP) or a closed connection (TLS, TCP); mesh-error names the "
+           "network and why."),
+        ts("By network and decision",
+           [(f"sum by (network, decision) ({egress_rate})", "{{network}} {{decision}}")], "reqps"),
+        ts("By protocol",
+           [(f"sum by (protocol, decision) ({egress_rate})", "{{protocol}} {{decision}}")], "reqps"),
+    ], ["egress"])
+
+
 def identity():
     sel = 'namespace=~"$namespace"'
     return dashboard("mesh-identity", "Mesh / Identity and certificates",
@@ -442,6 +477,7 @@ def main():
     for name, build in [
         ("mesh-top-line", top_line), ("mesh-namespace", namespace), ("mesh-workload", workload),
         ("mesh-pod", pod), ("mesh-route", route), ("mesh-authority", authority),
+        ("mesh-egress", egress),
         ("mesh-identity", identity), ("mesh-control-plane", control_plane),
     ]:
         (OUT / f"{name}.json").write_text(json.dumps(build(), indent=2, ensure_ascii=False) + "\n")

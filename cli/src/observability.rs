@@ -41,6 +41,10 @@ pub(crate) const DASHBOARDS: &[(&str, &str)] = &[
         include_str!("../../charts/mesh/dashboards/mesh-authority.json"),
     ),
     (
+        "mesh-egress",
+        include_str!("../../charts/mesh/dashboards/mesh-egress.json"),
+    ),
+    (
         "mesh-identity",
         include_str!("../../charts/mesh/dashboards/mesh-identity.json"),
     ),

@@ -5,7 +5,8 @@
 //!   the injector registers (read from their own encoders), or Prometheus's own `up`.
 //! - With a real Prometheus (Debian package `prometheus`, installed by `scripts/setup`): a
 //!   local mesh (the demo app in loopback mode, with retries, failure accrual, fault injection
-//!   and a rate limit added, and a few CONNECT tunnels for opaque TCP) is scraped with the configuration `meshctl prometheus-config
+//!   and a rate limit added, and a few CONNECT tunnels for opaque TCP, inside the mesh and out
+//!   of it, where an EgressNetwork allows one port) is scraped with the configuration `meshctl prometheus-config
 //!   --local` prints, and every query of every panel, its template variables filled with
 //!   values from the scrape, must return data, except those listed in [`NO_DATA`] with the
 //!   reason this scenario cannot produce them.
@@ -549,8 +550,25 @@ fn scenario_manifest(meshctl: &Path) -> String {
         "authors",
         "    fault.mesh.dev/abort-percent: \"2\"\n",
     );
-    format!("{manifest}\n---\n{BOOKS_RATE_LIMIT}")
+    format!("{manifest}\n---\n{BOOKS_RATE_LIMIT}\n---\n{EGRESS}")
 }
+
+/// Outside the mesh (no pod or Service there): demo's clients may open TCP connections to
+/// port 9 of 127.0.99.0/24 and nothing else.
+const EGRESS: &str = "\
+apiVersion: policy.mesh.dev/v1alpha1
+kind: EgressNetwork
+metadata: {name: outside, namespace: demo}
+spec:
+  networks: [{cidr: 127.0.99.0/24}]
+  trafficPolicy: Deny
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: discard, namespace: demo}
+spec:
+  parentRefs: [{group: policy.mesh.dev, kind: EgressNetwork, name: outside, port: 9}]
+";
 
 /// A Server for books' port admitting every client, limited to fewer requests per second than
 /// the demo's traffic makes web send.
@@ -691,7 +709,15 @@ fn every_dashboard_panel_has_data_in_a_real_prometheus_scraping_a_local_mesh() {
         .and_then(|pod| pod["ip"].as_str())
         .expect("the traffic pod's IP in state.json")
         .to_owned();
-    for service in ["web", "web", "web", "archive", "archive"] {
+    // Egress: the same tunnels to an address outside the mesh, one port allowed, one denied.
+    let targets = ["web", "web", "web", "archive", "archive"]
+        .map(|service| format!("http://{service}.demo.svc.cluster.local:8080/"))
+        .into_iter()
+        .chain([
+            "http://127.0.99.1:9/".to_owned(),
+            "http://127.0.99.1:7/".to_owned(),
+        ]);
+    for target in targets {
         // Outcomes vary (archive refuses, web sometimes fails); only the tunnels matter here.
         let _ = Command::new("curl")
             .args([
@@ -704,7 +730,7 @@ fn every_dashboard_panel_has_data_in_a_real_prometheus_scraping_a_local_mesh() {
                 "--proxy",
             ])
             .arg(format!("http://{traffic_ip}:4140"))
-            .arg(format!("http://{service}.demo.svc.cluster.local:8080/"))
+            .arg(target)
             .output();
     }
     // Traffic with its retries and ejections, over more than one rate window.
@@ -718,6 +744,8 @@ fn every_dashboard_panel_has_data_in_a_real_prometheus_scraping_a_local_mesh() {
                 "sum(endpoint_ejection_total) > 0",
                 "sum(inbound_http_ratelimit_total) > 0",
                 "sum(inbound_tcp_authz_deny_total) > 0",
+                "sum(outbound_egress_total{decision=\"denied\"}) > 0",
+                "sum(outbound_egress_total{decision=\"allowed\"}) > 0",
                 // 2% of authors' requests: rare enough to be missing from a short run.
                 "sum(route_fault_injection_total) > 0",
             ]

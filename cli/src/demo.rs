@@ -132,7 +132,8 @@ async fn watch(controller: &str, args: &DemoArgs) -> anyhow::Result<()> {
     };
     let window = args.duration.max(Duration::from_secs(5));
     let rows = stat::summary(&mut client, selector.clone(), window, None).await?;
-    let (edges, denials) = stat::edges(&mut client, selector, window).await?;
+    let mesh_proto::stats::EdgesResponse { edges, denials, .. } =
+        stat::edges(&mut client, selector, window).await?;
     println!(
         "Traffic of the last {} in namespace {}:",
         humanize(window),

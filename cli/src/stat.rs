@@ -9,7 +9,8 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 use mesh_proto::stats::stats_client::StatsClient;
 use mesh_proto::stats::{
-    Denial, Edge, EdgesRequest, ResourceRef, ResourceSelector, StatsRow, SummaryRequest,
+    Denial, Edge, EdgesRequest, EdgesResponse, EgressEdge, ResourceRef, ResourceSelector, StatsRow,
+    SummaryRequest,
 };
 use serde_json::json;
 
@@ -46,12 +47,12 @@ pub async fn summary(
     Ok(response.into_inner().rows)
 }
 
-/// A `Stats.Edges` call: the edges and the policy denials.
+/// A `Stats.Edges` call: the edges, the policy denials and the traffic leaving the mesh.
 pub async fn edges(
     client: &mut StatsClient<ControllerChannel>,
     selector: ResourceSelector,
     window: Duration,
-) -> anyhow::Result<(Vec<Edge>, Vec<Denial>)> {
+) -> anyhow::Result<EdgesResponse> {
     let request = EdgesRequest {
         selector: Some(selector),
         window: prost_types::Duration::try_from(window).ok(),
@@ -61,7 +62,7 @@ pub async fn edges(
         .await
         .map_err(|status| anyhow::anyhow!("Stats.Edges: {}", status.message()))?
         .into_inner();
-    Ok((response.edges, response.denials))
+    Ok(response)
 }
 
 /// `meshctl stat`.
@@ -178,7 +179,11 @@ pub fn run_edges(args: EdgesArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         namespace: namespace.unwrap_or_default().to_owned(),
         name: args.name.clone().unwrap_or_default(),
     };
-    let (edge_list, denials) = block_on(async {
+    let EdgesResponse {
+        edges: edge_list,
+        denials,
+        egress,
+    } = block_on(async {
         let mut client = connect(&controller).await?;
         edges(&mut client, selector, args.window).await
     })?;
@@ -186,6 +191,7 @@ pub fn run_edges(args: EdgesArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         Output::Json | Output::Yaml => args.output.print(&json!({
             "edges": edge_list.iter().map(edge_json).collect::<Vec<_>>(),
             "denials": denials.iter().map(denial_json).collect::<Vec<_>>(),
+            "egress": egress.iter().map(egress_json).collect::<Vec<_>>(),
         }))?,
         Output::Table => {
             if edge_list.is_empty() {
@@ -197,6 +203,11 @@ pub fn run_edges(args: EdgesArgs, global: &GlobalArgs) -> anyhow::Result<()> {
                 println!();
                 println!("Refused by policy:");
                 print!("{}", denials_table(&denials));
+            }
+            if !egress.is_empty() {
+                println!();
+                println!("Leaving the mesh:");
+                print!("{}", egress_table(&egress));
             }
         }
     }
@@ -429,6 +440,35 @@ pub fn denials_table(denials: &[Denial]) -> String {
     render_table(&lines)
 }
 
+/// The table of traffic leaving the mesh.
+pub fn egress_table(egress: &[EgressEdge]) -> String {
+    let mut lines = vec![
+        [
+            "SRC",
+            "NETWORK",
+            "AUTHORITY",
+            "PROTOCOL",
+            "ALLOWED",
+            "DENIED",
+            "PER_SECOND",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
+    for edge in egress {
+        lines.push(vec![
+            resource_name(edge.source.as_ref()),
+            edge.network.clone(),
+            edge.authority.clone(),
+            edge.protocol.clone(),
+            edge.allowed.to_string(),
+            edge.denied.to_string(),
+            format!("{:.2}", edge.rate),
+        ]);
+    }
+    render_table(&lines)
+}
+
 /// A SPIFFE ID without its scheme and trust domain when they are the usual ones:
 /// `spiffe://cluster.local/ns/demo/sa/web` reads `ns/demo/sa/web`.
 pub fn short_identity(id: &str) -> String {
@@ -527,6 +567,18 @@ fn denial_json(denial: &Denial) -> serde_json::Value {
         "protocol": denial.protocol,
         "count": denial.count,
         "rate": denial.rate,
+    })
+}
+
+fn egress_json(edge: &EgressEdge) -> serde_json::Value {
+    json!({
+        "source": resource_json(edge.source.as_ref()),
+        "network": edge.network,
+        "authority": edge.authority,
+        "protocol": edge.protocol,
+        "allowed": edge.allowed,
+        "denied": edge.denied,
+        "rate": edge.rate,
     })
 }
 

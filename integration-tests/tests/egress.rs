@@ -309,4 +309,27 @@ fn egress_networks_and_routes_allow_and_deny_traffic_leaving_the_mesh() {
         || stat().contains("api.example.com:8080").then_some(()),
         stat,
     );
+    // And `meshctl edges` (the dashboard's source): who left the mesh, allowed and denied.
+    let edges = || {
+        let output = Command::new(bin_path("meshctl"))
+            .args(["edges", "-n", "demo", "-o", "json", "--state-dir"])
+            .arg(&mesh.state_dir)
+            .output()
+            .expect("run meshctl edges");
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap_or_default()
+    };
+    let denied_tls = |answer: &serde_json::Value| {
+        answer["egress"].as_array().into_iter().flatten().any(|edge| {
+            edge["source"]["name"] == "client"
+                && edge["network"] == "demo/external"
+                && edge["authority"] == "evil.example.com:8443"
+                && edge["protocol"] == "tls"
+                && edge["denied"].as_u64().is_some_and(|n| n > 0)
+        })
+    };
+    wait_for(
+        Duration::from_secs(30),
+        || denied_tls(&edges()).then_some(()),
+        || format!("{:#}", edges()),
+    );
 }

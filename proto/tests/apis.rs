@@ -421,6 +421,19 @@ fn every_message_round_trips() {
             rate: 0.2,
             protocol: "http".into(),
         }],
+        egress: vec![stats::EgressEdge {
+            source: Some(stats::ResourceRef {
+                kind: "deployment".into(),
+                namespace: "shop".into(),
+                name: "web".into(),
+            }),
+            network: "shop/external".into(),
+            authority: "api.example.com:443".into(),
+            protocol: "tls".into(),
+            allowed: 40,
+            denied: 2,
+            rate: 0.7,
+        }],
     });
 }
 
@@ -557,6 +570,7 @@ impl stats::stats_server::Stats for Everything {
         Ok(Response::new(stats::EdgesResponse {
             edges: vec![edge()],
             denials: Vec::new(),
+            egress: Vec::new(),
         }))
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_proto::stats::stats_client::StatsClient;
-use mesh_proto::stats::{Denial, Edge, ResourceRef, ResourceSelector, StatsRow};
+use mesh_proto::stats::{Denial, Edge, EgressEdge, ResourceRef, ResourceSelector, StatsRow};
 use tokio::sync::watch;
 
 use crate::controller::{Controller, ControllerChannel};
@@ -23,6 +23,8 @@ pub struct Feed {
     pub edges: Vec<Edge>,
     /// What policy refused.
     pub denials: Vec<Denial>,
+    /// What left the mesh under an egress policy, allowed or denied.
+    pub egress: Vec<EgressEdge>,
     /// The drilled-into workload's details, when one is.
     pub drill: Option<Drill>,
     /// Why this round is incomplete, if it is (the rest is the previous round's).
@@ -116,10 +118,10 @@ async fn fetch(
     let result: anyhow::Result<()> = async {
         next.workloads =
             stat::summary(connected, selector("workload", ""), config.window, None).await?;
-        let (edges, denials) =
-            stat::edges(connected, selector("workload", ""), config.window).await?;
-        next.edges = edges;
-        next.denials = denials;
+        let answer = stat::edges(connected, selector("workload", ""), config.window).await?;
+        next.edges = answer.edges;
+        next.denials = answer.denials;
+        next.egress = answer.egress;
         next.drill = match &target {
             None => None,
             Some(target) => {

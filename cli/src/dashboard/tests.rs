@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use mesh_proto::stats::{Denial, Edge, RequestStats, ResourceRef, StatsRow};
+use mesh_proto::stats::{Denial, Edge, EgressEdge, RequestStats, ResourceRef, StatsRow};
 use ratatui::Terminal;
 use ratatui::backend::TestBackend;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
@@ -95,6 +95,15 @@ fn feed(round: u64, web_rps: f64) -> Feed {
             rate: 1.0,
             protocol: "http".into(),
         }],
+        egress: vec![EgressEdge {
+            source: Some(deploy("web")),
+            network: "demo/external".into(),
+            authority: "api.example.com:443".into(),
+            protocol: "tls".into(),
+            allowed: 40,
+            denied: 3,
+            rate: 0.7,
+        }],
         drill: None,
         error: None,
     }
@@ -170,6 +179,12 @@ fn the_overview_shows_workloads_sparklines_edges_and_denials() {
         "{denial:?}"
     );
     assert!(denial.contains("1.0/s"), "{denial:?}");
+    // Egress: who called out, to which host, allowed and denied.
+    assert!(screen.contains("Leaving the mesh"), "{screen}");
+    let egress = line_with(&screen, "api.example.com:443");
+    for want in ["web", "demo/external", "tls", "40", "3", "0.7/s"] {
+        assert!(egress.contains(want), "{want:?} not in {egress:?}");
+    }
     // The footer lists the keys.
     assert!(screen.contains("? help"), "{screen}");
 }

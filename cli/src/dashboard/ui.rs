@@ -1,7 +1,7 @@
 //! Drawing the dashboard: a pure function of [`App`] onto a ratatui frame, so tests render
 //! it on a `TestBackend` and read the text back.
 
-use mesh_proto::stats::{Denial, Edge, ResourceRef, StatsRow};
+use mesh_proto::stats::{Denial, Edge, EgressEdge, ResourceRef, StatsRow};
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
@@ -200,8 +200,8 @@ fn draw_overview(frame: &mut Frame, app: &App, area: Rect) {
 
     draw_sparklines(frame, app, &workloads, spark_area);
 
-    let [edges_area, tap_area, denials_area] =
-        edges_tap_and_denials_areas(bottom, app.feed.denials.len());
+    let [edges_area, tap_area, denials_area, egress_area] =
+        edges_tap_denials_and_egress_areas(bottom, app.feed.denials.len(), app.feed.egress.len());
     draw_edges(
         frame,
         &app.feed.edges,
@@ -210,16 +210,61 @@ fn draw_overview(frame: &mut Frame, app: &App, area: Rect) {
     );
     draw_tap(frame, app, tap_area);
     draw_denials(frame, &app.feed.denials, " Denied by policy ", denials_area);
+    draw_egress(frame, &app.feed.egress, egress_area);
 }
 
-/// Edges, the live tap, denials: the edges get what is left.
-fn edges_tap_and_denials_areas(area: Rect, denials: usize) -> [Rect; 3] {
+/// Edges, the live tap, denials, then egress (only when there is some): the edges get what
+/// is left.
+fn edges_tap_denials_and_egress_areas(area: Rect, denials: usize, egress: usize) -> [Rect; 4] {
+    let listed =
+        |rows: usize| (u16::try_from(rows).unwrap_or(u16::MAX).saturating_add(3)).clamp(4, 8);
     Layout::vertical([
         Constraint::Min(4),
         Constraint::Length(10),
-        Constraint::Length((denials as u16 + 3).clamp(4, 8)),
+        Constraint::Length(listed(denials)),
+        Constraint::Length(if egress == 0 { 0 } else { listed(egress) }),
     ])
     .areas(area)
+}
+
+/// Traffic leaving the mesh: which workloads call out, to which hosts, allowed and denied.
+fn draw_egress(frame: &mut Frame, egress: &[EgressEdge], area: Rect) {
+    if area.height == 0 {
+        return;
+    }
+    let rows = egress.iter().map(|edge| {
+        let denied = Cell::from(edge.denied.to_string());
+        Row::new(vec![
+            Cell::from(workload_name(edge.source.as_ref())),
+            Cell::from(edge.authority.clone()),
+            Cell::from(edge.network.clone()),
+            Cell::from(edge.protocol.clone()),
+            Cell::from(edge.allowed.to_string()),
+            if edge.denied > 0 {
+                denied.style(Style::new().fg(Color::Red))
+            } else {
+                denied
+            },
+            Cell::from(format!("{:.1}/s", edge.rate)),
+        ])
+    });
+    let table = Table::new(
+        rows,
+        [
+            Constraint::Length(16),
+            Constraint::Length(32),
+            Constraint::Length(24),
+            Constraint::Length(6),
+            Constraint::Length(8),
+            Constraint::Length(8),
+            Constraint::Length(8),
+        ],
+    )
+    .header(header_row(&[
+        "FROM", "HOST", "NETWORK", "PROTO", "ALLOWED", "DENIED", "RATE",
+    ]))
+    .block(block(" Leaving the mesh (egress) ".to_owned()));
+    frame.render_widget(table, area);
 }
 
 /// The live tap: the latest requests the servers' proxies saw, newest first. A refusal (a

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
-use mesh_proto::stats::{Denial, Edge, RequestStats, ResourceRef, StatsRow, TcpStats};
+use mesh_proto::stats::{Denial, Edge, EgressEdge, RequestStats, ResourceRef, StatsRow, TcpStats};
 
 use super::sample::{Direction, Histogram, TrafficCounters, TrafficKey};
 use super::store::{PodInfo, PodWindow};
@@ -443,6 +443,56 @@ pub fn denials(pods: &[PodWindow], selector: &Selector) -> Vec<Denial> {
                 count: count.round() as u64,
                 rate,
                 protocol: protocol.to_owned(),
+            },
+        )
+        .collect()
+}
+
+/// The traffic each workload sent out of the mesh under an egress policy, by network, host and
+/// protocol, allowed and denied; sorted by source, network, authority, protocol.
+pub fn egress(pods: &[PodWindow], selector: &Selector) -> Vec<EgressEdge> {
+    type EgressKey = (RefKey, String, String, String);
+    #[derive(Default)]
+    struct Totals {
+        allowed: f64,
+        denied: f64,
+        rate: f64,
+    }
+    let mut egress: BTreeMap<EgressKey, Totals> = BTreeMap::new();
+    for window in pods.iter().filter(|w| w.seconds > 0.0) {
+        let source = workload_of(&window.pod);
+        for (key, count) in &window.delta.egress {
+            if *count <= 0.0 {
+                continue;
+            }
+            let totals = egress
+                .entry((
+                    source.clone(),
+                    key.network.to_string(),
+                    key.authority.to_string(),
+                    key.protocol.to_string(),
+                ))
+                .or_default();
+            if key.allowed {
+                totals.allowed += count;
+            } else {
+                totals.denied += count;
+            }
+            totals.rate += count / window.seconds;
+        }
+    }
+    egress
+        .into_iter()
+        .filter(|((source, ..), _)| touches(selector, &[source]))
+        .map(
+            |((source, network, authority, protocol), totals)| EgressEdge {
+                source: Some(source.to_resource()),
+                network,
+                authority,
+                protocol,
+                allowed: totals.allowed.round() as u64,
+                denied: totals.denied.round() as u64,
+                rate: totals.rate,
             },
         )
         .collect()

@@ -163,6 +163,19 @@ pub struct DenialKey {
     pub protocol: &'static str,
 }
 
+/// What an egress decision is labelled with (`outbound_egress_total`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EgressKey {
+    /// The EgressNetwork (`namespace/name`) or `default`.
+    pub network: Arc<str>,
+    /// The host and port asked for, or the address.
+    pub authority: Arc<str>,
+    /// `http`, `tls` or `tcp`.
+    pub protocol: Arc<str>,
+    /// Allowed, or denied.
+    pub allowed: bool,
+}
+
 /// A route's series (`route_request_total{authority, route}`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RouteKey {
@@ -195,6 +208,8 @@ pub struct ProxySample {
     pub traffic: BTreeMap<TrafficKey, TrafficCounters>,
     /// Policy refusals.
     pub denials: BTreeMap<DenialKey, f64>,
+    /// Egress decisions.
+    pub egress: BTreeMap<EgressKey, f64>,
     /// Requests, outcomes, retries and latency by route.
     pub routes: BTreeMap<RouteKey, RouteCounters>,
 }
@@ -279,6 +294,15 @@ impl ProxySample {
                     };
                     *sample.denials.entry(key).or_default() += series.value;
                 }
+                "outbound_egress_total" => {
+                    let key = EgressKey {
+                        network: interner.get(series.label("network")),
+                        authority: interner.get(series.label("authority")),
+                        protocol: interner.get(series.label("protocol")),
+                        allowed: series.label("decision") == "allowed",
+                    };
+                    *sample.egress.entry(key).or_default() += series.value;
+                }
                 "route_request_total"
                 | "route_response_total"
                 | "route_response_latency_ms_bucket"
@@ -333,14 +357,8 @@ impl ProxySample {
                 (key.clone(), delta)
             })
             .collect();
-        let denials = self
-            .denials
-            .iter()
-            .map(|(key, now)| {
-                let then = earlier.denials.get(key).copied().unwrap_or(0.0);
-                (key.clone(), counter_delta(*now, then))
-            })
-            .collect();
+        let denials = counters_delta(&self.denials, &earlier.denials);
+        let egress = counters_delta(&self.egress, &earlier.egress);
         let routes = self
             .routes
             .iter()
@@ -362,9 +380,23 @@ impl ProxySample {
         ProxySample {
             traffic,
             denials,
+            egress,
             routes,
         }
     }
+}
+
+/// Each counter's increase from `earlier` to `now`.
+fn counters_delta<K: Ord + Clone>(
+    now: &BTreeMap<K, f64>,
+    earlier: &BTreeMap<K, f64>,
+) -> BTreeMap<K, f64> {
+    now.iter()
+        .map(|(key, now)| {
+            let then = earlier.get(key).copied().unwrap_or(0.0);
+            (key.clone(), counter_delta(*now, then))
+        })
+        .collect()
 }
 
 /// A counter's increase; a decrease means the proxy restarted and counts from zero again.

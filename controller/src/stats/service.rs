@@ -129,6 +129,7 @@ impl Stats for StatsService {
         Ok(Response::new(EdgesResponse {
             edges: aggregate::edges(&windows, &selector),
             denials: aggregate::denials(&windows, &selector),
+            egress: aggregate::egress(&windows, &selector),
         }))
     }
 }

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_proto::stats::{Denial, Edge, ResourceRef, StatsRow};
+use mesh_proto::stats::{Denial, Edge, EgressEdge, ResourceRef, StatsRow};
 
 use super::aggregate::{self, FromFilter, Kind, Selector};
 use super::exposition;
@@ -527,6 +527,53 @@ fn denials_name_the_server_the_policy_and_the_client() {
         aggregate::denials(&pods, &selector("deploy", Some("demo"), Some("books"))),
         vec![want[1].clone()]
     );
+}
+
+#[test]
+fn egress_edges_name_the_client_the_network_and_the_host_from_two_scrapes() {
+    let scrape = |allowed: u32, denied: u32| {
+        let series = |authority: &str, protocol: &str, decision: &str, count: u32| {
+            format!(
+                "outbound_egress_total{{network=\"demo/external\",authority=\"{authority}\",\
+                 protocol=\"{protocol}\",decision=\"{decision}\"}} {count}\n"
+            )
+        };
+        let text = series("api.example.com:443", "tls", "allowed", allowed)
+            + &series("evil.example.com:443", "tls", "denied", denied)
+            + "# EOF\n";
+        ProxySample::from_exposition(&exposition::parse(&text))
+    };
+    let mut pods = demo();
+    // web (pods[1]) over 10 s: 20 allowed, 5 denied.
+    pods[1].delta = scrape(25, 7).delta(&scrape(5, 2));
+    let got = aggregate::egress(&pods, &selector("deploy", None, None));
+    let web = Some(ResourceRef {
+        kind: "deployment".into(),
+        namespace: "demo".into(),
+        name: "web".into(),
+    });
+    let want = vec![
+        EgressEdge {
+            source: web.clone(),
+            network: "demo/external".into(),
+            authority: "api.example.com:443".into(),
+            protocol: "tls".into(),
+            allowed: 20,
+            denied: 0,
+            rate: 2.0,
+        },
+        EgressEdge {
+            source: web,
+            network: "demo/external".into(),
+            authority: "evil.example.com:443".into(),
+            protocol: "tls".into(),
+            allowed: 0,
+            denied: 5,
+            rate: 0.5,
+        },
+    ];
+    assert_eq!(got, want);
+    assert!(aggregate::egress(&pods, &selector("deploy", Some("demo"), Some("books"))).is_empty());
 }
 
 /// A proxy's route series after `requests` requests, `failures` of them failed, `retries`

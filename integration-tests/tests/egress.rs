@@ -319,13 +319,17 @@ fn egress_networks_and_routes_allow_and_deny_traffic_leaving_the_mesh() {
         serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap_or_default()
     };
     let denied_tls = |answer: &serde_json::Value| {
-        answer["egress"].as_array().into_iter().flatten().any(|edge| {
-            edge["source"]["name"] == "client"
-                && edge["network"] == "demo/external"
-                && edge["authority"] == "evil.example.com:8443"
-                && edge["protocol"] == "tls"
-                && edge["denied"].as_u64().is_some_and(|n| n > 0)
-        })
+        answer["egress"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|edge| {
+                edge["source"]["name"] == "client"
+                    && edge["network"] == "demo/external"
+                    && edge["authority"] == "evil.example.com:8443"
+                    && edge["protocol"] == "tls"
+                    && edge["denied"].as_u64().is_some_and(|n| n > 0)
+            })
     };
     wait_for(
         Duration::from_secs(30),

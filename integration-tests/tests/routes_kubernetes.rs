@@ -1,6 +1,7 @@
 //! Traffic policy through a real API server: an HTTPRoute attached to a Service (GAMMA), with a
 //! header-matched canary rule and a 90/10 split, reaches a tonic client of
-//! `OutboundPolicies.Watch` from the controller's `kubernetes` backend, and its status says
+//! `OutboundPolicies.Watch` from the controller's `kubernetes` backend (and so do an
+//! EgressNetwork and a TLSRoute, for an address outside the mesh), and its status says
 //! `Accepted=True`; an invalid change (a Pod as backend) is reported on the route's status as
 //! `Accepted=False` with the reason, and the last valid policy keeps being served. The
 //! end-to-end traffic over such policies is `traffic_controller`'s (file backend) and
@@ -239,6 +240,80 @@ async fn http_routes_through_the_api_server_reach_proxies_and_report_status() {
         last = policy;
     }
     assert_eq!(shape(&last), wanted, "the last valid policy keeps applying");
+
+    // Egress through the API server: an EgressNetwork and a TLSRoute attached to it answer
+    // for an address outside the mesh, as seen from the namespace's clients.
+    let create = |group: &str, version: &str, kind: &str, plural: &str, object: Value| {
+        let gvk = GroupVersionKind::gvk(group, version, kind);
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            client.clone(),
+            &ns,
+            &ApiResource::from_gvk_with_plural(&gvk, plural),
+        );
+        let object: DynamicObject = serde_json::from_value(object).expect("an object");
+        let kind = kind.to_owned();
+        async move {
+            let deadline = Instant::now() + WAIT;
+            while let Err(e) = api.create(&PostParams::default(), &object).await {
+                assert!(Instant::now() < deadline, "create a {kind}: {e}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    create(
+        "policy.mesh.dev",
+        "v1alpha1",
+        "EgressNetwork",
+        "egressnetworks",
+        json!({
+            "apiVersion": "policy.mesh.dev/v1alpha1", "kind": "EgressNetwork",
+            "metadata": {"name": "outside"},
+            "spec": {"trafficPolicy": "Deny", "networks": [{"cidr": "203.0.113.0/24"}]},
+        }),
+    )
+    .await;
+    create("gateway.networking.k8s.io", "v1alpha2", "TLSRoute", "tlsroutes", json!({
+        "apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TLSRoute",
+        "metadata": {"name": "payments"},
+        "spec": {
+            "parentRefs": [{"group": "policy.mesh.dev", "kind": "EgressNetwork", "name": "outside"}],
+            "hostnames": ["payments.example.com"],
+        },
+    }))
+    .await;
+    let outside = OutboundPolicyRequest {
+        source: Some(mesh_proto::common::WorkloadRef {
+            namespace: ns.clone(),
+            ..Default::default()
+        }),
+        target: Some(outbound_policy_request::Target::Addr(
+            "203.0.113.9:443"
+                .parse::<std::net::SocketAddr>()
+                .expect("an address")
+                .into(),
+        )),
+    };
+    let deadline = Instant::now() + WAIT;
+    let egress = loop {
+        // NOT_FOUND until the watchers have both; then the stream's first answer.
+        if let Ok(response) = policies.watch(outside.clone()).await
+            && let Ok(Some(policy)) = response.into_inner().message().await
+            && let Some(egress) = policy.egress.filter(|e| !e.tls_hosts.is_empty())
+        {
+            break egress;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no egress policy for 203.0.113.9:443"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(egress.network, format!("{ns}/outside"));
+    assert_eq!(
+        egress.traffic_policy,
+        mesh_proto::policy::egress::TrafficPolicy::Deny as i32
+    );
+    assert_eq!(egress.tls_hosts, ["payments.example.com"]);
 
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;

@@ -67,8 +67,13 @@ fn shape(policy: &OutboundPolicy) -> Vec<Vec<(String, u32)>> {
         .collect()
 }
 
+/// The `Accepted` condition of route `books` of `routes`.
 async fn accepted(routes: &Api<DynamicObject>) -> Option<(String, String)> {
-    let route = routes.get("books").await.ok()?;
+    accepted_named(routes, "books").await
+}
+
+async fn accepted_named(routes: &Api<DynamicObject>, name: &str) -> Option<(String, String)> {
+    let route = routes.get(name).await.ok()?;
     let condition = route.data["status"]["parents"][0]["conditions"]
         .as_array()?
         .iter()
@@ -314,6 +319,25 @@ async fn http_routes_through_the_api_server_reach_proxies_and_report_status() {
         mesh_proto::policy::egress::TrafficPolicy::Deny as i32
     );
     assert_eq!(egress.tls_hosts, ["payments.example.com"]);
+    // Its status says the mesh accepted it on the EgressNetwork.
+    let tls_routes: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns,
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1alpha2", "TLSRoute"),
+            "tlsroutes",
+        ),
+    );
+    let deadline = Instant::now() + WAIT;
+    while accepted_named(&tls_routes, "payments").await != Some(("True".into(), "Accepted".into()))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the TLSRoute was never Accepted: {:?}",
+            tls_routes.get("payments").await.map(|r| r.data)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;

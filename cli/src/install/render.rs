@@ -120,7 +120,8 @@ pub fn control_plane(values: &Values) -> Vec<Value> {
                  "verbs": ["get", "list", "watch"]},
                 // Route conditions (Accepted, ResolvedRefs) are written to status only.
                 {"apiGroups": ["gateway.networking.k8s.io"],
-                 "resources": ["httproutes/status", "grpcroutes/status"],
+                 "resources": ["httproutes/status", "grpcroutes/status", "tlsroutes/status",
+                               "tcproutes/status"],
                  "verbs": ["patch", "update"]},
                 // Identity: a proxy's ServiceAccount token is checked before signing its CSR;
                 // tap and stats: a user's token, then whether RBAC lets the user tap or read.

@@ -499,14 +499,5 @@ pub fn attaches_to_services(parents: &[ParentReference]) -> bool {
     })
 }
 
-/// The parents of a route that are Services, for status.
-pub fn service_parents(parents: &[ParentReference]) -> Vec<ParentReference> {
-    parents
-        .iter()
-        .filter(|p| attaches_to_services(std::slice::from_ref(p)))
-        .cloned()
-        .collect()
-}
-
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,7 @@
 //! Reports invalid routes, Service annotations and AuthorizationPolicies: a warning naming the
 //! object, the field and the value (once per new problem), the `policy_invalid_*` metrics, and
-//! on Kubernetes the route's status (`Accepted` on each Service parent, `False` with a reason
-//! when invalid).
+//! on Kubernetes the route's status (`Accepted` on each Service or EgressNetwork parent,
+//! `False` with a reason when invalid).
 //!
 //! It only reports; the outbound streams keep serving the last valid policy on their own, and
 //! an AuthorizationPolicy nobody can meet admits nobody.
@@ -13,7 +13,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
 use tokio::sync::watch;
 
-use super::gateway::{GRPCRoute, HTTPRoute, ParentReference, RouteParentStatus};
+use super::egress;
+use super::gateway::{
+    GRPCRoute, HTTPRoute, ParentReference, RouteParentStatus, TCPRoute, TLSRoute,
+};
 use super::inbound;
 use super::metrics::PolicyMetrics;
 use super::outbound::{self, OutboundSettings, Problem};
@@ -68,6 +71,9 @@ pub async fn run(
         for kind in [
             Kind::HTTPRoute,
             Kind::GRPCRoute,
+            Kind::TLSRoute,
+            Kind::TCPRoute,
+            Kind::EgressNetwork,
             Kind::Service,
             Kind::AuthorizationPolicy,
         ] {
@@ -134,18 +140,30 @@ async fn write_route_status(
         |kind: Kind, key: &ObjectKey| problems.iter().find(|p| p.kind == kind && p.object == *key);
     let mut seen = BTreeSet::new();
     for (namespace, objects) in snapshot.namespaces() {
-        let routes = objects
-            .http_routes
-            .iter()
+        let routes = (objects.http_routes.iter())
             .map(|(n, r)| (Kind::HTTPRoute, n, &r.metadata, &r.spec.parent_refs))
             .chain(
-                objects
-                    .grpc_routes
-                    .iter()
+                (objects.grpc_routes.iter())
                     .map(|(n, r)| (Kind::GRPCRoute, n, &r.metadata, &r.spec.parent_refs)),
+            )
+            .chain(
+                (objects.tls_routes.iter())
+                    .map(|(n, r)| (Kind::TLSRoute, n, &r.metadata, &r.spec.parent_refs)),
+            )
+            .chain(
+                (objects.tcp_routes.iter())
+                    .map(|(n, r)| (Kind::TCPRoute, n, &r.metadata, &r.spec.parent_refs)),
             );
         for (kind, name, meta, parents) in routes {
-            let parents: Vec<ParentReference> = outbound::service_parents(parents);
+            // The parents the mesh answers for: Services (GAMMA) and EgressNetworks.
+            let parents: Vec<ParentReference> = parents
+                .iter()
+                .filter(|p| {
+                    let one = std::slice::from_ref(*p);
+                    outbound::attaches_to_services(one) || egress::attaches_to_networks(one)
+                })
+                .cloned()
+                .collect();
             if parents.is_empty() {
                 continue;
             }
@@ -166,13 +184,22 @@ async fn write_route_status(
                 }
             });
             let params = PatchParams::default();
+            let patch = Patch::Merge(&status);
             let result = match kind {
                 Kind::HTTPRoute => Api::<HTTPRoute>::namespaced(client.clone(), namespace)
-                    .patch_status(name, &params, &Patch::Merge(&status))
+                    .patch_status(name, &params, &patch)
                     .await
                     .map(|_| ()),
-                _ => Api::<GRPCRoute>::namespaced(client.clone(), namespace)
-                    .patch_status(name, &params, &Patch::Merge(&status))
+                Kind::GRPCRoute => Api::<GRPCRoute>::namespaced(client.clone(), namespace)
+                    .patch_status(name, &params, &patch)
+                    .await
+                    .map(|_| ()),
+                Kind::TLSRoute => Api::<TLSRoute>::namespaced(client.clone(), namespace)
+                    .patch_status(name, &params, &patch)
+                    .await
+                    .map(|_| ()),
+                _ => Api::<TCPRoute>::namespaced(client.clone(), namespace)
+                    .patch_status(name, &params, &patch)
                     .await
                     .map(|_| ()),
             };

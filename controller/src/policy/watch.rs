@@ -15,7 +15,7 @@
 //!   resources: [httproutes, grpcroutes, tlsroutes, tcproutes]
 //!   verbs: [get, list, watch]
 //! - apiGroups: [gateway.networking.k8s.io]
-//!   resources: [httproutes/status, grpcroutes/status]
+//!   resources: [httproutes/status, grpcroutes/status, tlsroutes/status, tcproutes/status]
 //!   verbs: [get, patch, update]
 //! - apiGroups: [""]
 //!   resources: [serviceaccounts]   # only the file backend's tokens use them; not watched here

@@ -186,7 +186,10 @@ pub async fn read_server_name<I: AsyncRead + Unpin>(
             }
             let mut fresh = &seen[start..];
             while !fresh.is_empty() {
-                acceptor.read_tls(&mut fresh).ok()?;
+                // Nothing taken means rustls' buffer is full: no hello of a sane size.
+                if acceptor.read_tls(&mut fresh).ok()? == 0 {
+                    return None;
+                }
             }
             match acceptor.accept() {
                 Ok(Some(accepted)) => {
@@ -376,5 +379,20 @@ mod tests {
         let mut replayed = Vec::new();
         io.read_to_end(&mut replayed).await.expect("replayed");
         assert_eq!(replayed, b"\x16\x03\x01\x00\x05hello");
+
+        // Larger than any hello: given up on, and every byte still there.
+        let mut big = b"\x16\x03\x01\x40\x00".to_vec();
+        big.extend(std::iter::repeat_n(1u8, 40_000));
+        let (mut writer, reader) = tokio::io::duplex(64 * 1024);
+        writer.write_all(&big).await.expect("write");
+        drop(writer);
+        let mut io = PrefixedIo::new(bytes::Bytes::new(), reader);
+        assert_eq!(
+            read_server_name(&mut io, Duration::from_secs(5)).await,
+            None
+        );
+        let mut replayed = Vec::new();
+        io.read_to_end(&mut replayed).await.expect("replayed");
+        assert_eq!(replayed, big);
     }
 }

@@ -4,6 +4,7 @@
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams};
 
@@ -76,13 +77,18 @@ fn read_network(object: &DynamicObject) -> Option<EgressNetwork> {
         networks.push((cidr, except));
     }
     Some(EgressNetwork {
-        name: format!(
-            "{}/{}",
-            object.metadata.namespace.as_deref().unwrap_or_default(),
-            object.metadata.name.as_deref().unwrap_or_default()
-        ),
+        name: qualified(&object.metadata),
         networks,
     })
+}
+
+/// `namespace/name`.
+fn qualified(meta: &ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default()
+    )
 }
 
 /// The mesh's ranges: each node's pod range (each pod's IP when no node says, or nodes may
@@ -123,11 +129,7 @@ async fn mesh_ranges(client: &kube::Client) -> Result<Vec<MeshRange>, kube::Erro
             if let Some(ip) = ip.and_then(|ip| ip.parse::<std::net::IpAddr>().ok()) {
                 ranges.push(MeshRange {
                     range: IpNet::from(ip),
-                    what: format!(
-                        "pod {}/{}",
-                        pod.metadata.namespace.as_deref().unwrap_or_default(),
-                        pod.metadata.name.as_deref().unwrap_or_default()
-                    ),
+                    what: format!("pod {}", qualified(&pod.metadata)),
                 });
             }
         }
@@ -151,11 +153,7 @@ async fn mesh_ranges(client: &kube::Client) -> Result<Vec<MeshRange>, kube::Erro
             seen.push(ip);
             ranges.push(MeshRange {
                 range: IpNet::from(ip),
-                what: format!(
-                    "Service {}/{}",
-                    service.metadata.namespace.as_deref().unwrap_or_default(),
-                    service.metadata.name.as_deref().unwrap_or_default()
-                ),
+                what: format!("Service {}", qualified(&service.metadata)),
             });
         }
     }

@@ -3,8 +3,8 @@
 //! answer HTTP and TLS on an address no Service or pod has (198.18.0.10, on the local mesh's
 //! router namespace, which routes nowhere else). The client's calls are allowed, then denied by
 //! an `EgressNetwork`, then allowed for one host and path by an HTTPRoute and for one server
-//! name by a TLSRoute; the proxy's metrics and `meshctl stat authority` name the external
-//! hosts.
+//! name by a TLSRoute; the proxy's metrics, `meshctl stat authority`, `meshctl tap` and
+//! `meshctl edges` name the external hosts.
 //!
 //! Needs root; says so loudly and fails under `CI=true` when not.
 
@@ -309,6 +309,63 @@ fn egress_networks_and_routes_allow_and_deny_traffic_leaving_the_mesh() {
         || stat().contains("api.example.com:8080").then_some(()),
         stat,
     );
+    // `meshctl tap` shows each request by the host it asked for, denied ones with their 403.
+    let mut tap = Command::new(bin_path("meshctl"))
+        .args([
+            "tap",
+            "deploy/client",
+            "-n",
+            "demo",
+            "--authority",
+            "api.example.com:8080",
+        ])
+        .args([
+            "--max",
+            "2",
+            "--duration",
+            "30s",
+            "-o",
+            "json",
+            "--state-dir",
+        ])
+        .arg(&mesh.state_dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start meshctl tap");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while tap.try_wait().expect("poll meshctl tap").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "meshctl tap saw nothing"
+        );
+        call(&client, "http", "api.example.com", 8080, "/allowed/tap");
+        call(&client, "http", "api.example.com", 8080, "/denied/tap");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let mut tapped = String::new();
+    std::io::Read::read_to_string(&mut tap.stdout.take().expect("piped"), &mut tapped)
+        .expect("read meshctl tap");
+    let exchanges: Vec<serde_json::Value> = tapped
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect();
+    assert!(
+        !exchanges.is_empty()
+            && exchanges
+                .iter()
+                .all(|e| e["authority"] == "api.example.com:8080" && e["direction"] == "outbound"),
+        "{tapped}"
+    );
+    assert!(
+        exchanges
+            .iter()
+            .any(|e| e["path"] == "/denied/tap" && e["status"] == 403)
+            || exchanges
+                .iter()
+                .any(|e| e["path"] == "/allowed/tap" && e["status"] == 200),
+        "{tapped}"
+    );
+
     // And `meshctl edges` (the dashboard's source): who left the mesh, allowed and denied.
     let edges = || {
         let output = Command::new(bin_path("meshctl"))

@@ -125,6 +125,10 @@ async fn mesh_ranges(client: &kube::Client) -> Result<Vec<MeshRange>, kube::Erro
             .await?
             .items
         {
+            // A host-network pod's IP is its node's, outside the mesh.
+            if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+                continue;
+            }
             let ip = pod.status.and_then(|s| s.pod_ip);
             if let Some(ip) = ip.and_then(|ip| ip.parse::<std::net::IpAddr>().ok()) {
                 ranges.push(MeshRange {

@@ -2,7 +2,8 @@
 //! function from a [`PolicyInputs`] snapshot to the `OutboundPolicy` (with its `Egress`) the
 //! proxy enforces.
 //!
-//! - **Outside the mesh** is an address that is no Service's cluster IP and no pod's IP.
+//! - **Outside the mesh** is an address that is no Service's cluster IP and no pod's IP (a
+//!   host-network pod's IP is its node's, and counts as outside).
 //! - **Which EgressNetwork.** The source's namespace's networks first, then those of the
 //!   global namespace (the control plane's), which apply to every client. Within a namespace,
 //!   the network whose matching CIDR is the most specific wins (a network without `networks`
@@ -172,7 +173,8 @@ fn covering_in<'a>(
     best.map(|(_, network)| network)
 }
 
-/// Whether `ip` is a Service's cluster IP or a pod's IP. It scans every Service and pod, so
+/// Whether `ip` is a Service's cluster IP or a pod's IP (not a host-network pod's: that is a
+/// node's address). It scans every Service and pod, so
 /// callers ask once per stream, not per snapshot.
 pub fn in_mesh(inputs: &PolicyInputs, ip: IpAddr) -> bool {
     inputs.namespaces().any(|(_, objects)| {
@@ -184,10 +186,14 @@ pub fn in_mesh(inputs: &PolicyInputs, ip: IpAddr) -> bool {
                 .chain(spec.and_then(|s| s.cluster_ip.as_ref()))
                 .any(|text| text.parse::<IpAddr>() == Ok(ip))
         }) || objects.pods.values().any(|pod| {
-            pod.status
-                .as_ref()
-                .and_then(|s| s.pod_ip.as_deref())
-                .is_some_and(|text| text.parse::<IpAddr>() == Ok(ip))
+            // A host-network pod's IP is its node's: no proxy of the mesh answers there.
+            let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+            !host_network
+                && pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.pod_ip.as_deref())
+                    .is_some_and(|text| text.parse::<IpAddr>() == Ok(ip))
         })
     })
 }

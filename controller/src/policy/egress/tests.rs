@@ -259,8 +259,15 @@ fn service_and_pod_addresses_are_in_the_mesh() {
     let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: books-1, namespace: shop}\n\
                spec: {containers: [{name: app}]}\nstatus: {podIP: 10.244.0.7}\n"
         .to_owned();
-    let all = inputs(&[service, pod]);
+    let host_network =
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: agent, namespace: kube-system}\n\
+                        spec: {hostNetwork: true, containers: [{name: agent}]}\n\
+                        status: {podIP: 10.200.0.1}\n"
+            .to_owned();
+    let all = inputs(&[service, pod, host_network]);
     assert!(in_mesh(&all, "10.96.0.10".parse().expect("an IP")));
     assert!(in_mesh(&all, "10.244.0.7".parse().expect("an IP")));
     assert!(!in_mesh(&all, "203.0.113.9".parse().expect("an IP")));
+    // A node's address, though a host-network pod reports it as its own.
+    assert!(!in_mesh(&all, "10.200.0.1".parse().expect("an IP")));
 }

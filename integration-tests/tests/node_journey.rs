@@ -6,7 +6,8 @@
 //!    mesh-init and mesh-proxy, each proxy gets its certificate with its kubelet-mounted token;
 //! 3. the client reaches the server by its Service name over mutual TLS (the client's identity
 //!    in the server proxy's metrics), balanced over both replicas; a `deny` default policy
-//!    answers 403; `meshctl check --proxy` green; `meshctl inject` gives the webhook's spec;
+//!    answers 403; an EgressNetwork allows one path of a server outside the mesh and denies
+//!    the rest; `meshctl check --proxy` green; `meshctl inject` gives the webhook's spec;
 //! 4. lifecycle: the app starts after its proxy is ready, a Job's pod completes, a rollout
 //!    restart under traffic fails no request, a deleted pod leaves nothing on the node;
 //! 5. `meshctl uninstall --delete` leaves nothing; restarted pods run unmeshed; a second
@@ -300,6 +301,72 @@ spec:
         command: [sh, -c, 'timeout 5 wget -qO- http://server/ && echo done']
 "#;
 
+/// Denies what `shop` sends to the node's own address (outside the mesh: no pod or Service
+/// has it), but `/allowed` on port 18080.
+const EGRESS: &str = r#"apiVersion: policy.mesh.dev/v1alpha1
+kind: EgressNetwork
+metadata: {name: node, namespace: shop}
+spec:
+  networks: [{cidr: 10.200.0.1/32}]
+  trafficPolicy: Deny
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: node-allowed, namespace: shop}
+spec:
+  parentRefs: [{group: policy.mesh.dev, kind: EgressNetwork, name: node, port: 18080}]
+  rules: [{matches: [{path: {type: PathPrefix, value: /allowed}}]}]
+"#;
+
+/// A server outside the mesh on the node's address (where pods reach the API server and DNS
+/// too), answering `outside` for 3 minutes; the client pod's calls to it pass its EgressNetwork.
+fn egress_on_the_node(node: &Node, client_pod: &str) {
+    let listener = std::net::TcpListener::bind("10.200.0.1:18080").expect("bind 10.200.0.1:18080");
+    listener.set_nonblocking(true).expect("non-blocking");
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(180);
+        while std::time::Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    use std::io::{Read, Write};
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                    let _ = stream.read(&mut [0; 4096]);
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\nconnection: close\r\n\r\noutside\n",
+                    );
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    });
+    node.apply(EGRESS);
+    let get = |path: &str| {
+        let request = format!(
+            "(printf 'GET {path} HTTP/1.1\\r\\nHost: node.example\\r\\nConnection: close\\r\\n\\r\\n'; \
+             sleep 3) | timeout 5 nc 10.200.0.1 18080"
+        );
+        let output = node.kubectl(&[
+            "exec", "-n", "shop", client_pod, "-c", "curl", "--", "sh", "-c", &request,
+        ]);
+        text(&output).to_lowercase()
+    };
+    // Until the client's proxy has the policy (it asks again for an unknown address every 10 s).
+    let denied = wait_for("the EgressNetwork to deny", Duration::from_secs(60), || {
+        let answer = get("/denied");
+        answer.contains("403 forbidden").then_some(answer)
+    });
+    assert!(
+        denied.contains("mesh-error: egress denied") && denied.contains("egressnetwork shop/node"),
+        "{denied}"
+    );
+    let allowed = get("/allowed/1");
+    assert!(
+        allowed.contains("200 ok") && allowed.contains("outside"),
+        "{allowed}"
+    );
+}
+
 fn with_busybox(yaml: &str) -> String {
     yaml.replace("BUSYBOX", BUSYBOX)
 }
@@ -549,6 +616,7 @@ fn a_user_installs_the_mesh_on_a_real_node_and_meshes_an_app() {
         denied.contains("403 forbidden") && denied.contains("mesh-error:"),
         "vault denies, saying why in mesh-error: {denied}"
     );
+    egress_on_the_node(&node, &client_pod);
     let proxies = node.meshctl_ok(&["check", "--proxy"]);
     assert!(
         proxies.contains("every proxy ready and current")

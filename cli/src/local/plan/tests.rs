@@ -1,5 +1,6 @@
 use std::path::Path;
 
+use super::pods::expand;
 use super::*;
 
 const APP: &str = r#"

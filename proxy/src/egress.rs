@@ -329,6 +329,19 @@ mod tests {
         );
     }
 
+    /// The server name found in `bytes` (sent whole, then closed), and what reading on gives.
+    async fn name_and_replay(bytes: &[u8]) -> (Option<String>, Vec<u8>) {
+        use tokio::io::AsyncWriteExt;
+        let (mut writer, reader) = tokio::io::duplex(64 * 1024);
+        writer.write_all(bytes).await.expect("write");
+        drop(writer);
+        let mut io = PrefixedIo::new(bytes::Bytes::new(), reader);
+        let name = read_server_name(&mut io, Duration::from_secs(5)).await;
+        let mut replayed = Vec::new();
+        io.read_to_end(&mut replayed).await.expect("replayed");
+        (name, replayed)
+    }
+
     /// A ClientHello from a real client (rustls), split across reads, gives its server name
     /// and is replayed whole.
     #[tokio::test]
@@ -365,34 +378,11 @@ mod tests {
         assert_eq!(replayed, hello);
 
         // Not TLS at all: no name, and the bytes are still there.
-        let (mut writer, reader) = tokio::io::duplex(1024);
-        writer
-            .write_all(b"\x16\x03\x01\x00\x05hello")
-            .await
-            .expect("write");
-        drop(writer);
-        let mut io = PrefixedIo::new(bytes::Bytes::new(), reader);
-        assert_eq!(
-            read_server_name(&mut io, Duration::from_secs(5)).await,
-            None
-        );
-        let mut replayed = Vec::new();
-        io.read_to_end(&mut replayed).await.expect("replayed");
-        assert_eq!(replayed, b"\x16\x03\x01\x00\x05hello");
-
+        let not_tls = b"\x16\x03\x01\x00\x05hello".to_vec();
+        assert_eq!(name_and_replay(&not_tls).await, (None, not_tls));
         // Larger than any hello: given up on, and every byte still there.
         let mut big = b"\x16\x03\x01\x40\x00".to_vec();
         big.extend(std::iter::repeat_n(1u8, 40_000));
-        let (mut writer, reader) = tokio::io::duplex(64 * 1024);
-        writer.write_all(&big).await.expect("write");
-        drop(writer);
-        let mut io = PrefixedIo::new(bytes::Bytes::new(), reader);
-        assert_eq!(
-            read_server_name(&mut io, Duration::from_secs(5)).await,
-            None
-        );
-        let mut replayed = Vec::new();
-        io.read_to_end(&mut replayed).await.expect("replayed");
-        assert_eq!(replayed, big);
+        assert_eq!(name_and_replay(&big).await, (None, big));
     }
 }

@@ -29,7 +29,7 @@ use mesh_proto::policy::{Egress, OutboundPolicy, Protocol, Route, egress};
 
 use super::crds::{EgressNetwork, GROUP};
 use super::gateway::ParentReference;
-use super::outbound::{OutboundSettings, Problem};
+use super::outbound::{self, OutboundSettings, Problem};
 use super::routes::{self, RankedRoute, RouteContext, RouteProblem};
 use super::store::{NamespaceObjects, PolicyInputs};
 use crate::objects::{Kind, ObjectKey};
@@ -108,7 +108,8 @@ impl Network<'_> {
     }
 }
 
-fn parse_net(text: &str) -> Option<IpNet> {
+/// A CIDR, or a single IP as its /32 or /128: how every policy kind writes a network.
+pub(super) fn parse_net(text: &str) -> Option<IpNet> {
     text.parse::<IpNet>()
         .ok()
         .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
@@ -178,23 +179,20 @@ fn covering_in<'a>(
 /// callers ask once per stream, not per snapshot.
 pub fn in_mesh(inputs: &PolicyInputs, ip: IpAddr) -> bool {
     inputs.namespaces().any(|(_, objects)| {
-        objects.services.values().any(|service| {
-            let spec = service.spec.as_ref();
-            spec.and_then(|s| s.cluster_ips.as_ref())
-                .into_iter()
-                .flatten()
-                .chain(spec.and_then(|s| s.cluster_ip.as_ref()))
-                .any(|text| text.parse::<IpAddr>() == Ok(ip))
-        }) || objects.pods.values().any(|pod| {
-            // A host-network pod's IP is its node's: no proxy of the mesh answers there.
-            let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
-            !host_network
-                && pod
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.pod_ip.as_deref())
-                    .is_some_and(|text| text.parse::<IpAddr>() == Ok(ip))
-        })
+        objects
+            .services
+            .values()
+            .any(|service| outbound::cluster_ips(service).any(|cluster_ip| cluster_ip == ip))
+            || objects.pods.values().any(|pod| {
+                // A host-network pod's IP is its node's: no proxy of the mesh answers there.
+                let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+                !host_network
+                    && pod
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.pod_ip.as_deref())
+                        .is_some_and(|text| text.parse::<IpAddr>() == Ok(ip))
+            })
     })
 }
 

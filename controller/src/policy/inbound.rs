@@ -11,7 +11,6 @@
 //!
 //! Everything here is pure and deterministic; the gRPC server (`policy::server`) streams it.
 
-use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_proto::common::WorkloadRef;
@@ -688,7 +687,7 @@ fn is_server(parent: &gateway::ParentReference) -> bool {
 }
 
 fn is_net(text: &str) -> bool {
-    text.parse::<IpNet>().is_ok() || text.parse::<std::net::IpAddr>().is_ok()
+    super::egress::parse_net(text).is_some()
 }
 
 #[cfg(test)]

@@ -126,7 +126,8 @@ fn service_has_port(service: &Service, port: u16) -> bool {
         .any(|p| p.port == i32::from(port) && p.protocol.as_deref().unwrap_or("TCP") == "TCP")
 }
 
-fn cluster_ips(service: &Service) -> impl Iterator<Item = std::net::IpAddr> + '_ {
+/// A Service's cluster IPs (both families), as parsed.
+pub(super) fn cluster_ips(service: &Service) -> impl Iterator<Item = std::net::IpAddr> + '_ {
     let spec = service.spec.as_ref();
     spec.and_then(|s| s.cluster_ips.as_ref())
         .into_iter()

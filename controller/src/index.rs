@@ -900,6 +900,7 @@ fn endpoints_from_slices(
         else {
             continue;
         };
+        let remote = crate::multicluster::mirror::remote_identity(slice);
         for ep in &slice.endpoints {
             // An unset condition means unknown, which consumers are told to treat as ready.
             if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
@@ -924,8 +925,15 @@ fn endpoints_from_slices(
                     continue;
                 };
                 let addr = SocketAddr::new(ip, port);
-                set.entry(addr)
-                    .or_insert_with(|| ctx.endpoint(addr, pod, ep.zone.clone(), service_opaque));
+                set.entry(addr).or_insert_with(|| {
+                    let mut endpoint = ctx.endpoint(addr, pod, ep.zone.clone(), service_opaque);
+                    // A linked cluster's endpoint: its proxy's identity comes with the slice.
+                    if let (None, Some((identity, proxy_port))) = (pod, &remote) {
+                        endpoint.identity = ctx.options.identity_enabled.then(|| identity.clone());
+                        endpoint.inbound_proxy_port = Some(*proxy_port);
+                    }
+                    endpoint
+                });
             }
         }
     }

@@ -12,7 +12,7 @@
 //! [`endpoints`] (the diffs a stream sends), [`target`] (what a request names).
 //! [`stats`] and [`tap`] aggregate what the proxies report for meshctl, to the users
 //! [`access`] admits (Kubernetes RBAC). With several replicas, [`lease`] elects the one that
-//! writes route status.
+//! writes route status, and [`multicluster`] mirrors the Services linked clusters export.
 //! [`run`] takes already-bound listeners so tests run it on `127.0.0.1:0`.
 
 pub mod access;
@@ -28,6 +28,7 @@ pub mod kubernetes;
 pub mod lease;
 pub mod meta;
 pub mod metrics;
+pub mod multicluster;
 pub mod objects;
 pub mod pod;
 pub mod policy;
@@ -93,6 +94,8 @@ pub struct Config {
     pub status_lease: Option<lease::Election>,
     /// Traffic leaving the mesh: the global EgressNetworks' namespace and the default policy.
     pub egress: policy::egress::EgressSettings,
+    /// Mirrors of the Services other clusters export (Kubernetes only); none without it.
+    pub multicluster: Option<multicluster::MulticlusterSettings>,
 }
 
 /// Where the identity CA's issuer comes from and how it signs.
@@ -131,6 +134,7 @@ impl Config {
             trace: None,
             status_lease: None,
             egress: policy::egress::EgressSettings::default(),
+            multicluster: None,
         }
     }
 }
@@ -179,10 +183,12 @@ pub async fn run(
 ) -> Result<(), Error> {
     let identity_metrics = identity::IdentityMetrics::new();
     let policy_metrics = policy::metrics::PolicyMetrics::new();
+    let multicluster_metrics = multicluster::MulticlusterMetrics::new();
     let spans_dropped = prometheus_client::metrics::counter::Counter::default();
     let metrics = Metrics::with_registrations(|registry| {
         identity_metrics.register(registry);
         policy_metrics.register(registry);
+        multicluster_metrics.register(registry);
         registry.register(
             "trace_spans_dropped",
             "Spans not exported: the queue was full or the collector failed",
@@ -399,6 +405,23 @@ pub async fn run(
         )),
         _ => None,
     };
+    match (&kube_client, &config.multicluster) {
+        (Some(client), Some(settings)) => {
+            tokio::spawn(multicluster::sync::run(
+                client.clone(),
+                settings.clone(),
+                leading.clone(),
+                multicluster_metrics,
+                stop_rx.clone(),
+            ));
+        }
+        (None, Some(_)) => {
+            tracing::warn!(
+                "multicluster links need the kubernetes backend: no Service is mirrored"
+            );
+        }
+        _ => {}
+    }
     tokio::spawn(policy::report::run(
         policy_inputs,
         outbound_settings.clone(),

@@ -119,6 +119,10 @@ struct Args {
         default_value = "allow"
     )]
     default_egress_policy: TrafficPolicy,
+    /// Mirror the Services that clusters linked by Secrets in this namespace (the control
+    /// plane's) export (`meshctl multicluster link`); off without it.
+    #[arg(long, env = "MESH_CONTROLLER_MULTICLUSTER_NAMESPACE")]
+    multicluster_namespace: Option<String>,
     /// This replica's name (its pod's, from the downward API): with --lease-namespace, the
     /// replicas elect one route status writer with a Lease.
     #[arg(long, env = "MESH_CONTROLLER_POD_NAME")]
@@ -202,6 +206,12 @@ fn main() -> anyhow::Result<()> {
                 collector,
                 sample_rate: args.trace_sample_rate,
             }),
+        multicluster: args.multicluster_namespace.clone().map(|namespace| {
+            mesh_controller::multicluster::MulticlusterSettings::new(
+                namespace,
+                args.trust_domain.clone(),
+            )
+        }),
         status_lease: match (&args.lease_namespace, &args.pod_name) {
             (Some(namespace), Some(identity)) => Some(mesh_controller::lease::Election {
                 namespace: namespace.clone(),

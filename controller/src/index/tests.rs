@@ -582,3 +582,77 @@ fn loaded_objects(objects: Vec<Object>) -> (Index, watch::Receiver<Arc<Snapshot>
     index.publish();
     (index, rx)
 }
+
+#[test]
+fn mirror_slices_give_their_endpoints_the_remote_identity() {
+    let mirror = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: books-east, namespace: shop, labels: {multicluster.mesh.dev/cluster: east}}
+spec:
+  clusterIP: 10.96.0.50
+  ports: [{name: http, port: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: books-east-1
+  namespace: shop
+  labels:
+    kubernetes.io/service-name: books-east
+    endpointslice.kubernetes.io/managed-by: multicluster.mesh.dev
+  annotations:
+    multicluster.mesh.dev/identity: spiffe://cluster.local/ns/shop/sa/books
+    multicluster.mesh.dev/inbound-proxy-port: "4143"
+addressType: IPv4
+ports: [{name: http, port: 80}]
+endpoints: [{addresses: [10.1.0.1]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: books-east-2
+  namespace: shop
+  labels: {kubernetes.io/service-name: books-east}
+  annotations: {multicluster.mesh.dev/identity: spiffe://cluster.local/ns/kube-system/sa/admin}
+addressType: IPv4
+ports: [{name: http, port: 80}]
+endpoints: [{addresses: [10.1.0.2]}]
+"#;
+    let kubernetes = IndexOptions {
+        trust_domain: "cluster.local".to_owned(),
+        ..IndexOptions::default()
+    };
+    let (_index, rx) = loaded(mirror, kubernetes.clone());
+    let snapshot = rx.borrow().clone();
+    assert_eq!(
+        show(&snapshot.resolve(&svc("books-east", 8080))),
+        Ok((
+            true,
+            vec![
+                "10.1.0.1:80 id=spiffe://cluster.local/ns/shop/sa/books inbound=4143".to_owned(),
+                "10.1.0.2:80".to_owned(),
+            ]
+        )),
+        "only a slice the mirror writer manages names an identity"
+    );
+    let (_index, rx) = loaded(
+        mirror,
+        IndexOptions {
+            identity_enabled: false,
+            ..kubernetes
+        },
+    );
+    let snapshot = rx.borrow().clone();
+    assert_eq!(
+        show(&snapshot.resolve(&svc("books-east", 8080))),
+        Ok((
+            true,
+            vec![
+                "10.1.0.1:80 inbound=4143".to_owned(),
+                "10.1.0.2:80".to_owned()
+            ]
+        )),
+        "without a mesh identity there is no identity to expect"
+    );
+}

@@ -13,6 +13,7 @@ mod inject;
 mod install;
 mod kubernetes;
 mod local;
+mod multicluster;
 mod observability;
 mod output;
 mod stat;
@@ -88,6 +89,8 @@ enum Command {
     /// A proxy's certificate chain, trust anchors and renewal: of POD (through the API server,
     /// or with --local from the local mesh), or of the admin server at --proxy HOST:PORT.
     Identity(identity::IdentityArgs),
+    /// Link clusters: each mirrors the Services the other exports (link, unlink).
+    Multicluster(multicluster::MulticlusterArgs),
     /// Check that the mesh is installed and healthy (or, with --pre, that it can be).
     Check(check::CheckArgs),
     /// The Grafana dashboards of the mesh: list them, print one, or write them all.
@@ -116,6 +119,7 @@ fn main() -> anyhow::Result<()> {
         Command::Upgrade(args) => install::run_upgrade(args, &global),
         Command::Uninstall(args) => install::run_uninstall(args, &global),
         Command::Check(args) => check::run(args, &global),
+        Command::Multicluster(args) => multicluster::run(args, &global),
         Command::Identity(args) => identity::run(args, &global),
         Command::Dashboards(args) => observability::run_dashboards(args),
         Command::PrometheusConfig(args) => observability::run_prometheus_config(args),

@@ -170,6 +170,29 @@ fn the_chart_renders_what_install_prints_with_ha_and_an_external_webhook() {
     })));
 }
 
+#[test]
+fn the_chart_renders_what_install_prints_with_multicluster() {
+    let values = values_for(json!({"multicluster": {"enabled": true}}));
+    assert_same_objects(&values);
+    let objects = render::control_plane(&values);
+    let role = objects
+        .iter()
+        .find(|o| o["kind"] == "Role" && o["metadata"]["name"] == "mesh-controller-multicluster")
+        .expect("the multicluster Role");
+    assert_eq!(
+        role["rules"],
+        json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]}]),
+        "Secrets are read in the control plane's namespace only"
+    );
+    let without = render::control_plane(&values_for(json!({})));
+    assert!(
+        !without
+            .iter()
+            .any(|o| o["metadata"]["name"] == "mesh-controller-multicluster"),
+        "off by default: no Secret is read, no Service written"
+    );
+}
+
 /// The chart's `templates/dashboards.yaml`: one ConfigMap per dashboard, its JSON a YAML
 /// double-quoted string (JSON's escapes are YAML's) with each `{{` of Grafana's legends
 /// escaped for the template engine.

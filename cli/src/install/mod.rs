@@ -38,6 +38,10 @@ pub struct InstallArgs {
     /// High availability: 3 replicas of the controller and the injector, spread over nodes.
     #[arg(long)]
     ha: bool,
+    /// Mirror the Services of linked clusters (`meshctl multicluster link`): the chart's
+    /// `multicluster.enabled`.
+    #[arg(long)]
+    multicluster: bool,
     /// A values file of the Helm chart (`charts/mesh/values.yaml` documents each field);
     /// repeatable, later files win.
     #[arg(short = 'f', long = "values")]
@@ -156,8 +160,12 @@ pub fn run_upgrade(mut args: InstallArgs, global: &GlobalArgs) -> anyhow::Result
 
 pub fn run_uninstall(args: UninstallArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let mut tree = values::default_tree()?;
-    // With HA, so what only an HA install has (its disruption budgets) is listed too.
-    values::overlay(&mut tree, json!({"ha": true}));
+    // With HA and multicluster, so what only such an install has (disruption budgets, the
+    // mirror writer's roles) is listed too.
+    values::overlay(
+        &mut tree,
+        json!({"ha": true, "multicluster": {"enabled": true}}),
+    );
     if let Some(ns) = &global.namespace {
         values::overlay(&mut tree, json!({"namespace": ns}));
     }
@@ -237,6 +245,9 @@ fn values_from(args: &InstallArgs, global: &GlobalArgs) -> anyhow::Result<Values
     }
     if args.ha {
         values::overlay(&mut tree, json!({"ha": true}));
+    }
+    if args.multicluster {
+        values::overlay(&mut tree, json!({"multicluster": {"enabled": true}}));
     }
     if let Some(url) = &args.webhook_url {
         values::overlay(&mut tree, json!({"webhook": {"url": url}}));
@@ -416,6 +427,9 @@ pub fn values_tree(values: &Values) -> Value {
         },
         "egress": {
             "defaultPolicy": values.egress.default_policy,
+        },
+        "multicluster": {
+            "enabled": values.multicluster.enabled,
         },
         "controllerLogLevel": values.controller_log_level,
         "dashboards": values.dashboards,

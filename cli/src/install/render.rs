@@ -150,6 +150,10 @@ pub fn control_plane(values: &Values) -> Vec<Value> {
                         "name": names::CONTROLLER},
             "subjects": [{"kind": "ServiceAccount", "name": names::CONTROLLER, "namespace": ns}],
         }),
+    ]
+    .into_iter()
+    .chain(multicluster_rbac(values))
+    .chain([
         // What users are granted to watch the mesh (the controller asks RBAC about these
         // rules): tap by admins of a namespace, stats by anyone who may view it.
         observer_role(values, "mesh-tap", "tap.mesh.dev", "watch", "admin"),
@@ -211,8 +215,7 @@ pub fn control_plane(values: &Values) -> Vec<Value> {
             },
         }),
         controller_deployment(values),
-    ]
-    .into_iter()
+    ])
     .chain(dashboards(values))
     .chain([
         json!({
@@ -295,6 +298,53 @@ pub fn compact_json(json: &str) -> String {
     serde_json::from_str::<Value>(json)
         .and_then(|value| serde_json::to_string(&value))
         .unwrap_or_else(|_| json.to_owned())
+}
+
+/// With multicluster: the link Secrets of the control plane's namespace are read, and mirror
+/// Services and EndpointSlices written (the controller changes and deletes only objects it
+/// labelled as mirrors).
+fn multicluster_rbac(values: &Values) -> Vec<Value> {
+    if !values.multicluster.enabled {
+        return Vec::new();
+    }
+    let name = "mesh-controller-multicluster";
+    let ns = values.namespace.as_str();
+    let subjects = json!([{"kind": "ServiceAccount", "name": names::CONTROLLER, "namespace": ns}]);
+    vec![
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": name, "labels": labels(values, "controller")},
+            "rules": [
+                {"apiGroups": [""], "resources": ["services"],
+                 "verbs": ["create", "patch", "update", "delete"]},
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                 "verbs": ["create", "patch", "update", "delete"]},
+            ],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": name, "labels": labels(values, "controller")},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": name},
+            "subjects": subjects,
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": name, "namespace": ns, "labels": labels(values, "controller")},
+            "rules": [{"apiGroups": [""], "resources": ["secrets"],
+                       "verbs": ["get", "list", "watch"]}],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": name, "namespace": ns, "labels": labels(values, "controller")},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": subjects,
+        }),
+    ]
 }
 
 fn labels(values: &Values, component: &str) -> Value {
@@ -414,24 +464,31 @@ fn deployment(values: &Values, name: &str, component: &str, pod_spec: Value) -> 
 }
 
 fn controller_deployment(values: &Values) -> Value {
+    let mut args = vec![
+        "--discovery=kubernetes".to_owned(),
+        format!("--grpc-listen=0.0.0.0:{GRPC_PORT}"),
+        format!("--admin-listen=0.0.0.0:{CONTROLLER_ADMIN_PORT}"),
+        format!("--trust-domain={}", values.trust_domain),
+        format!("--cluster-domain={}", values.cluster_domain),
+        "--identity-dir=/var/run/mesh/identity".to_owned(),
+        format!("--identity-leaf-lifetime={}", values.identity.leaf_lifetime),
+        format!(
+            "--default-inbound-policy={}",
+            values.proxy.default_inbound_policy
+        ),
+        format!("--egress-namespace={}", values.namespace),
+        format!("--default-egress-policy={}", values.egress.default_policy),
+    ];
+    if values.multicluster.enabled {
+        args.push(format!("--multicluster-namespace={}", values.namespace));
+    }
+    args.push(format!("--log-level={}", values.controller_log_level));
     let pod = json!({
         "containers": [{
             "name": "controller",
             "image": values.image.of("controller"),
             "imagePullPolicy": values.image.pull_policy,
-            "args": [
-                "--discovery=kubernetes",
-                format!("--grpc-listen=0.0.0.0:{GRPC_PORT}"),
-                format!("--admin-listen=0.0.0.0:{CONTROLLER_ADMIN_PORT}"),
-                format!("--trust-domain={}", values.trust_domain),
-                format!("--cluster-domain={}", values.cluster_domain),
-                "--identity-dir=/var/run/mesh/identity",
-                format!("--identity-leaf-lifetime={}", values.identity.leaf_lifetime),
-                format!("--default-inbound-policy={}", values.proxy.default_inbound_policy),
-                format!("--egress-namespace={}", values.namespace),
-                format!("--default-egress-policy={}", values.egress.default_policy),
-                format!("--log-level={}", values.controller_log_level),
-            ],
+            "args": args,
             // Who this replica is and where the replicas elect the route status writer.
             "env": [
                 {"name": "MESH_CONTROLLER_POD_NAME",

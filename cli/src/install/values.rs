@@ -35,6 +35,7 @@ pub struct Values {
     pub webhook: Webhook,
     pub proxy: Proxy,
     pub egress: Egress,
+    pub multicluster: Multicluster,
     pub controller_log_level: String,
     pub dashboards: bool,
 }
@@ -44,6 +45,13 @@ pub struct Values {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Egress {
     pub default_policy: String,
+}
+
+/// Linked clusters' Services, mirrored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Multicluster {
+    pub enabled: bool,
 }
 
 /// Where the images come from: `<registry>/<name>:<tag>`.

@@ -37,6 +37,12 @@ impl Cluster {
                 started: None,
             });
         }
+        Self::start(test)
+    }
+
+    /// A throwaway cluster of this test's own, even when `KUBECONFIG` names one: for tests
+    /// that need two clusters. None (after saying so loudly) when none can be had outside CI.
+    pub fn start(test: &str) -> Option<Cluster> {
         let state = std::env::temp_dir().join(format!("mesh-k8s-{test}-{}", std::process::id()));
         let (Some(api), Some(etcd), Some(peer)) = (free_port(), free_port(), free_port()) else {
             return unavailable(test, "no free loopback ports");

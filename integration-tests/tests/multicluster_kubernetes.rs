@@ -1,0 +1,566 @@
+//! Two real API servers, linked as users link clusters: `meshctl multicluster link` against
+//! cluster east prints the link Secret (and applies it to cluster west with --to-kubeconfig);
+//! west's controller (the `kubernetes` backend, in-process) then mirrors the Services east
+//! exports as `<name>-east`, real Services with EndpointSlices, and a tonic client of
+//! `Destination.Get` sees east's pods with their proxies' identities. The mirrors follow east:
+//! endpoints scale, an unexported Service's mirror goes, a Service of west that merely has a
+//! mirror's name is left alone, an invalid link is counted and ignored, mirrors stay while
+//! east is unreachable, and unlinking removes them.
+//!
+//! Each cluster is one started by `scripts/k8s-test-cluster` (even when `KUBECONFIG` is set:
+//! the test needs two). When none can be had the test fails under `CI=true` and skips loudly
+//! otherwise.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Client;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use mesh_controller::identity::GeneratedCa;
+use mesh_controller::multicluster::MulticlusterSettings;
+use mesh_controller::{Config, Discovery, IdentityOptions};
+use mesh_integration_tests::bin_path;
+use mesh_integration_tests::cluster::Cluster;
+use mesh_proto::destination::destination_client::DestinationClient;
+use mesh_proto::destination::{GetDestination, Update, get_destination, update};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tonic::Streaming;
+
+/// Bound on every wait for the API servers, the mirror writer and the stream.
+const WAIT: Duration = Duration::from_secs(30);
+const IDENTITY: &str = "spiffe://cluster.local/ns/shop/sa/books";
+
+async fn client(cluster: &Cluster) -> Client {
+    Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&cluster.kubeconfig).expect("read the kubeconfig"),
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .expect("a client config from the kubeconfig"),
+    )
+    .expect("a Kubernetes client")
+}
+
+/// Creates `object` (JSON) through `api`.
+async fn create<K>(api: &Api<K>, object: Value)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let typed: K = serde_json::from_value(object).expect("the object fits its schema");
+    api.create(&PostParams::default(), &typed)
+        .await
+        .expect("create an object");
+}
+
+async fn namespaces(client: &Client, names: &[&str]) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    for name in names {
+        create(
+            &api,
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}),
+        )
+        .await;
+    }
+}
+
+/// A meshed pod of east (no kubelet: only its spec matters to the mirror, for its identity).
+fn books_pod(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": "books"}},
+        "spec": {"serviceAccountName": "books", "automountServiceAccountToken": false,
+            "containers": [{"name": "app", "image": "books:test"},
+                           {"name": "mesh-proxy", "image": "mesh-proxy:test"}]}})
+}
+
+/// East's slice of books, with one endpoint per (pod, IP).
+fn books_slice(endpoints: &[(&str, &str)]) -> Value {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(pod, ip)| {
+            json!({"addresses": [ip], "conditions": {"ready": true},
+                   "targetRef": {"kind": "Pod", "name": pod, "namespace": "shop"}})
+        })
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "books-1", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "books"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+        "endpoints": endpoints})
+}
+
+fn exported_service(name: &str, exported: bool) -> Value {
+    let mut labels = json!({});
+    if exported {
+        labels["mesh.dev/exported"] = json!("true");
+    }
+    json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "shop", "labels": labels},
+        "spec": {"ports": [{"name": "http", "port": 8080, "targetPort": 80, "protocol": "TCP"}]}})
+}
+
+/// Polls `check` until it gives Some, for at most [`WAIT`].
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The names of the mirror Services of `cluster` in west.
+async fn mirrors(west: &Client, cluster: &str) -> Vec<String> {
+    let services: Api<Service> = Api::all(west.clone());
+    let params = ListParams::default().labels(&format!("multicluster.mesh.dev/cluster={cluster}"));
+    let mut names: Vec<String> = services
+        .list(&params)
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|s| s.metadata.name)
+        .collect();
+    names.sort();
+    names
+}
+
+/// What a Destination.Get client has been told: identity by endpoint.
+#[derive(Default, Debug)]
+struct Endpoints(BTreeMap<SocketAddr, String>);
+
+impl Endpoints {
+    fn apply(&mut self, update: &Update) {
+        match &update.update {
+            Some(update::Update::Add(add)) => {
+                for ep in &add.endpoints {
+                    let addr = SocketAddr::try_from(ep.addr.as_ref().expect("an address"))
+                        .expect("a valid address");
+                    let identity = ep
+                        .tls_identity
+                        .as_ref()
+                        .map(|t| t.spiffe_id.clone())
+                        .unwrap_or_default();
+                    self.0.insert(
+                        addr,
+                        format!("{identity} inbound={}", ep.inbound_proxy_port),
+                    );
+                }
+            }
+            Some(update::Update::Remove(remove)) => {
+                for a in &remove.addrs {
+                    self.0
+                        .remove(&SocketAddr::try_from(a).expect("a valid address"));
+                }
+            }
+            Some(update::Update::NoEndpoints(_)) => self.0.clear(),
+            None => {}
+        }
+    }
+
+    fn shown(&self) -> Vec<String> {
+        self.0.iter().map(|(a, id)| format!("{a} {id}")).collect()
+    }
+}
+
+/// Reads updates until the client's endpoints are `want`.
+async fn settle(stream: &mut Streaming<Update>, endpoints: &mut Endpoints, want: &[String]) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while endpoints.shown() != want {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, stream.message()).await {
+            Ok(Ok(Some(update))) => endpoints.apply(&update),
+            other => panic!(
+                "waiting for {want:?}, have {:?}: {other:?}",
+                endpoints.shown()
+            ),
+        }
+    }
+}
+
+fn meshctl(kubeconfig: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin_path("meshctl"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .env_remove("KUBECONFIG")
+        .output()
+        .expect("run meshctl")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn metrics(admin: SocketAddr) -> String {
+    mesh_integration_tests::local::http_get(&admin.to_string(), "/metrics").unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
+    let Some(east_cluster) = Cluster::start("multicluster-east") else {
+        return;
+    };
+    let Some(west_cluster) = Cluster::start("multicluster-west") else {
+        return;
+    };
+    let east = client(&east_cluster).await;
+    let west = client(&west_cluster).await;
+    namespaces(&east, &["shop", "mesh-system"]).await;
+    namespaces(&west, &["shop", "mesh-system"]).await;
+
+    // East: books (exported) on two meshed pods, private (not exported).
+    let east_accounts: Api<ServiceAccount> = Api::namespaced(east.clone(), "shop");
+    create(
+        &east_accounts,
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "books"}}),
+    )
+    .await;
+    let east_pods: Api<Pod> = Api::namespaced(east.clone(), "shop");
+    for name in ["books-a", "books-b", "books-c"] {
+        create(&east_pods, books_pod(name)).await;
+    }
+    let east_services: Api<Service> = Api::namespaced(east.clone(), "shop");
+    create(&east_services, exported_service("books", true)).await;
+    create(&east_services, exported_service("private", false)).await;
+    let east_slices: Api<EndpointSlice> = Api::namespaced(east.clone(), "shop");
+    create(
+        &east_slices,
+        books_slice(&[("books-a", "10.1.0.1"), ("books-b", "10.1.0.2")]),
+    )
+    .await;
+    // West already has a Service named like a mirror to be: it is not the mirror writer's.
+    let west_services: Api<Service> = Api::namespaced(west.clone(), "shop");
+    create(&west_services, exported_service("taken-east", false)).await;
+
+    eprintln!("multicluster: The link");
+    // The link, as a user makes it: printed against east...
+    let printed = meshctl(
+        &east_cluster.kubeconfig,
+        &["multicluster", "link", "--cluster-name", "east"],
+    );
+    assert!(printed.status.success(), "link: {}", text(&printed.stderr));
+    let secret: Value = serde_saphyr::from_str(&text(&printed.stdout)).expect("a YAML Secret");
+    assert_eq!(secret["kind"], "Secret");
+    assert_eq!(
+        secret["metadata"]["labels"]["multicluster.mesh.dev/cluster-name"],
+        "east"
+    );
+    let kubeconfig = secret["stringData"]["kubeconfig"]
+        .as_str()
+        .expect("a kubeconfig");
+    assert!(kubeconfig.contains("token:"), "{kubeconfig}");
+    // ...whose reader may read but not write east.
+    let reader = kube::config::Kubeconfig::from_yaml(kubeconfig).expect("a kubeconfig");
+    let reader = Client::try_from(
+        kube::Config::from_custom_kubeconfig(reader, &Default::default())
+            .await
+            .expect("the reader's config"),
+    )
+    .expect("the reader's client");
+    let as_reader: Api<Service> = Api::namespaced(reader.clone(), "shop");
+    assert!(
+        as_reader.get("books").await.is_ok(),
+        "the reader reads Services"
+    );
+    let forbidden = as_reader.delete("books", &Default::default()).await;
+    assert!(
+        matches!(&forbidden, Err(kube::Error::Api(s)) if s.code == 403),
+        "the reader must not write: {forbidden:?}"
+    );
+    let reader_secrets: Api<Secret> = Api::namespaced(reader, "mesh-system");
+    assert!(
+        matches!(reader_secrets.list(&Default::default()).await, Err(kube::Error::Api(s)) if s.code == 403),
+        "the reader must not read Secrets"
+    );
+    // ...and applied to west.
+    let applied = meshctl(
+        &east_cluster.kubeconfig,
+        &[
+            "multicluster",
+            "link",
+            "--cluster-name",
+            "east",
+            "--to-kubeconfig",
+            west_cluster.kubeconfig.to_str().expect("a UTF-8 path"),
+        ],
+    );
+    assert!(applied.status.success(), "link: {}", text(&applied.stderr));
+
+    eprintln!("multicluster: West's controller");
+    // West's controller, with a CA (so meshed endpoints carry identities) and multicluster on.
+    let identity_dir =
+        std::env::temp_dir().join(format!("mesh-mc-test-identity-{}", std::process::id()));
+    GeneratedCa::generate(
+        "cluster.local",
+        Duration::from_secs(3600),
+        Duration::from_secs(3600),
+    )
+    .expect("generate a CA")
+    .write_dir(&identity_dir)
+    .expect("write the CA");
+    let mut config = Config::new(Discovery::Kubernetes {
+        kubeconfig: Some(west_cluster.kubeconfig.clone()),
+    });
+    config.identity = Some(IdentityOptions::new(identity_dir.clone()));
+    config.multicluster = Some(MulticlusterSettings {
+        resync: Duration::from_secs(3),
+        ..MulticlusterSettings::new("mesh-system", "cluster.local")
+    });
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind gRPC");
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind admin");
+    let grpc_addr = grpc.local_addr().expect("gRPC address");
+    let admin_addr = admin.local_addr().expect("admin address");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let controller = tokio::spawn(mesh_controller::run(config, grpc, admin, async move {
+        let _ = stopped.await;
+    }));
+
+    eprintln!("multicluster: The mirror");
+    // The mirror: a real Service in west, only for the exported one.
+    let names = eventually("books-east in west", || async {
+        let names = mirrors(&west, "east").await;
+        (!names.is_empty()).then_some(names)
+    })
+    .await;
+    assert_eq!(names, ["books-east"], "private is not exported");
+    let mirror = west_services.get("books-east").await.expect("the mirror");
+    let spec = mirror.spec.expect("a spec");
+    assert!(
+        spec.cluster_ip.is_some_and(|ip| !ip.is_empty()),
+        "a cluster IP of west's"
+    );
+    assert_eq!(spec.ports.expect("ports")[0].port, 8080);
+
+    eprintln!("multicluster: Discovery serves it");
+    // Discovery serves it with east's pods and their proxies' identity.
+    let mut destination = DestinationClient::connect(format!("http://{grpc_addr}"))
+        .await
+        .expect("connect to the controller");
+    let mut stream = destination
+        .get(GetDestination {
+            target: Some(get_destination::Target::Authority(
+                "books-east.shop.svc.cluster.local:8080".to_owned(),
+            )),
+            source: None,
+        })
+        .await
+        .expect("Destination.Get")
+        .into_inner();
+    let mut endpoints = Endpoints::default();
+    let ep = |ip: &str| format!("{ip}:80 {IDENTITY} inbound=4143");
+    settle(
+        &mut stream,
+        &mut endpoints,
+        &[ep("10.1.0.1"), ep("10.1.0.2")],
+    )
+    .await;
+
+    eprintln!("multicluster: East scales up");
+    // East scales up, then down to nothing: the mirror follows.
+    let apply = PatchParams::apply("multicluster-test").force();
+    let scaled = |endpoints: &[(&str, &str)]| Patch::Apply(books_slice(endpoints));
+    east_slices
+        .patch(
+            "books-1",
+            &apply,
+            &scaled(&[
+                ("books-a", "10.1.0.1"),
+                ("books-b", "10.1.0.2"),
+                ("books-c", "10.1.0.3"),
+            ]),
+        )
+        .await
+        .expect("scale east up");
+    settle(
+        &mut stream,
+        &mut endpoints,
+        &[ep("10.1.0.1"), ep("10.1.0.2"), ep("10.1.0.3")],
+    )
+    .await;
+    east_slices
+        .patch("books-1", &apply, &scaled(&[("books-c", "10.1.0.3")]))
+        .await
+        .expect("scale east down");
+    settle(&mut stream, &mut endpoints, &[ep("10.1.0.3")]).await;
+
+    eprintln!("multicluster: A Service of west that has");
+    // A Service of west that has a mirror's name is not taken over.
+    create(&east_services, exported_service("taken", true)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await; // more than a resync
+    let taken = west_services.get("taken-east").await.expect("west's own");
+    assert_eq!(
+        taken
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .get("multicluster.mesh.dev/cluster"),
+        None,
+        "west's own Service is left alone"
+    );
+    let text_metrics = metrics(admin_addr);
+    assert!(
+        text_metrics
+            .contains("mesh_controller_multicluster_unmirrored_services{cluster=\"east\"} 1"),
+        "{text_metrics}"
+    );
+    assert!(
+        text_metrics.contains("mesh_controller_multicluster_link_up{cluster=\"east\"} 1"),
+        "{text_metrics}"
+    );
+
+    eprintln!("multicluster: A mirror removed by hand");
+    // A mirror removed by hand comes back on the next resync.
+    west_services
+        .delete("books-east", &Default::default())
+        .await
+        .expect("delete the mirror by hand");
+    eventually("books-east restored", || async {
+        mirrors(&west, "east")
+            .await
+            .contains(&"books-east".to_owned())
+            .then_some(())
+    })
+    .await;
+
+    eprintln!("multicluster: Unexported in east");
+    // Unexported in east: the mirror goes.
+    east_services
+        .patch(
+            "books",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"mesh.dev/exported": null}}})),
+        )
+        .await
+        .expect("unexport books");
+    eventually("books-east gone", || async {
+        (!mirrors(&west, "east")
+            .await
+            .contains(&"books-east".to_owned()))
+        .then_some(())
+    })
+    .await;
+    let west_slices: Api<EndpointSlice> = Api::namespaced(west.clone(), "shop");
+    let left = west_slices
+        .list(&ListParams::default().labels("multicluster.mesh.dev/remote-name=books"))
+        .await
+        .expect("list slices");
+    assert!(left.items.is_empty(), "its slices go with it");
+    east_services
+        .patch(
+            "books",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"mesh.dev/exported": "true"}}})),
+        )
+        .await
+        .expect("export books again");
+    eventually("books-east back", || async {
+        mirrors(&west, "east")
+            .await
+            .contains(&"books-east".to_owned())
+            .then_some(())
+    })
+    .await;
+
+    eprintln!("multicluster: An invalid link");
+    // An invalid link is counted and ignored; the valid one keeps working.
+    let west_secrets: Api<Secret> = Api::namespaced(west.clone(), "mesh-system");
+    create(
+        &west_secrets,
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "cluster-broken",
+            "labels": {"multicluster.mesh.dev/cluster-name": "Broken"}},
+            "stringData": {"kubeconfig": "not: [a kubeconfig"}}),
+    )
+    .await;
+    eventually("the invalid link counted", || async {
+        metrics(admin_addr)
+            .contains(
+                "mesh_controller_multicluster_invalid_links_total{secret=\"cluster-broken\"} 1",
+            )
+            .then_some(())
+    })
+    .await;
+
+    eprintln!("multicluster: East goes away");
+    // East goes away: its mirrors stay as last seen, and the link is reported down.
+    drop(east_cluster);
+    eventually("the link reported down", || async {
+        metrics(admin_addr)
+            .contains("mesh_controller_multicluster_link_up{cluster=\"east\"} 0")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        mirrors(&west, "east")
+            .await
+            .contains(&"books-east".to_owned())
+    );
+    assert_eq!(endpoints.shown(), [ep("10.1.0.3")]);
+
+    eprintln!("multicluster: Unlinked");
+    // Unlinked: the mirrors go.
+    let unlinked = meshctl(
+        &west_cluster.kubeconfig,
+        &[
+            "multicluster",
+            "unlink",
+            "--cluster-name",
+            "east",
+            "--delete",
+        ],
+    );
+    assert!(
+        unlinked.status.success(),
+        "unlink: {}",
+        text(&unlinked.stderr)
+    );
+    eventually("no mirrors of east", || async {
+        mirrors(&west, "east").await.is_empty().then_some(())
+    })
+    .await;
+    settle(&mut stream, &mut endpoints, &[]).await;
+    assert!(
+        west_services.get("taken-east").await.is_ok(),
+        "west's own Service stays"
+    );
+    let again = meshctl(
+        &west_cluster.kubeconfig,
+        &[
+            "multicluster",
+            "unlink",
+            "--cluster-name",
+            "east",
+            "--delete",
+        ],
+    );
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("no link to east"),
+        "{}",
+        text(&again.stderr)
+    );
+
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(WAIT, controller).await;
+    let _ = std::fs::remove_dir_all(identity_dir);
+}

@@ -2,7 +2,9 @@
 //! cluster east prints the link Secret (and applies it to cluster west with --to-kubeconfig);
 //! west's controller (the `kubernetes` backend, in-process) then mirrors the Services east
 //! exports as `<name>-east`, real Services with EndpointSlices, and a tonic client of
-//! `Destination.Get` sees east's pods with their proxies' identities. The mirrors follow east:
+//! `Destination.Get` sees east's pods with their proxies' identities, and a real proxy of
+//! west reaches a real proxy of east by the mirror's name over mTLS (flat networks: each
+//! verifies the other cluster's workload identity, one trust anchor). The mirrors follow east:
 //! endpoints scale, an unexported Service's mirror goes, a Service of west that merely has a
 //! mirror's name is left alone, an invalid link is counted and ignored, mirrors stay while
 //! east is unreachable, and unlinking removes them.
@@ -14,9 +16,11 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
@@ -26,10 +30,11 @@ use mesh_controller::multicluster::MulticlusterSettings;
 use mesh_controller::{Config, Discovery, IdentityOptions};
 use mesh_integration_tests::bin_path;
 use mesh_integration_tests::cluster::Cluster;
+use mesh_integration_tests::http::{Backend, ProxyClient, loopback_ip, metric, wait_ready};
+use mesh_integration_tests::process::Process;
 use mesh_proto::destination::destination_client::DestinationClient;
 use mesh_proto::destination::{GetDestination, Update, get_destination, update};
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
 use tonic::Streaming;
 
 /// Bound on every wait for the API servers, the mirror writer and the stream.
@@ -79,20 +84,30 @@ fn books_pod(name: &str) -> Value {
                            {"name": "mesh-proxy", "image": "mesh-proxy:test"}]}})
 }
 
-/// East's slice of books, with one endpoint per (pod, IP).
-fn books_slice(endpoints: &[(&str, &str)]) -> Value {
-    let endpoints: Vec<Value> = endpoints
+/// The test's loopback block: east's pods are hosts 1-3, west's client is host 10.
+const BLOCK: u8 = 61;
+/// The port east's books app listens on (the slice's, the Service's targetPort).
+const APP_PORT: u16 = 18080;
+
+/// East's pod `books-<host>`'s IP.
+fn pod_ip(host: u8) -> String {
+    loopback_ip(BLOCK, host).to_string()
+}
+
+/// East's slice of books, with one endpoint per host of `hosts` (pod `books-<host>`).
+fn books_slice(hosts: &[u8]) -> Value {
+    let endpoints: Vec<Value> = hosts
         .iter()
-        .map(|(pod, ip)| {
-            json!({"addresses": [ip], "conditions": {"ready": true},
-                   "targetRef": {"kind": "Pod", "name": pod, "namespace": "shop"}})
+        .map(|host| {
+            json!({"addresses": [pod_ip(*host)], "conditions": {"ready": true},
+                   "targetRef": {"kind": "Pod", "name": format!("books-{host}"), "namespace": "shop"}})
         })
         .collect();
     json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": "books-1", "namespace": "shop",
                      "labels": {"kubernetes.io/service-name": "books"}},
         "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+        "ports": [{"name": "http", "port": APP_PORT, "protocol": "TCP"}],
         "endpoints": endpoints})
 }
 
@@ -103,7 +118,7 @@ fn exported_service(name: &str, exported: bool) -> Value {
     }
     json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": "shop", "labels": labels},
-        "spec": {"ports": [{"name": "http", "port": 8080, "targetPort": 80, "protocol": "TCP"}]}})
+        "spec": {"ports": [{"name": "http", "port": 8080, "targetPort": APP_PORT, "protocol": "TCP"}]}})
 }
 
 /// Polls `check` until it gives Some, for at most [`WAIT`].
@@ -194,6 +209,89 @@ async fn settle(stream: &mut Streaming<Update>, endpoints: &mut Endpoints, want:
     }
 }
 
+/// A controller of `cluster`, in-process on loopback ports, with the CA of `identity_dir`
+/// (both clusters share it: one trust anchor), until the test ends; its gRPC and admin
+/// addresses.
+fn spawn_controller(
+    cluster: &Cluster,
+    identity_dir: &Path,
+    multicluster: Option<MulticlusterSettings>,
+) -> (SocketAddr, SocketAddr) {
+    let grpc = std::net::TcpListener::bind("127.0.0.1:0").expect("bind gRPC");
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").expect("bind admin");
+    let addrs = (
+        grpc.local_addr().expect("gRPC address"),
+        admin.local_addr().expect("admin address"),
+    );
+    for listener in [&grpc, &admin] {
+        listener.set_nonblocking(true).expect("non-blocking");
+    }
+    let mut config = Config::new(Discovery::Kubernetes {
+        kubeconfig: Some(cluster.kubeconfig.clone()),
+    });
+    config.identity = Some(IdentityOptions::new(identity_dir));
+    config.multicluster = multicluster;
+    tokio::spawn(async move {
+        let grpc = tokio::net::TcpListener::from_std(grpc).expect("a tokio listener");
+        let admin = tokio::net::TcpListener::from_std(admin).expect("a tokio listener");
+        mesh_controller::run(config, grpc, admin, std::future::pending()).await
+    });
+    addrs
+}
+
+/// A token of ServiceAccount `shop/<account>` of `client`'s cluster for the mesh's identity
+/// service (what the injector projects into a pod).
+async fn token(client: &Client, account: &str) -> String {
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "shop");
+    let request: TokenRequest = serde_json::from_value(json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": ["mesh.dev/identity"], "expirationSeconds": 3600},
+    }))
+    .expect("a token request");
+    accounts
+        .create_token_request(account, &PostParams::default(), &request)
+        .await
+        .expect("a token")
+        .status
+        .expect("the token's status")
+        .token
+}
+
+/// `mesh-proxy` as pod `pod` of host `host` with ServiceAccount `account`'s `token`, its
+/// controller at `controller`; stopped on drop.
+fn proxy(
+    controller: SocketAddr,
+    host: u8,
+    pod: &str,
+    token: &str,
+    account: &str,
+    identity_dir: &Path,
+) -> Process {
+    let ip = loopback_ip(BLOCK, host);
+    let token_file = identity_dir.join(format!("{pod}.token"));
+    std::fs::write(&token_file, token).expect("write the token");
+    Process(
+        Command::new(bin_path("mesh-proxy"))
+            .env("MESH_PROXY_CONTROLLER_ADDR", format!("http://{controller}"))
+            .env("MESH_PROXY_INBOUND_LISTEN", format!("{ip}:4143"))
+            .env("MESH_PROXY_INBOUND_APP_IP", ip.to_string())
+            .env("MESH_PROXY_OUTBOUND_LISTEN", format!("{ip}:4140"))
+            .env("MESH_PROXY_ADMIN_LISTEN", format!("{ip}:4191"))
+            .env("MESH_PROXY_NAMESPACE", "shop")
+            .env("MESH_PROXY_POD", pod)
+            .env(
+                "MESH_PROXY_IDENTITY",
+                format!("spiffe://cluster.local/ns/shop/sa/{account}"),
+            )
+            .env("MESH_PROXY_IDENTITY_TOKEN_FILE", token_file)
+            .env("MESH_PROXY_TRUST_ANCHORS_FILE", identity_dir.join("ca.crt"))
+            .env("MESH_PROXY_LOG_LEVEL", "warn")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start mesh-proxy"),
+    )
+}
+
 fn meshctl(kubeconfig: &std::path::Path, args: &[&str]) -> std::process::Output {
     Command::new(bin_path("meshctl"))
         .arg("--kubeconfig")
@@ -233,18 +331,14 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
     )
     .await;
     let east_pods: Api<Pod> = Api::namespaced(east.clone(), "shop");
-    for name in ["books-a", "books-b", "books-c"] {
-        create(&east_pods, books_pod(name)).await;
+    for host in 1..=3 {
+        create(&east_pods, books_pod(&format!("books-{host}"))).await;
     }
     let east_services: Api<Service> = Api::namespaced(east.clone(), "shop");
     create(&east_services, exported_service("books", true)).await;
     create(&east_services, exported_service("private", false)).await;
     let east_slices: Api<EndpointSlice> = Api::namespaced(east.clone(), "shop");
-    create(
-        &east_slices,
-        books_slice(&[("books-a", "10.1.0.1"), ("books-b", "10.1.0.2")]),
-    )
-    .await;
+    create(&east_slices, books_slice(&[1, 2])).await;
     // West already has a Service named like a mirror to be: it is not the mirror writer's.
     let west_services: Api<Service> = Api::namespaced(west.clone(), "shop");
     create(&west_services, exported_service("taken-east", false)).await;
@@ -315,26 +409,14 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
     .expect("generate a CA")
     .write_dir(&identity_dir)
     .expect("write the CA");
-    let mut config = Config::new(Discovery::Kubernetes {
-        kubeconfig: Some(west_cluster.kubeconfig.clone()),
-    });
-    config.identity = Some(IdentityOptions::new(identity_dir.clone()));
-    config.multicluster = Some(MulticlusterSettings {
-        resync: Duration::from_secs(3),
-        ..MulticlusterSettings::new("mesh-system", "cluster.local")
-    });
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind gRPC");
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind admin");
-    let grpc_addr = grpc.local_addr().expect("gRPC address");
-    let admin_addr = admin.local_addr().expect("admin address");
-    let (stop, stopped) = oneshot::channel::<()>();
-    let controller = tokio::spawn(mesh_controller::run(config, grpc, admin, async move {
-        let _ = stopped.await;
-    }));
+    let (grpc_addr, admin_addr) = spawn_controller(
+        &west_cluster,
+        &identity_dir,
+        Some(MulticlusterSettings {
+            resync: Duration::from_secs(3),
+            ..MulticlusterSettings::new("mesh-system", "cluster.local")
+        }),
+    );
 
     eprintln!("multicluster: The mirror");
     // The mirror: a real Service in west, only for the exported one.
@@ -368,41 +450,89 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
         .expect("Destination.Get")
         .into_inner();
     let mut endpoints = Endpoints::default();
-    let ep = |ip: &str| format!("{ip}:80 {IDENTITY} inbound=4143");
-    settle(
-        &mut stream,
-        &mut endpoints,
-        &[ep("10.1.0.1"), ep("10.1.0.2")],
-    )
-    .await;
+    let ep = |host: u8| format!("{}:{APP_PORT} {IDENTITY} inbound=4143", pod_ip(host));
+    settle(&mut stream, &mut endpoints, &[ep(1), ep(2)]).await;
 
     eprintln!("multicluster: East scales up");
     // East scales up, then down to nothing: the mirror follows.
     let apply = PatchParams::apply("multicluster-test").force();
-    let scaled = |endpoints: &[(&str, &str)]| Patch::Apply(books_slice(endpoints));
+    let scaled = |hosts: &[u8]| Patch::Apply(books_slice(hosts));
     east_slices
-        .patch(
-            "books-1",
-            &apply,
-            &scaled(&[
-                ("books-a", "10.1.0.1"),
-                ("books-b", "10.1.0.2"),
-                ("books-c", "10.1.0.3"),
-            ]),
-        )
+        .patch("books-1", &apply, &scaled(&[1, 2, 3]))
         .await
         .expect("scale east up");
-    settle(
-        &mut stream,
-        &mut endpoints,
-        &[ep("10.1.0.1"), ep("10.1.0.2"), ep("10.1.0.3")],
-    )
-    .await;
+    settle(&mut stream, &mut endpoints, &[ep(1), ep(2), ep(3)]).await;
     east_slices
-        .patch("books-1", &apply, &scaled(&[("books-c", "10.1.0.3")]))
+        .patch("books-1", &apply, &scaled(&[3]))
         .await
         .expect("scale east down");
-    settle(&mut stream, &mut endpoints, &[ep("10.1.0.3")]).await;
+    settle(&mut stream, &mut endpoints, &[ep(3)]).await;
+
+    eprintln!("multicluster: the flat data path");
+    // The flat data path: west's client proxy calls books-east by name and reaches east's
+    // books-3 through its proxy, over mTLS, each side proving its own cluster's identity.
+    let east_grpc = spawn_controller(&east_cluster, &identity_dir, None).0;
+    let _app = Backend::start(
+        SocketAddr::new(loopback_ip(BLOCK, 3), APP_PORT),
+        "books-3 in east",
+    )
+    .await;
+    let east_proxy = proxy(
+        east_grpc,
+        3,
+        "books-3",
+        &token(&east, "books").await,
+        "books",
+        &identity_dir,
+    );
+    let west_token = {
+        let accounts: Api<ServiceAccount> = Api::namespaced(west.clone(), "shop");
+        create(
+            &accounts,
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "web"}}),
+        )
+        .await;
+        token(&west, "web").await
+    };
+    let west_proxy = proxy(grpc_addr, 10, "web-10", &west_token, "web", &identity_dir);
+    wait_ready(SocketAddr::new(loopback_ip(BLOCK, 3), 4191)).await;
+    wait_ready(SocketAddr::new(loopback_ip(BLOCK, 10), 4191)).await;
+    let mut app = ProxyClient::connect(
+        SocketAddr::new(loopback_ip(BLOCK, 10), 4140),
+        "books-east.shop.svc.cluster.local:8080",
+    )
+    .await;
+    assert_eq!(app.get("/", &[]).await, (200, "books-3 in east".to_owned()));
+    let inbound = metrics(SocketAddr::new(loopback_ip(BLOCK, 3), 4191));
+    assert_eq!(
+        metric(
+            &inbound,
+            "request_total",
+            &[
+                "direction=\"inbound\"",
+                "tls=\"true\"",
+                "client_id=\"spiffe://cluster.local/ns/shop/sa/web\"",
+            ]
+        ),
+        1.0,
+        "east's proxy served west's client over mTLS, knowing who it is:\n{inbound}"
+    );
+    let outbound = metrics(SocketAddr::new(loopback_ip(BLOCK, 10), 4191));
+    assert_eq!(
+        metric(
+            &outbound,
+            "response_total",
+            &[
+                "direction=\"outbound\"",
+                "tls=\"true\"",
+                &format!("server_id=\"{IDENTITY}\""),
+                "status_code=\"200\"",
+            ]
+        ),
+        1.0,
+        "west's proxy verified east's workload identity:\n{outbound}"
+    );
+    drop((east_proxy, west_proxy));
 
     eprintln!("multicluster: A Service of west that has");
     // A Service of west that has a mirror's name is not taken over.
@@ -515,7 +645,7 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
             .await
             .contains(&"books-east".to_owned())
     );
-    assert_eq!(endpoints.shown(), [ep("10.1.0.3")]);
+    assert_eq!(endpoints.shown(), [ep(3)]);
 
     eprintln!("multicluster: Unlinked");
     // Unlinked: the mirrors go.
@@ -560,7 +690,5 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
         text(&again.stderr)
     );
 
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(WAIT, controller).await;
     let _ = std::fs::remove_dir_all(identity_dir);
 }

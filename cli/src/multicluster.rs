@@ -16,6 +16,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 
 use crate::GlobalArgs;
+use crate::install::render::names;
 use crate::kubernetes::{self, FIELD_MANAGER};
 // The link's format is the controller's, read there (`mesh_controller::multicluster::link`).
 use mesh_controller::multicluster::link::{
@@ -104,6 +105,8 @@ pub fn reader_objects(namespace: &str) -> Vec<Value> {
         "rules": [
             {"apiGroups": [""], "resources": ["services", "pods"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+            // `meshctl check --multicluster` compares the clusters' trust anchors.
+            {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [names::TRUST_ROOTS], "verbs": ["get"]},
         ]}),
         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
             "metadata": {"name": READER, "labels": labels},
@@ -332,13 +335,19 @@ mod tests {
             ]
         );
         let rules = objects[1]["rules"].as_array().expect("rules");
-        for rule in rules {
+        for rule in &rules[..2] {
             assert_eq!(
                 rule["verbs"],
                 json!(["get", "list", "watch"]),
                 "read-only: {rule}"
             );
         }
+        assert_eq!(
+            rules[2],
+            json!({"apiGroups": [""], "resources": ["configmaps"],
+                   "resourceNames": ["mesh-identity-trust-roots"], "verbs": ["get"]}),
+            "of ConfigMaps, the trust anchors only"
+        );
         let resources: Vec<&str> = rules
             .iter()
             .flat_map(|r| r["resources"].as_array().into_iter().flatten())
@@ -346,7 +355,7 @@ mod tests {
             .collect();
         assert_eq!(
             resources,
-            ["services", "pods", "endpointslices"],
+            ["services", "pods", "endpointslices", "configmaps"],
             "no Secrets, nothing else"
         );
         assert_eq!(

@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -302,6 +302,20 @@ fn meshctl(kubeconfig: &std::path::Path, args: &[&str]) -> std::process::Output 
         .expect("run meshctl")
 }
 
+/// `meshctl check --multicluster -o json` against `kubeconfig`: each check's outcome by name.
+/// (The install's own checks fail here: these clusters have no control plane installed.)
+fn check_multicluster(kubeconfig: &Path) -> BTreeMap<String, Value> {
+    let output = meshctl(kubeconfig, &["check", "--multicluster", "-o", "json"]);
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("check's JSON: {e}: {}", text(&output.stderr)));
+    report["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap_or_default().to_owned(), c.clone()))
+        .collect()
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -409,6 +423,18 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
     .expect("generate a CA")
     .write_dir(&identity_dir)
     .expect("write the CA");
+    // Both clusters' installs share the trust anchor (what `meshctl check` compares).
+    let anchors = std::fs::read_to_string(identity_dir.join("ca.crt")).expect("the anchors");
+    for cluster in [&east, &west] {
+        let maps: Api<ConfigMap> = Api::namespaced(cluster.clone(), "mesh-system");
+        create(
+            &maps,
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": "mesh-identity-trust-roots"},
+                   "data": {"ca-bundle.crt": anchors}}),
+        )
+        .await;
+    }
     let (grpc_addr, admin_addr) = spawn_controller(
         &west_cluster,
         &identity_dir,
@@ -433,6 +459,14 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
         "a cluster IP of west's"
     );
     assert_eq!(spec.ports.expect("ports")[0].port, 8080);
+    let checks = check_multicluster(&west_cluster.kubeconfig);
+    for name in [
+        "multicluster-reach/east",
+        "multicluster-mirrors/east",
+        "multicluster-anchors/east",
+    ] {
+        assert_eq!(checks[name]["ok"], true, "{name}: {}", checks[name]);
+    }
 
     eprintln!("multicluster: Discovery serves it");
     // Discovery serves it with east's pods and their proxies' identity.
@@ -548,6 +582,15 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
         None,
         "west's own Service is left alone"
     );
+    let checks = check_multicluster(&west_cluster.kubeconfig);
+    let mirrors_check = &checks["multicluster-mirrors/east"];
+    assert_eq!(mirrors_check["ok"], false);
+    assert!(
+        mirrors_check["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("missing shop/taken-east")),
+        "{mirrors_check}"
+    );
     let text_metrics = metrics(admin_addr);
     assert!(
         text_metrics
@@ -646,6 +689,14 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
             .contains(&"books-east".to_owned())
     );
     assert_eq!(endpoints.shown(), [ep(3)]);
+    let reach = &check_multicluster(&west_cluster.kubeconfig)["multicluster-reach/east"];
+    assert_eq!(reach["ok"], false, "{reach}");
+    assert!(
+        reach["fix"]
+            .as_str()
+            .is_some_and(|f| f.contains("multicluster link")),
+        "{reach}"
+    );
 
     eprintln!("multicluster: Unlinked");
     // Unlinked: the mirrors go.

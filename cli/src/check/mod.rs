@@ -24,6 +24,7 @@ use crate::install::render::{self, names};
 use crate::kubernetes;
 
 mod egress;
+mod multicluster;
 mod proxies;
 
 use proxies::{identity_checks, proxy_certificates_check, proxy_check};
@@ -39,6 +40,10 @@ pub struct CheckArgs {
     /// Also check the meshed pods' proxies (version, readiness).
     #[arg(long, conflicts_with = "pre")]
     proxy: bool,
+    /// Also check the linked clusters: links valid, their API servers reachable, mirrors in
+    /// step, trust anchors shared.
+    #[arg(long, conflicts_with = "pre")]
+    multicluster: bool,
     /// The control plane's namespace.
     #[arg(long, default_value = "mesh-system")]
     control_plane_namespace: String,
@@ -166,7 +171,22 @@ async fn checks(args: &CheckArgs, global: &GlobalArgs) -> Vec<Outcome> {
         outcomes.push(proxy_check(&client, global.namespace.as_deref()).await);
         outcomes.push(proxy_certificates_check(&client, ns, global.namespace.as_deref()).await);
     }
+    if args.multicluster {
+        let trust_domain = installed_trust_domain(&client, ns).await;
+        outcomes.extend(multicluster::multicluster_checks(&client, ns, &trust_domain).await);
+    }
     outcomes
+}
+
+/// The trust domain the install was made with (its `mesh-config`), `cluster.local` when unknown.
+async fn installed_trust_domain(client: &kube::Client, ns: &str) -> String {
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), ns);
+    maps.get_opt(names::CONFIG)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|m| m.data?.get("trustDomain").cloned())
+        .unwrap_or_else(|| "cluster.local".to_owned())
 }
 
 async fn api_checks(client: &kube::Client) -> (Outcome, Option<Outcome>) {

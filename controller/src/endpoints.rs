@@ -43,6 +43,17 @@ pub struct EndpointInfo {
     pub inbound_proxy_port: Option<u16>,
     /// Whether the port is opaque (no protocol detection).
     pub opaque: bool,
+    /// The gateway of the endpoint's cluster, when it is reached through one.
+    pub gateway: Option<Arc<GatewayInfo>>,
+}
+
+/// A multicluster gateway: where it listens and the identity it proves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayInfo {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its SPIFFE ID.
+    pub identity: Arc<str>,
 }
 
 /// A target's endpoints by address.
@@ -182,6 +193,13 @@ pub fn to_proto(ep: &EndpointInfo) -> pb::Endpoint {
         protocol_hint: hint as i32,
         zone: ep.zone.clone().unwrap_or_default(),
         inbound_proxy_port: ep.inbound_proxy_port.map(u32::from).unwrap_or(0),
+        gateway: ep.gateway.as_ref().map(|gateway| pb::Gateway {
+            addr: Some(gateway.addr.into()),
+            tls_identity: Some(TlsIdentity {
+                spiffe_id: gateway.identity.to_string(),
+                server_name: String::new(),
+            }),
+        }),
     }
 }
 
@@ -197,6 +215,7 @@ mod tests {
             identity: None,
             inbound_proxy_port: None,
             opaque: false,
+            gateway: None,
         }
     }
 
@@ -368,8 +387,10 @@ mod tests {
             identity: Some("spiffe://cluster.local/ns/shop/sa/web".into()),
             inbound_proxy_port: Some(4143),
             opaque: false,
+            gateway: None,
         };
         let wire = to_proto(&meshed);
+        assert_eq!(wire.gateway, None);
         assert_eq!(
             wire.tls_identity.map(|t| t.spiffe_id).as_deref(),
             Some("spiffe://cluster.local/ns/shop/sa/web")
@@ -398,5 +419,22 @@ mod tests {
         assert_eq!(plain.protocol_hint, ProtocolHint::Unknown as i32);
         assert!(plain.tls_identity.is_none());
         assert_eq!(plain.inbound_proxy_port, 0);
+
+        let mut remote = meshed.clone();
+        remote.gateway = Some(Arc::new(GatewayInfo {
+            addr: "192.0.2.7:4143".parse().expect("test address"),
+            identity: "spiffe://cluster.local/ns/mesh-system/sa/mesh-gateway".into(),
+        }));
+        let gateway = to_proto(&remote).gateway.expect("the gateway on the wire");
+        assert_eq!(
+            gateway
+                .addr
+                .map(|a| SocketAddr::try_from(&a).expect("an address")),
+            Some("192.0.2.7:4143".parse().expect("test address"))
+        );
+        assert_eq!(
+            gateway.tls_identity.map(|t| t.spiffe_id).as_deref(),
+            Some("spiffe://cluster.local/ns/mesh-system/sa/mesh-gateway")
+        );
     }
 }

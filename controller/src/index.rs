@@ -101,6 +101,7 @@ impl PodView {
             pod: Some(self.meta.clone()),
             identity: self.meshed.as_ref().and_then(|m| m.identity.clone()),
             inbound_proxy_port: self.meshed.as_ref().map(|m| m.inbound_proxy_port),
+            gateway: None,
             opaque: self
                 .opaque
                 .contains(port, self.port_names.get(&port).map(String::as_str)),
@@ -706,6 +707,7 @@ impl<'a> NamespaceCtx<'a> {
                 identity: None,
                 inbound_proxy_port: None,
                 opaque: service_opaque || ns_opaque.contains(addr.port(), None),
+                gateway: None,
             };
         };
         let view = self
@@ -743,6 +745,7 @@ impl<'a> NamespaceCtx<'a> {
             identity: meshed.as_ref().and_then(|m| m.identity.clone()),
             inbound_proxy_port: meshed.map(|m| m.inbound_proxy_port),
             opaque,
+            gateway: None,
         }
     }
 }
@@ -900,7 +903,7 @@ fn endpoints_from_slices(
         else {
             continue;
         };
-        let remote = crate::multicluster::mirror::remote_identity(slice);
+        let remote = crate::multicluster::mirror::remote_endpoints(slice);
         for ep in &slice.endpoints {
             // An unset condition means unknown, which consumers are told to treat as ready.
             if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
@@ -928,9 +931,13 @@ fn endpoints_from_slices(
                 set.entry(addr).or_insert_with(|| {
                     let mut endpoint = ctx.endpoint(addr, pod, ep.zone.clone(), service_opaque);
                     // A linked cluster's endpoint: its proxy's identity comes with the slice.
-                    if let (None, Some((identity, proxy_port))) = (pod, &remote) {
-                        endpoint.identity = ctx.options.identity_enabled.then(|| identity.clone());
-                        endpoint.inbound_proxy_port = Some(*proxy_port);
+                    if let (None, Some(remote)) = (pod, &remote) {
+                        endpoint.identity = ctx
+                            .options
+                            .identity_enabled
+                            .then(|| remote.identity.clone());
+                        endpoint.inbound_proxy_port = Some(remote.inbound_proxy_port);
+                        endpoint.gateway = remote.gateway.clone();
                     }
                     endpoint
                 });

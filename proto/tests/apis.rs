@@ -48,6 +48,13 @@ fn endpoint() -> destination::Endpoint {
         protocol_hint: destination::ProtocolHint::Http2.into(),
         zone: "zone-a".into(),
         inbound_proxy_port: 4143,
+        gateway: Some(destination::Gateway {
+            addr: Some(SocketAddr::from(([192, 0, 2, 7], 4143)).into()),
+            tls_identity: Some(destination::TlsIdentity {
+                spiffe_id: "spiffe://cluster.local/ns/mesh-system/sa/mesh-gateway".into(),
+                server_name: String::new(),
+            }),
+        }),
     }
 }
 

@@ -3,8 +3,11 @@
 //! multicluster link` writes it; this module reads and validates it, by field.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
+
+use crate::endpoints::GatewayInfo;
 
 /// The label that makes a Secret a link, valued with the linked cluster's name.
 pub const LABEL_LINK: &str = "multicluster.mesh.dev/cluster-name";
@@ -15,6 +18,11 @@ pub const KEY_KUBECONFIG: &str = "kubeconfig";
 /// The linked cluster's trust domain; without it, the local one (clusters share it by
 /// default, see ARCHITECTURE.md).
 pub const ANNOTATION_TRUST_DOMAIN: &str = "multicluster.mesh.dev/trust-domain";
+
+/// The linked cluster's gateway (`IP:port`), when its network is not routed to from here.
+pub const ANNOTATION_GATEWAY: &str = "multicluster.mesh.dev/gateway";
+/// The identity that gateway proves.
+pub const ANNOTATION_GATEWAY_IDENTITY: &str = "multicluster.mesh.dev/gateway-identity";
 
 /// The longest cluster name: a mirror is named `<service>-<cluster>` and must stay a DNS label,
 /// so the name leaves most of its 63 characters to the Service's.
@@ -31,6 +39,8 @@ pub struct Link {
     pub trust_domain: String,
     /// Its kubeconfig, as YAML.
     pub kubeconfig: String,
+    /// Its gateway, when its pods are reached through one (else directly: flat networks).
+    pub gateway: Option<Arc<GatewayInfo>>,
 }
 
 /// Why a Secret labelled as a link is not a usable one.
@@ -48,6 +58,9 @@ pub enum LinkError {
     /// The trust domain annotation is not a trust domain.
     #[error("annotation {ANNOTATION_TRUST_DOMAIN}: {0:?} is not a trust domain")]
     TrustDomain(String),
+    /// The gateway annotations are not an address and an identity.
+    #[error("annotation {0}: {1}")]
+    Gateway(&'static str, String),
 }
 
 /// Whether `name` can name a cluster.
@@ -99,11 +112,33 @@ impl Link {
             .map_err(|_| LinkError::Kubeconfig("not UTF-8 text".to_owned()))?;
         kube::config::Kubeconfig::from_yaml(&kubeconfig)
             .map_err(|e| LinkError::Kubeconfig(format!("not a kubeconfig: {e}")))?;
+        let gateway = match annotations.get(ANNOTATION_GATEWAY) {
+            None => None,
+            Some(addr) => {
+                let addr = addr.parse().map_err(|_| {
+                    LinkError::Gateway(ANNOTATION_GATEWAY, format!("{addr:?} is not IP:port"))
+                })?;
+                let identity = annotations
+                    .get(ANNOTATION_GATEWAY_IDENTITY)
+                    .filter(|id| id.starts_with("spiffe://"))
+                    .ok_or_else(|| {
+                        LinkError::Gateway(
+                            ANNOTATION_GATEWAY_IDENTITY,
+                            "a gateway needs the SPIFFE ID it proves".to_owned(),
+                        )
+                    })?;
+                Some(Arc::new(GatewayInfo {
+                    addr,
+                    identity: Arc::from(identity.as_str()),
+                }))
+            }
+        };
         Ok(Link {
             secret: secret.metadata.name.clone().unwrap_or_default(),
             cluster,
             trust_domain,
             kubeconfig,
+            gateway,
         })
     }
 }
@@ -126,6 +161,17 @@ mod tests {
     const KUBECONFIG: &str = "apiVersion: v1\nkind: Config\nclusters:\n- name: east\n  \
         cluster: {server: 'https://127.0.0.1:6443'}\nusers:\n- name: reader\n  user: {token: t}\n\
         contexts:\n- name: east\n  context: {cluster: east, user: reader}\ncurrent-context: east\n";
+
+    fn with_annotations(mut secret: Secret, pairs: &[(&str, &str)]) -> Secret {
+        let annotations = secret
+            .metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new);
+        for (k, v) in pairs {
+            annotations.insert((*k).to_owned(), (*v).to_owned());
+        }
+        secret
+    }
 
     fn secret(cluster: &str, domain: Option<&str>, kubeconfig: Option<&[u8]>) -> Secret {
         Secret {
@@ -157,7 +203,34 @@ mod tests {
         );
         assert_eq!(own.map(|l| l.trust_domain).as_deref(), Ok("east.example"));
 
-        let cases: [(Secret, &str); 6] = [
+        assert_eq!(link.gateway, None, "flat by default");
+        let gatewayed = Link::from_secret(
+            &with_annotations(
+                secret("east", None, Some(KUBECONFIG.as_bytes())),
+                &[
+                    (ANNOTATION_GATEWAY, "192.0.2.7:4143"),
+                    (
+                        ANNOTATION_GATEWAY_IDENTITY,
+                        "spiffe://cluster.local/ns/mesh-system/sa/mesh-gateway",
+                    ),
+                ],
+            ),
+            "local",
+        )
+        .expect("a link through a gateway");
+        let gateway = gatewayed.gateway.expect("a gateway");
+        assert_eq!(gateway.addr.to_string(), "192.0.2.7:4143");
+
+        let valid = || secret("east", None, Some(KUBECONFIG.as_bytes()));
+        let cases: [(Secret, &str); 8] = [
+            (
+                with_annotations(valid(), &[(ANNOTATION_GATEWAY, "gateway.example:4143")]),
+                "annotation multicluster.mesh.dev/gateway: \"gateway.example:4143\" is not IP:port",
+            ),
+            (
+                with_annotations(valid(), &[(ANNOTATION_GATEWAY, "192.0.2.7:4143")]),
+                "annotation multicluster.mesh.dev/gateway-identity",
+            ),
             (secret("East", None, Some(KUBECONFIG.as_bytes())), "label"),
             (secret("", None, Some(KUBECONFIG.as_bytes())), "label"),
             (

@@ -17,6 +17,7 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlic
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::link::{Link, is_dns_label};
+use crate::endpoints::GatewayInfo;
 use crate::meta::{self, MeshedRule};
 use crate::pod::Pod;
 
@@ -34,6 +35,7 @@ pub const MANAGER: &str = "multicluster.mesh.dev";
 pub const ANNOTATION_IDENTITY: &str = "multicluster.mesh.dev/identity";
 /// On mirror slices: the port of its endpoints' proxies' inbound listener.
 pub const ANNOTATION_INBOUND_PORT: &str = "multicluster.mesh.dev/inbound-proxy-port";
+pub use super::link::{ANNOTATION_GATEWAY, ANNOTATION_GATEWAY_IDENTITY};
 
 /// The mirror objects of one linked cluster.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -247,6 +249,11 @@ fn mirror_slices(
                 }
             }
         };
+        // A gateway tunnels only to meshed proxies (it is no open relay): an endpoint
+        // without an identity cannot be reached through it.
+        if link.gateway.is_some() && key.0.is_none() {
+            continue;
+        }
         groups.entry(key).or_default().push(Endpoint {
             addresses: endpoint.addresses.clone(),
             conditions: Some(EndpointConditions {
@@ -264,10 +271,20 @@ fn mirror_slices(
             let mut labels = mirror_labels(link, name);
             labels.insert(meta::LABEL_SERVICE_NAME.to_owned(), mirror.to_owned());
             labels.insert(LABEL_MANAGED_BY.to_owned(), MANAGER.to_owned());
+            let gateway = link.gateway.iter().flat_map(|g| {
+                [
+                    (ANNOTATION_GATEWAY.to_owned(), g.addr.to_string()),
+                    (
+                        ANNOTATION_GATEWAY_IDENTITY.to_owned(),
+                        g.identity.to_string(),
+                    ),
+                ]
+            });
             let annotations: BTreeMap<String, String> = identity
                 .iter()
                 .map(|id| (ANNOTATION_IDENTITY.to_owned(), id.clone()))
                 .chain(port.map(|p| (ANNOTATION_INBOUND_PORT.to_owned(), p.to_string())))
+                .chain(gateway)
                 .collect();
             let group = format!(
                 "{remote_slice}/{}/{}",
@@ -290,21 +307,46 @@ fn mirror_slices(
         .collect()
 }
 
-/// The identity and inbound proxy port a mirror slice names for its endpoints: only slices
-/// this module writes are read. Trusting a slice's word costs nothing a writer of slices could
-/// use: a client verifies that identity, so a false one only makes connections fail.
-pub fn remote_identity(slice: &EndpointSlice) -> Option<(Arc<str>, u16)> {
+/// What a mirror slice says of its endpoints' proxies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteEndpoints {
+    /// The identity they prove.
+    pub identity: Arc<str>,
+    /// Their inbound port.
+    pub inbound_proxy_port: u16,
+    /// The gateway they are reached through, if any.
+    pub gateway: Option<Arc<GatewayInfo>>,
+}
+
+/// What a mirror slice names for its endpoints: only slices this module writes are read.
+/// Trusting a slice's word costs nothing a writer of slices could use: a client verifies the
+/// identities (the endpoint's, and the gateway's), so a false one only makes connections fail.
+pub fn remote_endpoints(slice: &EndpointSlice) -> Option<RemoteEndpoints> {
     if label(&slice.metadata, LABEL_MANAGED_BY) != Some(MANAGER) {
         return None;
     }
     let annotations = slice.metadata.annotations.as_ref()?;
     let identity = annotations.get(ANNOTATION_IDENTITY)?;
-    let port = annotations
+    let inbound_proxy_port = annotations
         .get(ANNOTATION_INBOUND_PORT)
         .and_then(|p| p.parse::<u16>().ok())
         .filter(|p| *p != 0)
         .unwrap_or(meta::DEFAULT_INBOUND_PORT);
-    Some((Arc::from(identity.as_str()), port))
+    let gateway = annotations
+        .get(ANNOTATION_GATEWAY)
+        .and_then(|addr| addr.parse().ok())
+        .zip(annotations.get(ANNOTATION_GATEWAY_IDENTITY))
+        .map(|(addr, identity)| {
+            Arc::new(GatewayInfo {
+                addr,
+                identity: Arc::from(identity.as_str()),
+            })
+        });
+    Some(RemoteEndpoints {
+        identity: Arc::from(identity.as_str()),
+        inbound_proxy_port,
+        gateway,
+    })
 }
 
 /// FNV-1a (32 bits): short names for mirror slices that stay the same across restarts and
@@ -327,6 +369,7 @@ mod tests {
             cluster: "east".to_owned(),
             trust_domain: "cluster.local".to_owned(),
             kubeconfig: String::new(),
+            gateway: None,
         }
     }
 
@@ -487,8 +530,12 @@ spec:
             .find(|s| s.endpoints[0].addresses == ["10.1.0.2"])
             .expect("the slice of books-2");
         assert_eq!(
-            remote_identity(meshed),
-            Some((Arc::from("spiffe://cluster.local/ns/shop/sa/books"), 4200))
+            remote_endpoints(meshed),
+            Some(RemoteEndpoints {
+                identity: Arc::from("spiffe://cluster.local/ns/shop/sa/books"),
+                inbound_proxy_port: 4200,
+                gateway: None,
+            })
         );
         let mut forged = meshed.clone();
         forged
@@ -497,7 +544,35 @@ spec:
             .as_mut()
             .expect("labels")
             .remove(LABEL_MANAGED_BY);
-        assert_eq!(remote_identity(&forged), None);
+        assert_eq!(remote_endpoints(&forged), None);
+    }
+
+    #[test]
+    fn through_a_gateway_only_meshed_endpoints_are_mirrored_and_slices_name_it() {
+        let gateway = Arc::new(GatewayInfo {
+            addr: "192.0.2.7:4143".parse().expect("test address"),
+            identity: Arc::from("spiffe://cluster.local/ns/mesh-system/sa/mesh-gateway"),
+        });
+        let link = Link {
+            gateway: Some(gateway.clone()),
+            ..link()
+        };
+        let out = mirrors_of(REMOTE, &link);
+        let mut addresses: Vec<String> = out
+            .slices
+            .iter()
+            .flat_map(|s| s.endpoints.iter().flat_map(|e| e.addresses.clone()))
+            .collect();
+        addresses.sort();
+        assert_eq!(
+            addresses,
+            ["10.1.0.1", "10.1.0.2"],
+            "the unmeshed legacy pod is left out"
+        );
+        for slice in &out.slices {
+            let read = remote_endpoints(slice).expect("a mirror slice");
+            assert_eq!(read.gateway.as_deref(), Some(gateway.as_ref()));
+        }
     }
 
     #[test]

@@ -20,8 +20,8 @@ use crate::install::render::names;
 use crate::kubernetes::{self, FIELD_MANAGER};
 // The link's format is the controller's, read there (`mesh_controller::multicluster::link`).
 use mesh_controller::multicluster::link::{
-    ANNOTATION_TRUST_DOMAIN, KEY_KUBECONFIG, LABEL_LINK, MAX_CLUSTER_NAME, SECRET_TYPE,
-    is_cluster_name,
+    ANNOTATION_GATEWAY, ANNOTATION_GATEWAY_IDENTITY, ANNOTATION_TRUST_DOMAIN, KEY_KUBECONFIG,
+    LABEL_LINK, MAX_CLUSTER_NAME, SECRET_TYPE, is_cluster_name,
 };
 
 /// The reader's ServiceAccount, ClusterRole and binding in the linked cluster.
@@ -61,6 +61,14 @@ struct LinkArgs {
     /// its own (clusters linked with one trust anchor usually share it).
     #[arg(long)]
     trust_domain: Option<String>,
+    /// The address (`IP:port`) of this cluster's multicluster gateway, when the other
+    /// cluster's pods cannot route to this one's: they then go through it.
+    #[arg(long)]
+    gateway_address: Option<std::net::SocketAddr>,
+    /// The identity the gateway proves (default: ServiceAccount mesh-gateway of the control
+    /// plane's namespace, in this cluster's trust domain).
+    #[arg(long, requires = "gateway_address")]
+    gateway_identity: Option<String>,
     /// Apply the link Secret to the cluster of this kubeconfig instead of printing it.
     #[arg(long)]
     to_kubeconfig: Option<std::path::PathBuf>,
@@ -120,16 +128,31 @@ pub fn reader_objects(namespace: &str) -> Vec<Value> {
     ]
 }
 
-/// The link Secret for the other cluster: the linked cluster's name, trust domain and a
-/// kubeconfig with the reader's token. `ca_data` is the API server's CA, base64 PEM.
-pub fn link_secret(
-    namespace: &str,
-    cluster: &str,
-    server: &str,
-    ca_data: &str,
-    token: &str,
-    trust_domain: Option<&str>,
-) -> anyhow::Result<Value> {
+/// What the other cluster is told of this one.
+#[derive(Debug, Clone, Default)]
+pub struct LinkTo<'a> {
+    /// Its API server.
+    pub server: &'a str,
+    /// The API server's CA, base64 PEM.
+    pub ca_data: &'a str,
+    /// The reader's token.
+    pub token: &'a str,
+    /// Its trust domain, when not the other cluster's.
+    pub trust_domain: Option<&'a str>,
+    /// Its gateway and the gateway's identity, when its pods are reached through one.
+    pub gateway: Option<(std::net::SocketAddr, String)>,
+}
+
+/// The link Secret for the other cluster: the linked cluster's name, trust domain, gateway and
+/// a kubeconfig with the reader's token.
+pub fn link_secret(namespace: &str, cluster: &str, to: &LinkTo<'_>) -> anyhow::Result<Value> {
+    let LinkTo {
+        server,
+        ca_data,
+        token,
+        trust_domain,
+        ..
+    } = to;
     let kubeconfig = json!({
         "apiVersion": "v1",
         "kind": "Config",
@@ -150,8 +173,16 @@ pub fn link_secret(
         },
         "stringData": {KEY_KUBECONFIG: kubeconfig},
     });
+    let mut annotations = serde_json::Map::new();
     if let Some(domain) = trust_domain {
-        secret["metadata"]["annotations"] = json!({ANNOTATION_TRUST_DOMAIN: domain});
+        annotations.insert(ANNOTATION_TRUST_DOMAIN.to_owned(), json!(domain));
+    }
+    if let Some((addr, identity)) = &to.gateway {
+        annotations.insert(ANNOTATION_GATEWAY.to_owned(), json!(addr.to_string()));
+        annotations.insert(ANNOTATION_GATEWAY_IDENTITY.to_owned(), json!(identity));
+    }
+    if !annotations.is_empty() {
+        secret["metadata"]["annotations"] = Value::Object(annotations);
     }
     Ok(secret)
 }
@@ -192,13 +223,23 @@ async fn run_link(args: LinkArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         eprintln!("applied {}", kubernetes::describe(&object));
     }
     let (token, ca_data) = reader_token(&client, &namespace).await?;
+    let gateway = args.gateway_address.map(|addr| {
+        let identity = args.gateway_identity.clone().unwrap_or_else(|| {
+            let domain = args.trust_domain.as_deref().unwrap_or("cluster.local");
+            format!("spiffe://{domain}/ns/{namespace}/sa/mesh-gateway")
+        });
+        (addr, identity)
+    });
     let secret = link_secret(
         &namespace,
         &args.cluster_name,
-        &server,
-        &ca_data,
-        &token,
-        args.trust_domain.as_deref(),
+        &LinkTo {
+            server: &server,
+            ca_data: &ca_data,
+            token: &token,
+            trust_domain: args.trust_domain.as_deref(),
+            gateway,
+        },
     )?;
     if args.to_kubeconfig.is_none() && args.to_context.is_none() {
         print!(
@@ -365,36 +406,62 @@ mod tests {
     }
 
     #[test]
-    fn the_link_secret_holds_a_kubeconfig_the_controller_reads() {
-        let secret = link_secret(
-            "mesh-system",
-            "east",
-            "https://10.0.0.1:6443",
-            "Q0E=",
-            "tok",
-            Some("east.example"),
-        )
-        .expect("a link Secret");
+    fn the_link_secret_holds_what_the_controller_reads() {
+        let to = LinkTo {
+            server: "https://10.0.0.1:6443",
+            ca_data: "Q0E=",
+            token: "tok",
+            trust_domain: Some("east.example"),
+            gateway: Some((
+                "192.0.2.7:4143".parse().expect("an address"),
+                "spiffe://east.example/ns/mesh-system/sa/mesh-gateway".to_owned(),
+            )),
+        };
+        let secret = link_secret("mesh-system", "east", &to).expect("a link Secret");
         assert_eq!(secret["metadata"]["name"], "cluster-east");
-        assert_eq!(secret["metadata"]["labels"][LABEL_LINK], "east");
-        assert_eq!(
-            secret["metadata"]["annotations"][ANNOTATION_TRUST_DOMAIN],
-            "east.example"
-        );
         assert_eq!(secret["type"], SECRET_TYPE);
-        let text = secret["stringData"]["kubeconfig"]
-            .as_str()
-            .expect("kubeconfig");
-        let kubeconfig = kube::config::Kubeconfig::from_yaml(text).expect("a kubeconfig");
+        // Read back as the controller reads it (the API server turns stringData into data).
+        let mut applied = secret.clone();
+        let text = applied["stringData"]["kubeconfig"].take();
+        applied["stringData"] = json!({});
+        let mut typed: Secret = serde_json::from_value(applied).expect("a Secret");
+        typed.string_data = Some(
+            [(
+                KEY_KUBECONFIG.to_owned(),
+                text.as_str().unwrap_or_default().to_owned(),
+            )]
+            .into(),
+        );
+        let link = mesh_controller::multicluster::Link::from_secret(&typed, "cluster.local")
+            .expect("the controller reads the link");
+        assert_eq!(link.cluster, "east");
+        assert_eq!(link.trust_domain, "east.example");
+        let gateway = link.gateway.expect("the gateway");
+        assert_eq!(gateway.addr.to_string(), "192.0.2.7:4143");
+        assert_eq!(
+            &*gateway.identity,
+            "spiffe://east.example/ns/mesh-system/sa/mesh-gateway"
+        );
+        let kubeconfig =
+            kube::config::Kubeconfig::from_yaml(&link.kubeconfig).expect("a kubeconfig");
         let cluster = kubeconfig.clusters[0].cluster.as_ref().expect("cluster");
         assert_eq!(cluster.server.as_deref(), Some("https://10.0.0.1:6443"));
         assert_eq!(cluster.certificate_authority_data.as_deref(), Some("Q0E="));
         assert_eq!(kubeconfig.current_context.as_deref(), Some("east"));
-        let without =
-            link_secret("mesh-system", "east", "https://x", "Q0E=", "tok", None).expect("a link");
+
+        let flat = link_secret(
+            "mesh-system",
+            "east",
+            &LinkTo {
+                trust_domain: None,
+                gateway: None,
+                ..to
+            },
+        )
+        .expect("a link");
         assert!(
-            without["metadata"]["annotations"].is_null(),
-            "the local trust domain is assumed"
+            flat["metadata"]["annotations"].is_null(),
+            "the local trust domain is assumed, and the networks are flat"
         );
     }
 

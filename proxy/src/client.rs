@@ -41,7 +41,26 @@ pub enum Dial {
         header: Bytes,
         /// Mutual TLS to the peer, when it has an identity and so do we.
         tls: Option<MeshTls>,
+        /// The gateway of the peer's cluster, when it is reached through one.
+        via: Option<Via>,
     },
+}
+
+/// A multicluster gateway: mutual TLS with it, proving its identity.
+#[derive(Clone, Debug)]
+pub struct GatewayHop {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Mutual TLS toward it.
+    pub tls: MeshTls,
+}
+
+/// How one connection goes through a gateway: to the gateway, then the tunnel header that
+/// names the peer's proxy.
+#[derive(Clone, Debug)]
+pub struct Via {
+    gateway: Arc<GatewayHop>,
+    header: Bytes,
 }
 
 /// Mutual TLS toward one peer identity.
@@ -61,16 +80,31 @@ impl Dial {
         opaque: bool,
         name: &str,
         tls: Option<MeshTls>,
+        gateway: Option<Arc<GatewayHop>>,
     ) -> Self {
         let header = TransportHeader {
             port: endpoint.port(),
             opaque,
             name: name.to_string(),
+            tunnel_to: None,
         };
+        let via = gateway.map(|gateway| Via {
+            gateway,
+            header: Bytes::from(
+                TransportHeader {
+                    port: proxy_port,
+                    opaque: true,
+                    name: String::new(),
+                    tunnel_to: Some(endpoint.ip()),
+                }
+                .encode(),
+            ),
+        });
         Self::Proxied {
             proxy: SocketAddr::new(endpoint.ip(), proxy_port),
             header: Bytes::from(header.encode()),
             tls,
+            via,
         }
     }
 
@@ -84,6 +118,7 @@ impl Dial {
     pub fn socket_addr(&self) -> SocketAddr {
         match self {
             Self::Direct(addr) => *addr,
+            Self::Proxied { via: Some(via), .. } => via.gateway.addr,
             Self::Proxied { proxy, .. } => *proxy,
         }
     }
@@ -113,6 +148,14 @@ impl Dial {
         match self {
             Self::Direct(_) => Ok(MeshIo::Plain(stream)),
             Self::Proxied {
+                tls: None,
+                via: Some(_),
+                ..
+            } => Err(io::Error::other(
+                "the endpoint is behind a gateway, which takes only mutual TLS, and this proxy \
+                 has no identity",
+            )),
+            Self::Proxied {
                 header, tls: None, ..
             } => {
                 let mut stream = stream;
@@ -122,24 +165,59 @@ impl Dial {
             Self::Proxied {
                 header,
                 tls: Some(tls),
+                via: None,
                 ..
             } => {
-                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-                let handshake = connector.connect(crate::tls::server_name(&tls.identity), stream);
-                let mut stream = tokio::time::timeout(timeout, handshake)
-                    .await
-                    .map_err(|_| timed_out())?
-                    .map_err(|error| {
-                        io::Error::new(
-                            error.kind(),
-                            format!("TLS handshake with {}: {error}", tls.identity),
-                        )
-                    })?;
+                let mut stream = tls_handshake(tls, stream, timeout).await?;
                 stream.write_all(header).await?;
                 Ok(MeshIo::Tls(Box::new(stream)))
             }
+            // Mutual TLS with the gateway, which relays the rest unread to the peer's proxy;
+            // then mutual TLS with that proxy inside, so its own identity is verified.
+            Self::Proxied {
+                header,
+                tls: Some(tls),
+                via: Some(via),
+                ..
+            } => {
+                let mut outer = tls_handshake(&via.gateway.tls, stream, timeout).await?;
+                outer.write_all(&via.header).await?;
+                let mut inner = tls_handshake(tls, outer, timeout).await?;
+                inner.write_all(header).await?;
+                Ok(MeshIo::Tunneled(Box::new(inner)))
+            }
         }
     }
+}
+
+/// A mutual TLS handshake over `io` toward `tls`'s identity, bounded by `timeout`.
+async fn tls_handshake<S>(
+    tls: &MeshTls,
+    io: S,
+    timeout: Duration,
+) -> io::Result<tokio_rustls::client::TlsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+    let handshake = connector.connect(crate::tls::server_name(&tls.identity), io);
+    tokio::time::timeout(timeout, handshake)
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "TLS handshake with {} timed out after {timeout:?}",
+                    tls.identity
+                ),
+            )
+        })?
+        .map_err(|error| {
+            io::Error::new(
+                error.kind(),
+                format!("TLS handshake with {}: {error}", tls.identity),
+            )
+        })
 }
 
 /// A connection to a destination: plain TCP or mesh TLS.
@@ -149,7 +227,12 @@ pub enum MeshIo {
     Plain(TcpStream),
     /// Mutual TLS to a peer proxy.
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// Mutual TLS to a peer proxy, inside mutual TLS to its cluster's gateway.
+    Tunneled(Box<TunneledTls>),
 }
+
+/// The TLS session with a peer proxy carried by the TLS session with a gateway.
+pub type TunneledTls = tokio_rustls::client::TlsStream<tokio_rustls::client::TlsStream<TcpStream>>;
 
 impl AsyncRead for MeshIo {
     fn poll_read(
@@ -160,6 +243,7 @@ impl AsyncRead for MeshIo {
         match self.get_mut() {
             Self::Plain(io) => Pin::new(io).poll_read(cx, buf),
             Self::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+            Self::Tunneled(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -173,6 +257,7 @@ impl AsyncWrite for MeshIo {
         match self.get_mut() {
             Self::Plain(io) => Pin::new(io).poll_write(cx, buf),
             Self::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
+            Self::Tunneled(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -184,6 +269,7 @@ impl AsyncWrite for MeshIo {
         match self.get_mut() {
             Self::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
             Self::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
+            Self::Tunneled(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -191,6 +277,7 @@ impl AsyncWrite for MeshIo {
         match self {
             Self::Plain(io) => io.is_write_vectored(),
             Self::Tls(io) => io.is_write_vectored(),
+            Self::Tunneled(io) => io.is_write_vectored(),
         }
     }
 
@@ -198,6 +285,7 @@ impl AsyncWrite for MeshIo {
         match self.get_mut() {
             Self::Plain(io) => Pin::new(io).poll_flush(cx),
             Self::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
+            Self::Tunneled(io) => Pin::new(io.as_mut()).poll_flush(cx),
         }
     }
 
@@ -205,6 +293,7 @@ impl AsyncWrite for MeshIo {
         match self.get_mut() {
             Self::Plain(io) => Pin::new(io).poll_shutdown(cx),
             Self::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+            Self::Tunneled(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
         }
     }
 }

@@ -76,6 +76,9 @@ pub struct Config {
     /// proxy cores or Istio's concurrency): one runs everything on the main thread, with no
     /// hand-off between threads; more suit a pod that needs more than a core of proxying.
     pub worker_threads: usize,
+    /// A multicluster gateway (`MESH_PROXY_GATEWAY=true`): its inbound port also relays mutual
+    /// TLS connections from other clusters' proxies to the meshed proxies of this one.
+    pub gateway: bool,
 }
 
 /// Bounds on what a peer can make the proxy hold: connections, waits and buffers. Every port
@@ -343,19 +346,9 @@ impl Config {
                 defaults.target_idle_timeout,
             )?,
         };
-        let exit_with_app = match env.get("MESH_PROXY_EXIT_WITH_APP").as_deref() {
-            None | Some("" | "false") => false,
-            Some("true") => true,
-            Some(other) => {
-                return Err(ConfigError {
-                    var: "MESH_PROXY_EXIT_WITH_APP".into(),
-                    value: other.into(),
-                    reason: "expected `true` or `false`".into(),
-                });
-            }
-        };
         Ok(Self {
-            exit_with_app,
+            exit_with_app: env.flag("MESH_PROXY_EXIT_WITH_APP")?,
+            gateway: env.flag("MESH_PROXY_GATEWAY")?,
             worker_threads: env.count("MESH_PROXY_WORKER_THREADS", DEFAULT_WORKER_THREADS)?,
             limits,
             trace_collector,
@@ -486,6 +479,19 @@ impl Env<'_> {
 
     fn socket_addr(&self, var: &str, default: SocketAddr) -> Result<SocketAddr, ConfigError> {
         self.parse(var, default, "an address like 0.0.0.0:4143")
+    }
+
+    /// `true` or `false` (unset or empty: false).
+    fn flag(&self, var: &str) -> Result<bool, ConfigError> {
+        match self.get(var).as_deref() {
+            None | Some("" | "false") => Ok(false),
+            Some("true") => Ok(true),
+            Some(other) => Err(ConfigError {
+                var: var.into(),
+                value: other.into(),
+                reason: "expected `true` or `false`".into(),
+            }),
+        }
     }
 
     /// A count of at least one.

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::balance::{self, Balancer};
-use crate::client::{Dial, HttpClients, MeshTls};
+use crate::client::{Dial, GatewayHop, HttpClients, MeshTls};
 use crate::idle::IdleMap;
 use crate::metrics::Label;
 use crate::route::FailureAccrual;
@@ -57,6 +57,8 @@ pub struct Endpoint {
     pub opaque: bool,
     /// Mutual TLS toward the endpoint, when it and we have identities.
     pub tls: Option<MeshTls>,
+    /// The gateway of the endpoint's cluster, when it is reached through one.
+    pub gateway: Option<Arc<GatewayHop>>,
     /// HTTP clients dialing this endpoint.
     pub clients: HttpClients,
     /// Consecutive failures, for failure accrual.
@@ -71,6 +73,7 @@ impl Endpoint {
             self.proxy_port,
             self.identity.is_some(),
             self.tls.clone(),
+            self.gateway.clone(),
             true,
             name,
         )
@@ -84,15 +87,20 @@ fn endpoint_dial(
     proxy_port: Option<u16>,
     has_identity: bool,
     tls: Option<MeshTls>,
+    gateway: Option<Arc<GatewayHop>>,
     opaque: bool,
     name: &str,
 ) -> Dial {
     match (proxy_port, has_identity, tls) {
+        // Through a gateway, always to the proxy (the gateway refuses us without identity).
+        (Some(port), _, tls) if gateway.is_some() => {
+            Dial::proxied(addr, port, opaque, name, tls, gateway)
+        }
         // A peer proxy with identity takes the transport header only inside mutual TLS. We
         // have none to offer, so we connect to the application port as any unmeshed client
         // would, and the peer's capture and policy judge us as unauthenticated.
         (Some(_), true, None) => Dial::Direct(addr),
-        (Some(port), _, tls) => Dial::proxied(addr, port, opaque, name, tls),
+        (Some(port), _, tls) => Dial::proxied(addr, port, opaque, name, tls, None),
         (None, _, _) => Dial::Direct(addr),
     }
 }
@@ -151,6 +159,16 @@ impl Resolution {
             Ok(members) => members,
             Err(poisoned) => poisoned.into_inner(),
         }
+    }
+
+    /// Whether `addr` is the inbound port of a meshed proxy discovery knows (what a gateway
+    /// may relay to).
+    pub fn is_meshed_proxy(&self, addr: SocketAddr) -> bool {
+        self.members().all.iter().any(|endpoint| {
+            endpoint.addr.ip() == addr.ip()
+                && endpoint.proxy_port == Some(addr.port())
+                && endpoint.identity.is_some()
+        })
     }
 
     /// Whether discovery knows any endpoint, ejected or not.
@@ -501,24 +519,23 @@ impl Watch {
             .filter(|id| !id.is_empty());
         // Mutual TLS needs both sides to have an identity; otherwise the hop stays plaintext
         // (and the peer's policy decides whether it accepts that).
-        let tls = match (&self.tls, &identity) {
-            (Some(context), Some(identity)) => match context.client_config(identity) {
-                Ok(config) => Some(MeshTls {
-                    config,
-                    identity: identity.clone(),
-                }),
-                Err(error) => {
-                    warn!(%identity, %error, "cannot build TLS toward the endpoint");
-                    None
-                }
-            },
-            _ => None,
-        };
+        let tls = identity
+            .as_deref()
+            .and_then(|identity| self.mesh_tls(identity));
+        let gateway = wire.gateway.as_ref().and_then(|gateway| {
+            let addr = SocketAddr::try_from(gateway.addr.as_ref()?).ok()?;
+            let identity = gateway.tls_identity.as_ref()?.spiffe_id.as_str();
+            Some(Arc::new(GatewayHop {
+                addr,
+                tls: self.mesh_tls(identity)?,
+            }))
+        });
         let dial = endpoint_dial(
             addr,
             proxy_port,
             identity.is_some(),
             tls.clone(),
+            gateway.clone(),
             opaque,
             &name,
         );
@@ -528,9 +545,26 @@ impl Watch {
             proxy_port,
             opaque,
             tls,
+            gateway,
             clients: HttpClients::new(dial, self.connect_timeout, self.endpoint_connections),
             failures: AtomicU32::new(0),
         })
+    }
+
+    /// Mutual TLS toward `identity`: none when we have no identity ourselves (the hop then
+    /// stays plaintext, and the peer's policy decides whether it accepts that).
+    fn mesh_tls(&self, identity: &str) -> Option<MeshTls> {
+        let context = self.tls.as_ref()?;
+        match context.client_config(identity) {
+            Ok(config) => Some(MeshTls {
+                config,
+                identity: identity.to_owned(),
+            }),
+            Err(error) => {
+                warn!(%identity, %error, "cannot build TLS toward the endpoint");
+                None
+            }
+        }
     }
 
     fn publish(&self, state: State) -> bool {

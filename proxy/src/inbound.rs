@@ -8,7 +8,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
@@ -63,6 +63,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
                 name: None,
                 client_id: None,
                 from_proxy: false,
+                tunnel_to: None,
             };
             serve_app_port(stream, arrival, peer, ctx).await;
         }
@@ -84,6 +85,8 @@ struct Arrival {
     client_id: Option<String>,
     /// Sent by a client proxy (through the transport header), not captured.
     from_proxy: bool,
+    /// A gateway tunnel to the proxy at this IP (its inbound port is `port`).
+    tunnel_to: Option<IpAddr>,
 }
 
 /// A connection made straight to the inbound port by a client proxy: mesh TLS, then the
@@ -122,6 +125,10 @@ async fn direct(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         }
         let mut stream = stream;
         if let Some(arrival) = read_header(&mut stream, None, peer, &ctx).await {
+            if arrival.tunnel_to.is_some() {
+                refuse(&ctx, peer, "gateway tunnel without mutual TLS");
+                return;
+            }
             serve_app_port(stream, arrival, peer, ctx).await;
         }
         return;
@@ -162,8 +169,31 @@ async fn direct(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         refuse(&ctx, peer, "client certificate without a SPIFFE ID");
         return;
     };
-    if let Some(arrival) = read_header(&mut stream, Some(client_id), peer, &ctx).await {
-        serve_app_port(stream, arrival, peer, ctx).await;
+    let Some(arrival) = read_header(&mut stream, Some(client_id), peer, &ctx).await else {
+        return;
+    };
+    match (arrival.tunnel_to, arrival.client_id) {
+        (Some(ip), Some(client_id)) if ctx.config.gateway => {
+            let target = SocketAddr::new(ip, arrival.port);
+            Box::pin(crate::gateway::relay(stream, target, client_id, peer, ctx)).await;
+        }
+        (Some(_), _) => refuse(
+            &ctx,
+            peer,
+            "gateway tunnel to a proxy that is not a gateway",
+        ),
+        (None, client_id) => {
+            serve_app_port(
+                stream,
+                Arrival {
+                    client_id,
+                    ..arrival
+                },
+                peer,
+                ctx,
+            )
+            .await
+        }
     }
 }
 
@@ -186,6 +216,7 @@ async fn read_header<I: AsyncRead + Unpin>(
             name: Some(header.name).filter(|n| !n.is_empty()),
             client_id,
             from_proxy: true,
+            tunnel_to: header.tunnel_to,
         }),
         Ok(Err(error)) => {
             ctx.metrics

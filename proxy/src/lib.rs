@@ -20,6 +20,7 @@ pub mod detect;
 pub mod discovery;
 pub mod egress;
 pub mod forward;
+pub mod gateway;
 pub mod http;
 pub mod http_metrics;
 pub mod hygiene;

@@ -55,6 +55,7 @@ fn header(port: u16) -> Vec<u8> {
         port,
         opaque: false,
         name: String::new(),
+        tunnel_to: None,
     }
     .encode()
 }
@@ -446,6 +447,7 @@ async fn a_silent_opaque_connection_is_closed_when_idle() {
         port: app_port,
         opaque: true,
         name: String::new(),
+        tunnel_to: None,
     };
     stream.write_all(&opaque.encode()).await.expect("write");
     stream.write_all(b"hello").await.expect("write");

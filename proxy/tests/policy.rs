@@ -296,6 +296,7 @@ async fn default_deny_closes_opaque_connections() {
         port: echo_addr.port(),
         opaque: true,
         name: String::new(),
+        tunnel_to: None,
     };
     stream.write_all(&header.encode()).await.expect("header");
     stream.write_all(b"ping").await.expect("write");

@@ -181,14 +181,20 @@ fn reading_a_header_never_reads_past_it() {
             Ok(header) => {
                 prop_assert_ne!(header.port, 0);
                 prop_assert!(header.name.len() <= 1024);
-                prop_assert_eq!(consumed, FIXED_LEN + header.name.len());
+                // A tunnel header adds its address: a family byte and 4 or 16 bytes.
+                let tunnel = match header.tunnel_to {
+                    None => 0,
+                    Some(std::net::IpAddr::V4(_)) => 5,
+                    Some(std::net::IpAddr::V6(_)) => 17,
+                };
+                prop_assert_eq!(consumed, FIXED_LEN + header.name.len() + tunnel);
             }
             Err(_) => {
                 let declared = bytes
                     .get(8..FIXED_LEN)
                     .map_or(0, |len| usize::from(u16::from_be_bytes([len[0], len[1]])));
                 prop_assert!(
-                    consumed <= FIXED_LEN + declared.min(1024),
+                    consumed <= FIXED_LEN + declared.min(1024) + 17,
                     "read {} bytes of a header declaring a {}-byte name",
                     consumed,
                     declared
@@ -218,10 +224,16 @@ fn headers_round_trip() {
             1..=u16::MAX,
             any::<bool>(),
             header_name(),
+            proptest::option::of(any::<std::net::IpAddr>()),
             vec(any::<u8>(), 0..16),
         ),
-        |(port, opaque, name, rest)| {
-            let header = TransportHeader { port, opaque, name };
+        |(port, opaque, name, tunnel_to, rest)| {
+            let header = TransportHeader {
+                port,
+                opaque,
+                name,
+                tunnel_to,
+            };
             let mut bytes = header.encode();
             bytes.extend_from_slice(&rest);
             let mut reader = &bytes[..];
@@ -230,6 +242,7 @@ fn headers_round_trip() {
             prop_assert_eq!(reader, &rest[..]);
             prop_assert_eq!(read.port, header.port);
             prop_assert_eq!(read.opaque, header.opaque);
+            prop_assert_eq!(read.tunnel_to, header.tunnel_to);
             if header.name.len() <= 1024 {
                 prop_assert_eq!(read.name, header.name);
             } else {

@@ -239,10 +239,10 @@ fn spawn_controller(
     addrs
 }
 
-/// A token of ServiceAccount `shop/<account>` of `client`'s cluster for the mesh's identity
-/// service (what the injector projects into a pod).
-async fn token(client: &Client, account: &str) -> String {
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "shop");
+/// A token of ServiceAccount `<namespace>/<account>` of `client`'s cluster for the mesh's
+/// identity service (what the injector projects into a pod).
+async fn token(client: &Client, namespace: &str, account: &str) -> String {
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
     let request: TokenRequest = serde_json::from_value(json!({
         "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
         "spec": {"audiences": ["mesh.dev/identity"], "expirationSeconds": 3600},
@@ -257,31 +257,44 @@ async fn token(client: &Client, account: &str) -> String {
         .token
 }
 
-/// `mesh-proxy` as pod `pod` of host `host` with ServiceAccount `account`'s `token`, its
-/// controller at `controller`; stopped on drop.
-fn proxy(
-    controller: SocketAddr,
+/// A pod's proxy: on host `host` of the block, as `namespace/pod` with ServiceAccount
+/// `account`'s `token`.
+struct ProxyPod<'a> {
     host: u8,
-    pod: &str,
-    token: &str,
-    account: &str,
-    identity_dir: &Path,
-) -> Process {
-    let ip = loopback_ip(BLOCK, host);
+    namespace: &'a str,
+    pod: &'a str,
+    account: &'a str,
+    token: &'a str,
+    /// More `MESH_PROXY_*` settings.
+    env: &'a [(&'a str, &'a str)],
+}
+
+/// `mesh-proxy` as `spec` says, its controller at `controller`; stopped on drop.
+fn proxy(controller: SocketAddr, spec: &ProxyPod<'_>, identity_dir: &Path) -> Process {
+    let ProxyPod {
+        host,
+        namespace,
+        pod,
+        account,
+        token,
+        env,
+    } = spec;
+    let ip = loopback_ip(BLOCK, *host);
     let token_file = identity_dir.join(format!("{pod}.token"));
     std::fs::write(&token_file, token).expect("write the token");
     Process(
         Command::new(bin_path("mesh-proxy"))
+            .envs(env.iter().copied())
             .env("MESH_PROXY_CONTROLLER_ADDR", format!("http://{controller}"))
             .env("MESH_PROXY_INBOUND_LISTEN", format!("{ip}:4143"))
             .env("MESH_PROXY_INBOUND_APP_IP", ip.to_string())
             .env("MESH_PROXY_OUTBOUND_LISTEN", format!("{ip}:4140"))
             .env("MESH_PROXY_ADMIN_LISTEN", format!("{ip}:4191"))
-            .env("MESH_PROXY_NAMESPACE", "shop")
+            .env("MESH_PROXY_NAMESPACE", namespace)
             .env("MESH_PROXY_POD", pod)
             .env(
                 "MESH_PROXY_IDENTITY",
-                format!("spiffe://cluster.local/ns/shop/sa/{account}"),
+                format!("spiffe://cluster.local/ns/{namespace}/sa/{account}"),
             )
             .env("MESH_PROXY_IDENTITY_TOKEN_FILE", token_file)
             .env("MESH_PROXY_TRUST_ANCHORS_FILE", identity_dir.join("ca.crt"))
@@ -513,10 +526,14 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
     .await;
     let east_proxy = proxy(
         east_grpc,
-        3,
-        "books-3",
-        &token(&east, "books").await,
-        "books",
+        &ProxyPod {
+            host: 3,
+            namespace: "shop",
+            pod: "books-3",
+            account: "books",
+            token: &token(&east, "shop", "books").await,
+            env: &[],
+        },
         &identity_dir,
     );
     let west_token = {
@@ -526,9 +543,20 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
             json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "web"}}),
         )
         .await;
-        token(&west, "web").await
+        token(&west, "shop", "web").await
     };
-    let west_proxy = proxy(grpc_addr, 10, "web-10", &west_token, "web", &identity_dir);
+    let west_proxy = proxy(
+        grpc_addr,
+        &ProxyPod {
+            host: 10,
+            namespace: "shop",
+            pod: "web-10",
+            account: "web",
+            token: &west_token,
+            env: &[],
+        },
+        &identity_dir,
+    );
     wait_ready(SocketAddr::new(loopback_ip(BLOCK, 3), 4191)).await;
     wait_ready(SocketAddr::new(loopback_ip(BLOCK, 10), 4191)).await;
     let mut app = ProxyClient::connect(
@@ -566,7 +594,85 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
         1.0,
         "west's proxy verified east's workload identity:\n{outbound}"
     );
-    drop((east_proxy, west_proxy));
+
+    // Through east's gateway, when west's pods cannot route to east's: the link names it, the
+    // mirror's endpoints follow, and west's client reaches books-3 through it, the two
+    // workloads still proving their own identities to each other.
+    eprintln!("multicluster: through east's gateway");
+    east_pods
+        .patch_status(
+            "books-3",
+            &PatchParams::default(),
+            // What east's kubelet would report: how east's controller knows the pod by its IP.
+            &Patch::Merge(json!({"status": {"phase": "Running", "podIP": pod_ip(3),
+                "podIPs": [{"ip": pod_ip(3)}],
+                "conditions": [{"type": "Ready", "status": "True"}]}})),
+        )
+        .await
+        .expect("books-3 runs");
+    let east_system: Api<ServiceAccount> = Api::namespaced(east.clone(), "mesh-system");
+    create(
+        &east_system,
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "mesh-gateway"}}),
+    )
+    .await;
+    let gateway_token = token(&east, "mesh-system", "mesh-gateway").await;
+    let gateway = proxy(
+        east_grpc,
+        &ProxyPod {
+            host: 20,
+            namespace: "mesh-system",
+            pod: "mesh-gateway-20",
+            account: "mesh-gateway",
+            token: &gateway_token,
+            env: &[("MESH_PROXY_GATEWAY", "true")],
+        },
+        &identity_dir,
+    );
+    wait_ready(SocketAddr::new(loopback_ip(BLOCK, 20), 4191)).await;
+    let gateway_addr = SocketAddr::new(loopback_ip(BLOCK, 20), 4143).to_string();
+    let relinked = meshctl(
+        &east_cluster.kubeconfig,
+        &[
+            "multicluster",
+            "link",
+            "--cluster-name",
+            "east",
+            "--gateway-address",
+            &gateway_addr,
+            "--to-kubeconfig",
+            west_cluster.kubeconfig.to_str().expect("a UTF-8 path"),
+        ],
+    );
+    assert!(
+        relinked.status.success(),
+        "link: {}",
+        text(&relinked.stderr)
+    );
+    let relayed = format!("authority=\"gateway:{}:4143\"", pod_ip(3));
+    let web = "client_id=\"spiffe://cluster.local/ns/shop/sa/web\"";
+    let gateway_admin = SocketAddr::new(loopback_ip(BLOCK, 20), 4191);
+    eventually("a request through east's gateway", || async {
+        let mut app = ProxyClient::connect(
+            SocketAddr::new(loopback_ip(BLOCK, 10), 4140),
+            "books-east.shop.svc.cluster.local:8080",
+        )
+        .await;
+        assert_eq!(app.get("/", &[]).await, (200, "books-3 in east".to_owned()));
+        let through = metric(&metrics(gateway_admin), "tcp_open_total", &[&relayed, web]);
+        (through >= 1.0).then_some(())
+    })
+    .await;
+    let inbound = metrics(SocketAddr::new(loopback_ip(BLOCK, 3), 4191));
+    assert!(
+        metric(
+            &inbound,
+            "request_total",
+            &["direction=\"inbound\"", "tls=\"true\"", web]
+        ) >= 2.0,
+        "through the gateway too, east's proxy saw west's client itself:\n{inbound}"
+    );
+    drop((east_proxy, west_proxy, gateway));
 
     eprintln!("multicluster: A Service of west that has");
     // A Service of west that has a mirror's name is not taken over.

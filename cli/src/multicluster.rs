@@ -16,7 +16,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 
 use crate::GlobalArgs;
-use crate::install::render::names;
+use crate::install::render::{GATEWAY_PORT, names};
 use crate::kubernetes::{self, FIELD_MANAGER};
 // The link's format is the controller's, read there (`mesh_controller::multicluster::link`).
 use mesh_controller::multicluster::link::{
@@ -63,11 +63,15 @@ struct LinkArgs {
     trust_domain: Option<String>,
     /// The address (`IP:port`) of this cluster's multicluster gateway, when the other
     /// cluster's pods cannot route to this one's: they then go through it.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "gateway")]
     gateway_address: Option<std::net::SocketAddr>,
+    /// Go through this cluster's gateway (`meshctl install --multicluster-gateway`), at the
+    /// load balancer address of its Service.
+    #[arg(long)]
+    gateway: bool,
     /// The identity the gateway proves (default: ServiceAccount mesh-gateway of the control
     /// plane's namespace, in this cluster's trust domain).
-    #[arg(long, requires = "gateway_address")]
+    #[arg(long)]
     gateway_identity: Option<String>,
     /// Apply the link Secret to the cluster of this kubeconfig instead of printing it.
     #[arg(long)]
@@ -223,7 +227,16 @@ async fn run_link(args: LinkArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         eprintln!("applied {}", kubernetes::describe(&object));
     }
     let (token, ca_data) = reader_token(&client, &namespace).await?;
-    let gateway = args.gateway_address.map(|addr| {
+    let gateway_address = match (args.gateway_address, args.gateway) {
+        (Some(addr), _) => Some(addr),
+        (None, true) => Some(gateway_address(&client, &namespace).await?),
+        (None, false) => None,
+    };
+    anyhow::ensure!(
+        gateway_address.is_some() || args.gateway_identity.is_none(),
+        "--gateway-identity needs --gateway or --gateway-address"
+    );
+    let gateway = gateway_address.map(|addr| {
         let identity = args.gateway_identity.clone().unwrap_or_else(|| {
             let domain = args.trust_domain.as_deref().unwrap_or("cluster.local");
             format!("spiffe://{domain}/ns/{namespace}/sa/mesh-gateway")
@@ -294,6 +307,40 @@ async fn run_unlink(args: UnlinkArgs, global: &GlobalArgs) -> anyhow::Result<()>
         ),
         Err(e) => Err(e).with_context(|| format!("deleting Secret {namespace}/{name}")),
     }
+}
+
+/// Where other clusters reach this one's gateway: its Service's load balancer address.
+async fn gateway_address(
+    client: &kube::Client,
+    namespace: &str,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(client.clone(), namespace);
+    let service = services
+        .get_opt(names::GATEWAY)
+        .await
+        .with_context(|| format!("reading Service {namespace}/{}", names::GATEWAY))?
+        .with_context(|| {
+            format!(
+                "Service {namespace}/{} does not exist: install with --multicluster-gateway",
+                names::GATEWAY
+            )
+        })?;
+    let ip = service
+        .status
+        .and_then(|s| s.load_balancer)
+        .and_then(|lb| lb.ingress)
+        .into_iter()
+        .flatten()
+        .find_map(|ingress| ingress.ip?.parse::<std::net::IpAddr>().ok())
+        .with_context(|| {
+            format!(
+                "Service {namespace}/{} has no load balancer IP (yet): give --gateway-address \
+                 IP:PORT, where the other cluster reaches it",
+                names::GATEWAY
+            )
+        })?;
+    Ok(std::net::SocketAddr::new(ip, GATEWAY_PORT))
 }
 
 /// Server-side applies one object of a built-in kind.

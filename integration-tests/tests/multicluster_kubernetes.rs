@@ -410,6 +410,24 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
         matches!(reader_secrets.list(&Default::default()).await, Err(kube::Error::Api(s)) if s.code == 403),
         "the reader must not read Secrets"
     );
+    // Through a gateway east does not run: said, and nothing printed.
+    let no_gateway = meshctl(
+        &east_cluster.kubeconfig,
+        &[
+            "multicluster",
+            "link",
+            "--cluster-name",
+            "east",
+            "--gateway",
+        ],
+    );
+    assert!(!no_gateway.status.success());
+    assert!(no_gateway.stdout.is_empty());
+    assert!(
+        text(&no_gateway.stderr).contains("install with --multicluster-gateway"),
+        "{}",
+        text(&no_gateway.stderr)
+    );
     // ...and applied to west.
     let applied = meshctl(
         &east_cluster.kubeconfig,

@@ -174,6 +174,10 @@ fn the_chart_renders_what_install_prints_with_ha_and_an_external_webhook() {
 fn the_chart_renders_what_install_prints_with_multicluster() {
     let values = values_for(json!({"multicluster": {"enabled": true}}));
     assert_same_objects(&values);
+    assert_same_objects(&values_for(json!({
+        "ha": true,
+        "multicluster": {"enabled": true, "gateway": {"enabled": true, "serviceType": "NodePort"}},
+    })));
     let objects = render::control_plane(&values);
     let role = objects
         .iter()

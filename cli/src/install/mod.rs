@@ -42,6 +42,10 @@ pub struct InstallArgs {
     /// `multicluster.enabled`.
     #[arg(long)]
     multicluster: bool,
+    /// Run the multicluster gateway, through which linked clusters reach this one's meshed
+    /// pods: the chart's `multicluster.gateway.enabled`.
+    #[arg(long)]
+    multicluster_gateway: bool,
     /// A values file of the Helm chart (`charts/mesh/values.yaml` documents each field);
     /// repeatable, later files win.
     #[arg(short = 'f', long = "values")]
@@ -164,7 +168,7 @@ pub fn run_uninstall(args: UninstallArgs, global: &GlobalArgs) -> anyhow::Result
     // mirror writer's roles) is listed too.
     values::overlay(
         &mut tree,
-        json!({"ha": true, "multicluster": {"enabled": true}}),
+        json!({"ha": true, "multicluster": {"enabled": true, "gateway": {"enabled": true}}}),
     );
     if let Some(ns) = &global.namespace {
         values::overlay(&mut tree, json!({"namespace": ns}));
@@ -248,6 +252,12 @@ fn values_from(args: &InstallArgs, global: &GlobalArgs) -> anyhow::Result<Values
     }
     if args.multicluster {
         values::overlay(&mut tree, json!({"multicluster": {"enabled": true}}));
+    }
+    if args.multicluster_gateway {
+        values::overlay(
+            &mut tree,
+            json!({"multicluster": {"gateway": {"enabled": true}}}),
+        );
     }
     if let Some(url) = &args.webhook_url {
         values::overlay(&mut tree, json!({"webhook": {"url": url}}));
@@ -430,6 +440,10 @@ pub fn values_tree(values: &Values) -> Value {
         },
         "multicluster": {
             "enabled": values.multicluster.enabled,
+            "gateway": {
+                "enabled": values.multicluster.gateway.enabled,
+                "serviceType": values.multicluster.gateway.service_type,
+            },
         },
         "controllerLogLevel": values.controller_log_level,
         "dashboards": values.dashboards,

@@ -71,7 +71,12 @@ pub mod names {
     pub const INJECTOR_TLS_SECRET: &str = "mesh-injector-tls";
     pub const CONFIG: &str = "mesh-config";
     pub const WEBHOOK: &str = "mesh-injector";
+    pub const GATEWAY: &str = "mesh-gateway";
 }
+
+/// The multicluster gateway's port: the proxy's inbound port.
+pub const GATEWAY_PORT: u16 = 4143;
+const GATEWAY_ADMIN_PORT: u16 = 4191;
 
 const GRPC_PORT: u16 = 8086;
 const CONTROLLER_ADMIN_PORT: u16 = 9990;
@@ -249,6 +254,7 @@ pub fn control_plane(values: &Values) -> Vec<Value> {
             },
         }),
     ])
+    .chain(gateway(values))
     .chain([webhook_configuration(values)])
     .chain(disruption_budget(values, names::INJECTOR, "injector"))
     .collect()
@@ -561,6 +567,79 @@ fn injector_deployment(values: &Values) -> Value {
         ],
     });
     deployment(values, names::INJECTOR, "injector", pod)
+}
+
+/// The multicluster gateway, when enabled: a mesh proxy of its own identity (ServiceAccount
+/// mesh-gateway) with `MESH_PROXY_GATEWAY`, behind a Service other clusters reach.
+fn gateway(values: &Values) -> Vec<Value> {
+    if !values.multicluster.gateway.enabled {
+        return Vec::new();
+    }
+    let controller_addr = format!(
+        "http://{}.{}.svc.{}:{GRPC_PORT}",
+        names::CONTROLLER,
+        values.namespace,
+        values.cluster_domain
+    );
+    let env = |name: &str, value: String| json!({"name": name, "value": value});
+    let pod = json!({
+        "containers": [{
+            "name": "mesh-proxy",
+            "image": values.image.of("proxy"),
+            "imagePullPolicy": values.image.pull_policy,
+            "env": [
+                env("MESH_PROXY_GATEWAY", "true".to_owned()),
+                {"name": "MESH_PROXY_NAMESPACE",
+                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                {"name": "MESH_PROXY_POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                env("MESH_PROXY_INBOUND_LISTEN", format!("0.0.0.0:{GATEWAY_PORT}")),
+                env("MESH_PROXY_OUTBOUND_LISTEN", "127.0.0.1:4140".to_owned()),
+                env("MESH_PROXY_ADMIN_LISTEN", format!("0.0.0.0:{GATEWAY_ADMIN_PORT}")),
+                env("MESH_PROXY_CONTROLLER_ADDR", controller_addr),
+                env("MESH_PROXY_LOG_LEVEL", values.proxy.log_level.clone()),
+                env("MESH_PROXY_IDENTITY", format!(
+                    "spiffe://{}/ns/{}/sa/{}", values.trust_domain, values.namespace, names::GATEWAY)),
+                env("MESH_PROXY_IDENTITY_TOKEN_FILE", "/var/run/mesh/identity-token/token".to_owned()),
+                env("MESH_PROXY_TRUST_ANCHORS_FILE",
+                    format!("/var/run/mesh/trust-roots/{}", names::TRUST_ROOTS_KEY)),
+            ],
+            "ports": [
+                {"name": "gateway", "containerPort": GATEWAY_PORT},
+                {"name": "admin", "containerPort": GATEWAY_ADMIN_PORT},
+            ],
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": "admin"}},
+            "livenessProbe": {"httpGet": {"path": "/live", "port": "admin"}},
+            "resources": {"requests": {"cpu": values.proxy.cpu_request,
+                                       "memory": values.proxy.memory_request}},
+            "securityContext": container_security(),
+            "volumeMounts": [
+                {"name": "identity-token", "mountPath": "/var/run/mesh/identity-token",
+                 "readOnly": true},
+                {"name": "trust-roots", "mountPath": "/var/run/mesh/trust-roots", "readOnly": true},
+            ],
+        }],
+        "volumes": [
+            {"name": "identity-token", "projected": {"sources": [{"serviceAccountToken": {
+                "audience": "mesh.dev/identity", "expirationSeconds": 86400, "path": "token"}}]}},
+            {"name": "trust-roots", "configMap": {"name": names::TRUST_ROOTS}},
+        ],
+    });
+    vec![
+        service_account(values, names::GATEWAY),
+        deployment(values, names::GATEWAY, "gateway", pod),
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": names::GATEWAY, "namespace": values.namespace,
+                         "labels": labels(values, "gateway")},
+            "spec": {
+                "type": values.multicluster.gateway.service_type,
+                "selector": selector("gateway"),
+                "ports": [{"name": "gateway", "port": GATEWAY_PORT, "targetPort": "gateway",
+                           "protocol": "TCP"}],
+            },
+        }),
+    ]
 }
 
 fn webhook_configuration(values: &Values) -> Value {

@@ -52,6 +52,15 @@ pub struct Egress {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Multicluster {
     pub enabled: bool,
+    pub gateway: MulticlusterGateway,
+}
+
+/// The multicluster gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MulticlusterGateway {
+    pub enabled: bool,
+    pub service_type: String,
 }
 
 /// Where the images come from: `<registry>/<name>:<tag>`.
@@ -203,6 +212,16 @@ impl Values {
             return invalid(
                 "egress.defaultPolicy",
                 format!("{:?} is neither allow nor deny", self.egress.default_policy),
+            );
+        }
+        let service_type = &self.multicluster.gateway.service_type;
+        if !matches!(
+            service_type.as_str(),
+            "LoadBalancer" | "NodePort" | "ClusterIP"
+        ) {
+            return invalid(
+                "multicluster.gateway.serviceType",
+                format!("{service_type:?} is none of LoadBalancer, NodePort, ClusterIP"),
             );
         }
         if self.namespace.is_empty() {

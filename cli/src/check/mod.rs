@@ -164,6 +164,11 @@ async fn checks(args: &CheckArgs, global: &GlobalArgs) -> Vec<Outcome> {
     outcomes.push(crd_check(&client).await);
     outcomes.push(deployment_check(&client, ns, names::CONTROLLER).await);
     outcomes.push(deployment_check(&client, ns, names::INJECTOR).await);
+    // The multicluster gateway, when installed.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    if let Ok(Some(_)) = deployments.get_opt(names::GATEWAY).await {
+        outcomes.push(deployment_check(&client, ns, names::GATEWAY).await);
+    }
     outcomes.push(webhook_check(&client, ns).await);
     outcomes.extend(identity_checks(&client, ns).await);
     outcomes.push(egress::egress_check(&client).await);

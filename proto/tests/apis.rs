@@ -190,6 +190,7 @@ fn outbound_policy() -> policy::OutboundPolicy {
                 max_body_bytes: 65_536,
             }),
             hostnames: vec!["api.example.com".into(), "*.example.org".into()],
+            failover: true,
         }],
         default_backends: vec![policy::WeightedBackend {
             weight: 1,

@@ -171,6 +171,15 @@ impl Resolution {
         })
     }
 
+    /// Whether an endpoint is known and not ejected: what failover routes ask of a backend.
+    pub fn has_available_endpoints(&self) -> bool {
+        let members = self.members();
+        members
+            .all
+            .iter()
+            .any(|endpoint| !members.ejected.contains(&endpoint.addr))
+    }
+
     /// Whether discovery knows any endpoint, ejected or not.
     pub fn has_endpoints(&self) -> bool {
         !self.members().all.is_empty()

@@ -160,6 +160,9 @@ pub struct Route {
     pub filters: Vec<Filter>,
     /// Where matching requests go; empty means the plan's defaults.
     pub backends: Vec<WeightedBackend>,
+    /// The backends are a failover order, not a split: the first with an available endpoint
+    /// takes every request.
+    pub failover: bool,
     /// Timeouts and retries.
     pub params: Arc<RouteParams>,
 }
@@ -257,6 +260,7 @@ impl OutboundPlan {
                     .collect::<Result<_, _>>()
                     .map_err(in_route)?,
                 backends: compile_backends(&route.backends).map_err(in_route)?,
+                failover: route.failover,
                 params: Arc::new(params),
             });
         }
@@ -301,6 +305,7 @@ impl OutboundPlan {
                 matches: Vec::new(),
                 filters: Vec::new(),
                 backends: default_backends,
+                failover: false,
                 params: Arc::new(default_params),
             },
             algorithm,

@@ -592,3 +592,45 @@ async fn one_client_one_request_at_a_time_reaches_both_replicas() {
         assert!(share >= 10, "{name} got {share} of 100: {seen:?}");
     }
 }
+
+/// Sends requests until one is answered by `backend` (at most 5 s), then `n` more, which must
+/// all be.
+async fn settles_on(client: &mut ProxyClient, backend: &str, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, seen, _) = client.get(&format!("http://{BOOKS}/"), &[]).await;
+        if seen == backend {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reached {backend}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = count_backends(client, n, "/").await;
+    assert_eq!(seen.get(backend).copied(), Some(n), "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_failover_route_sends_everything_to_the_first_backend_with_endpoints() {
+    const REMOTE: &str = "books-east.shop.svc.cluster.local:8080";
+    let mesh = Mesh::new().await;
+    let local = Backend::start("local").await;
+    let remote = Backend::start("remote").await;
+    mesh.service(STABLE, &[&local]);
+    mesh.service(REMOTE, &[&remote]);
+    mesh.service(BOOKS, &[&local]);
+    let mut failover = route("failover", vec![to(STABLE, 1), to(REMOTE, 1)]);
+    failover.failover = true;
+    mesh.outbound.set(BOOKS, plan(vec![failover]));
+    let mut client = mesh.client().await;
+    let seen = count_backends(&mut client, 50, "/").await;
+    assert_eq!(seen.get("local").copied(), Some(50), "no split: {seen:?}");
+    // The local endpoints are gone (scaled to zero, or every one failed): the remote cluster
+    // takes over, and hands back when they return.
+    mesh.service(STABLE, &[]);
+    settles_on(&mut client, "remote", 50).await;
+    mesh.service(STABLE, &[&local]);
+    settles_on(&mut client, "local", 50).await;
+}

@@ -65,6 +65,8 @@ pub const FAULT_DELAY_PERCENT: &str = "fault.mesh.dev/delay-percent";
 pub const FAULT_DELAY: &str = "fault.mesh.dev/delay";
 /// Concurrency limit per backend.
 pub const MAX_IN_FLIGHT: &str = "concurrency.mesh.dev/max-in-flight";
+/// On a route: its rules' backendRefs are a failover order, not a split.
+pub const BALANCER_FAILOVER: &str = "balancer.mesh.dev/failover";
 
 /// The gRPC code names the proxy retries on.
 const GRPC_CODES: [&str; 6] = [
@@ -102,6 +104,8 @@ pub struct AnnotatedSettings {
     pub fault: Option<FaultInjection>,
     /// Requests in flight per backend.
     pub max_in_flight: Option<u32>,
+    /// Backends in failover order (routes only).
+    pub failover: Option<bool>,
 }
 
 impl AnnotatedSettings {
@@ -354,6 +358,11 @@ pub fn parse(
     }
 
     settings.max_in_flight = r.number(MAX_IN_FLIGHT, 1, u32::MAX);
+    settings.failover = r.parsed(BALANCER_FAILOVER, |text| match text {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err("not true or false".to_owned()),
+    });
 
     for name in r.annotations.keys() {
         if is_outbound_annotation(name) && !KNOWN.contains(&name.as_str()) {
@@ -368,7 +377,7 @@ pub fn parse(
     (settings, r.problems)
 }
 
-const KNOWN: [&str; 19] = [
+const KNOWN: [&str; 20] = [
     RETRY_HTTP,
     RETRY_LIMIT,
     RETRY_TIMEOUT,
@@ -387,6 +396,7 @@ const KNOWN: [&str; 19] = [
     FAULT_DELAY_PERCENT,
     FAULT_DELAY,
     MAX_IN_FLIGHT,
+    BALANCER_FAILOVER,
     // Read by discovery, not here; listed so it is not reported as unknown.
     "config.mesh.dev/opaque-ports",
 ];
@@ -582,6 +592,18 @@ mod tests {
                 vec![(MAX_IN_FLIGHT, "64")],
                 |s| s.max_in_flight == Some(64),
                 vec![],
+            ),
+            (
+                "failover",
+                vec![(BALANCER_FAILOVER, "true")],
+                |s| s.failover == Some(true),
+                vec![],
+            ),
+            (
+                "failover that is not a boolean",
+                vec![(BALANCER_FAILOVER, "yes")],
+                |s| s.failover.is_none(),
+                vec![BALANCER_FAILOVER],
             ),
             (
                 "an unknown mesh annotation",

@@ -323,6 +323,16 @@ pub fn outbound_policy(
         reason: p.reason,
         condition_reason: "UnsupportedValue",
     }));
+    if let Some(failover) = annotated.failover {
+        problems.push(Problem {
+            kind: Kind::Service,
+            object: service_key.clone(),
+            field: format!("metadata.annotations[{}]", annotations::BALANCER_FAILOVER),
+            value: failover.to_string(),
+            reason: "orders a route's backendRefs: put it on the HTTPRoute or GRPCRoute".to_owned(),
+            condition_reason: "UnsupportedValue",
+        });
+    }
     if !has_routes && annotated.is_empty() {
         return OutboundOutcome {
             policy: None,

@@ -473,6 +473,7 @@ pub fn http_routes(
                     timeouts: (timeouts != Timeouts::default()).then_some(timeouts),
                     retry: annotated.retry.clone(),
                     hostnames: Vec::new(),
+                    failover: annotated.failover.unwrap_or(false),
                 },
             });
         }
@@ -687,6 +688,7 @@ pub fn grpc_routes(
                     timeouts: annotated.timeouts,
                     retry: annotated.retry.clone(),
                     hostnames: Vec::new(),
+                    failover: annotated.failover.unwrap_or(false),
                 },
             });
         }

@@ -28,8 +28,8 @@ use crate::http::{ProxyBody, ProxyError, ReqBody, is_grpc};
 use crate::metrics::{Label, RouteLabels, target_labels};
 use crate::retry::RouteInfo;
 use crate::route::{
-    BackendRef, FailureAccrual, Fault, Filter, HashKey, OutboundPlan, Route, pick_backend,
-    rewrite_path,
+    BackendRef, FailureAccrual, Fault, Filter, HashKey, OutboundPlan, Route, WeightedBackend,
+    pick_backend, rewrite_path,
 };
 
 /// Where a request goes, decided by the router for the layers below.
@@ -177,9 +177,13 @@ where
                     return answer;
                 }
                 route_labels = Some(labels);
-                let backend = pick_backend(plan.backends(route), rand::random::<u64>())
-                    .cloned()
-                    .map_or_else(|| key.clone(), backend_key);
+                let backends = plan.backends(route);
+                let backend = if route.failover {
+                    self.first_available(backends).await
+                } else {
+                    pick_backend(backends, rand::random::<u64>()).cloned()
+                };
+                let backend = backend.map_or_else(|| key.clone(), backend_key);
                 (
                     backend,
                     Some(RouteInfo(route.params.clone())),
@@ -256,6 +260,29 @@ where
             response.extensions_mut().insert(labels);
         }
         response
+    }
+
+    /// The first of a failover route's `backends` with an endpoint that is known and not
+    /// ejected (a fixed address always counts); the last when none has one, so the answer
+    /// names the last resort. Resolving each in turn is a cache lookup once they are known.
+    async fn first_available(&self, backends: &[WeightedBackend]) -> Option<BackendRef> {
+        for weighted in backends {
+            let BackendRef::Authority(_) = &weighted.backend else {
+                return Some(weighted.backend.clone());
+            };
+            let resolution = self
+                .ctx
+                .discovery
+                .resolve(backend_key(weighted.backend.clone()));
+            let state = match resolution.current_state() {
+                State::Pending => resolution.state(self.ctx.config.discovery_timeout).await,
+                state => state,
+            };
+            if matches!(state, State::Known { .. }) && resolution.has_available_endpoints() {
+                return Some(weighted.backend.clone());
+            }
+        }
+        backends.last().map(|weighted| weighted.backend.clone())
     }
 
     /// The resolution of the connection's own target, kept across its requests.

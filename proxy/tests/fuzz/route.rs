@@ -276,16 +276,20 @@ fn wire_route() -> impl Strategy<Value = policy::Route> {
         option::of(timeouts()),
         option::of(retry()),
         vec("api\\.example\\.com|\\*\\.example\\.com|.{0,8}", 0..3),
+        any::<bool>(),
     )
         .prop_map(
-            |(name, matches, filters, backends, timeouts, retry, hostnames)| policy::Route {
-                name,
-                matches,
-                filters,
-                backends,
-                timeouts,
-                retry,
-                hostnames,
+            |(name, matches, filters, backends, timeouts, retry, hostnames, failover)| {
+                policy::Route {
+                    name,
+                    matches,
+                    filters,
+                    backends,
+                    timeouts,
+                    retry,
+                    hostnames,
+                    failover,
+                }
             },
         )
 }

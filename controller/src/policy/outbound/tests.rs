@@ -43,10 +43,11 @@ fn show(outcome: &OutboundOutcome) -> String {
                 })
                 .collect();
             format!(
-                "{}({path})[{}]f{}",
+                "{}({path})[{}]f{}{}",
                 r.name,
                 backends.join(","),
-                r.filters.len()
+                r.filters.len(),
+                if r.failover { " failover" } else { "" }
             )
         })
         .collect();
@@ -87,6 +88,15 @@ fn policies_come_from_attached_routes_and_service_annotations() {
         "shop",
         "[{matches: [{path: {type: RegularExpression, value: '/('}}]}]",
     );
+    let failover = route(
+        "failover",
+        "shop",
+        "[{backendRefs: [{name: books, port: 80}, {name: books-east, port: 80}]}]",
+    )
+    .replace(
+        "namespace: shop}",
+        "namespace: shop, annotations: {balancer.mesh.dev/failover: 'true'}}",
+    );
     let consumer = route(
         "mine",
         "web",
@@ -122,6 +132,18 @@ fn policies_come_from_attached_routes_and_service_annotations() {
             ],
             "shop",
             "books.shop.svc.cluster.local:80 routes=[split()[90xbooks.shop.svc.cluster.local:80,10xbooks-v2.shop.svc.cluster.local:80]f1 default()[]f1] retry= timeouts=false balancer=-1 problems=0",
+        ),
+        (
+            "a failover order instead of a split",
+            vec![service("{}"), failover],
+            "shop",
+            "books.shop.svc.cluster.local:80 routes=[failover()[1xbooks.shop.svc.cluster.local:80,1xbooks-east.shop.svc.cluster.local:80]f0 failover] retry= timeouts=false balancer=-1 problems=0",
+        ),
+        (
+            "failover on a Service, which has no backendRefs to order, is reported",
+            vec![service("{balancer.mesh.dev/failover: 'true'}")],
+            "shop",
+            "books.shop.svc.cluster.local:80 routes=[] retry= timeouts=false balancer=-1 problems=1",
         ),
         (
             "an invalid route is left out and reported",

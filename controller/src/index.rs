@@ -905,15 +905,10 @@ fn endpoints_from_slices(
         };
         let remote = crate::multicluster::mirror::remote_endpoints(slice);
         for ep in &slice.endpoints {
-            // An unset condition means unknown, which consumers are told to treat as ready.
-            if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+            if !meta::endpoint_ready(ep) {
                 continue;
             }
-            let pod_name = ep
-                .target_ref
-                .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .and_then(|r| r.name.as_deref());
+            let pod_name = meta::endpoint_pod(ep);
             let pod = pod_name.and_then(|name| ctx.pod(name));
             if let (Some(name), None, true) = (pod_name, pod, ctx.options.wait_for_pods) {
                 tracing::debug!(

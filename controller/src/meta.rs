@@ -204,6 +204,21 @@ pub fn meshed(
     })
 }
 
+/// Whether an EndpointSlice endpoint is ready: an unset condition means unknown, which
+/// consumers are told to treat as ready.
+pub fn endpoint_ready(endpoint: &k8s_openapi::api::discovery::v1::Endpoint) -> bool {
+    endpoint.conditions.as_ref().and_then(|c| c.ready) != Some(false)
+}
+
+/// The name of the pod behind an EndpointSlice endpoint, when it names one.
+pub fn endpoint_pod(endpoint: &k8s_openapi::api::discovery::v1::Endpoint) -> Option<&str> {
+    endpoint
+        .target_ref
+        .as_ref()
+        .filter(|r| r.kind.as_deref() == Some("Pod"))
+        .and_then(|r| r.name.as_deref())
+}
+
 /// The pod's ServiceAccount name (`default` when unset).
 pub fn service_account(pod: &Pod) -> &str {
     pod.spec

@@ -156,6 +156,12 @@ async fn mirrors(west: &Client, cluster: &str) -> Vec<String> {
     names
 }
 
+/// Some when east's mirror `name` exists in west as `wanted`.
+async fn has_mirror(west: &Client, name: &str, wanted: bool) -> Option<()> {
+    let exists = mirrors(west, "east").await.iter().any(|m| m == name);
+    (exists == wanted).then_some(())
+}
+
 /// What a Destination.Get client has been told: identity by endpoint.
 #[derive(Default, Debug)]
 struct Endpoints(BTreeMap<SocketAddr, String>);
@@ -732,11 +738,8 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
         .delete("books-east", &Default::default())
         .await
         .expect("delete the mirror by hand");
-    eventually("books-east restored", || async {
-        mirrors(&west, "east")
-            .await
-            .contains(&"books-east".to_owned())
-            .then_some(())
+    eventually("books-east restored", || {
+        has_mirror(&west, "books-east", true)
     })
     .await;
 
@@ -750,13 +753,7 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
         )
         .await
         .expect("unexport books");
-    eventually("books-east gone", || async {
-        (!mirrors(&west, "east")
-            .await
-            .contains(&"books-east".to_owned()))
-        .then_some(())
-    })
-    .await;
+    eventually("books-east gone", || has_mirror(&west, "books-east", false)).await;
     let west_slices: Api<EndpointSlice> = Api::namespaced(west.clone(), "shop");
     let left = west_slices
         .list(&ListParams::default().labels("multicluster.mesh.dev/remote-name=books"))
@@ -771,13 +768,7 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
         )
         .await
         .expect("export books again");
-    eventually("books-east back", || async {
-        mirrors(&west, "east")
-            .await
-            .contains(&"books-east".to_owned())
-            .then_some(())
-    })
-    .await;
+    eventually("books-east back", || has_mirror(&west, "books-east", true)).await;
 
     eprintln!("multicluster: An invalid link");
     // An invalid link is counted and ignored; the valid one keeps working.

@@ -129,15 +129,8 @@ pub fn wanted_pods(
         if !exported.contains(&(namespace, service)) {
             continue;
         }
-        for endpoint in &slice.endpoints {
-            let pod = endpoint
-                .target_ref
-                .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .and_then(|r| r.name.clone());
-            if let Some(name) = pod {
-                pods.push((namespace.to_owned(), name));
-            }
+        for name in slice.endpoints.iter().filter_map(meta::endpoint_pod) {
+            pods.push((namespace.to_owned(), name.to_owned()));
         }
     }
     pods
@@ -214,16 +207,10 @@ fn mirror_slices(
 ) -> Vec<EndpointSlice> {
     let mut groups: BTreeMap<(Option<String>, Option<u16>), Vec<Endpoint>> = BTreeMap::new();
     for endpoint in &slice.endpoints {
-        // An unset condition means unknown, which consumers are told to treat as ready.
-        if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+        if !meta::endpoint_ready(endpoint) {
             continue;
         }
-        let pod_name = endpoint
-            .target_ref
-            .as_ref()
-            .filter(|r| r.kind.as_deref() == Some("Pod"))
-            .and_then(|r| r.name.as_deref());
-        let key = match pod_name {
+        let key = match meta::endpoint_pod(endpoint) {
             None => (None, None),
             Some(pod_name) => {
                 // Until its pod is known its identity is not, and without it a client would

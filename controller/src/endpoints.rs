@@ -54,6 +54,8 @@ pub struct GatewayInfo {
     pub addr: SocketAddr,
     /// Its SPIFFE ID.
     pub identity: Arc<str>,
+    /// The cluster it leads to.
+    pub cluster: Arc<str>,
 }
 
 /// A target's endpoints by address.
@@ -199,6 +201,7 @@ pub fn to_proto(ep: &EndpointInfo) -> pb::Endpoint {
                 spiffe_id: gateway.identity.to_string(),
                 server_name: String::new(),
             }),
+            cluster: gateway.cluster.to_string(),
         }),
     }
 }
@@ -424,6 +427,7 @@ mod tests {
         remote.gateway = Some(Arc::new(GatewayInfo {
             addr: "192.0.2.7:4143".parse().expect("test address"),
             identity: "spiffe://cluster.local/ns/mesh-system/sa/mesh-gateway".into(),
+            cluster: "east".into(),
         }));
         let gateway = to_proto(&remote).gateway.expect("the gateway on the wire");
         assert_eq!(
@@ -436,5 +440,6 @@ mod tests {
             gateway.tls_identity.map(|t| t.spiffe_id).as_deref(),
             Some("spiffe://cluster.local/ns/mesh-system/sa/mesh-gateway")
         );
+        assert_eq!(gateway.cluster, "east");
     }
 }

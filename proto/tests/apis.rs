@@ -54,6 +54,7 @@ fn endpoint() -> destination::Endpoint {
                 spiffe_id: "spiffe://cluster.local/ns/mesh-system/sa/mesh-gateway".into(),
                 server_name: String::new(),
             }),
+            cluster: "east".into(),
         }),
     }
 }

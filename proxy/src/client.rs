@@ -53,6 +53,8 @@ pub struct GatewayHop {
     pub addr: SocketAddr,
     /// Mutual TLS toward it.
     pub tls: MeshTls,
+    /// The cluster it leads to, named when it cannot be reached.
+    pub cluster: String,
 }
 
 /// How one connection goes through a gateway: to the gateway, then the tunnel header that
@@ -141,9 +143,20 @@ impl Dial {
                 format!("connect timed out after {timeout:?}"),
             )
         };
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        let connected = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| timed_out())??;
+            .map_err(|_| timed_out())
+            .and_then(|connected| connected);
+        let stream = match (connected, self) {
+            (Ok(stream), _) => stream,
+            (Err(error), Self::Proxied { via: Some(via), .. }) => {
+                return Err(io::Error::new(
+                    error.kind(),
+                    format!("the gateway of cluster {}: {error}", via.gateway.cluster),
+                ));
+            }
+            (Err(error), _) => return Err(error),
+        };
         stream.set_nodelay(true)?;
         match self {
             Self::Direct(_) => Ok(MeshIo::Plain(stream)),
@@ -180,8 +193,17 @@ impl Dial {
                 via: Some(via),
                 ..
             } => {
-                let mut outer = tls_handshake(&via.gateway.tls, stream, timeout).await?;
-                outer.write_all(&via.header).await?;
+                let gateway = &via.gateway;
+                let unreachable = |error: io::Error| {
+                    io::Error::new(
+                        error.kind(),
+                        format!("the gateway of cluster {}: {error}", gateway.cluster),
+                    )
+                };
+                let mut outer = tls_handshake(&gateway.tls, stream, timeout)
+                    .await
+                    .map_err(unreachable)?;
+                outer.write_all(&via.header).await.map_err(unreachable)?;
                 let mut inner = tls_handshake(tls, outer, timeout).await?;
                 inner.write_all(header).await?;
                 Ok(MeshIo::Tunneled(Box::new(inner)))

@@ -537,6 +537,7 @@ impl Watch {
             Some(Arc::new(GatewayHop {
                 addr,
                 tls: self.mesh_tls(identity)?,
+                cluster: gateway.cluster.clone(),
             }))
         });
         let dial = endpoint_dial(

@@ -64,6 +64,7 @@ async fn clusters() -> Clusters {
     endpoint.gateway = Some(destination::Gateway {
         addr: Some(gateway.inbound_addr.into()),
         tls_identity: Some(identity(GATEWAY_ID)),
+        cluster: "east".to_owned(),
     });
     setup.destination.set(BOOKS, vec![endpoint]);
     // The other cluster's controller, asked by the gateway about the proxy's address: a pod
@@ -249,4 +250,36 @@ async fn a_proxy_that_is_not_a_gateway_refuses_to_relay() {
         1.0,
         "{server}"
     );
+}
+
+#[tokio::test]
+async fn an_unreachable_gateway_is_named_with_its_cluster() {
+    let clusters = clusters().await;
+    // The gateway's address now answers nothing.
+    let closed = loopback().await;
+    let closed_addr = closed.local_addr().expect("an address");
+    drop(closed);
+    let mut endpoint = meshed(clusters.backend.addr, clusters.server.inbound_addr.port());
+    endpoint.tls_identity = Some(destination::TlsIdentity {
+        spiffe_id: BOOKS_ID.to_owned(),
+        server_name: String::new(),
+    });
+    endpoint.gateway = Some(destination::Gateway {
+        addr: Some(closed_addr.into()),
+        tls_identity: Some(destination::TlsIdentity {
+            spiffe_id: GATEWAY_ID.to_owned(),
+            server_name: String::new(),
+        }),
+        cluster: "east".to_owned(),
+    });
+    clusters.setup.destination.set(BOOKS, vec![endpoint]);
+    let out = curl(&[
+        "-x",
+        &format!("http://{}", clusters.client.outbound_addr),
+        "--include",
+        &format!("http://{BOOKS}/"),
+    ])
+    .await;
+    assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+    assert!(out.contains("the gateway of cluster east"), "{out}");
 }

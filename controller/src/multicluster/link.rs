@@ -130,6 +130,7 @@ impl Link {
                 Some(Arc::new(GatewayInfo {
                     addr,
                     identity: Arc::from(identity.as_str()),
+                    cluster: Arc::from(cluster.as_str()),
                 }))
             }
         };

@@ -327,6 +327,9 @@ pub fn remote_endpoints(slice: &EndpointSlice) -> Option<RemoteEndpoints> {
             Arc::new(GatewayInfo {
                 addr,
                 identity: Arc::from(identity.as_str()),
+                cluster: Arc::from(
+                    label(&slice.metadata, LABEL_MIRROR_CLUSTER).unwrap_or_default(),
+                ),
             })
         });
     Some(RemoteEndpoints {
@@ -539,6 +542,7 @@ spec:
         let gateway = Arc::new(GatewayInfo {
             addr: "192.0.2.7:4143".parse().expect("test address"),
             identity: Arc::from("spiffe://cluster.local/ns/mesh-system/sa/mesh-gateway"),
+            cluster: Arc::from("east"),
         });
         let link = Link {
             gateway: Some(gateway.clone()),

@@ -205,7 +205,7 @@ async fn link_checks(
         "link again: meshctl --context {cluster} multicluster link --cluster-name {cluster} | kubectl apply -f -"
     );
     let reach = format!("multicluster-reach/{cluster}");
-    let remote = match remote_client(link).await {
+    let remote = match link.client().await {
         Ok(remote) => remote,
         Err(e) => {
             return vec![Outcome::fail(
@@ -301,15 +301,6 @@ async fn link_checks(
         (Err(e), _) | (_, Err(e)) => Outcome::fail(&anchors_name, e.clone(), "meshctl check (identity) on each cluster"),
     });
     outcomes
-}
-
-async fn remote_client(link: &Link) -> Result<kube::Client, String> {
-    let kubeconfig =
-        kube::config::Kubeconfig::from_yaml(&link.kubeconfig).map_err(|e| e.to_string())?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    kube::Client::try_from(config).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

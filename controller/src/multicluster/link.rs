@@ -144,6 +144,21 @@ impl Link {
     }
 }
 
+impl Link {
+    /// A client of the linked cluster's API server, with the link's credentials.
+    pub async fn client(&self) -> Result<kube::Client, String> {
+        let kubeconfig =
+            kube::config::Kubeconfig::from_yaml(&self.kubeconfig).map_err(|e| e.to_string())?;
+        let config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        kube::Client::try_from(config).map_err(|e| e.to_string())
+    }
+}
+
 /// A SPIFFE trust domain: lowercase letters, digits, '.', '-' and '_'.
 fn is_trust_domain(domain: &str) -> bool {
     !domain.is_empty()

@@ -248,7 +248,7 @@ async fn remove_orphans(local: &Client, linked: &BTreeSet<String>) {
 async fn follow(local: Client, link: Link, resync: Duration, metrics: MulticlusterMetrics) {
     let cluster = link.cluster.clone();
     let remote = loop {
-        match remote_client(&link).await {
+        match link.client().await {
             Ok(client) => break client,
             Err(error) => {
                 metrics.link_up(&cluster, false);
@@ -367,18 +367,6 @@ where
             )
         })
         .boxed()
-}
-
-async fn remote_client(link: &Link) -> Result<Client, String> {
-    let kubeconfig =
-        kube::config::Kubeconfig::from_yaml(&link.kubeconfig).map_err(|e| e.to_string())?;
-    let config = kube::Config::from_custom_kubeconfig(
-        kubeconfig,
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    Client::try_from(config).map_err(|e| e.to_string())
 }
 
 fn remote_state(

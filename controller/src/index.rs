@@ -260,9 +260,16 @@ pub struct Index {
 /// The labels a Service selector is matched against, or `None` for an object without any.
 fn pod_labels(object: Option<&Object>) -> Option<&Labels> {
     match object {
-        Some(Object::Pod(pod)) => Some(&pod.labels),
+        Some(Object::Pod(pod) | Object::ExternalWorkload(pod)) => Some(&pod.labels),
         _ => None,
     }
+}
+
+/// Whether a kind is seen as pods: pods, and hosts outside Kubernetes (`crate::external`).
+/// They share one name space per namespace: a pod and an ExternalWorkload of the same name
+/// are one to the views.
+fn is_pod_like(kind: Kind) -> bool {
+    matches!(kind, Kind::Pod | Kind::ExternalWorkload)
 }
 
 impl Index {
@@ -305,7 +312,7 @@ impl Index {
     /// affect. Called with the index already holding `new`.
     fn mark(&mut self, kind: Kind, key: &ObjectKey, old: Option<&Object>, new: Option<&Object>) {
         self.dirty_since.get_or_insert_with(Instant::now);
-        if kind == Kind::Pod {
+        if is_pod_like(kind) {
             self.pod_labels
                 .update(key, pod_labels(old), pod_labels(new));
         }
@@ -315,7 +322,7 @@ impl Index {
             key.namespace.clone()
         };
         // Computed before borrowing the dirty entry: it reads the index.
-        let pod_services = (kind == Kind::Pod
+        let pod_services = (is_pod_like(kind)
             && !self.dirty.get(&namespace).is_some_and(|d| d.all))
         .then(|| self.services_selecting(&namespace, [pod_labels(old), pod_labels(new)]));
         let dirty = self.dirty.entry(namespace).or_default();
@@ -341,7 +348,7 @@ impl Index {
                     }
                 }
             }
-            Kind::Pod => {
+            Kind::Pod | Kind::ExternalWorkload => {
                 dirty.pods.insert(key.name.clone());
                 dirty.services.extend(pod_services.unwrap_or_default());
             }
@@ -503,6 +510,7 @@ impl Index {
                     .map(|k| k.name.clone()),
             );
             let mut pods = names(Kind::Pod);
+            pods.extend(names(Kind::ExternalWorkload));
             pods.extend(
                 self.pod_ips
                     .keys()
@@ -620,6 +628,7 @@ struct NamespaceCtx<'a> {
     name: &'a str,
     namespace: Option<&'a Namespace>,
     pods: Option<&'a BTreeMap<ObjectKey, Object>>,
+    external_workloads: Option<&'a BTreeMap<ObjectKey, Object>>,
     slices: HashMap<&'a str, Vec<&'a EndpointSlice>>,
     pod_labels: &'a PodLabels,
     options: &'a IndexOptions,
@@ -657,6 +666,7 @@ impl<'a> NamespaceCtx<'a> {
             name,
             namespace,
             pods: index.objects.get(&Kind::Pod),
+            external_workloads: index.objects.get(&Kind::ExternalWorkload),
             slices,
             pod_labels: &index.pod_labels,
             options: &index.options,
@@ -664,10 +674,15 @@ impl<'a> NamespaceCtx<'a> {
         }
     }
 
-    /// A pod of the namespace by name.
+    /// A pod of the namespace by name, or an external workload seen as one.
     fn pod(&self, name: &str) -> Option<&'a Pod> {
-        match self.pods?.get(&ObjectKey::new(self.name, name))? {
-            Object::Pod(pod) => Some(pod.as_ref()),
+        let key = ObjectKey::new(self.name, name);
+        let object = self
+            .pods
+            .and_then(|pods| pods.get(&key))
+            .or_else(|| self.external_workloads?.get(&key))?;
+        match object {
+            Object::Pod(pod) | Object::ExternalWorkload(pod) => Some(pod.as_ref()),
             _ => None,
         }
     }
@@ -824,6 +839,17 @@ fn service_view(
         Some(selector) if from_pods => ctx.selected_pods(selector),
         _ => Vec::new(),
     };
+    // No EndpointSlice controller knows hosts outside Kubernetes: where endpoints come from
+    // slices, the external workloads the selector picks join them.
+    let external: Vec<&Pod> = match spec_selector(service) {
+        Some(selector) if !from_pods && ctx.external_workloads.is_some_and(|m| !m.is_empty()) => {
+            ctx.selected_pods(selector)
+                .into_iter()
+                .filter(|pod| crate::external::is_external(pod))
+                .collect()
+        }
+        _ => Vec::new(),
+    };
     let spec = service.spec.as_ref();
     let mut cluster_ips: Vec<IpAddr> = spec
         .and_then(|s| s.cluster_ips.clone())
@@ -847,7 +873,17 @@ fn service_view(
         let set = if from_pods {
             endpoints_from_pods(ctx, service, &selected, sp, service_opaque)
         } else {
-            endpoints_from_slices(ctx, sp, slices, service_opaque)
+            let mut set = endpoints_from_slices(ctx, sp, slices, service_opaque);
+            if !external.is_empty() {
+                set.extend(endpoints_from_pods(
+                    ctx,
+                    service,
+                    &external,
+                    sp,
+                    service_opaque,
+                ));
+            }
+            set
         };
         let set = match prev.and_then(|p| p.ports.get(&port)) {
             Some(old) if **old == set => old.clone(),

@@ -19,6 +19,9 @@
 //! - apiGroups: [discovery.k8s.io]
 //!   resources: [endpointslices]
 //!   verbs: [get, list, watch]
+//! - apiGroups: [workload.mesh.dev]
+//!   resources: [externalworkloads]
+//!   verbs: [get, list, watch]
 //! ```
 
 use std::collections::BTreeMap;
@@ -98,7 +101,13 @@ pub(crate) async fn run(
     let (tx, mut rx) = mpsc::channel::<(Kind, Change)>(1024);
     // The policy kinds' watchers (`policy::watch`) tolerate missing CRDs and do not hold back
     // the sync.
-    let policy_watchers = crate::policy::watch::spawn_watchers(&client, &tx);
+    let mut policy_watchers = crate::policy::watch::spawn_watchers(&client, &tx);
+    // Hosts outside Kubernetes, seen as pods; their CRD may be missing too.
+    policy_watchers.push(tokio::spawn(crate::policy::watch::forward(
+        Api::<crate::external::ExternalWorkload>::all(client.clone()),
+        Kind::ExternalWorkload,
+        tx.clone(),
+    )));
     let watchers = [
         tokio::spawn(forward(
             Api::<Namespace>::all(client.clone()),

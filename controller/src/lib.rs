@@ -19,6 +19,7 @@ pub mod access;
 pub mod admin;
 pub mod destination;
 pub mod endpoints;
+pub mod external;
 pub mod file;
 pub mod follow;
 pub mod health;

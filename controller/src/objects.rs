@@ -26,6 +26,8 @@ pub enum Kind {
     Pod,
     /// core/v1 ServiceAccount.
     ServiceAccount,
+    /// workload.mesh.dev ExternalWorkload: a host outside Kubernetes, seen as a pod.
+    ExternalWorkload,
     // Policy kinds (see `crate::policy::kinds`): no discovery view reads them.
     /// policy.mesh.dev Server.
     Server,
@@ -51,12 +53,13 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in a fixed order (metrics report each, even when zero).
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 16] = [
         Kind::Namespace,
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Pod,
         Kind::ServiceAccount,
+        Kind::ExternalWorkload,
         Kind::Server,
         Kind::AuthorizationPolicy,
         Kind::MeshTLSAuthentication,
@@ -94,6 +97,7 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Pod => "Pod",
             Kind::ServiceAccount => "ServiceAccount",
+            Kind::ExternalWorkload => "ExternalWorkload",
             Kind::Server => "Server",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::MeshTLSAuthentication => "MeshTLSAuthentication",
@@ -158,6 +162,8 @@ pub enum Object {
     Pod(Arc<Pod>),
     /// A ServiceAccount (counted; the identity comes from the pod's `serviceAccountName`).
     ServiceAccount(Arc<ServiceAccount>),
+    /// An ExternalWorkload, as the pod discovery sees (`crate::external`).
+    ExternalWorkload(Arc<Pod>),
     /// A policy CRD or Gateway API route, read by `crate::policy`.
     Policy(PolicyObject),
 }
@@ -184,6 +190,9 @@ impl Object {
             (Object::Service(a), Object::Service(b)) => Arc::ptr_eq(a, b) || a == b,
             (Object::EndpointSlice(a), Object::EndpointSlice(b)) => Arc::ptr_eq(a, b) || a == b,
             (Object::Pod(a), Object::Pod(b)) => Arc::ptr_eq(a, b) || a == b,
+            (Object::ExternalWorkload(a), Object::ExternalWorkload(b)) => {
+                Arc::ptr_eq(a, b) || a == b
+            }
             (Object::ServiceAccount(a), Object::ServiceAccount(b)) => Arc::ptr_eq(a, b) || a == b,
             (Object::Policy(a), Object::Policy(b)) => a.same(b),
             _ => false,
@@ -197,6 +206,7 @@ impl Object {
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::Pod(_) => Kind::Pod,
+            Object::ExternalWorkload(_) => Kind::ExternalWorkload,
             Object::ServiceAccount(_) => Kind::ServiceAccount,
             Object::Policy(o) => o.kind(),
         }
@@ -209,7 +219,9 @@ impl Object {
             Object::Service(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
             // A pod keeps only the metadata discovery reads (`PodObjectMeta`).
-            Object::Pod(o) => return (&o.metadata.name, &o.metadata.namespace),
+            Object::Pod(o) | Object::ExternalWorkload(o) => {
+                return (&o.metadata.name, &o.metadata.namespace);
+            }
             Object::ServiceAccount(o) => &o.metadata,
             Object::Policy(o) => o.metadata(),
         };
@@ -222,7 +234,9 @@ impl Object {
             Object::Namespace(o) => &mut Arc::make_mut(o).metadata.namespace,
             Object::Service(o) => &mut Arc::make_mut(o).metadata.namespace,
             Object::EndpointSlice(o) => &mut Arc::make_mut(o).metadata.namespace,
-            Object::Pod(o) => &mut Arc::make_mut(o).metadata.namespace,
+            Object::Pod(o) | Object::ExternalWorkload(o) => {
+                &mut Arc::make_mut(o).metadata.namespace
+            }
             Object::ServiceAccount(o) => &mut Arc::make_mut(o).metadata.namespace,
             Object::Policy(o) => &mut o.metadata_mut().namespace,
         }
@@ -310,12 +324,21 @@ impl Object {
             ("discovery.k8s.io/v1", "EndpointSlice") => {
                 Object::EndpointSlice(Arc::new(serde_json::from_value(value).map_err(wrap)?))
             }
+            ("workload.mesh.dev/v1alpha1", "ExternalWorkload") => Object::from(
+                serde_json::from_value::<crate::external::ExternalWorkload>(value).map_err(wrap)?,
+            ),
             _ => match PolicyObject::from_value(&api_version, &kind, value) {
                 Some(read) => Object::Policy(read.map_err(wrap)?),
                 None => return Ok(None),
             },
         };
         Ok(Some(object))
+    }
+}
+
+impl From<crate::external::ExternalWorkload> for Object {
+    fn from(workload: crate::external::ExternalWorkload) -> Self {
+        Object::ExternalWorkload(Arc::new(crate::external::as_pod(&workload)))
     }
 }
 

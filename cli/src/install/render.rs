@@ -44,6 +44,10 @@ const CRD_FILES: &[(&str, &str)] = &[
         include_str!("../../../charts/mesh/crds/policy.mesh.dev_egressnetworks.yaml"),
     ),
     (
+        "workload.mesh.dev_externalworkloads.yaml",
+        include_str!("../../../charts/mesh/crds/workload.mesh.dev_externalworkloads.yaml"),
+    ),
+    (
         "gateway.networking.k8s.io_httproutes.yaml",
         include_str!("../../../charts/mesh/crds/gateway.networking.k8s.io_httproutes.yaml"),
     ),
@@ -122,6 +126,9 @@ pub fn control_plane(values: &Values) -> Vec<Value> {
                  "verbs": ["get", "list", "watch"]},
                 {"apiGroups": ["gateway.networking.k8s.io"],
                  "resources": ["httproutes", "grpcroutes", "tlsroutes", "tcproutes"],
+                 "verbs": ["get", "list", "watch"]},
+                // Hosts outside Kubernetes, seen as pods.
+                {"apiGroups": ["workload.mesh.dev"], "resources": ["externalworkloads"],
                  "verbs": ["get", "list", "watch"]},
                 // Route conditions (Accepted, ResolvedRefs) are written to status only.
                 {"apiGroups": ["gateway.networking.k8s.io"],

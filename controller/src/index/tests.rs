@@ -656,3 +656,82 @@ endpoints: [{addresses: [10.1.0.2]}]
         "without a mesh identity there is no identity to expect"
     );
 }
+
+#[test]
+fn external_workloads_join_the_services_that_select_them_and_resolve_by_ip() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: legacy, namespace: shop}
+spec:
+  clusterIP: 10.96.0.60
+  selector: {app: legacy}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy-pod, namespace: shop, labels: {app: legacy}}
+spec:
+  serviceAccountName: legacy
+  containers: [{name: app, ports: [{name: http, containerPort: 8080}]}, {name: mesh-proxy}]
+status: {podIP: 10.0.0.20, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: legacy-1, namespace: shop, labels: {kubernetes.io/service-name: legacy}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.0.0.20], targetRef: {kind: Pod, name: legacy-pod}}]
+---
+apiVersion: workload.mesh.dev/v1alpha1
+kind: ExternalWorkload
+metadata: {name: vm-1, namespace: shop, labels: {app: legacy}}
+spec:
+  serviceAccountName: legacy
+  workloadIPs: [192.0.2.10]
+  ports: [{name: http, port: 9090}]
+"#;
+    let id = "spiffe://cluster.local/ns/shop/sa/legacy";
+    let want = vec![
+        format!("10.0.0.20:8080 id={id} inbound=4143 workload=pod/legacy-pod"),
+        format!("192.0.2.10:9090 id={id} inbound=4143 workload=externalworkload/vm-1"),
+    ];
+    for (backend, options) in [
+        (
+            "kubernetes (slices, plus the selected external workloads)",
+            IndexOptions {
+                trust_domain: "cluster.local".to_owned(),
+                ..IndexOptions::default()
+            },
+        ),
+        (
+            "file (from pods)",
+            IndexOptions {
+                trust_domain: "cluster.local".to_owned(),
+                ..file_options()
+            },
+        ),
+    ] {
+        let (mut index, rx) = loaded(yaml, options);
+        let snapshot = rx.borrow().clone();
+        assert_eq!(
+            show(&snapshot.resolve(&svc("legacy", 80))),
+            Ok((true, want.clone())),
+            "{backend}"
+        );
+        assert_eq!(
+            show(&snapshot.resolve(&addr("192.0.2.10:9090"))),
+            Ok((true, vec![want[1].clone()])),
+            "{backend}: its IP is the workload itself"
+        );
+        // Removed: it leaves the Service.
+        index.delete(Kind::ExternalWorkload, &ObjectKey::new("shop", "vm-1"));
+        index.publish();
+        let snapshot = rx.borrow().clone();
+        assert_eq!(
+            show(&snapshot.resolve(&svc("legacy", 80))),
+            Ok((true, vec![want[0].clone()])),
+            "{backend}: deleted"
+        );
+    }
+}

@@ -277,6 +277,7 @@ pub fn crds() -> Vec<(
         NetworkAuthentication::crd(),
         HTTPLocalRateLimitPolicy::crd(),
         EgressNetwork::crd(),
+        crate::external::ExternalWorkload::crd(),
     ]
     .into_iter()
     .chain(gateway)
@@ -392,6 +393,7 @@ mod tests {
                 "policy.mesh.dev/NetworkAuthentication",
                 "policy.mesh.dev/HTTPLocalRateLimitPolicy",
                 "policy.mesh.dev/EgressNetwork",
+                "workload.mesh.dev/ExternalWorkload",
                 "gateway.networking.k8s.io/HTTPRoute",
                 "gateway.networking.k8s.io/GRPCRoute",
                 "gateway.networking.k8s.io/TLSRoute",
@@ -409,7 +411,7 @@ mod tests {
             schema["properties"]["spec"]["properties"]["port"]["x-kubernetes-int-or-string"],
             true
         );
-        let route = &documents[6];
+        let route = &documents[7];
         assert_eq!(
             route["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["x-kubernetes-preserve-unknown-fields"],
             true

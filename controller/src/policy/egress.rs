@@ -183,7 +183,7 @@ pub fn in_mesh(inputs: &PolicyInputs, ip: IpAddr) -> bool {
             .services
             .values()
             .any(|service| outbound::cluster_ips(service).any(|cluster_ip| cluster_ip == ip))
-            || objects.pods.values().any(|pod| {
+            || objects.pods_and_external_workloads().any(|pod| {
                 // A host-network pod's IP is its node's: no proxy of the mesh answers there.
                 let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
                 !host_network

@@ -113,15 +113,18 @@ impl Default for InboundSettings {
 /// workload it names.
 pub fn find_pod<'a>(inputs: &'a PolicyInputs, workload: &WorkloadRef) -> Option<&'a Pod> {
     let namespace = inputs.namespace(&workload.namespace)?;
-    if let Some(pod) = namespace.pods.get(&workload.pod) {
+    if let Some(pod) = namespace
+        .pods
+        .get(&workload.pod)
+        .or_else(|| namespace.external_workloads.get(&workload.pod))
+    {
         return Some(pod);
     }
     if workload.name.is_empty() {
         return None;
     }
     namespace
-        .pods
-        .values()
+        .pods_and_external_workloads()
         .find(|pod| {
             let (kind, name) = meta::workload(pod);
             name == workload.name

@@ -37,6 +37,8 @@ pub struct NamespaceObjects {
     pub namespace: Option<Arc<Namespace>>,
     /// Pods: labels select them, annotations override defaults, container ports name ports.
     pub pods: ByName<Pod>,
+    /// Hosts outside Kubernetes, seen as pods (`crate::external`).
+    pub external_workloads: ByName<Pod>,
     /// Services: ports, cluster IPs and the `retry.mesh.dev/*`-style annotations.
     pub services: ByName<Service>,
     /// ServiceAccounts: the file backend's identity tokens.
@@ -68,6 +70,12 @@ pub struct NamespaceObjects {
 macro_rules! named_kinds {
     ($apply:ident) => {
         $apply!(Kind::Pod, pods, o, Object::Pod(o));
+        $apply!(
+            Kind::ExternalWorkload,
+            external_workloads,
+            o,
+            Object::ExternalWorkload(o)
+        );
         $apply!(Kind::Service, services, o, Object::Service(o));
         $apply!(
             Kind::ServiceAccount,
@@ -139,6 +147,11 @@ macro_rules! named_kinds {
 }
 
 impl NamespaceObjects {
+    /// Pods and the hosts outside Kubernetes seen as pods.
+    pub fn pods_and_external_workloads(&self) -> impl Iterator<Item = &Arc<Pod>> {
+        self.pods.values().chain(self.external_workloads.values())
+    }
+
     fn is_empty(&self) -> bool {
         let mut empty = self.namespace.is_none();
         macro_rules! check {
@@ -232,7 +245,11 @@ fn stored(kind: Kind) -> bool {
     kind.is_policy()
         || matches!(
             kind,
-            Kind::Namespace | Kind::Pod | Kind::Service | Kind::ServiceAccount
+            Kind::Namespace
+                | Kind::Pod
+                | Kind::ExternalWorkload
+                | Kind::Service
+                | Kind::ServiceAccount
         )
 }
 

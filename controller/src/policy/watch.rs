@@ -118,7 +118,9 @@ fn is_missing_resource(error: &watcher::Error) -> bool {
     }
 }
 
-async fn forward<K>(api: Api<K>, kind: Kind, tx: mpsc::Sender<(Kind, Change)>)
+/// Forwards one kind's events to the index task; a missing CRD is the kind listed and empty.
+/// Also used for ExternalWorkloads, whose CRD may be missing as well.
+pub(crate) async fn forward<K>(api: Api<K>, kind: Kind, tx: mpsc::Sender<(Kind, Change)>)
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     Object: From<K>,

@@ -8,6 +8,7 @@ mod controller;
 mod dashboard;
 mod demo;
 mod demo_app;
+mod external;
 mod identity;
 mod inject;
 mod install;
@@ -89,6 +90,10 @@ enum Command {
     /// A proxy's certificate chain, trust anchors and renewal: of POD (through the API server,
     /// or with --local from the local mesh), or of the admin server at --proxy HOST:PORT.
     Identity(identity::IdentityArgs),
+    /// Write what a host outside Kubernetes needs to join the mesh as ExternalWorkload NAME
+    /// (its proxy's settings, a join token, the trust anchors) and print how to start it.
+    #[command(name = "external-workload")]
+    ExternalWorkload(external::ExternalWorkloadArgs),
     /// Link clusters: each mirrors the Services the other exports (link, unlink).
     Multicluster(multicluster::MulticlusterArgs),
     /// Check that the mesh is installed and healthy (or, with --pre, that it can be).
@@ -120,6 +125,7 @@ fn main() -> anyhow::Result<()> {
         Command::Uninstall(args) => install::run_uninstall(args, &global),
         Command::Check(args) => check::run(args, &global),
         Command::Multicluster(args) => multicluster::run(args, &global),
+        Command::ExternalWorkload(args) => external::run(args, &global),
         Command::Identity(args) => identity::run(args, &global),
         Command::Dashboards(args) => observability::run_dashboards(args),
         Command::PrometheusConfig(args) => observability::run_prometheus_config(args),

@@ -7,7 +7,9 @@
 //! verifies the other cluster's workload identity, one trust anchor). The mirrors follow east:
 //! endpoints scale, an unexported Service's mirror goes, a Service of west that merely has a
 //! mirror's name is left alone, an invalid link is counted and ignored, mirrors stay while
-//! east is unreachable, and unlinking removes them.
+//! east is unreachable, and unlinking removes them. On the way, west reaches east through
+//! east's gateway, and a host outside Kubernetes joins east with `meshctl external-workload`'s
+//! join token.
 //!
 //! Each cluster is one started by `scripts/k8s-test-cluster` (even when `KUBECONFIG` is set:
 //! the test needs two). When none can be had the test fails under `CI=true` and skips loudly
@@ -23,8 +25,10 @@ use std::time::Duration;
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
 use mesh_controller::identity::GeneratedCa;
 use mesh_controller::multicluster::MulticlusterSettings;
 use mesh_controller::{Config, Discovery, IdentityOptions};
@@ -245,6 +249,27 @@ fn spawn_controller(
     addrs
 }
 
+/// Installs the ExternalWorkload CRD (from the chart) in `client`'s cluster, established.
+async fn install_external_workload_crd(client: &Client) {
+    let path = mesh_integration_tests::workspace_root()
+        .join("charts/mesh/crds/workload.mesh.dev_externalworkloads.yaml");
+    let yaml = std::fs::read_to_string(&path).expect("the CRD file");
+    let crd: CustomResourceDefinition = serde_saphyr::from_str(&yaml).expect("a CRD");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.create(&PostParams::default(), &crd)
+        .await
+        .expect("create the CRD");
+    eventually("the ExternalWorkload CRD established", || async {
+        let crd = crds.get("externalworkloads.workload.mesh.dev").await.ok()?;
+        crd.status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+}
+
 /// A token of ServiceAccount `<namespace>/<account>` of `client`'s cluster for the mesh's
 /// identity service (what the injector projects into a pod).
 async fn token(client: &Client, namespace: &str, account: &str) -> String {
@@ -355,6 +380,7 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
     let west = client(&west_cluster).await;
     namespaces(&east, &["shop", "mesh-system"]).await;
     namespaces(&west, &["shop", "mesh-system"]).await;
+    install_external_workload_crd(&east).await;
 
     // East: books (exported) on two meshed pods, private (not exported).
     let east_accounts: Api<ServiceAccount> = Api::namespaced(east.clone(), "shop");
@@ -696,7 +722,84 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
         ) >= 2.0,
         "through the gateway too, east's proxy saw west's client itself:\n{inbound}"
     );
-    drop((east_proxy, west_proxy, gateway));
+
+    // A host outside Kubernetes joins east: `meshctl external-workload` writes its proxy's
+    // settings, a join token of its ServiceAccount and the anchors; a proxy started from them
+    // gets its certificate from east's controller.
+    eprintln!("multicluster: a host outside Kubernetes joins east");
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "workload.mesh.dev",
+        "v1alpha1",
+        "ExternalWorkload",
+    ));
+    let workloads: Api<DynamicObject> = Api::namespaced_with(east.clone(), "shop", &resource);
+    let vm: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "workload.mesh.dev/v1alpha1", "kind": "ExternalWorkload",
+        "metadata": {"name": "vm-30", "labels": {"app": "vm"}},
+        "spec": {"serviceAccountName": "books", "workloadIPs": [pod_ip(30)],
+                 "ports": [{"name": "http", "port": APP_PORT}]},
+    }))
+    .expect("an ExternalWorkload");
+    workloads
+        .create(&PostParams::default(), &vm)
+        .await
+        .expect("create the ExternalWorkload");
+    let vm_dir = identity_dir.join("vm-30");
+    let written = meshctl(
+        &east_cluster.kubeconfig,
+        &[
+            "-n",
+            "shop",
+            "external-workload",
+            "vm-30",
+            "--controller-addr",
+            &format!("http://{east_grpc}"),
+            "--out-dir",
+            vm_dir.to_str().expect("a UTF-8 path"),
+            "--token-lifetime",
+            "1h",
+        ],
+    );
+    assert!(
+        written.status.success(),
+        "external-workload: {}",
+        text(&written.stderr)
+    );
+    assert!(
+        text(&written.stdout).contains("mesh-proxy init"),
+        "{}",
+        text(&written.stdout)
+    );
+    let settings = std::fs::read_to_string(vm_dir.join("proxy.env")).expect("proxy.env");
+    assert!(
+        settings.contains("MESH_PROXY_IDENTITY=spiffe://cluster.local/ns/shop/sa/books"),
+        "{settings}"
+    );
+    let vm_ip = pod_ip(30);
+    let vm_proxy = Process(
+        Command::new(bin_path("mesh-proxy"))
+            .envs(
+                settings
+                    .lines()
+                    .filter(|line| !line.starts_with('#'))
+                    .filter_map(|line| line.split_once('=')),
+            )
+            // On this machine the "host" is a loopback address of its own.
+            .env("MESH_PROXY_INBOUND_LISTEN", format!("{vm_ip}:4143"))
+            .env("MESH_PROXY_OUTBOUND_LISTEN", format!("{vm_ip}:4140"))
+            .env("MESH_PROXY_ADMIN_LISTEN", format!("{vm_ip}:4191"))
+            .env("MESH_PROXY_LOG_LEVEL", "warn")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start the host's proxy"),
+    );
+    wait_ready(SocketAddr::new(loopback_ip(BLOCK, 30), 4191)).await;
+    let vm_metrics = metrics(SocketAddr::new(loopback_ip(BLOCK, 30), 4191));
+    assert!(
+        metric(&vm_metrics, "identity_cert_expiry_timestamp_seconds", &[]) > 1.7e9,
+        "the host holds a certificate issued with its join token:\n{vm_metrics}"
+    );
+    drop((east_proxy, west_proxy, gateway, vm_proxy));
 
     eprintln!("multicluster: A Service of west that has");
     // A Service of west that has a mirror's name is not taken over.

@@ -33,6 +33,10 @@ pub struct ExternalWorkloadArgs {
     /// The folder to write `proxy.env`, `token` and `ca-bundle.crt` to (created).
     #[arg(long)]
     out_dir: PathBuf,
+    /// Where those files will be on the host, for the paths in `proxy.env` (default: the
+    /// --out-dir).
+    #[arg(long)]
+    host_dir: Option<PathBuf>,
     /// How long the join token is valid (`24h`); the proxy renews its certificate with it, so
     /// run this again before it expires.
     #[arg(long, default_value = "24h", value_parser = crate::demo::parse_duration)]
@@ -95,15 +99,14 @@ pub fn proxy_settings(host: &Host<'_>, dir: &Path) -> Vec<(&'static str, String)
 fn instructions(dir: &Path, host: &Host<'_>) -> String {
     let dir = dir.display();
     format!(
-        "Wrote {dir}/proxy.env, {dir}/token and {dir}/{roots}.\n\
-         On the host, as root (the proxy runs as its own user, mesh-proxy):\n\n  \
+        "On the host, with those files in {dir}, as root (the proxy runs as its own user, \
+         mesh-proxy):\n\n  \
          useradd --system mesh-proxy 2>/dev/null; chown -R mesh-proxy {dir}\n  \
          # capture: the host's TCP goes through the proxy (ssh stays out)\n  \
          mesh-proxy init --proxy-uid $(id -u mesh-proxy) --inbound-port {port} --skip-inbound-ports 22\n  \
          sudo -u mesh-proxy env $(grep -v '^#' {dir}/proxy.env | xargs) mesh-proxy\n\n\
          The token is valid for its lifetime only: run meshctl external-workload again before \
          it expires (the proxy reads the file again at each renewal).\n",
-        roots = names::TRUST_ROOTS_KEY,
         port = host.inbound_proxy_port,
     )
 }
@@ -194,13 +197,14 @@ async fn write(args: ExternalWorkloadArgs, global: &GlobalArgs) -> anyhow::Resul
         controller_addr: &args.controller_addr,
     };
     let dir = &args.out_dir;
+    let host_dir = args.host_dir.as_ref().unwrap_or(dir);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let env: String = std::iter::once(format!(
         "# mesh-proxy of ExternalWorkload {namespace}/{}\n",
         args.name
     ))
     .chain(
-        proxy_settings(&host, dir)
+        proxy_settings(&host, host_dir)
             .into_iter()
             .map(|(k, v)| format!("{k}={v}\n")),
     )
@@ -208,7 +212,12 @@ async fn write(args: ExternalWorkloadArgs, global: &GlobalArgs) -> anyhow::Resul
     write_file(&dir.join("proxy.env"), &env, 0o644)?;
     write_file(&dir.join("token"), &token, 0o600)?;
     write_file(&dir.join(names::TRUST_ROOTS_KEY), &anchors, 0o644)?;
-    print!("{}", instructions(dir, &host));
+    println!(
+        "Wrote {0}/proxy.env, {0}/token and {0}/{1}.",
+        dir.display(),
+        names::TRUST_ROOTS_KEY
+    );
+    print!("{}", instructions(host_dir, &host));
     Ok(())
 }
 

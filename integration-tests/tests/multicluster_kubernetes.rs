@@ -713,6 +713,8 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
         (through >= 1.0).then_some(())
     })
     .await;
+    let gateway_check = &check_multicluster(&west_cluster.kubeconfig)["multicluster-gateway/east"];
+    assert_eq!(gateway_check["ok"], true, "{gateway_check}");
     let inbound = metrics(SocketAddr::new(loopback_ip(BLOCK, 3), 4191));
     assert!(
         metric(
@@ -907,7 +909,8 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
             .contains(&"books-east".to_owned())
     );
     assert_eq!(endpoints.shown(), [ep(3)]);
-    let reach = &check_multicluster(&west_cluster.kubeconfig)["multicluster-reach/east"];
+    let checks = check_multicluster(&west_cluster.kubeconfig);
+    let reach = &checks["multicluster-reach/east"];
     assert_eq!(reach["ok"], false, "{reach}");
     assert!(
         reach["fix"]

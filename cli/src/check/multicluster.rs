@@ -287,6 +287,10 @@ async fn link_checks(
         )),
     }
 
+    if let Some(gateway) = &link.gateway {
+        outcomes.push(gateway_check(cluster, gateway.addr).await);
+    }
+
     let anchors_name = format!("multicluster-anchors/{cluster}");
     let remote_anchors = anchors(&remote, ns).await;
     outcomes.push(match (local_anchors.as_ref(), remote_anchors.as_ref()) {
@@ -301,6 +305,33 @@ async fn link_checks(
         (Err(e), _) | (_, Err(e)) => Outcome::fail(&anchors_name, e.clone(), "meshctl check (identity) on each cluster"),
     });
     outcomes
+}
+
+/// Whether the linked cluster's gateway accepts connections, from where meshctl runs (the
+/// proxies' network may differ: this catches a wrong address or a gateway that is down).
+async fn gateway_check(cluster: &str, addr: std::net::SocketAddr) -> Outcome {
+    let name = format!("multicluster-gateway/{cluster}");
+    match tokio::time::timeout(REMOTE_PATIENCE, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => Outcome::pass(
+            &name,
+            format!("{cluster}'s gateway at {addr} accepts connections"),
+        ),
+        Ok(Err(e)) => Outcome::fail(
+            &name,
+            format!("{cluster}'s gateway at {addr} refuses connections: {e}"),
+            format!(
+                "kubectl --context {cluster} -n mesh-system get deploy,svc mesh-gateway; or link again with the right --gateway-address"
+            ),
+        ),
+        Err(_) => Outcome::fail(
+            &name,
+            format!(
+                "{cluster}'s gateway at {addr} did not answer within {}s",
+                REMOTE_PATIENCE.as_secs()
+            ),
+            "check that this network reaches the gateway's Service (LoadBalancer, firewall)",
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -363,5 +394,22 @@ mod tests {
         );
         assert!(!share_an_anchor(a, b));
         assert!(!share_an_anchor("", ""), "nothing is not a shared anchor");
+    }
+
+    #[tokio::test]
+    async fn a_gateway_that_refuses_connections_fails_its_check() {
+        let open = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = open.local_addr().expect("an address");
+        assert!(gateway_check("east", addr).await.ok);
+        drop(open);
+        let closed = gateway_check("east", addr).await;
+        assert!(!closed.ok);
+        assert!(
+            closed.detail.contains("refuses connections"),
+            "{}",
+            closed.detail
+        );
     }
 }

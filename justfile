@@ -45,6 +45,11 @@ demo *ARGS: setup
     cargo build --quiet --bin meshctl --bin mesh-proxy --bin mesh-controller
     cargo run --quiet --bin meshctl -- demo {{ARGS}}
 
+# Two clusters on this machine (two API servers, a controller each), linked: west calls a
+# Service east exports, by its mirror's name, over mutual TLS; then check, scale, unlink.
+multicluster-demo: setup
+    scripts/multicluster-demo
+
 # Benchmarks: the mesh beside a direct path and HAProxy; writes BENCHMARKS.md and
 # bench-results.json. `just bench` takes under 10 minutes, `just bench quick` under 2.
 bench *ARGS: setup

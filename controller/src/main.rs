@@ -152,6 +152,16 @@ enum Command {
     /// Print the CRDs the controller reads (policy.mesh.dev and the Gateway API routes) as
     /// one YAML stream, for `kubectl apply -f -`.
     Crds,
+    /// Write a new trust anchor (a year) and issuer (90 days) to DIR in cert-manager's layout
+    /// (tls.crt, tls.key, ca.crt), for --identity-dir outside a cluster (`meshctl install`
+    /// makes them for a cluster).
+    GenerateCa {
+        /// The folder (created).
+        dir: PathBuf,
+        /// The trust domain of the identities it will issue.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
 }
 
 /// jemalloc rather than glibc's malloc: the index churns many small objects across the
@@ -163,12 +173,24 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Some(Command::Crds) = args.command {
-        print!(
-            "{}",
-            mesh_controller::policy::crds::crd_stream().context("generating the CRDs")?
-        );
-        return Ok(());
+    match &args.command {
+        Some(Command::Crds) => {
+            print!(
+                "{}",
+                mesh_controller::policy::crds::crd_stream().context("generating the CRDs")?
+            );
+            return Ok(());
+        }
+        Some(Command::GenerateCa { dir, trust_domain }) => {
+            const DAY: Duration = Duration::from_secs(24 * 3600);
+            mesh_controller::identity::GeneratedCa::generate(trust_domain, 365 * DAY, 90 * DAY)
+                .context("generating the trust anchor and issuer")?
+                .write_dir(dir)
+                .with_context(|| format!("writing them to {}", dir.display()))?;
+            println!("wrote {}/{{tls.crt,tls.key,ca.crt}}", dir.display());
+            return Ok(());
+        }
+        None => {}
     }
     let filter = EnvFilter::try_new(&args.log_level)
         .with_context(|| format!("invalid --log-level {:?}", args.log_level))?;

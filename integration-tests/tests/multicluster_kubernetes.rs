@@ -7,9 +7,10 @@
 //! verifies the other cluster's workload identity, one trust anchor). The mirrors follow east:
 //! endpoints scale, an unexported Service's mirror goes, a Service of west that merely has a
 //! mirror's name is left alone, an invalid link is counted and ignored, mirrors stay while
-//! east is unreachable, and unlinking removes them. On the way, west reaches east through
-//! east's gateway, and a host outside Kubernetes joins east with `meshctl external-workload`'s
-//! join token.
+//! east is unreachable, and unlinking removes them. On the way, an HTTPRoute with failover
+//! moves west's `books` traffic to east when west's endpoints are gone and back, west reaches
+//! east through east's gateway, and a host outside Kubernetes joins east with `meshctl
+//! external-workload`'s join token.
 //!
 //! Each cluster is one started by `scripts/k8s-test-cluster` (even when `KUBECONFIG` is set:
 //! the test needs two). When none can be had the test fails under `CI=true` and skips loudly
@@ -249,18 +250,19 @@ fn spawn_controller(
     addrs
 }
 
-/// Installs the ExternalWorkload CRD (from the chart) in `client`'s cluster, established.
-async fn install_external_workload_crd(client: &Client) {
+/// Installs the chart's CRD `file` (named `name`) in `client`'s cluster, established.
+async fn install_crd(client: &Client, file: &str, name: &str) {
     let path = mesh_integration_tests::workspace_root()
-        .join("charts/mesh/crds/workload.mesh.dev_externalworkloads.yaml");
+        .join("charts/mesh/crds")
+        .join(file);
     let yaml = std::fs::read_to_string(&path).expect("the CRD file");
     let crd: CustomResourceDefinition = serde_saphyr::from_str(&yaml).expect("a CRD");
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     crds.create(&PostParams::default(), &crd)
         .await
         .expect("create the CRD");
-    eventually("the ExternalWorkload CRD established", || async {
-        let crd = crds.get("externalworkloads.workload.mesh.dev").await.ok()?;
+    eventually(&format!("the CRD {name} established"), || async {
+        let crd = crds.get(name).await.ok()?;
         crd.status?
             .conditions?
             .iter()
@@ -380,7 +382,18 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
     let west = client(&west_cluster).await;
     namespaces(&east, &["shop", "mesh-system"]).await;
     namespaces(&west, &["shop", "mesh-system"]).await;
-    install_external_workload_crd(&east).await;
+    install_crd(
+        &east,
+        "workload.mesh.dev_externalworkloads.yaml",
+        "externalworkloads.workload.mesh.dev",
+    )
+    .await;
+    install_crd(
+        &west,
+        "gateway.networking.k8s.io_httproutes.yaml",
+        "httproutes.gateway.networking.k8s.io",
+    )
+    .await;
 
     // East: books (exported) on two meshed pods, private (not exported).
     let east_accounts: Api<ServiceAccount> = Api::namespaced(east.clone(), "shop");
@@ -648,6 +661,72 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
     // Through east's gateway, when west's pods cannot route to east's: the link names it, the
     // mirror's endpoints follow, and west's client reaches books-3 through it, the two
     // workloads still proving their own identities to each other.
+    // Failover across clusters is routing: west's own books first, east's mirror when west's
+    // endpoints are gone, and back.
+    eprintln!("multicluster: failover from west's books to east's");
+    let _west_books = Backend::start(
+        SocketAddr::new(loopback_ip(BLOCK, 11), APP_PORT),
+        "books in west",
+    )
+    .await;
+    create(&west_services, exported_service("books", false)).await;
+    let west_slices: Api<EndpointSlice> = Api::namespaced(west.clone(), "shop");
+    let local_books = |ips: &[String]| {
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "books-west", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "books"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": APP_PORT, "protocol": "TCP"}],
+            "endpoints": ips.iter().map(|ip| json!({"addresses": [ip]})).collect::<Vec<_>>()})
+    };
+    create(&west_slices, local_books(&[pod_ip(11)])).await;
+    let routes: Api<DynamicObject> = Api::namespaced_with(
+        west.clone(),
+        "shop",
+        &ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "gateway.networking.k8s.io",
+            "v1",
+            "HTTPRoute",
+        )),
+    );
+    let failover: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "books-failover", "namespace": "shop",
+                     "annotations": {"balancer.mesh.dev/failover": "true"}},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "books", "port": 8080}],
+            "rules": [{"backendRefs": [{"name": "books", "port": 8080},
+                                       {"name": "books-east", "port": 8080}]}],
+        },
+    }))
+    .expect("an HTTPRoute");
+    routes
+        .create(&PostParams::default(), &failover)
+        .await
+        .expect("create the route");
+    let books = "books.shop.svc.cluster.local:8080";
+    let west_client = SocketAddr::new(loopback_ip(BLOCK, 10), 4140);
+    let answered_by = |want: &'static str| async move {
+        let mut app = ProxyClient::connect(west_client, books).await;
+        let (status, backend) = app.get("/", &[]).await;
+        (status == 200 && backend == want).then_some(())
+    };
+    eventually("west's own books", || answered_by("books in west")).await;
+    west_slices
+        .patch("books-west", &apply, &Patch::Apply(local_books(&[])))
+        .await
+        .expect("west's books scale to nothing");
+    eventually("failover to east", || answered_by("books-3 in east")).await;
+    west_slices
+        .patch(
+            "books-west",
+            &apply,
+            &Patch::Apply(local_books(&[pod_ip(11)])),
+        )
+        .await
+        .expect("west's books come back");
+    eventually("back to west's books", || answered_by("books in west")).await;
+
     eprintln!("multicluster: through east's gateway");
     east_pods
         .patch_status(

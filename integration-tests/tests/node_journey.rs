@@ -1,8 +1,7 @@
 //! The journey a user makes, on a real single-node Kubernetes (kubelet, containerd, CNI,
 //! kube-proxy, DNS: `scripts/k8s-node`), with the mesh's own images imported into the node:
 //!
-//! 1. `meshctl check --pre`, `meshctl install --apply` from the images (with the multicluster
-//!    gateway, ready with its own identity), `meshctl check` green;
+//! 1. `meshctl check --pre`, `meshctl install --apply` from the images, `meshctl check` green;
 //! 2. an ordinary app in an injected namespace: the API server calls the webhook, the pods run
 //!    mesh-init and mesh-proxy, each proxy gets its certificate with its kubelet-mounted token;
 //! 3. the client reaches the server by its Service name over mutual TLS (the client's identity
@@ -435,13 +434,9 @@ fn a_user_installs_the_mesh_on_a_real_node_and_meshes_an_app() {
         VERSION,
         "--apply",
         "--ha",
-        "--multicluster-gateway",
     ]);
     node.rollout("mesh-system", "mesh-controller");
     node.rollout("mesh-system", "mesh-injector");
-    // The multicluster gateway: a proxy of its own identity, ready once it holds its
-    // certificate (the upgrade below, without the flag, prunes it).
-    node.rollout("mesh-system", "mesh-gateway");
     wait_for(
         "meshctl check is all green",
         Duration::from_secs(60),

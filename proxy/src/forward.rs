@@ -7,7 +7,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
 use tracing::{debug, warn};
 
-use crate::client::{ConnectionLimit, HttpClients};
+use crate::client::{HttpClients, SendError};
 use crate::http::{ProxyBody, ProxyError, ReqBody, is_upgrade, strip_hop_by_hop};
 
 /// Names the HTTP/1 version of a request a client proxy carries to a peer proxy over HTTP/2
@@ -46,9 +46,8 @@ pub async fn forward(
             .insert(ORIG_PROTO, HeaderValue::from_static(name));
         *request.version_mut() = Version::HTTP_2;
     }
-    let client = clients.for_version(request.version());
-    let mut response = client
-        .request(request)
+    let mut response = clients
+        .send(request)
         .await
         .map_err(|error| client_error(&error, clients, service))?;
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -118,17 +117,13 @@ fn prepare_request(
 
 /// What the client is told of a failed exchange with `service`: what went wrong, not where.
 /// The endpoint's address and the whole error go to the log.
-fn client_error(
-    error: &hyper_util::client::legacy::Error,
-    clients: &HttpClients,
-    service: &str,
-) -> ProxyError {
-    let chain = error_chain(error);
+fn client_error(error: &SendError, clients: &HttpClients, service: &str) -> ProxyError {
+    let chain = error_chain(error.as_error());
     warn!(%service, upstream = %clients.dial.socket_addr(), error = %chain, "forwarding failed");
-    if find_source::<ConnectionLimit>(error).is_some() {
+    if error.connection_limit().is_some() {
         return ProxyError::Overloaded(format!("{service}: {chain}"));
     }
-    if request_body_failed(error) {
+    if request_body_failed(error.as_error()) {
         return ProxyError::BadRequest(format!("the request body could not be read: {chain}"));
     }
     if error.is_connect() {

@@ -201,35 +201,53 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), which describe one connection and must not
 /// be forwarded; hyper writes its own framing. An upgrade keeps `connection` and `upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let listed: Vec<HeaderName> = headers
+    // Most messages carry none: one pass over their few names, rather than a lookup for each
+    // hop-by-hop name in every message.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    let listed: Vec<&str> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|name| !(keep_upgrade && name == header::UPGRADE))
+        .map(str::trim)
         .collect();
-    for name in listed {
+    let is_listed =
+        |name: &HeaderName| listed.iter().any(|t| t.eq_ignore_ascii_case(name.as_str()));
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|&name| {
+            if name == header::CONNECTION || name == header::UPGRADE {
+                !keep_upgrade
+            } else if name == header::TE {
+                // gRPC needs `te: trailers` end to end over HTTP/2; any other `te` goes, all
+                // of them.
+                is_listed(name) || !headers.get_all(name).iter().all(|v| v == "trailers")
+            } else {
+                is_hop_by_hop(name) || is_listed(name)
+            }
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
         headers.remove(name);
     }
-    for name in [
+}
+
+/// The names [`strip_hop_by_hop`] may remove whatever `connection` lists.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::UPGRADE,
         header::TRANSFER_ENCODING,
         header::TE,
         header::TRAILER,
         header::PROXY_AUTHORIZATION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
-        // gRPC needs `te: trailers` end to end over HTTP/2; any other `te` goes, all of them.
-        if name == header::TE && headers.get_all(&name).iter().all(|v| v == "trailers") {
-            continue;
-        }
-        headers.remove(name);
-    }
-    if !keep_upgrade {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
-    }
+    ]
+    .contains(name)
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
 }
 
 /// Whether a finished exchange counts as a failure: a 5xx status, or a gRPC status other than

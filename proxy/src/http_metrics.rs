@@ -6,7 +6,7 @@
 //! `request_total`, `response_latency_ms` (at response headers) and `response_total` (when the
 //! response body ends, so a gRPC status in trailers classifies the exchange).
 //!
-//! The outbound router also puts the route's [`RouteLabels`] there when a plan routed the
+//! The outbound router also puts the route's [`RouteMetrics`] there when a plan routed the
 //! request; they give `route_response_latency_ms` and `route_response_total` the same way, so
 //! per-route latency and success are measured exactly like the target's (filters, retries and
 //! proxy errors included).
@@ -25,9 +25,7 @@ use hyper::body::Incoming;
 use tower::{Layer, Service};
 
 use crate::http::{MESH_ERROR, ProxyBody, grpc_status_failed};
-use crate::metrics::{
-    Classification, Metrics, RouteLabels, RouteResponseLabels, TargetLabels, TargetMetrics,
-};
+use crate::metrics::{Classification, Metrics, RouteMetrics, TargetLabels, TargetMetrics};
 
 /// Adds request metrics to a service.
 #[derive(Clone, Debug)]
@@ -95,15 +93,11 @@ where
                 target.request();
                 target.latency(status.as_u16(), classification, elapsed_ms);
             }
-            let route = response.extensions().get::<RouteLabels>().cloned();
+            let route = response.extensions().get::<Arc<RouteMetrics>>().cloned();
             if let Some(route) = &route {
-                metrics
-                    .route_latency
-                    .get_or_create(route)
-                    .observe(elapsed_ms);
+                route.latency(elapsed_ms);
             }
             let recorder = (target.is_some() || route.is_some()).then(|| Recorder {
-                metrics,
                 status_code: status.as_u16(),
                 classification,
                 target,
@@ -130,11 +124,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Counts the response once it ends.
 struct Recorder {
-    metrics: Arc<Metrics>,
     status_code: u16,
     classification: Classification,
     target: Option<Arc<TargetMetrics>>,
-    route: Option<RouteLabels>,
+    route: Option<Arc<RouteMetrics>>,
 }
 
 impl Recorder {
@@ -143,13 +136,7 @@ impl Recorder {
             target.response(self.status_code, self.classification);
         }
         if let Some(route) = self.route {
-            self.metrics
-                .route_responses
-                .get_or_create(&RouteResponseLabels {
-                    route,
-                    classification: self.classification,
-                })
-                .inc();
+            route.response(self.classification);
         }
     }
 }

@@ -278,13 +278,12 @@ where
     let io = PrefixedIo::new(prefix, io);
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
-            let forward = InboundHttp {
-                ctx: ctx.clone(),
-                clients: ctx.direct_clients(app),
-                labels: labels.clone(),
-                target: Arc::new(ArcSwapOption::empty()),
-                from_proxy: arrival.from_proxy,
-            };
+            let forward = InboundHttp::new(
+                ctx.clone(),
+                ctx.direct_clients(app),
+                labels.clone(),
+                arrival.from_proxy,
+            );
             // The connection itself is counted like an opaque one, so a workload's open
             // connections include its HTTP clients' (`stat`'s TCP column was 0 for them).
             let connection_labels = labels.clone();
@@ -346,20 +345,44 @@ where
 }
 
 /// The innermost inbound HTTP service: forwards each request to the application.
+///
+/// One per connection, shared: hyper clones the whole stack for every request, and the
+/// clients alone are ~700 bytes of handles.
 #[derive(Clone, Debug)]
-pub struct InboundHttp {
+pub struct InboundHttp(Arc<InboundConnection>);
+
+#[derive(Debug)]
+struct InboundConnection {
     ctx: Arc<Context>,
     clients: HttpClients,
     labels: TargetLabels,
     /// The metrics of the connection's last authority: a connection's requests almost always
     /// name the same one, so its labels and series are built once, not per request.
-    target: Arc<ArcSwapOption<TargetMetrics>>,
+    target: ArcSwapOption<TargetMetrics>,
     /// The connection came from a client proxy, which may carry HTTP/1 over HTTP/2.
     from_proxy: bool,
 }
 
 impl InboundHttp {
-    async fn forward(self, mut request: Request<Incoming>) -> Response<ProxyBody> {
+    /// Forwards a connection's requests to the application with `clients`.
+    pub fn new(
+        ctx: Arc<Context>,
+        clients: HttpClients,
+        labels: TargetLabels,
+        from_proxy: bool,
+    ) -> Self {
+        Self(Arc::new(InboundConnection {
+            ctx,
+            clients,
+            labels,
+            target: ArcSwapOption::empty(),
+            from_proxy,
+        }))
+    }
+}
+
+impl InboundConnection {
+    async fn forward(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
         forward::restore_orig_proto(&mut request, self.from_proxy);
         let grpc = is_grpc(&request);
         let authority = request_authority(&request);
@@ -417,7 +440,7 @@ impl tower::Service<Request<Incoming>> for InboundHttp {
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let this = self.clone();
+        let this = self.0.clone();
         Box::pin(async move { Ok(this.forward(request).await) })
     }
 }

@@ -4,7 +4,7 @@
 //! together. Label values are `Arc<str>` so recording a request clones pointers, not strings.
 
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -198,6 +198,74 @@ impl TargetMetrics {
             status_code,
             classification,
         }
+    }
+}
+
+/// One route's series, looked up once per route of a plan rather than once per request (as
+/// [`TargetMetrics`] for targets): `route_request_total`, `route_response_latency_ms` and
+/// `route_response_total` by classification, each created on first use.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    /// The route's labels.
+    pub labels: RouteLabels,
+    metrics: Arc<Metrics>,
+    requests: OnceLock<Counter>,
+    latency: OnceLock<Histogram>,
+    /// By [`Classification`]: success, then failure.
+    responses: [OnceLock<Counter>; 2],
+}
+
+impl RouteMetrics {
+    /// The series of `labels` in `metrics`.
+    pub fn new(metrics: Arc<Metrics>, labels: RouteLabels) -> Self {
+        Self {
+            labels,
+            metrics,
+            requests: OnceLock::new(),
+            latency: OnceLock::new(),
+            responses: [OnceLock::new(), OnceLock::new()],
+        }
+    }
+
+    /// Counts a request (`route_request_total`).
+    pub fn request(&self) {
+        self.requests
+            .get_or_init(|| {
+                self.metrics
+                    .route_requests
+                    .get_or_create(&self.labels)
+                    .clone()
+            })
+            .inc();
+    }
+
+    /// Observes the time to response headers (`route_response_latency_ms`).
+    pub fn latency(&self, elapsed_ms: f64) {
+        self.latency
+            .get_or_init(|| {
+                self.metrics
+                    .route_latency
+                    .get_or_create(&self.labels)
+                    .clone()
+            })
+            .observe(elapsed_ms);
+    }
+
+    /// Counts a finished response (`route_response_total`).
+    pub fn response(&self, classification: Classification) {
+        let index = match classification {
+            Classification::Success => 0,
+            Classification::Failure => 1,
+        };
+        self.responses[index]
+            .get_or_init(|| {
+                let labels = RouteResponseLabels {
+                    route: self.labels.clone(),
+                    classification,
+                };
+                self.metrics.route_responses.get_or_create(&labels).clone()
+            })
+            .inc();
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method, Request};
@@ -13,6 +13,7 @@ use regex_lite::Regex;
 
 use crate::balance::Algorithm;
 use crate::egress::{EgressPlan, HostPattern, host_of};
+use crate::metrics::{Label, Metrics, RouteLabels, RouteMetrics};
 use crate::retry::{RetryBudget, RetryConditions, RetryParams};
 
 /// A policy that cannot be compiled; the last valid plan keeps applying.
@@ -165,6 +166,9 @@ pub struct Route {
     pub failover: bool,
     /// Timeouts and retries.
     pub params: Arc<RouteParams>,
+    /// The route's metric series, made at its first request: a route belongs to one plan,
+    /// so to one service.
+    metrics: OnceLock<Arc<RouteMetrics>>,
 }
 
 /// The compiled outbound policy of one target.
@@ -262,6 +266,7 @@ impl OutboundPlan {
                 backends: compile_backends(&route.backends).map_err(in_route)?,
                 failover: route.failover,
                 params: Arc::new(params),
+                metrics: OnceLock::new(),
             });
         }
         let balancer = policy.balancer.clone().unwrap_or_default();
@@ -307,6 +312,7 @@ impl OutboundPlan {
                 backends: default_backends,
                 failover: false,
                 params: Arc::new(default_params),
+                metrics: OnceLock::new(),
             },
             algorithm,
             hash_key,
@@ -673,6 +679,22 @@ pub fn rewrite_path(path: &str, change: &PathChange, matched_prefix: Option<&str
 }
 
 impl Route {
+    /// This route's metric series, counted under `service`: made once, since a route belongs
+    /// to one plan.
+    pub fn metrics(&self, metrics: &Arc<Metrics>, service: &Label) -> Arc<RouteMetrics> {
+        self.metrics
+            .get_or_init(|| {
+                Arc::new(RouteMetrics::new(
+                    metrics.clone(),
+                    RouteLabels {
+                        authority: service.clone(),
+                        route: Label::new(&self.params.name),
+                    },
+                ))
+            })
+            .clone()
+    }
+
     /// The prefix this request matched, for prefix rewrites.
     pub fn matched_prefix<B>(&self, request: &Request<B>) -> Option<&str> {
         self.matches

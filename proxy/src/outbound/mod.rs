@@ -283,19 +283,12 @@ fn connect_tunnel(
 /// The request's `host:port`: from an absolute URI or the Host header, with the scheme's
 /// default port when none is given.
 pub fn request_authority<B>(request: &Request<B>) -> Option<String> {
-    let authority = request
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            request
-                .headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })?;
+    let authority = match request.uri().authority() {
+        Some(authority) => authority.as_str(),
+        None => request.headers().get(http::header::HOST)?.to_str().ok()?,
+    };
     // An empty port is the scheme's default (RFC 3986 §3.2.3); an empty host names nothing.
-    let authority = authority.strip_suffix(':').unwrap_or(&authority);
+    let authority = authority.strip_suffix(':').unwrap_or(authority);
     if authority.is_empty() || authority.starts_with(':') {
         return None;
     }
@@ -303,11 +296,15 @@ pub fn request_authority<B>(request: &Request<B>) -> Option<String> {
         return Some(authority.to_string());
     }
     let port = if request.uri().scheme_str() == Some("https") {
-        443
+        ":443"
     } else {
-        80
+        ":80"
     };
-    Some(format!("{authority}:{port}"))
+    // Once per request: concatenated, not formatted.
+    let mut with_port = String::with_capacity(authority.len() + port.len());
+    with_port.push_str(authority);
+    with_port.push_str(port);
+    Some(with_port)
 }
 
 fn has_port(authority: &str) -> bool {

@@ -25,7 +25,7 @@ use crate::app::Context;
 use crate::client::HttpClients;
 use crate::discovery::{Resolution, State, TargetKey};
 use crate::http::{ProxyBody, ProxyError, ReqBody, is_grpc};
-use crate::metrics::{Label, RouteLabels, target_labels};
+use crate::metrics::{Label, RouteLabels, RouteMetrics, target_labels};
 use crate::retry::RouteInfo;
 use crate::route::{
     BackendRef, FailureAccrual, Fault, Filter, HashKey, OutboundPlan, Route, WeightedBackend,
@@ -124,7 +124,7 @@ where
         let mut request = request.map(Either::Left);
         let mut uri_authority = authority.unwrap_or_else(|| key.to_string());
 
-        let mut route_labels = None;
+        let mut route_series = None;
         let (backend_key, route_info, logical) = match &plan {
             None => (key.clone(), None, None),
             Some(plan) => {
@@ -164,19 +164,26 @@ where
                     }
                     (None, _) => plan.default_route(),
                 };
-                let labels = RouteLabels {
-                    authority: logical.clone(),
-                    route: Label::new(&route.params.name),
+                // An egress route counts under the host asked for, so its series vary.
+                let series = match &plan.egress {
+                    None => route.metrics(&self.ctx.metrics, &logical),
+                    Some(_) => Arc::new(RouteMetrics::new(
+                        self.ctx.metrics.clone(),
+                        RouteLabels {
+                            authority: logical.clone(),
+                            route: Label::new(&route.params.name),
+                        },
+                    )),
                 };
-                self.ctx.metrics.route_requests.get_or_create(&labels).inc();
+                series.request();
                 if let Some(mut answer) = self
                     .apply_filters(plan, route, &mut request, &mut uri_authority, grpc)
                     .await
                 {
-                    answer.extensions_mut().insert(labels);
+                    answer.extensions_mut().insert(series);
                     return answer;
                 }
-                route_labels = Some(labels);
+                route_series = Some(series);
                 let backends = plan.backends(route);
                 let backend = if route.failover {
                     self.first_available(backends).await
@@ -251,8 +258,8 @@ where
             Err(never) => match never {},
         };
         // The metrics layer measures the route's latency and outcome with these.
-        if let Some(labels) = route_labels {
-            response.extensions_mut().insert(labels);
+        if let Some(series) = route_series {
+            response.extensions_mut().insert(series);
         }
         // Errors produced above the endpoint (timeouts) still need the target's labels.
         if target_labels(response.extensions()).is_none() {

@@ -662,3 +662,120 @@ impl IdleCheck {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use http_body_util::{BodyExt, Full};
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    /// An HTTP/2 server that closes each connection after its first response, saying so on
+    /// `closed`.
+    async fn one_request_per_connection() -> (SocketAddr, Arc<AtomicUsize>, mpsc::Receiver<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (closed_tx, closed) = mpsc::channel(8);
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                let closed_tx = closed_tx.clone();
+                tokio::spawn(async move {
+                    let (answered_tx, mut answered) = mpsc::channel::<()>(1);
+                    let service = hyper::service::service_fn(move |_request| {
+                        let answered_tx = answered_tx.clone();
+                        async move {
+                            let _ = answered_tx.try_send(());
+                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                                Bytes::from(format!("connection {n}")),
+                            )))
+                        }
+                    });
+                    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service);
+                    let mut connection = std::pin::pin!(connection);
+                    tokio::select! {
+                        _ = connection.as_mut() => {}
+                        _ = answered.recv() => {
+                            connection.as_mut().graceful_shutdown();
+                            let _ = connection.await;
+                        }
+                    }
+                    let _ = closed_tx.send(()).await;
+                });
+            }
+        });
+        (addr, accepted, closed)
+    }
+
+    fn request() -> Request<ReqBody> {
+        Request::builder()
+            .version(http::Version::HTTP_2)
+            .uri("http://books.shop:8080/")
+            .body(http_body_util::Either::Right(Full::new(Bytes::new())))
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_is_made_again_once_the_peer_closed_it() {
+        let (addr, accepted, mut closed) = one_request_per_connection().await;
+        let clients = HttpClients::new(Dial::Direct(addr), Duration::from_secs(2), 10);
+        for expected in 1..=3 {
+            let response = clients.send(request()).await.expect("a response");
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
+            assert_eq!(body, format!("connection {expected}"));
+            tokio::time::timeout(Duration::from_secs(5), closed.recv())
+                .await
+                .expect("the server closes the connection");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_share_one_http2_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_request| async {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::new())))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        let clients = HttpClients::new(Dial::Direct(addr), Duration::from_secs(2), 10);
+        let sent = (0..20).map(|_| clients.send(request()));
+        for response in futures::future::join_all(sent).await {
+            assert_eq!(response.expect("a response").status(), http::StatusCode::OK);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_destination_is_a_connect_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let clients = HttpClients::new(Dial::Direct(addr), Duration::from_secs(2), 10);
+        let error = clients.send(request()).await.expect_err("nothing listens");
+        assert!(error.is_connect(), "{:?}", error.as_error());
+    }
+}

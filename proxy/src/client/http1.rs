@@ -145,3 +145,127 @@ fn origin_form(mut request: Request<ReqBody>) -> Request<ReqBody> {
     *request.uri_mut() = origin;
     request
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+    use tokio::net::TcpListener;
+
+    use crate::client::{Dial, HttpClients};
+    use crate::http::ReqBody;
+
+    /// An HTTP/1 server answering the request target it saw after `delay`; with `one_each`,
+    /// it closes every connection after one exchange (keep-alive off).
+    async fn server(one_each: bool, delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request: http::Request<_>| {
+                        let seen = format!(
+                            "{} host={}",
+                            request.uri(),
+                            request
+                                .headers()
+                                .get(http::header::HOST)
+                                .and_then(|h| h.to_str().ok())
+                                .unwrap_or("-")
+                        );
+                        async move {
+                            tokio::time::sleep(delay).await;
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::from(seen),
+                            )))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(!one_each)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn request(uri: &str) -> http::Request<ReqBody> {
+        http::Request::builder()
+            .uri(uri)
+            .body(http_body_util::Either::Right(Full::new(Bytes::new())))
+            .expect("request")
+    }
+
+    async fn body(clients: &HttpClients, uri: &str) -> Bytes {
+        let response = clients.send(request(uri)).await.expect("a response");
+        response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes()
+    }
+
+    #[tokio::test]
+    async fn sequential_requests_reuse_one_connection_in_origin_form() {
+        let (addr, accepted) = server(false, Duration::from_millis(10)).await;
+        let clients = HttpClients::new(Dial::Direct(addr), Duration::from_secs(2), 10);
+        for _ in 0..5 {
+            let seen = body(&clients, "http://books.shop:8080/a?b=1").await;
+            assert_eq!(seen, "/a?b=1 host=books.shop:8080");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_each_get_a_connection_then_share_them() {
+        let (addr, accepted) = server(false, Duration::from_millis(10)).await;
+        let clients = HttpClients::new(Dial::Direct(addr), Duration::from_secs(2), 10);
+        let first = futures::future::join_all((0..4).map(|_| body(&clients, "http://a/"))).await;
+        assert_eq!(first.len(), 4);
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+        let again = futures::future::join_all((0..4).map(|_| body(&clients, "http://a/"))).await;
+        assert_eq!(again.len(), 4);
+        assert_eq!(accepted.load(Ordering::SeqCst), 4, "the four were reused");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_is_not_used_again() {
+        let (addr, accepted) = server(true, Duration::from_millis(10)).await;
+        let clients = HttpClients::new(Dial::Direct(addr), Duration::from_secs(2), 10);
+        for _ in 0..3 {
+            assert_eq!(body(&clients, "http://a/x").await, "/x host=a");
+            // The server's close reaches hyper's connection task.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn past_the_connection_limit_a_request_fails_with_a_clear_error() {
+        let (addr, accepted) = server(false, Duration::from_secs(1)).await;
+        // One connection at most; a second request waits the connect timeout for it.
+        let clients = HttpClients::new(Dial::Direct(addr), Duration::from_millis(200), 1);
+        let busy = clients.send(request("http://a/"));
+        let refused = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            clients.send(request("http://a/")).await
+        };
+        let (busy, refused) = tokio::join!(busy, refused);
+        assert_eq!(busy.expect("the first").status(), http::StatusCode::OK);
+        let error = refused.expect_err("no second connection");
+        let limit = error.connection_limit().expect("the limit is named");
+        assert_eq!(limit.limit, 1);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+}

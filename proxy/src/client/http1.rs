@@ -12,8 +12,9 @@ use tracing::debug;
 use super::{Connector, POOL_IDLE_TIMEOUT, SendError};
 use crate::http::ReqBody;
 
-/// Most connections kept for reuse; more are closed once their exchange ends.
-const MAX_POOLED: usize = 64;
+/// Most idle connections kept for reuse; the oldest beyond go. Busy ones are bounded by the
+/// destination's connection limit.
+const MAX_IDLE: usize = 64;
 
 /// HTTP/1 connections to one destination, reused one exchange after another.
 ///
@@ -71,31 +72,39 @@ impl Http1Pool {
         Ok(response)
     }
 
-    /// The most recently used connection that is ready for a request; closed and stale ones
-    /// are dropped on the way.
+    /// The most recently used connection that is ready for a request. Closed ones, ready ones
+    /// quiet too long and the oldest ready ones past [`MAX_IDLE`] are dropped on the way.
     fn ready(&self) -> Option<http1::SendRequest<ReqBody>> {
         let mut connections = self.connections();
         let now = Instant::now();
+        let idle = connections.iter().filter(|p| p.sender.is_ready()).count();
+        // The one about to be taken is not idle for long.
+        let mut excess = idle.saturating_sub(MAX_IDLE + 1);
         connections.retain(|pooled| {
-            !pooled.sender.is_closed()
-                && (now.saturating_duration_since(pooled.used) < POOL_IDLE_TIMEOUT
-                    || !pooled.sender.is_ready())
+            if pooled.sender.is_closed() {
+                return false;
+            }
+            if !pooled.sender.is_ready() {
+                return true;
+            }
+            if excess > 0 || now.saturating_duration_since(pooled.used) >= POOL_IDLE_TIMEOUT {
+                excess = excess.saturating_sub(1);
+                return false;
+            }
+            true
         });
         let index = connections
             .iter()
             .rposition(|pooled| pooled.sender.is_ready())?;
-        Some(connections.swap_remove(index).sender)
+        Some(connections.remove(index).sender)
     }
 
-    /// Keeps `sender` for a later request unless the pool is full.
+    /// Keeps `sender` for a later request.
     fn put_back(&self, sender: http1::SendRequest<ReqBody>) {
-        let mut connections = self.connections();
-        if connections.len() < MAX_POOLED {
-            connections.push(Pooled {
-                sender,
-                used: Instant::now(),
-            });
-        }
+        self.connections().push(Pooled {
+            sender,
+            used: Instant::now(),
+        });
     }
 
     async fn connect(&self) -> Result<http1::SendRequest<ReqBody>, SendError> {

@@ -3,6 +3,7 @@
 //! failures into [`ProxyError`]s.
 
 use http::header::{HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
 use tracing::{debug, warn};
@@ -86,33 +87,33 @@ pub fn restore_orig_proto<B>(request: &mut Request<B>, from_proxy: bool) {
 /// takes the request's own `Host` when it has one, so an HTTP/1 request carried over HTTP/2
 /// keeps the exact name its client sent (`authority` has the default port added).
 fn prepare_request(
-    request: Request<ReqBody>,
+    mut request: Request<ReqBody>,
     authority: &str,
     upgrade: bool,
 ) -> Result<Request<ReqBody>, ProxyError> {
-    let (mut parts, body) = request.into_parts();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let host = parts
-        .headers
+    let host = request
+        .headers()
         .get(http::header::HOST)
-        .and_then(|host| http::uri::Authority::try_from(host.as_bytes()).ok());
-    let build = |authority: &str| {
-        Uri::builder()
-            .scheme("http")
-            .authority(authority)
-            .path_and_query(path)
-            .build()
+        .and_then(|host| Authority::try_from(host.as_bytes()).ok());
+    let authority = match host {
+        Some(host) => host,
+        None => Authority::try_from(authority)
+            .map_err(|error| ProxyError::BadRequest(format!("invalid request target: {error}")))?,
     };
-    parts.uri = host
-        .and_then(|host| build(host.as_str()).ok())
-        .map_or_else(|| build(authority), Ok)
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(
+        request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    *request.uri_mut() = Uri::from_parts(parts)
         .map_err(|error| ProxyError::BadRequest(format!("invalid request target: {error}")))?;
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    Ok(Request::from_parts(parts, body))
+    strip_hop_by_hop(request.headers_mut(), upgrade);
+    Ok(request)
 }
 
 /// What the client is told of a failed exchange with `service`: what went wrong, not where.

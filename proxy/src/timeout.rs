@@ -6,6 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use futures::future::Either;
 use http::{Request, Response};
 use tower::{Layer, Service};
 
@@ -37,7 +38,9 @@ where
 {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    /// The inner future as is when the route sets no request timeout.
+    type Future =
+        Either<S::Future, Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -51,8 +54,8 @@ where
         let grpc = is_grpc(&request);
         let response = self.inner.call(request);
         match timeout {
-            None => Box::pin(response),
-            Some(timeout) => Box::pin(async move {
+            None => Either::Left(response),
+            Some(timeout) => Either::Right(Box::pin(async move {
                 match tokio::time::timeout(timeout, response).await {
                     Ok(response) => response,
                     Err(_elapsed) => Ok(ProxyError::Timeout(format!(
@@ -60,7 +63,7 @@ where
                     ))
                     .to_response(grpc)),
                 }
-            }),
+            })),
         }
     }
 }

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
 
+use futures::future::Either;
 use http::{Request, Response};
 use prometheus_client::metrics::gauge::Gauge;
 use tower::{Layer, Service};
@@ -128,7 +129,9 @@ where
 {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    /// The inner future as is when the plan sets no limit.
+    type Future =
+        Either<S::Future, Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>>;
 
     fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -140,7 +143,7 @@ where
             .get::<Arc<Dispatch>>()
             .and_then(|d| Some((d.backend.clone(), d.logical.clone(), d.max_in_flight?)))
         else {
-            return Box::pin(self.inner.call(request));
+            return Either::Left(self.inner.call(request));
         };
         let labels = BackendLabels {
             authority: logical,
@@ -155,11 +158,11 @@ where
         match self.ctx.in_flight.try_acquire(&backend, limit, gauge) {
             Some(slot) => {
                 let response = self.inner.call(request);
-                Box::pin(async move {
+                Either::Right(Box::pin(async move {
                     let response = response.await;
                     drop(slot);
                     response
-                })
+                }))
             }
             None => {
                 self.ctx
@@ -171,7 +174,7 @@ where
                     "{backend} already has {limit} requests in flight"
                 ));
                 let response = super::error_response(&self.ctx, error, is_grpc(&request), None);
-                Box::pin(async move { Ok(response) })
+                Either::Right(Box::pin(async move { Ok(response) }))
             }
         }
     }

@@ -6,7 +6,6 @@ use http::{Request, Response, Uri, header};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use tokio::time::Instant;
-use tower::Service;
 use tracing::debug;
 
 use super::{Connector, POOL_IDLE_TIMEOUT, SendError};
@@ -108,12 +107,7 @@ impl Http1Pool {
     }
 
     async fn connect(&self) -> Result<http1::SendRequest<ReqBody>, SendError> {
-        let io = self
-            .connector
-            .clone()
-            .call(Uri::default())
-            .await
-            .map_err(SendError::Connect)?;
+        let io = self.connector.open().await?;
         let (sender, connection) = http1::handshake(io)
             .await
             .map_err(|error| SendError::Connect(std::io::Error::other(error)))?;
@@ -165,47 +159,31 @@ mod tests {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
     use hyper_util::rt::TokioIo;
-    use tokio::net::TcpListener;
 
-    use crate::client::{Dial, HttpClients};
+    use crate::client::{Dial, HttpClients, test_server};
     use crate::http::ReqBody;
 
     /// An HTTP/1 server answering the request target it saw after `delay`; with `one_each`,
     /// it closes every connection after one exchange (keep-alive off).
     async fn server(one_each: bool, delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request: http::Request<_>| {
-                        let seen = format!(
-                            "{} host={}",
-                            request.uri(),
-                            request
-                                .headers()
-                                .get(http::header::HOST)
-                                .and_then(|h| h.to_str().ok())
-                                .unwrap_or("-")
-                        );
-                        async move {
-                            tokio::time::sleep(delay).await;
-                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                                Bytes::from(seen),
-                            )))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .keep_alive(!one_each)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        (addr, accepted)
+        test_server::counting(move |stream, _| async move {
+            let service = hyper::service::service_fn(move |request: http::Request<_>| {
+                let host = request.headers().get(http::header::HOST);
+                let host = host.and_then(|h| h.to_str().ok()).unwrap_or("-");
+                let seen = format!("{} host={host}", request.uri());
+                async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
+                        seen,
+                    ))))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(!one_each)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        })
+        .await
     }
 
     fn request(uri: &str) -> http::Request<ReqBody> {

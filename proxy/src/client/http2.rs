@@ -4,11 +4,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwapOption;
-use http::{Request, Response, Uri};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::TokioExecutor;
-use tower::Service;
 use tracing::debug;
 
 use super::{Connector, POOL_IDLE_TIMEOUT, SendError};
@@ -80,12 +79,7 @@ impl Http2Connection {
         if let Some(sender) = self.open() {
             return Ok(sender);
         }
-        let io = self
-            .connector
-            .clone()
-            .call(Uri::default())
-            .await
-            .map_err(SendError::Connect)?;
+        let io = self.connector.open().await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .handshake(io)
             .await
@@ -155,45 +149,39 @@ mod tests {
     use tokio::sync::mpsc;
 
     use super::*;
-    use crate::client::{Dial, HttpClients};
+    use crate::client::{Dial, HttpClients, test_server};
 
     /// An HTTP/2 server that closes each connection after its first response, saying so on
     /// `closed`.
     async fn one_request_per_connection() -> (SocketAddr, Arc<AtomicUsize>, mpsc::Receiver<()>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicUsize::new(0));
         let (closed_tx, closed) = mpsc::channel(8);
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-                let closed_tx = closed_tx.clone();
-                tokio::spawn(async move {
-                    let (answered_tx, mut answered) = mpsc::channel::<()>(1);
-                    let service = hyper::service::service_fn(move |_request| {
-                        let answered_tx = answered_tx.clone();
-                        async move {
-                            let _ = answered_tx.try_send(());
-                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                                Bytes::from(format!("connection {n}")),
-                            )))
-                        }
-                    });
-                    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service);
-                    let mut connection = std::pin::pin!(connection);
-                    tokio::select! {
-                        _ = connection.as_mut() => {}
-                        _ = answered.recv() => {
-                            connection.as_mut().graceful_shutdown();
-                            let _ = connection.await;
-                        }
+        let (addr, accepted) = test_server::counting(move |stream, n| {
+            let closed_tx = closed_tx.clone();
+            async move {
+                let (answered_tx, mut answered) = mpsc::channel::<()>(1);
+                let service = hyper::service::service_fn(move |_request| {
+                    let answered_tx = answered_tx.clone();
+                    async move {
+                        let _ = answered_tx.try_send(());
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+                            format!("connection {n}"),
+                        ))))
                     }
-                    let _ = closed_tx.send(()).await;
                 });
+                let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service);
+                let mut connection = std::pin::pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => {}
+                    _ = answered.recv() => {
+                        connection.as_mut().graceful_shutdown();
+                        let _ = connection.await;
+                    }
+                }
+                let _ = closed_tx.send(()).await;
             }
-        });
+        })
+        .await;
         (addr, accepted, closed)
     }
 
@@ -227,24 +215,16 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_requests_share_one_http2_connection() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(|_request| async {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::new())))
-                    });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        let (addr, accepted) = test_server::counting(|stream, _| async move {
+            let service = hyper::service::service_fn(|_request| async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::new())))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        })
+        .await;
         let clients = HttpClients::new(Dial::Direct(addr), Duration::from_secs(2), 10);
         let sent = (0..20).map(|_| clients.send(request()));
         for response in futures::future::join_all(sent).await {

@@ -24,6 +24,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::Service;
 
 use crate::http::ReqBody;
 use crate::metrics::TargetMetrics;
@@ -382,6 +383,16 @@ impl tower::Service<Uri> for Connector {
     }
 }
 
+impl Connector {
+    /// A connection to the destination, for hyper's handshake.
+    async fn open(&self) -> Result<TokioIo<PooledIo>, SendError> {
+        self.clone()
+            .call(Uri::default())
+            .await
+            .map_err(SendError::Connect)
+    }
+}
+
 /// A pooled connection holding its slot of the destination's connection limit.
 #[derive(Debug)]
 pub struct PooledIo {
@@ -513,5 +524,35 @@ impl SendError {
             Self::Connect(error) => error.get_ref()?.downcast_ref::<ConnectionLimit>(),
             Self::Http(_) => None,
         }
+    }
+}
+
+/// A loopback server for the clients' tests.
+#[cfg(test)]
+mod test_server {
+    use std::future::Future;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Accepts connections, counting them, and serves the n-th (from 1) with `serve`.
+    pub async fn counting<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(TcpStream, usize) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::spawn(serve(stream, n));
+            }
+        });
+        (addr, accepted)
     }
 }

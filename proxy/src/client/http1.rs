@@ -32,8 +32,8 @@ pub struct Http1Pool {
 #[derive(Debug)]
 struct Pooled {
     sender: http1::SendRequest<ReqBody>,
-    /// When its last exchange started: a connection quiet for [`POOL_IDLE_TIMEOUT`] is closed
-    /// before the server's own keep-alive timeout can race a new request.
+    /// When its last response arrived: a connection quiet for [`POOL_IDLE_TIMEOUT`] since is
+    /// closed before the server's own keep-alive timeout can race a new request.
     used: Instant,
 }
 

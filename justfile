@@ -56,6 +56,13 @@ bench *ARGS: setup
     scripts/bench-setup
     ulimit -n "$(ulimit -Hn)" 2>/dev/null || true; cargo run --release -p mesh-bench -- {{ARGS}}
 
+# User instructions per request of one proxy of the bench's mTLS hop, with callgrind
+# (deterministic: a 1% change shows), and where they go: `just callgrind server 3000`.
+callgrind SIDE="client" REQUESTS="3000": setup
+    scripts/bench-setup
+    cargo build --release -p mesh-proxy -p mesh-bench
+    scripts/callgrind-hop {{SIDE}} {{REQUESTS}}
+
 # The container images of mesh-proxy, mesh-controller and mesh-injector, from release binaries:
 # target/images/<name>.tar (docker-archive, tagged localhost/mesh/<name>:<version>) and
 # target/images/oci/<name>.tar (OCI layout). Same inputs, same digests. No Docker needed.

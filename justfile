@@ -56,8 +56,8 @@ bench *ARGS: setup
     scripts/bench-setup
     ulimit -n "$(ulimit -Hn)" 2>/dev/null || true; cargo run --release -p mesh-bench -- {{ARGS}}
 
-# User instructions per request of one proxy of the bench's mTLS hop, with callgrind
-# (deterministic: a 1% change shows), and where they go: `just callgrind server 3000`.
+# Callgrind (deterministic: a 1% change shows) counts a proxy's user instructions per request
+# through the bench's mTLS hop, and where they go: `just callgrind server 3000`.
 callgrind SIDE="client" REQUESTS="3000": setup
     scripts/bench-setup
     cargo build --release -p mesh-proxy -p mesh-bench

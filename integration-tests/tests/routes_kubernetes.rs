@@ -300,9 +300,11 @@ async fn http_routes_through_the_api_server_reach_proxies_and_report_status() {
     };
     let deadline = Instant::now() + WAIT;
     let egress = loop {
-        // NOT_FOUND until the watchers have both; then the stream's first answer.
+        // NOT_FOUND until the watchers have both; then the stream's first answer, waited for
+        // a bounded time (a stream that has not answered yet is asked again).
         if let Ok(response) = policies.watch(outside.clone()).await
-            && let Ok(Some(policy)) = response.into_inner().message().await
+            && let Ok(Ok(Some(policy))) =
+                tokio::time::timeout(Duration::from_secs(2), response.into_inner().message()).await
             && let Some(egress) = policy.egress.filter(|e| !e.tls_hosts.is_empty())
         {
             break egress;

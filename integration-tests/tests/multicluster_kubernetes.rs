@@ -658,9 +658,6 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
         "west's proxy verified east's workload identity:\n{outbound}"
     );
 
-    // Through east's gateway, when west's pods cannot route to east's: the link names it, the
-    // mirror's endpoints follow, and west's client reaches books-3 through it, the two
-    // workloads still proving their own identities to each other.
     // Failover across clusters is routing: west's own books first, east's mirror when west's
     // endpoints are gone, and back.
     eprintln!("multicluster: failover from west's books to east's");
@@ -727,6 +724,9 @@ async fn exported_services_are_mirrored_and_follow_the_linked_cluster() {
         .expect("west's books come back");
     eventually("back to west's books", || answered_by("books in west")).await;
 
+    // Through east's gateway, when west's pods cannot route to east's: the link names it, the
+    // mirror's endpoints follow, and west's client reaches books-3 through it, the two
+    // workloads still proving their own identities to each other.
     eprintln!("multicluster: through east's gateway");
     east_pods
         .patch_status(

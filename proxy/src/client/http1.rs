@@ -141,11 +141,16 @@ fn origin_form(mut request: Request<ReqBody>) -> Request<ReqBody> {
     if request.method() == http::Method::CONNECT {
         return request;
     }
-    let origin = request.uri().path_and_query().map_or_else(
-        || Uri::from_static("/"),
-        |path| Uri::try_from(path.as_str()).unwrap_or_else(|_| Uri::from_static("/")),
+    let mut origin = http::uri::Parts::default();
+    origin.path_and_query = Some(
+        request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
     );
-    *request.uri_mut() = origin;
+    // A path alone is always a valid URI.
+    *request.uri_mut() = Uri::from_parts(origin).unwrap_or_else(|_| Uri::from_static("/"));
     request
 }
 

@@ -8,7 +8,6 @@
 //! request than the rest of a proxy's own work on it, for generality a client of one
 //! destination does not need.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -18,13 +17,12 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use http::{Request, Response, Uri};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tower::Service;
 
 use crate::http::ReqBody;
 use crate::metrics::TargetMetrics;
@@ -329,8 +327,7 @@ impl AsyncWrite for MeshIo {
     }
 }
 
-/// A tower connector that always dials one destination, with at most `permits` connections
-/// open to it at once.
+/// Dials one destination, with at most `max_connections` connections open to it at once.
 #[derive(Clone, Debug)]
 pub struct Connector {
     dial: Arc<Dial>,
@@ -350,46 +347,30 @@ pub struct ConnectionLimit {
     pub limit: usize,
 }
 
-impl tower::Service<Uri> for Connector {
-    type Response = TokioIo<PooledIo>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let dial = self.dial.clone();
-        let timeout = self.timeout;
-        let permits = self.permits.clone();
-        let limit = self.max_connections;
-        Box::pin(async move {
-            // Waiting here is waiting for a pooled connection to close: hyper hands the
-            // request an idle connection instead if one is returned first.
-            let permit = match tokio::time::timeout(timeout, permits.acquire_owned()).await {
+impl Connector {
+    /// A connection to the destination holding one of its slots, for hyper's handshake.
+    async fn open(&self) -> Result<TokioIo<PooledIo>, SendError> {
+        // Waiting here is waiting for another connection to the destination to close.
+        let permit =
+            match tokio::time::timeout(self.timeout, self.permits.clone().acquire_owned()).await {
                 Ok(Ok(permit)) => permit,
                 _ => {
-                    let addr = dial.socket_addr();
-                    return Err(io::Error::other(ConnectionLimit { addr, limit }));
+                    let limit = ConnectionLimit {
+                        addr: self.dial.socket_addr(),
+                        limit: self.max_connections,
+                    };
+                    return Err(SendError::Connect(io::Error::other(limit)));
                 }
             };
-            let io = dial.connect(timeout).await?;
-            Ok(TokioIo::new(PooledIo {
-                io,
-                _permit: permit,
-            }))
-        })
-    }
-}
-
-impl Connector {
-    /// A connection to the destination, for hyper's handshake.
-    async fn open(&self) -> Result<TokioIo<PooledIo>, SendError> {
-        self.clone()
-            .call(Uri::default())
+        let io = self
+            .dial
+            .connect(self.timeout)
             .await
-            .map_err(SendError::Connect)
+            .map_err(SendError::Connect)?;
+        Ok(TokioIo::new(PooledIo {
+            io,
+            _permit: permit,
+        }))
     }
 }
 

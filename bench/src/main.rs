@@ -209,9 +209,11 @@ async fn run(args: Args) -> Result<()> {
             dir.display()
         ));
     }
-    if let Ok(threads) = std::env::var("MESH_PROXY_WORKER_THREADS") {
+    let threads = topology::proxy_threads()?;
+    if threads != 1 {
         notes.push(format!(
-            "The proxies ran with MESH_PROXY_WORKER_THREADS={threads}."
+            "The proxies ran {threads} threads each: mesh-proxy with \
+             MESH_PROXY_WORKER_THREADS={threads}, HAProxy with nbthread {threads}."
         ));
     }
     let netns = if args.skip_netns {
@@ -222,7 +224,10 @@ async fn run(args: Args) -> Result<()> {
         notes.push("Scenario 6 (network namespaces and iptables) skipped: it needs root.".into());
         false
     };
-    let result = measure_topologies(&plan, &binaries, &dir, &mut notes, args.hold, netns).await;
+    let result = measure_topologies(
+        &plan, &binaries, &dir, &mut notes, args.hold, netns, threads,
+    )
+    .await;
     let (topologies, netns) = match result {
         Ok(t) => t,
         Err(error) => {
@@ -307,6 +312,7 @@ async fn measure_topologies(
     notes: &mut Vec<String>,
     hold: Option<u64>,
     netns: bool,
+    threads: usize,
 ) -> Result<(Vec<measure::TopologyResult>, Vec<measure::TopologyResult>)> {
     let localhost = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
     let backend_addrs = Backend {
@@ -325,7 +331,7 @@ async fn measure_topologies(
     let limit = procfs::open_files_limit().unwrap_or(1024);
     let maxconn = (limit.saturating_sub(200) / 2).max(plan.idle_connections as u64 + 100);
     say("starting two HAProxy processes");
-    match topology::start_haproxy(backend_addrs, &ca, dir, &mut running, maxconn).await {
+    match topology::start_haproxy(backend_addrs, &ca, dir, &mut running, maxconn, threads).await {
         Ok(haproxy) => topologies.push(haproxy),
         Err(error) => {
             say(&format!("HAProxy did not start: {error:#}"));

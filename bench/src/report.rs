@@ -404,8 +404,8 @@ impl Report {
              and with {} idle keep-alive connections open (each made one request; read 2 s after the last one opened).\n\
              - Every kind of run goes through all topologies before the next kind starts, so \
              background load spreads over all of them. mesh-proxy runs its default one thread \
-             (unless a note says `MESH_PROXY_WORKER_THREADS`); HAProxy `nbthread 2`; nginx one \
-             process.\n",
+             (unless a note says `MESH_PROXY_WORKER_THREADS`) and HAProxy as many (`nbthread`); \
+             nginx one process.\n",
             rates.join(" and "),
             p.rate_connections,
             p.rate_duration.as_secs_f64(),

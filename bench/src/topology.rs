@@ -329,8 +329,26 @@ async fn start_proxy(
     Ok((service, outbound, admin))
 }
 
-/// Passes the bench's `MESH_PROXY_WORKER_THREADS` on to a proxy, to compare runtimes:
-/// `MESH_PROXY_WORKER_THREADS=2 just bench`.
+/// How many threads each proxy of the bench runs: mesh-proxy's `MESH_PROXY_WORKER_THREADS`
+/// when set (`MESH_PROXY_WORKER_THREADS=2 just bench`), else its default, one. HAProxy runs as
+/// many (`nbthread`): a proxy with a second thread can fill the second core while the first
+/// waits, so the two are compared only at the same count.
+pub fn proxy_threads() -> Result<usize> {
+    parse_threads(std::env::var("MESH_PROXY_WORKER_THREADS").ok().as_deref())
+}
+
+fn parse_threads(value: Option<&str>) -> Result<usize> {
+    let Some(value) = value else { return Ok(1) };
+    value
+        .parse()
+        .ok()
+        .filter(|threads| *threads > 0)
+        .with_context(|| {
+            format!("MESH_PROXY_WORKER_THREADS={value:?} is not a positive number of threads")
+        })
+}
+
+/// Passes the bench's `MESH_PROXY_WORKER_THREADS` on to a proxy, to compare runtimes.
 pub fn pass_worker_threads(command: &mut Command) {
     if let Ok(threads) = std::env::var("MESH_PROXY_WORKER_THREADS") {
         command.env("MESH_PROXY_WORKER_THREADS", threads);
@@ -522,8 +540,8 @@ async fn check_path(
 
 /// HAProxy's two configurations: the client side (plain HTTP in, TLS 1.3 out with a client
 /// certificate) and the server side (TLS 1.3 in, requiring a client certificate; plain HTTP
-/// to nginx). Both keep connections alive and reuse them, two threads each like mesh-proxy.
-/// `no strict-limits`: HAProxy reserves two descriptors per connection, more than the
+/// to nginx). Both keep connections alive and reuse them, and run `threads` threads, as many as
+/// each mesh-proxy runs (see [`proxy_threads`]). `no strict-limits`: HAProxy reserves two descriptors per connection, more than the
 /// open-files limit allows for 10,000 connections, though the client side needs one each.
 pub fn haproxy_confs(
     dir: &Path,
@@ -531,10 +549,11 @@ pub fn haproxy_confs(
     hop: SocketAddr,
     backend: SocketAddr,
     maxconn: u64,
+    threads: usize,
 ) -> (String, String) {
     let dir = dir.display();
     let common = format!(
-        "global\n    nbthread 2\n    maxconn {maxconn}\n    no strict-limits\n    ssl-default-bind-options ssl-min-ver TLSv1.3\n\
+        "global\n    nbthread {threads}\n    maxconn {maxconn}\n    no strict-limits\n    ssl-default-bind-options ssl-min-ver TLSv1.3\n\
          \x20   ssl-default-server-options ssl-min-ver TLSv1.3\n\
          defaults\n    mode http\n    timeout connect 5s\n    timeout client 600s\n    timeout server 600s\n\
          \x20   timeout http-keep-alive 600s\n    http-reuse always\n"
@@ -559,6 +578,7 @@ pub async fn start_haproxy(
     dir: &Path,
     running: &mut Running,
     maxconn: u64,
+    threads: usize,
 ) -> Result<Topology> {
     let haproxy =
         find_program("haproxy").context("haproxy is not installed (scripts/bench-setup)")?;
@@ -573,7 +593,8 @@ pub async fn start_haproxy(
             format!("{}{}", leaf.chain_pem, leaf.key_pem),
         )?;
     }
-    let (client_conf, server_conf) = haproxy_confs(dir, front, hop, backend.http1, maxconn);
+    let (client_conf, server_conf) =
+        haproxy_confs(dir, front, hop, backend.http1, maxconn, threads);
     let mut pids = Vec::new();
     for (name, conf, listen) in [
         ("haproxy-server", server_conf, hop),
@@ -607,4 +628,28 @@ pub async fn start_haproxy(
             },
         ],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_threads_default_to_one_and_refuse_what_is_not_a_count() {
+        assert_eq!(parse_threads(None).expect("default"), 1);
+        assert_eq!(parse_threads(Some("2")).expect("two"), 2);
+        for bad in ["0", "-1", "two", ""] {
+            let error = parse_threads(Some(bad)).expect_err(bad).to_string();
+            assert!(error.contains("MESH_PROXY_WORKER_THREADS"), "{error}");
+        }
+    }
+
+    #[test]
+    fn haproxy_runs_as_many_threads_as_the_mesh_proxy() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().expect("address");
+        let (client, server) = haproxy_confs(Path::new("/tmp"), addr, addr, addr, 100, 3);
+        for conf in [client, server] {
+            assert!(conf.contains("\n    nbthread 3\n"), "{conf}");
+        }
+    }
 }

@@ -7,8 +7,10 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
+use crate::client::UpstreamBody;
+
 /// The body of every response the proxy returns: the peer's, or one it wrote itself.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// The body of every request the proxy sends: the client's, streamed, or a buffered copy
 /// (retries, mirrors).

@@ -49,9 +49,11 @@ impl Http1Pool {
     /// before the request went out, once more on a new one.
     pub async fn send(&self, request: Request<ReqBody>) -> Result<Response<Incoming>, SendError> {
         let request = origin_form(request);
+        // Boxed: connecting is rare, and its future (hyper's handshake) would grow every
+        // request's future by kilobytes.
         let mut sender = match self.ready() {
             Some(sender) => sender,
-            None => self.connect().await?,
+            None => Box::pin(self.connect()).await?,
         };
         let response = match sender.try_send_request(request).await {
             Ok(response) => response,
@@ -60,7 +62,7 @@ impl Http1Pool {
                     return Err(SendError::Http(error.into_error()));
                 };
                 debug!(error = %error.error(), "a pooled HTTP/1 connection closed; reconnecting");
-                sender = self.connect().await?;
+                sender = Box::pin(self.connect()).await?;
                 sender
                     .send_request(request)
                     .await
@@ -108,7 +110,7 @@ impl Http1Pool {
 
     async fn connect(&self) -> Result<http1::SendRequest<ReqBody>, SendError> {
         let io = self.connector.open().await?;
-        let (sender, connection) = http1::handshake(io)
+        let (sender, connection) = http1::handshake(hyper_util::rt::TokioIo::new(io))
             .await
             .map_err(|error| SendError::Connect(std::io::Error::other(error)))?;
         tokio::spawn(async move {

@@ -3,10 +3,10 @@
 //!
 //! Each client dials its one destination whatever the request URI says, so the URI keeps the
 //! request's own authority (for `Host` and `:authority`). HTTP/1 reuses a pool of connections
-//! ([`Http1Pool`]); HTTP/2 needs only its one multiplexed connection ([`Http2Connection`]).
-//! Both are thin over hyper's connection API: hyper-util's pooled client costs more per
-//! request than the rest of a proxy's own work on it, for generality a client of one
-//! destination does not need.
+//! ([`Http1Pool`], over hyper's connection API); HTTP/2 needs only its one multiplexed
+//! connection ([`Http2Connection`], over `h2`). Both are hand-written: hyper-util's pooled
+//! client, and hyper's HTTP/2 client under it, cost more per request than the rest of a
+//! proxy's own work on it, for generality a client of one destination does not need.
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,7 +19,6 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -32,7 +31,10 @@ mod http1;
 mod http2;
 
 pub use http1::Http1Pool;
-pub use http2::Http2Connection;
+pub use http2::{Http2Body, Http2Connection};
+
+/// The body of a response from a destination, as the client of its version read it.
+pub type UpstreamBody = http_body_util::Either<Incoming, Http2Body>;
 
 /// How to open a connection to one destination.
 #[derive(Clone, Debug)]
@@ -348,8 +350,8 @@ pub struct ConnectionLimit {
 }
 
 impl Connector {
-    /// A connection to the destination holding one of its slots, for hyper's handshake.
-    async fn open(&self) -> Result<TokioIo<PooledIo>, SendError> {
+    /// A connection to the destination holding one of its slots, for a client's handshake.
+    async fn open(&self) -> Result<PooledIo, SendError> {
         // Waiting here is waiting for another connection to the destination to close.
         let permit =
             match tokio::time::timeout(self.timeout, self.permits.clone().acquire_owned()).await {
@@ -367,10 +369,10 @@ impl Connector {
             .connect(self.timeout)
             .await
             .map_err(SendError::Connect)?;
-        Ok(TokioIo::new(PooledIo {
+        Ok(PooledIo {
             io,
             _permit: permit,
-        }))
+        })
     }
 }
 
@@ -467,11 +469,16 @@ impl HttpClients {
     }
 
     /// Sends `request` on the client of its version.
-    pub async fn send(&self, request: Request<ReqBody>) -> Result<Response<Incoming>, SendError> {
+    pub async fn send(
+        &self,
+        request: Request<ReqBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
         if request.version() == http::Version::HTTP_2 {
-            self.http2.send(request).await
+            let response = self.http2.send(request).await?;
+            Ok(response.map(http_body_util::Either::Right))
         } else {
-            self.http1.send(request).await
+            let response = self.http1.send(request).await?;
+            Ok(response.map(http_body_util::Either::Left))
         }
     }
 }
@@ -481,8 +488,10 @@ impl HttpClients {
 pub enum SendError {
     /// No connection could be made.
     Connect(io::Error),
-    /// The exchange on a connection failed.
+    /// The exchange on an HTTP/1 connection failed.
     Http(hyper::Error),
+    /// The exchange on the HTTP/2 connection failed.
+    Http2(h2::Error),
 }
 
 impl SendError {
@@ -491,6 +500,7 @@ impl SendError {
         match self {
             Self::Connect(error) => error,
             Self::Http(error) => error,
+            Self::Http2(error) => error,
         }
     }
 
@@ -503,7 +513,7 @@ impl SendError {
     pub fn connection_limit(&self) -> Option<&ConnectionLimit> {
         match self {
             Self::Connect(error) => error.get_ref()?.downcast_ref::<ConnectionLimit>(),
-            Self::Http(_) => None,
+            Self::Http(_) | Self::Http2(_) => None,
         }
     }
 }

@@ -514,6 +514,72 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn dropping_the_response_stops_the_upload_and_resets_the_stream() {
+        let (ended_tx, mut ended) = mpsc::channel::<Result<usize, String>>(1);
+        let (addr, _) = test_server::counting(move |stream, _| {
+            let ended_tx = ended_tx.clone();
+            async move {
+                let service =
+                    hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                        let ended_tx = ended_tx.clone();
+                        async move {
+                            // Reads the body to its end, never answering.
+                            let mut body = request.into_body();
+                            let mut read = 0;
+                            let end = loop {
+                                match body.frame().await {
+                                    Some(Ok(frame)) => {
+                                        read += frame.data_ref().map_or(0, Bytes::len)
+                                    }
+                                    Some(Err(error)) => break Err(format!("{error:?}")),
+                                    None => break Ok(read),
+                                }
+                            };
+                            let _ = ended_tx.send(end).await;
+                            std::future::pending::<Result<Response<Full<Bytes>>, hyper::Error>>()
+                                .await
+                        }
+                    });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            }
+        })
+        .await;
+        let clients = HttpClients::new(Dial::Direct(addr), Duration::from_secs(2), 10);
+        let sender = clients.http2.connect(None).await.expect("connected");
+        let mut sender = SendRequest::clone(&sender).ready().await.expect("ready");
+        let request = Request::post("http://books.shop:8080/")
+            .body(())
+            .expect("request");
+        let (response, stream) = sender.send_request(request, false).expect("sent");
+        // A body that never ends: a chunk now, then nothing more.
+        let (chunks_tx, chunks) =
+            mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+        chunks_tx
+            .send(Ok(Frame::data(Bytes::from_static(b"first"))))
+            .await
+            .expect("queued");
+        let stop = spawn_upload(
+            http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(chunks)),
+            stream,
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(response);
+        drop(stop);
+        let end = tokio::time::timeout(Duration::from_secs(5), ended.recv())
+            .await
+            .expect("the server's body ends")
+            .expect("a result");
+        let error = end.expect_err("the stream is reset, not finished");
+        assert!(
+            error.contains("CANCEL") || error.contains("cancel"),
+            "{error}"
+        );
+        drop(chunks_tx);
+    }
+
+    #[tokio::test]
     async fn an_unreachable_destination_is_a_connect_error() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");

@@ -475,6 +475,21 @@ mod tests {
         assert_eq!(trailers.get("grpc-status").expect("grpc-status"), "0");
     }
 
+    /// Opens a POST stream to `addr` whose body the test sends itself; the clients hold the
+    /// connection open.
+    async fn open_post(
+        addr: SocketAddr,
+    ) -> (HttpClients, h2::client::ResponseFuture, SendStream<Bytes>) {
+        let clients = HttpClients::new(Dial::Direct(addr), Duration::from_secs(2), 10);
+        let sender = clients.http2.connect(None).await.expect("connected");
+        let mut sender = SendRequest::clone(&sender).ready().await.expect("ready");
+        let request = Request::post("http://books.shop:8080/")
+            .body(())
+            .expect("request");
+        let (response, stream) = sender.send_request(request, false).expect("sent");
+        (clients, response, stream)
+    }
+
     #[tokio::test]
     async fn request_trailers_follow_the_body() {
         let (addr, _) = test_server::counting(|stream, _| async move {
@@ -493,13 +508,7 @@ mod tests {
                 .await;
         })
         .await;
-        let clients = HttpClients::new(Dial::Direct(addr), Duration::from_secs(2), 10);
-        let sender = clients.http2.connect(None).await.expect("connected");
-        let mut sender = SendRequest::clone(&sender).ready().await.expect("ready");
-        let request = Request::post("http://books.shop:8080/")
-            .body(())
-            .expect("request");
-        let (response, stream) = sender.send_request(request, false).expect("sent");
+        let (_clients, response, stream) = open_post(addr).await;
         let mut trailers = http::HeaderMap::new();
         trailers.insert("checksum", http::HeaderValue::from_static("abc"));
         let frames = futures::stream::iter([
@@ -546,13 +555,7 @@ mod tests {
             }
         })
         .await;
-        let clients = HttpClients::new(Dial::Direct(addr), Duration::from_secs(2), 10);
-        let sender = clients.http2.connect(None).await.expect("connected");
-        let mut sender = SendRequest::clone(&sender).ready().await.expect("ready");
-        let request = Request::post("http://books.shop:8080/")
-            .body(())
-            .expect("request");
-        let (response, stream) = sender.send_request(request, false).expect("sent");
+        let (_clients, response, stream) = open_post(addr).await;
         // A body that never ends: a chunk now, then nothing more.
         let (chunks_tx, chunks) =
             mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);

@@ -43,6 +43,8 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>) {
         // its task is aborted.
         stop: CancellationToken::new(),
         connections: TaskTracker::new(),
+        // On the main thread: the admin server is not on the request path.
+        workers: crate::workers::Workers::none(),
     };
     accept_loop(listener, accept, move |stream, peer| {
         let ctx = ctx.clone();

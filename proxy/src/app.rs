@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::client::{Dial, HttpClients};
+use crate::client::{ClientSettings, Dial, HttpClients};
 use crate::config::Config;
 use crate::discovery::Discovery;
 use crate::identity::{self, Identity};
@@ -25,6 +25,7 @@ use crate::policy::{InboundPolicy, PolicyStore};
 use crate::tap::TapHub;
 use crate::tls::TlsContext;
 use crate::trace::Tracer;
+use crate::workers::{Turn, Workers};
 use crate::{admin, inbound, outbound};
 use mesh_proto::identity::identity_client::IdentityClient;
 use mesh_proto::tonic;
@@ -48,6 +49,9 @@ pub enum StartError {
     /// TLS could not be configured.
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// A worker thread could not start.
+    #[error("starting the worker threads: {0}")]
+    Workers(std::io::Error),
     /// The controller address is not usable.
     #[error("controller address {addr:?}: {source}")]
     Controller {
@@ -168,6 +172,8 @@ pub struct Context {
     pub own_ports: OwnPorts,
     /// The host names egress metrics name traffic by, bounded.
     pub egress_hosts: crate::egress::HostLabels,
+    /// The threads that serve connections.
+    pub workers: Workers,
     local_id: Label,
     /// Clients for addresses forwarded to unchanged (targets discovery doesn't know).
     direct_clients: Arc<IdleMap<SocketAddr, HttpClients>>,
@@ -193,6 +199,11 @@ impl Context {
         }
     }
 
+    /// How the clients of each destination connect.
+    pub fn client_settings(&self) -> ClientSettings {
+        ClientSettings::new(&self.config)
+    }
+
     /// The local SPIFFE ID, or an empty label.
     pub fn local_id(&self) -> Label {
         self.local_id.clone()
@@ -201,11 +212,7 @@ impl Context {
     /// The clients dialing `addr` directly, created on first use.
     pub fn direct_clients(&self, addr: SocketAddr) -> HttpClients {
         self.direct_clients.get_or_insert_with(&addr, || {
-            HttpClients::new(
-                Dial::Direct(addr),
-                self.config.connect_timeout,
-                self.config.limits.endpoint_connections,
-            )
+            HttpClients::new(Dial::Direct(addr), self.client_settings())
         })
     }
 }
@@ -272,8 +279,7 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
     let discovery = Discovery::new(
         config.controller_addr.as_deref(),
         config.workload.to_proto(),
-        config.connect_timeout,
-        config.limits.endpoint_connections,
+        ClientSettings::new(&config),
         config.limits.target_idle_timeout,
         tls.clone(),
     )
@@ -335,6 +341,7 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
             .map(|identity| identity.id.clone())
             .unwrap_or_default(),
     );
+    let workers = Workers::start(config.worker_threads).map_err(StartError::Workers)?;
     let drain = CancellationToken::new();
     let grace = config.shutdown_grace_period;
     let direct_clients = IdleMap::new(config.limits.target_idle_timeout);
@@ -358,6 +365,7 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
         ready: AtomicBool::new(false),
         own_ports,
         egress_hosts: crate::egress::HostLabels::default(),
+        workers,
         local_id,
         direct_clients,
     });
@@ -408,6 +416,7 @@ pub fn start(config: Config, listeners: Listeners) -> Result<Running, StartError
             );
         }
         admin.abort();
+        ctx.workers.stop();
         info!("proxy stopped");
     });
     Ok(Running {
@@ -432,16 +441,14 @@ pub struct Accept {
     pub stop: CancellationToken,
     /// Tracks the connections' tasks (so the drain can wait for them).
     pub connections: TaskTracker,
+    /// The threads connections are dealt to.
+    pub workers: Workers,
 }
 
 /// How often, at most, a listener at its connection limit says so in the log: a flood must
 /// not become a flood of log lines.
 const LIMIT_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Accepts connections until `accept.stop` fires, handing each to `handle` on its own task,
-/// at most `accept.max_connections` at once. A connection past the limit is closed at once
-/// (the client sees a reset or an immediate close, not a hang), counted in
-/// `listener_connections_refused_total` and logged.
 /// A connection's share of its listener: counted as open, holding one of the listener's
 /// permits, until it ends (or its task is dropped).
 struct ConnectionSlot {
@@ -465,9 +472,44 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// Serves an accepted connection on another worker's runtime. The socket moves to that
+/// runtime's reactor, so its readiness wakes that thread rather than this one.
+fn serve_on<F, Fut>(
+    worker: &tokio::runtime::Handle,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    connections: &TaskTracker,
+    handle: F,
+    slot: ConnectionSlot,
+) where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(error) => {
+            warn!(%peer, %error, "could not hand a connection to a worker thread");
+            return;
+        }
+    };
+    let served = async move {
+        match tokio::net::TcpStream::from_std(stream) {
+            Ok(stream) => handle(stream, peer).await,
+            Err(error) => warn!(%peer, %error, "a worker thread could not take a connection"),
+        }
+        drop(slot);
+    };
+    connections.spawn_on(served, worker);
+}
+
+/// Accepts connections until `accept.stop` fires, handing each to `handle` on its own task,
+/// at most `accept.max_connections` at once. A connection past the limit is closed at once
+/// (the client sees a reset or an immediate close, not a hang), counted in
+/// `listener_connections_refused_total` and logged.
+/// Each connection is served on the worker thread whose turn it is.
 pub async fn accept_loop<F, Fut>(listener: TcpListener, accept: Accept, handle: F)
 where
-    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let Accept {
@@ -476,6 +518,7 @@ where
         metrics,
         stop,
         connections,
+        workers,
     } = accept;
     let permits = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let open = metrics.listener_open(name);
@@ -503,9 +546,16 @@ where
                 };
                 let _ = stream.set_nodelay(true);
                 let slot = ConnectionSlot::new(open.clone(), permit);
-                // `map` rather than an `async` block awaiting `served`: the block would keep
-                // room for the connection's future twice, doubling every connection's task.
-                connections.spawn(handle(stream, peer).map(move |()| drop(slot)));
+                match workers.next_turn() {
+                    // `map` rather than an `async` block awaiting `served`: the block would
+                    // keep room for the connection's future twice, doubling every task.
+                    Turn::Here => {
+                        connections.spawn(handle(stream, peer).map(move |()| drop(slot)));
+                    }
+                    Turn::There(worker) => {
+                        serve_on(worker, stream, peer, &connections, handle.clone(), slot);
+                    }
+                }
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.

@@ -73,8 +73,9 @@ pub struct Config {
     /// (`MESH_PROXY_EXIT_WITH_APP=true`: a classic sidecar in a Job's pod).
     pub exit_with_app: bool,
     /// Threads that run the proxy (`MESH_PROXY_WORKER_THREADS`, default 1, like Linkerd's
-    /// proxy cores or Istio's concurrency): one runs everything on the main thread, with no
-    /// hand-off between threads; more suit a pod that needs more than a core of proxying.
+    /// proxy cores or Istio's concurrency): one runs everything on the main thread; more suit
+    /// a pod that needs more than a core of proxying, each thread serving its share of the
+    /// connections on a runtime of its own (see `workers`).
     pub worker_threads: usize,
     /// A multicluster gateway (`MESH_PROXY_GATEWAY=true`): its inbound port also relays mutual
     /// TLS connections from other clusters' proxies to the meshed proxies of this one.

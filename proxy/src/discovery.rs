@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::balance::{self, Balancer};
-use crate::client::{Dial, GatewayHop, HttpClients, MeshTls};
+use crate::client::{ClientSettings, Dial, GatewayHop, HttpClients, MeshTls};
 use crate::idle::IdleMap;
 use crate::metrics::Label;
 use crate::route::FailureAccrual;
@@ -270,8 +270,7 @@ impl Resolution {
 pub struct Discovery {
     client: Option<DestinationClient<Channel>>,
     source: WorkloadRef,
-    connect_timeout: Duration,
-    endpoint_connections: usize,
+    clients: ClientSettings,
     tls: Option<Arc<TlsContext>>,
     cache: Arc<IdleMap<TargetKey, Arc<Resolution>>>,
 }
@@ -285,20 +284,19 @@ const NOT_FOUND_RETRY: Duration = Duration::from_secs(5);
 impl Discovery {
     /// Discovery through the controller at `controller` (None: every target is unknown and
     /// forwarded to its original destination). Connects lazily, so a controller that is down
-    /// at start is not an error. Each endpoint's clients open at most `endpoint_connections`;
+    /// at start is not an error. Each endpoint's clients connect as `clients` says;
     /// a target no connection has used for `idle` is forgotten (its stream closed).
     pub fn new(
         controller: Option<&str>,
         source: WorkloadRef,
-        connect_timeout: Duration,
-        endpoint_connections: usize,
+        clients: ClientSettings,
         idle: Duration,
         tls: Option<Arc<TlsContext>>,
     ) -> Result<Self, tonic::transport::Error> {
         let client = match controller {
             Some(addr) => {
                 let channel = tonic::transport::Endpoint::from_shared(addr.to_string())?
-                    .connect_timeout(connect_timeout)
+                    .connect_timeout(clients.connect_timeout)
                     .tcp_nodelay(true)
                     .connect_lazy();
                 Some(DestinationClient::new(channel))
@@ -308,8 +306,7 @@ impl Discovery {
         Ok(Self {
             client,
             source,
-            connect_timeout,
-            endpoint_connections,
+            clients,
             tls,
             cache: {
                 let cache = IdleMap::new(idle);
@@ -338,8 +335,7 @@ impl Discovery {
                 let watch = Watch {
                     client: client.clone(),
                     source: self.source.clone(),
-                    connect_timeout: self.connect_timeout,
-                    endpoint_connections: self.endpoint_connections,
+                    clients: self.clients,
                     tls: self.tls.clone(),
                     resolution: Arc::downgrade(&resolution),
                     key,
@@ -382,8 +378,7 @@ fn service_authority(labels: &HashMap<String, String>, key: &TargetKey) -> Optio
 struct Watch {
     client: DestinationClient<Channel>,
     source: WorkloadRef,
-    connect_timeout: Duration,
-    endpoint_connections: usize,
+    clients: ClientSettings,
     tls: Option<Arc<TlsContext>>,
     resolution: std::sync::Weak<Resolution>,
     key: TargetKey,
@@ -556,7 +551,7 @@ impl Watch {
             opaque,
             tls,
             gateway,
-            clients: HttpClients::new(dial, self.connect_timeout, self.endpoint_connections),
+            clients: HttpClients::new(dial, self.clients),
             failures: AtomicU32::new(0),
         })
     }

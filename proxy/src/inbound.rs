@@ -42,6 +42,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>, connections: TaskTr
         metrics: ctx.metrics.clone(),
         stop: ctx.drain.clone(),
         connections,
+        workers: ctx.workers.clone(),
     };
     accept_loop(listener, accept, move |stream, peer| {
         let ctx = ctx.clone();

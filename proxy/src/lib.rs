@@ -43,3 +43,4 @@ pub mod timeout;
 pub mod tls;
 pub mod trace;
 pub mod transport_header;
+pub mod workers;

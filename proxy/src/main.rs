@@ -67,15 +67,9 @@ fn main() -> anyhow::Result<()> {
     }
     let config = Config::from_env().context("invalid proxy configuration")?;
     init_logging(&config.log_level, config.log_format)?;
-    // One thread runs everything on this thread: no wake-ups or work stealing between threads.
-    let mut builder = if config.worker_threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder.worker_threads(config.worker_threads);
-        builder
-    };
-    let runtime = builder
+    // The main thread is the first worker; `app::start` starts the others (see `workers`), each
+    // with a runtime of its own like this one.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;

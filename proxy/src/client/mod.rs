@@ -428,18 +428,45 @@ impl AsyncWrite for PooledIo {
 /// race the server's close with a new request.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The HTTP/1 and HTTP/2 clients of one destination.
+/// How the clients of each destination connect.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientSettings {
+    /// How long a connection (TCP and TLS) may take.
+    pub connect_timeout: Duration,
+    /// Connections open to one destination at once, over every worker thread.
+    pub max_connections: usize,
+    /// Worker threads, each with its own connections (see `workers`).
+    pub workers: usize,
+}
+
+impl ClientSettings {
+    /// The configured settings.
+    pub fn new(config: &crate::config::Config) -> Self {
+        Self {
+            connect_timeout: config.connect_timeout,
+            max_connections: config.limits.endpoint_connections,
+            workers: config.worker_threads,
+        }
+    }
+}
+
+/// The HTTP/1 and HTTP/2 clients of one destination: one pair per worker thread, so a request
+/// uses connections driven by its own thread (under one connection limit for them all).
 #[derive(Clone, Debug)]
 pub struct HttpClients {
     /// Dials the destination.
     pub dial: Arc<Dial>,
-    /// Pooled HTTP/1 connections.
-    pub http1: Arc<Http1Pool>,
-    /// The one multiplexed HTTP/2 connection.
-    pub http2: Arc<Http2Connection>,
+    per_worker: Arc<[WorkerClients]>,
     /// The metrics of the last target sent here: a destination serves one logical target
     /// almost always, so its labels and series are built once, not per request.
     pub target_metrics: Arc<ArcSwapOption<TargetMetrics>>,
+}
+
+/// One worker thread's clients of a destination.
+#[derive(Debug)]
+struct WorkerClients {
+    http1: Http1Pool,
+    http2: Http2Connection,
 }
 
 /// In use while a clone besides the cache's exists. Counted on `target_metrics`, which only
@@ -451,21 +478,40 @@ impl crate::idle::InUse for HttpClients {
 }
 
 impl HttpClients {
-    /// Clients for one destination, with at most `max_connections` open to it at once; no
-    /// connection is opened until the first request.
-    pub fn new(dial: Dial, connect_timeout: Duration, max_connections: usize) -> Self {
+    /// Clients for one destination; no connection is opened until the first request.
+    pub fn new(dial: Dial, settings: ClientSettings) -> Self {
         let connector = Connector {
             dial: Arc::new(dial),
-            timeout: connect_timeout,
-            permits: Arc::new(Semaphore::new(max_connections)),
-            max_connections,
+            timeout: settings.connect_timeout,
+            permits: Arc::new(Semaphore::new(settings.max_connections)),
+            max_connections: settings.max_connections,
         };
+        let per_worker = (0..settings.workers.max(1))
+            .map(|_| WorkerClients {
+                http1: Http1Pool::new(connector.clone()),
+                http2: Http2Connection::new(connector.clone()),
+            })
+            .collect();
         Self {
-            dial: connector.dial.clone(),
-            http1: Arc::new(Http1Pool::new(connector.clone())),
-            http2: Arc::new(Http2Connection::new(connector)),
+            dial: connector.dial,
+            per_worker,
             target_metrics: Arc::new(ArcSwapOption::empty()),
         }
+    }
+
+    /// The current worker thread's clients.
+    fn here(&self) -> &WorkerClients {
+        &self.per_worker[crate::workers::index() % self.per_worker.len()]
+    }
+
+    /// The current worker thread's pool of HTTP/1 connections.
+    pub fn http1(&self) -> &Http1Pool {
+        &self.here().http1
+    }
+
+    /// The current worker thread's multiplexed HTTP/2 connection.
+    pub fn http2(&self) -> &Http2Connection {
+        &self.here().http2
     }
 
     /// Sends `request` on the client of its version.
@@ -474,10 +520,10 @@ impl HttpClients {
         request: Request<ReqBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         if request.version() == http::Version::HTTP_2 {
-            let response = self.http2.send(request).await?;
+            let response = self.http2().send(request).await?;
             Ok(response.map(http_body_util::Either::Right))
         } else {
-            let response = self.http1.send(request).await?;
+            let response = self.http1().send(request).await?;
             Ok(response.map(http_body_util::Either::Left))
         }
     }
@@ -527,6 +573,18 @@ mod test_server {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use tokio::net::{TcpListener, TcpStream};
+
+    /// Settings for one worker thread.
+    pub fn settings(
+        connect_timeout: std::time::Duration,
+        max_connections: usize,
+    ) -> super::ClientSettings {
+        super::ClientSettings {
+            connect_timeout,
+            max_connections,
+            workers: 1,
+        }
+    }
 
     /// Accepts connections, counting them, and serves the n-th (from 1) with `serve`.
     pub async fn counting<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)

@@ -25,7 +25,7 @@ use crate::policy::{InboundPolicy, PolicyStore};
 use crate::tap::TapHub;
 use crate::tls::TlsContext;
 use crate::trace::Tracer;
-use crate::workers::{Turn, Workers};
+use crate::workers::{Serving, Turn, Workers};
 use crate::{admin, inbound, outbound};
 use mesh_proto::identity::identity_client::IdentityClient;
 use mesh_proto::tonic;
@@ -451,17 +451,24 @@ const LIMIT_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1
 
 /// A connection's share of its listener: counted as open, holding one of the listener's
 /// permits, until it ends (or its task is dropped).
+/// It also counts on the worker thread serving it.
 struct ConnectionSlot {
     open: Gauge,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    _worker: Option<Serving>,
 }
 
 impl ConnectionSlot {
-    fn new(open: Gauge, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+    fn new(
+        open: Gauge,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        worker: Option<Serving>,
+    ) -> Self {
         open.inc();
         Self {
             open,
             _permit: permit,
+            _worker: worker,
         }
     }
 }
@@ -506,7 +513,7 @@ fn serve_on<F, Fut>(
 /// at most `accept.max_connections` at once. A connection past the limit is closed at once
 /// (the client sees a reset or an immediate close, not a hang), counted in
 /// `listener_connections_refused_total` and logged.
-/// Each connection is served on the worker thread whose turn it is.
+/// Each connection is served on the worker thread serving the fewest.
 pub async fn accept_loop<F, Fut>(listener: TcpListener, accept: Accept, handle: F)
 where
     F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
@@ -545,8 +552,9 @@ where
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let slot = ConnectionSlot::new(open.clone(), permit);
-                match workers.next_turn() {
+                let (turn, worker) = workers.assign();
+                let slot = ConnectionSlot::new(open.clone(), permit, worker);
+                match turn {
                     // `map` rather than an `async` block awaiting `served`: the block would
                     // keep room for the connection's future twice, doubling every task.
                     Turn::Here => {

@@ -1,15 +1,17 @@
 //! The proxy's worker threads, one runtime each, and dealing accepted connections to them.
 //!
 //! With `MESH_PROXY_WORKER_THREADS` above one, each extra thread runs its own single-threaded
-//! tokio runtime, and the listeners deal accepted connections to the threads in turn (the
-//! thread that accepts is one of them). A connection's requests, and the upstream connections
-//! they use (each thread has its own, see `client::HttpClients`), then stay on one thread: no
-//! work stealing and no wake-ups across threads on the request path. tokio's multi-threaded
-//! runtime spent more per request than its second thread gave back.
+//! tokio runtime, and the listeners hand each accepted connection to the thread serving the
+//! fewest (the thread that accepts is one of them). A connection's requests, and the upstream
+//! connections they use (each thread has its own, see `client::HttpClients`), then stay on one
+//! thread: no work stealing and no wake-ups across threads on the request path. tokio's
+//! multi-threaded runtime spent more per request than its second thread gave back.
 //!
-//! Dealing in turn rather than each thread accepting from its own `SO_REUSEPORT` socket: the
-//! kernel's hash may put a peer proxy's few multiplexed connections all on one thread, where
-//! turns spread them.
+//! The fewest connections, like Envoy's exact connection balance, rather than each thread
+//! accepting from its own `SO_REUSEPORT` socket or taking turns: a peer proxy sends everything
+//! over one multiplexed connection per thread of its own, and the kernel's hash, or turns
+//! skewed by one of them reconnecting, would put two of those on one thread and leave another
+//! idle.
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -33,7 +35,8 @@ pub fn index() -> usize {
 pub struct Workers {
     /// The extra threads' runtimes; the accepting thread is worker 0 and not among them.
     extra: Arc<[Handle]>,
-    next: Arc<AtomicUsize>,
+    /// The connections each worker serves, the accepting thread's first.
+    serving: Arc<[AtomicUsize]>,
     stop: CancellationToken,
 }
 
@@ -45,12 +48,25 @@ pub enum Turn<'a> {
     There(&'a Handle),
 }
 
+/// A connection counted on its worker until dropped.
+#[derive(Debug)]
+pub struct Serving {
+    serving: Arc<[AtomicUsize]>,
+    worker: usize,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.serving[self.worker].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Workers {
     /// No extra threads: everything runs where it is spawned.
     pub fn none() -> Self {
         Self {
             extra: Arc::from(Vec::new()),
-            next: Arc::default(),
+            serving: Arc::from(vec![AtomicUsize::new(0)]),
             stop: CancellationToken::new(),
         }
     }
@@ -74,9 +90,10 @@ impl Workers {
                     runtime.block_on(stop.cancelled());
                 })?;
         }
+        let serving = (0..=extra.len()).map(|_| AtomicUsize::new(0)).collect();
         Ok(Self {
             extra: Arc::from(extra),
-            next: Arc::default(),
+            serving,
             stop,
         })
     }
@@ -86,15 +103,29 @@ impl Workers {
         self.extra.len() + 1
     }
 
-    /// The worker whose turn it is to serve the next connection.
-    pub fn next_turn(&self) -> Turn<'_> {
+    /// The worker to serve a new connection: the one serving the fewest (the lowest on a tie),
+    /// counted until the returned [`Serving`] is dropped.
+    pub fn assign(&self) -> (Turn<'_>, Option<Serving>) {
         if self.extra.is_empty() {
-            return Turn::Here;
+            return (Turn::Here, None);
         }
-        match self.next.fetch_add(1, Ordering::Relaxed) % self.count() {
+        let (worker, _) = self
+            .serving
+            .iter()
+            .map(|serving| serving.load(Ordering::Relaxed))
+            .enumerate()
+            .min_by_key(|&(_, serving)| serving)
+            .unwrap_or((0, 0));
+        self.serving[worker].fetch_add(1, Ordering::Relaxed);
+        let serving = Serving {
+            serving: self.serving.clone(),
+            worker,
+        };
+        let turn = match worker {
             0 => Turn::Here,
             n => Turn::There(&self.extra[n - 1]),
-        }
+        };
+        (turn, Some(serving))
     }
 
     /// Stops the extra threads, dropping whatever they still run.
@@ -107,31 +138,41 @@ impl Workers {
 mod tests {
     use super::*;
 
+    /// The worker a connection was assigned, as the thread its task runs on says.
+    fn worker_of(turn: Turn<'_>) -> usize {
+        match turn {
+            Turn::Here => index(),
+            Turn::There(handle) => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                handle.spawn(async move { tx.send(index()) });
+                rx.recv_timeout(std::time::Duration::from_secs(5))
+                    .expect("the worker ran the task")
+            }
+        }
+    }
+
     #[test]
     fn one_worker_serves_everything_where_it_was_accepted() {
         let workers = Workers::start(1).expect("started");
         assert_eq!(workers.count(), 1);
         for _ in 0..3 {
-            assert!(matches!(workers.next_turn(), Turn::Here));
+            assert!(matches!(workers.assign(), (Turn::Here, None)));
         }
     }
 
     #[test]
-    fn connections_are_dealt_to_every_worker_in_turn_on_its_own_thread() {
+    fn each_connection_goes_to_the_worker_serving_the_fewest_on_its_own_thread() {
         let workers = Workers::start(3).expect("started");
-        let mut indexes = Vec::new();
-        for _ in 0..6 {
-            indexes.push(match workers.next_turn() {
-                Turn::Here => index(),
-                Turn::There(handle) => {
-                    let (tx, rx) = std::sync::mpsc::channel();
-                    handle.spawn(async move { tx.send(index()) });
-                    rx.recv_timeout(std::time::Duration::from_secs(5))
-                        .expect("the worker ran the task")
-                }
-            });
+        let mut held = Vec::new();
+        for expected in [0, 1, 2, 0] {
+            let (turn, serving) = workers.assign();
+            assert_eq!(worker_of(turn), expected);
+            held.push(serving);
         }
-        assert_eq!(indexes, [0, 1, 2, 0, 1, 2]);
+        // Worker 1's connection ends: it now serves the fewest.
+        drop(held.remove(1));
+        let (turn, _serving) = workers.assign();
+        assert_eq!(worker_of(turn), 1);
         workers.stop();
     }
 }

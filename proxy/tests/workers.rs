@@ -1,4 +1,4 @@
-//! Worker threads (`MESH_PROXY_WORKER_THREADS`): accepted connections are dealt to every
+//! Worker threads (`MESH_PROXY_WORKER_THREADS`): accepted connections are spread over every
 //! thread, each thread reaches a destination over connections of its own, and the drain stops
 //! the threads.
 
@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 const BOOKS: &str = "books.shop.svc.cluster.local:8080";
 
 /// The inbound connections the server proxy holds open after a client proxy running
-/// `client_threads` sent one request on each of four downstream connections: one per client
-/// thread, since each thread reaches the peer over its own multiplexed connection.
+/// `client_threads` sent one request on each of four open downstream connections: one per
+/// client thread, since each thread reaches the peer over its own multiplexed connection.
 async fn peer_connections(client_threads: &str) -> f64 {
     let destination = ScriptedDestination::default();
     let stop = CancellationToken::new();
@@ -31,14 +31,17 @@ async fn peer_connections(client_threads: &str) -> f64 {
         vec![meshed(backend.addr, server.inbound_addr.port())],
     );
 
+    // Held open, so each new one goes to a thread serving none yet while there is one.
+    let mut downstream = Vec::new();
     for n in 0..4 {
-        let mut downstream = ProxyClient::connect(&client).await;
-        let (status, _, body) = downstream.get(&format!("http://{BOOKS}/on/{n}"), &[]).await;
+        let mut connection = ProxyClient::connect(&client).await;
+        let (status, _, body) = connection.get(&format!("http://{BOOKS}/on/{n}"), &[]).await;
         assert_eq!(status, 200, "{body}");
         assert!(
             body.contains(&format!("backend=a method=GET path=/on/{n}")),
             "{body}"
         );
+        downstream.push(connection);
     }
     let (_, metrics) = admin_get(&server, "/metrics").await;
     let open = metric(

@@ -23,6 +23,13 @@ pub use http1::RELEASE_AFTER;
 /// Streams per HTTP/2 connection at once.
 const MAX_CONCURRENT_STREAMS: u32 = 1000;
 
+/// Streams a client may reset before the server took them, queued at once, before the
+/// connection is closed (h2's guard against rapid-reset floods, 20 by default). A peer proxy
+/// carries many clients' requests on one connection, and they give up on them together (a
+/// deadline, a closed page): at 20, one such burst closed the connection and failed every other
+/// request on it. As many as the streams a client may open keeps the queue bounded.
+const MAX_PENDING_ACCEPT_RESETS: usize = MAX_CONCURRENT_STREAMS as usize;
+
 /// The most an HTTP/1 connection buffers while reading: a request head must fit (hyper's
 /// default, ~400 KiB per connection, lets each slow client pin that much).
 const HTTP1_MAX_BUFFER: usize = 64 * 1024;
@@ -109,7 +116,8 @@ where
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS);
     let connection = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
     tokio::pin!(connection);
     let result = tokio::select! {

@@ -812,3 +812,25 @@ async fn what_the_proxy_keeps_per_target_goes_once_the_target_is_idle() {
     .await;
     assert!(body.starts_with("backend=books"), "{body}");
 }
+
+/// A peer proxy multiplexes many clients' requests on one HTTP/2 connection, and clients give
+/// up on requests all at once (a deadline, a closed page): the streams it resets before this
+/// proxy's server took them must not cost the other requests on that connection. h2's guard
+/// against rapid-reset floods closed the connection past 20 such streams.
+#[tokio::test]
+async fn a_burst_of_cancelled_streams_from_a_peer_keeps_its_connection_and_other_requests() {
+    let server = proxy(None).await;
+    let backend = Backend::start("a").await;
+    let answered = reset_burst(&server, backend.addr, 80).await;
+    assert_eq!(answered, Ok(vec![1, 163]));
+}
+
+/// The guard still holds past the streams a client may have open at once.
+#[tokio::test]
+async fn a_flood_of_reset_streams_closes_the_connection() {
+    let server = proxy(None).await;
+    let backend = Backend::start("a").await;
+    let closed = reset_burst(&server, backend.addr, 1500).await;
+    assert_eq!(closed, Err("too_many_resets".to_string()));
+    still_running(&server).await;
+}

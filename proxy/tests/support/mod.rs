@@ -559,3 +559,100 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// An HTTP/2 frame: the 9-byte head (length, type, flags, stream) and its payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let length = u32::try_from(payload.len())
+        .expect("small frame")
+        .to_be_bytes();
+    let mut frame = vec![length[1], length[2], length[3], kind, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// A HEADERS frame ending its stream: `GET http://books{path}` as a peer proxy sends an HTTP/1
+/// request, HPACK-encoded with static-table names and literal values (no Huffman coding).
+fn h2_get(stream: u32, path: &str) -> Vec<u8> {
+    let literal = |block: &mut Vec<u8>, value: &str| {
+        block.push(u8::try_from(value.len()).expect("short value"));
+        block.extend_from_slice(value.as_bytes());
+    };
+    // :method GET and :scheme http are static entries 2 and 6.
+    let mut block = vec![0x82, 0x86];
+    // :authority (1) and :path (4), literal values without indexing.
+    block.push(0x01);
+    literal(&mut block, "books");
+    block.push(0x04);
+    literal(&mut block, path);
+    // mesh-orig-proto, a literal name.
+    block.push(0x00);
+    literal(&mut block, "mesh-orig-proto");
+    literal(&mut block, "HTTP/1.1");
+    const END_STREAM_AND_HEADERS: u8 = 0x1 | 0x4;
+    h2_frame(0x1, END_STREAM_AND_HEADERS, stream, &block)
+}
+
+/// Sends, in one write to `proxy`'s inbound port as a client proxy without identity does, one
+/// request to `backend` that stays, `resets` requests each reset right after it, and one more
+/// request. Returns the streams answered to the end of their bodies, or the debug data of the
+/// GOAWAY that closed the connection first.
+pub async fn reset_burst(
+    proxy: &Running,
+    backend: SocketAddr,
+    resets: u32,
+) -> Result<Vec<u32>, String> {
+    const DATA: u8 = 0x0;
+    const RST_STREAM: u8 = 0x3;
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    const CANCEL: u32 = 0x8;
+    let header = mesh_proxy::transport_header::TransportHeader {
+        port: backend.port(),
+        opaque: false,
+        name: String::new(),
+        tunnel_to: None,
+    };
+    let mut bytes = header.encode();
+    bytes.extend_from_slice(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    bytes.extend(h2_frame(SETTINGS, 0, 0, &[]));
+    // HTTP/1 requests carried over HTTP/2, so the backend gets HTTP/1: only the proxy's
+    // HTTP/2 server sees the resets.
+    bytes.extend(h2_get(1, "/slow?ms=300"));
+    let last = 3 + 2 * resets;
+    for stream in (3..last).step_by(2) {
+        bytes.extend(h2_get(stream, "/slow?ms=300"));
+        bytes.extend(h2_frame(RST_STREAM, 0, stream, &CANCEL.to_be_bytes()));
+    }
+    bytes.extend(h2_get(last, "/after"));
+    let mut stream = tokio::net::TcpStream::connect(proxy.inbound_addr)
+        .await
+        .expect("connect");
+    stream.write_all(&bytes).await.expect("write");
+
+    let mut answered = Vec::new();
+    let read = async {
+        while answered.len() < 2 {
+            let mut head = [0u8; 9];
+            stream.read_exact(&mut head).await.expect("a frame");
+            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; length];
+            stream.read_exact(&mut payload).await.expect("its payload");
+            if head[3] == GOAWAY {
+                return Err(
+                    String::from_utf8_lossy(payload.get(8..).unwrap_or_default()).into_owned(),
+                );
+            }
+            let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            if head[3] == DATA && head[4] & 0x1 != 0 {
+                answered.push(id);
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("answered or closed in time")?;
+    answered.sort_unstable();
+    Ok(answered)
+}

@@ -199,11 +199,6 @@ impl Context {
         }
     }
 
-    /// How the clients of each destination connect.
-    pub fn client_settings(&self) -> ClientSettings {
-        ClientSettings::new(&self.config)
-    }
-
     /// The local SPIFFE ID, or an empty label.
     pub fn local_id(&self) -> Label {
         self.local_id.clone()
@@ -212,7 +207,7 @@ impl Context {
     /// The clients dialing `addr` directly, created on first use.
     pub fn direct_clients(&self, addr: SocketAddr) -> HttpClients {
         self.direct_clients.get_or_insert_with(&addr, || {
-            HttpClients::new(Dial::Direct(addr), self.client_settings())
+            HttpClients::new(Dial::Direct(addr), ClientSettings::new(&self.config))
         })
     }
 }
@@ -441,7 +436,7 @@ pub struct Accept {
     pub stop: CancellationToken,
     /// Tracks the connections' tasks (so the drain can wait for them).
     pub connections: TaskTracker,
-    /// The threads connections are dealt to.
+    /// The threads connections are spread over.
     pub workers: Workers,
 }
 
@@ -449,9 +444,8 @@ pub struct Accept {
 /// not become a flood of log lines.
 const LIMIT_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// A connection's share of its listener: counted as open, holding one of the listener's
-/// permits, until it ends (or its task is dropped).
-/// It also counts on the worker thread serving it.
+/// A connection's share of its listener and of its worker thread: counted as open, holding one
+/// of the listener's permits, until it ends (or its task is dropped).
 struct ConnectionSlot {
     open: Gauge,
     _permit: tokio::sync::OwnedSemaphorePermit,
@@ -512,8 +506,8 @@ fn serve_on<F, Fut>(
 /// Accepts connections until `accept.stop` fires, handing each to `handle` on its own task,
 /// at most `accept.max_connections` at once. A connection past the limit is closed at once
 /// (the client sees a reset or an immediate close, not a hang), counted in
-/// `listener_connections_refused_total` and logged.
-/// Each connection is served on the worker thread serving the fewest.
+/// `listener_connections_refused_total` and logged. Each connection is served on the worker
+/// thread serving the fewest.
 pub async fn accept_loop<F, Fut>(listener: TcpListener, accept: Accept, handle: F)
 where
     F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,

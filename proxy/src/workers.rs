@@ -78,17 +78,14 @@ impl Workers {
         let stop = CancellationToken::new();
         let mut extra = Vec::with_capacity(count.saturating_sub(1));
         for index in 1..count {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            extra.push(runtime.handle().clone());
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name(format!("mesh-worker-{index}"))
-                .spawn(move || {
-                    INDEX.set(index);
-                    runtime.block_on(stop.cancelled());
-                })?;
+            match spawn_worker(index, stop.clone()) {
+                Ok(handle) => extra.push(handle),
+                Err(error) => {
+                    // Those started already would otherwise run until the process exits.
+                    stop.cancel();
+                    return Err(error);
+                }
+            }
         }
         let serving = (0..=extra.len()).map(|_| AtomicUsize::new(0)).collect();
         Ok(Self {
@@ -132,6 +129,21 @@ impl Workers {
     pub fn stop(&self) {
         self.stop.cancel();
     }
+}
+
+/// Starts worker `index` on a thread of its own, running a runtime until `stop` fires.
+fn spawn_worker(index: usize, stop: CancellationToken) -> std::io::Result<Handle> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name(format!("mesh-worker-{index}"))
+        .spawn(move || {
+            INDEX.set(index);
+            runtime.block_on(stop.cancelled());
+        })?;
+    Ok(handle)
 }
 
 #[cfg(test)]

@@ -167,7 +167,7 @@ mod tests {
     use http_body_util::{BodyExt, Full};
     use hyper_util::rt::TokioIo;
 
-    use crate::client::{Dial, HttpClients, test_server};
+    use crate::client::{HttpClients, test_server};
     use crate::http::ReqBody;
 
     /// An HTTP/1 server answering the request target it saw after `delay`; with `one_each`,
@@ -213,10 +213,7 @@ mod tests {
     #[tokio::test]
     async fn sequential_requests_reuse_one_connection_in_origin_form() {
         let (addr, accepted) = server(false, Duration::from_millis(10)).await;
-        let clients = HttpClients::new(
-            Dial::Direct(addr),
-            test_server::settings(Duration::from_secs(2), 10),
-        );
+        let clients = test_server::clients(addr, Duration::from_secs(2), 10);
         for _ in 0..5 {
             let seen = body(&clients, "http://books.shop:8080/a?b=1").await;
             assert_eq!(seen, "/a?b=1 host=books.shop:8080");
@@ -227,10 +224,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_requests_each_get_a_connection_then_share_them() {
         let (addr, accepted) = server(false, Duration::from_millis(10)).await;
-        let clients = HttpClients::new(
-            Dial::Direct(addr),
-            test_server::settings(Duration::from_secs(2), 10),
-        );
+        let clients = test_server::clients(addr, Duration::from_secs(2), 10);
         let first = futures::future::join_all((0..4).map(|_| body(&clients, "http://a/"))).await;
         assert_eq!(first.len(), 4);
         assert_eq!(accepted.load(Ordering::SeqCst), 4);
@@ -242,10 +236,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_server_closed_is_not_used_again() {
         let (addr, accepted) = server(true, Duration::from_millis(10)).await;
-        let clients = HttpClients::new(
-            Dial::Direct(addr),
-            test_server::settings(Duration::from_secs(2), 10),
-        );
+        let clients = test_server::clients(addr, Duration::from_secs(2), 10);
         for _ in 0..3 {
             assert_eq!(body(&clients, "http://a/x").await, "/x host=a");
             // The server's close reaches hyper's connection task.
@@ -258,10 +249,7 @@ mod tests {
     async fn past_the_connection_limit_a_request_fails_with_a_clear_error() {
         let (addr, accepted) = server(false, Duration::from_secs(1)).await;
         // One connection at most; a second request waits the connect timeout for it.
-        let clients = HttpClients::new(
-            Dial::Direct(addr),
-            test_server::settings(Duration::from_millis(200), 1),
-        );
+        let clients = test_server::clients(addr, Duration::from_millis(200), 1);
         let busy = clients.send(request("http://a/"));
         let refused = async {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -344,7 +344,7 @@ mod tests {
     use hyper_util::rt::TokioExecutor;
 
     use super::*;
-    use crate::client::{Dial, HttpClients, test_server};
+    use crate::client::{HttpClients, test_server};
 
     /// An HTTP/2 server that closes each connection after its first response, saying so on
     /// `closed`.
@@ -391,10 +391,7 @@ mod tests {
     #[tokio::test]
     async fn an_http2_connection_is_made_again_once_the_peer_closed_it() {
         let (addr, accepted, mut closed) = one_request_per_connection().await;
-        let clients = HttpClients::new(
-            Dial::Direct(addr),
-            test_server::settings(Duration::from_secs(2), 10),
-        );
+        let clients = test_server::clients(addr, Duration::from_secs(2), 10);
         for expected in 1..=3 {
             let response = clients.send(request()).await.expect("a response");
             let body = response
@@ -423,10 +420,7 @@ mod tests {
                 .await;
         })
         .await;
-        let clients = HttpClients::new(
-            Dial::Direct(addr),
-            test_server::settings(Duration::from_secs(2), 10),
-        );
+        let clients = test_server::clients(addr, Duration::from_secs(2), 10);
         let sent = (0..20).map(|_| clients.send(request()));
         for response in futures::future::join_all(sent).await {
             assert_eq!(response.expect("a response").status(), http::StatusCode::OK);
@@ -459,10 +453,7 @@ mod tests {
     #[tokio::test]
     async fn bodies_larger_than_every_window_go_both_ways_with_trailers() {
         let addr = echo_server().await;
-        let clients = HttpClients::new(
-            Dial::Direct(addr),
-            test_server::settings(Duration::from_secs(2), 10),
-        );
+        let clients = test_server::clients(addr, Duration::from_secs(2), 10);
         // Past the server's stream window (1 MiB) and ours (2 MiB): both sides must hand
         // capacity back as they read, or the exchange stalls.
         let sent: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
@@ -489,10 +480,7 @@ mod tests {
     async fn open_post(
         addr: SocketAddr,
     ) -> (HttpClients, h2::client::ResponseFuture, SendStream<Bytes>) {
-        let clients = HttpClients::new(
-            Dial::Direct(addr),
-            test_server::settings(Duration::from_secs(2), 10),
-        );
+        let clients = test_server::clients(addr, Duration::from_secs(2), 10);
         let sender = clients.http2().connect(None).await.expect("connected");
         let mut sender = SendRequest::clone(&sender).ready().await.expect("ready");
         let request = Request::post("http://books.shop:8080/")
@@ -599,10 +587,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         drop(listener);
-        let clients = HttpClients::new(
-            Dial::Direct(addr),
-            test_server::settings(Duration::from_secs(2), 10),
-        );
+        let clients = test_server::clients(addr, Duration::from_secs(2), 10);
         let error = clients.send(request()).await.expect_err("nothing listens");
         assert!(error.is_connect(), "{:?}", error.as_error());
     }

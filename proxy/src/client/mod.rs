@@ -574,16 +574,18 @@ mod test_server {
 
     use tokio::net::{TcpListener, TcpStream};
 
-    /// Settings for one worker thread.
-    pub fn settings(
+    /// The clients of `addr` on one worker thread.
+    pub fn clients(
+        addr: SocketAddr,
         connect_timeout: std::time::Duration,
         max_connections: usize,
-    ) -> super::ClientSettings {
-        super::ClientSettings {
+    ) -> super::HttpClients {
+        let settings = super::ClientSettings {
             connect_timeout,
             max_connections,
             workers: 1,
-        }
+        };
+        super::HttpClients::new(super::Dial::Direct(addr), settings)
     }
 
     /// Accepts connections, counting them, and serves the n-th (from 1) with `serve`.

@@ -25,7 +25,7 @@ use crate::policy::{InboundPolicy, PolicyStore};
 use crate::tap::TapHub;
 use crate::tls::TlsContext;
 use crate::trace::Tracer;
-use crate::workers::{Serving, Turn, Workers};
+use crate::workers::{ServeOn, Serving, Workers};
 use crate::{admin, inbound, outbound};
 use mesh_proto::identity::identity_client::IdentityClient;
 use mesh_proto::tonic;
@@ -546,15 +546,15 @@ where
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let (turn, worker) = workers.assign();
+                let (served_on, worker) = workers.assign();
                 let slot = ConnectionSlot::new(open.clone(), permit, worker);
-                match turn {
+                match served_on {
                     // `map` rather than an `async` block awaiting `served`: the block would
                     // keep room for the connection's future twice, doubling every task.
-                    Turn::Here => {
+                    ServeOn::Here => {
                         connections.spawn(handle(stream, peer).map(move |()| drop(slot)));
                     }
-                    Turn::There(worker) => {
+                    ServeOn::There(worker) => {
                         serve_on(worker, stream, peer, &connections, handle.clone(), slot);
                     }
                 }

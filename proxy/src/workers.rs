@@ -41,7 +41,7 @@ pub struct Workers {
 }
 
 /// Where one accepted connection is served.
-pub enum Turn<'a> {
+pub enum ServeOn<'a> {
     /// On the thread that accepted it.
     Here,
     /// On another worker's runtime.
@@ -102,9 +102,9 @@ impl Workers {
 
     /// The worker to serve a new connection: the one serving the fewest (the lowest on a tie),
     /// counted until the returned [`Serving`] is dropped.
-    pub fn assign(&self) -> (Turn<'_>, Option<Serving>) {
+    pub fn assign(&self) -> (ServeOn<'_>, Option<Serving>) {
         if self.extra.is_empty() {
-            return (Turn::Here, None);
+            return (ServeOn::Here, None);
         }
         let (worker, _) = self
             .serving
@@ -118,11 +118,11 @@ impl Workers {
             serving: self.serving.clone(),
             worker,
         };
-        let turn = match worker {
-            0 => Turn::Here,
-            n => Turn::There(&self.extra[n - 1]),
+        let served_on = match worker {
+            0 => ServeOn::Here,
+            n => ServeOn::There(&self.extra[n - 1]),
         };
-        (turn, Some(serving))
+        (served_on, Some(serving))
     }
 
     /// Stops the extra threads, dropping whatever they still run.
@@ -151,10 +151,10 @@ mod tests {
     use super::*;
 
     /// The worker a connection was assigned, as the thread its task runs on says.
-    fn worker_of(turn: Turn<'_>) -> usize {
-        match turn {
-            Turn::Here => index(),
-            Turn::There(handle) => {
+    fn worker_of(served_on: ServeOn<'_>) -> usize {
+        match served_on {
+            ServeOn::Here => index(),
+            ServeOn::There(handle) => {
                 let (tx, rx) = std::sync::mpsc::channel();
                 handle.spawn(async move { tx.send(index()) });
                 rx.recv_timeout(std::time::Duration::from_secs(5))
@@ -168,7 +168,7 @@ mod tests {
         let workers = Workers::start(1).expect("started");
         assert_eq!(workers.count(), 1);
         for _ in 0..3 {
-            assert!(matches!(workers.assign(), (Turn::Here, None)));
+            assert!(matches!(workers.assign(), (ServeOn::Here, None)));
         }
     }
 
@@ -177,14 +177,14 @@ mod tests {
         let workers = Workers::start(3).expect("started");
         let mut held = Vec::new();
         for expected in [0, 1, 2, 0] {
-            let (turn, serving) = workers.assign();
-            assert_eq!(worker_of(turn), expected);
+            let (served_on, serving) = workers.assign();
+            assert_eq!(worker_of(served_on), expected);
             held.push(serving);
         }
         // Worker 1's connection ends: it now serves the fewest.
         drop(held.remove(1));
-        let (turn, _serving) = workers.assign();
-        assert_eq!(worker_of(turn), 1);
+        let (served_on, _serving) = workers.assign();
+        assert_eq!(worker_of(served_on), 1);
         workers.stop();
     }
 }

@@ -199,8 +199,16 @@ fn egress_networks_and_routes_allow_and_deny_traffic_leaving_the_mesh() {
             && denied.contains("EgressNetwork demo/external"),
         "{denied}"
     );
-    let tls_denied = call(&client, "https", "evil.example.com", 8443, "/");
-    assert!(!tls_denied.contains(" 200"), "{tls_denied}");
+    // Each destination address has its own plan stream, so 8443's update may land after
+    // 8080's: wait for it as for the first.
+    wait_for(
+        Duration::from_secs(30),
+        || {
+            let response = call(&client, "https", "evil.example.com", 8443, "/");
+            (!response.contains(" 200")).then_some(response)
+        },
+        || call(&client, "https", "evil.example.com", 8443, "/"),
+    );
 
     // Routes: one host and path over HTTP, one server name over TLS.
     apply(&mesh, "routes.yaml", ROUTES);
@@ -223,8 +231,15 @@ fn egress_networks_and_routes_allow_and_deny_traffic_leaving_the_mesh() {
             "{host}{path}: {response}"
         );
     }
-    let secure = call(&client, "https", "secure.example.com", 8443, "/");
-    assert!(status(&secure).contains(" 200"), "{secure}");
+    let secure = wait_for(
+        Duration::from_secs(30),
+        || {
+            let response = call(&client, "https", "secure.example.com", 8443, "/");
+            status(&response).contains(" 200").then_some(response)
+        },
+        || call(&client, "https", "secure.example.com", 8443, "/"),
+    );
+    assert!(secure.contains("s_server"), "{secure}");
     let evil = call(&client, "https", "evil.example.com", 8443, "/");
     assert!(!evil.contains(" 200"), "{evil}");
 

@@ -19,7 +19,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mesh_integration_tests::netns::require_root;
 use mesh_integration_tests::{bin_path, local, workspace_root};
@@ -254,6 +254,9 @@ spec:
       labels: {app: vault}
       annotations: {config.mesh.dev/default-inbound-policy: deny}
     spec:
+      # busybox httpd runs as PID 1 without a SIGTERM handler, so only the grace period's
+      # SIGKILL stops it: the default 30 s made the deletion below outlast its bound in CI.
+      terminationGracePeriodSeconds: 10
       containers:
       - name: httpd
         image: BUSYBOX
@@ -324,8 +327,8 @@ fn egress_on_the_node(node: &Node, client_pod: &str) {
     let listener = std::net::TcpListener::bind("10.200.0.1:18080").expect("bind 10.200.0.1:18080");
     listener.set_nonblocking(true).expect("non-blocking");
     std::thread::spawn(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(180);
-        while std::time::Instant::now() < deadline {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while Instant::now() < deadline {
             match listener.accept() {
                 Ok((mut stream, _)) => {
                     use std::io::{Read, Write};
@@ -798,11 +801,16 @@ fn a_user_installs_the_mesh_on_a_real_node_and_meshes_an_app() {
     };
     let before = netns();
     let vault = node.pods("shop", "app=vault").remove(0);
+    let deleting = Instant::now();
     node.kubectl_ok(&["delete", "-n", "shop", "deploy/vault", "--wait=true"]);
     wait_for("the vault pod gone", Duration::from_secs(60), || {
         let found = node.kubectl(&["get", "-n", "shop", &format!("pod/{vault}")]);
         (!found.status.success()).then_some(())
     });
+    eprintln!(
+        "the vault pod was gone {:?} after its deletion",
+        deleting.elapsed()
+    );
     wait_for(
         "its network namespace gone",
         Duration::from_secs(30),

@@ -15,6 +15,7 @@ pub mod authz;
 pub mod balance;
 pub mod capture;
 pub mod client;
+pub mod coalesce;
 pub mod config;
 pub mod detect;
 pub mod discovery;

@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::coalesce;
 use crate::detect::Protocol;
 use crate::metrics::Metrics;
 
@@ -118,13 +119,14 @@ where
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS);
+    let (io, sender) = coalesce::split(io);
     let connection = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
     tokio::pin!(connection);
     let result = tokio::select! {
-        result = connection.as_mut() => result,
+        result = sender.after_each_poll(connection.as_mut()) => result,
         () = server.drain.cancelled() => {
             connection.as_mut().graceful_shutdown();
-            connection.await
+            sender.after_each_poll(connection).await
         }
     };
     log_end(&server, result);

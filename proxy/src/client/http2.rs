@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use tracing::debug;
 
 use super::{Connector, POOL_IDLE_TIMEOUT, SendError};
+use crate::coalesce;
 use crate::http::ReqBody;
 
 /// hyper's client defaults, which this client replaced: windows large enough that flow
@@ -110,7 +111,7 @@ impl Http2Connection {
         {
             return Ok(current);
         }
-        let io = self.connector.open().await?;
+        let (io, writes) = coalesce::split(self.connector.open().await?);
         let (sender, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -131,8 +132,8 @@ impl Http2Connection {
         tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
-                result = connection.as_mut() => log_http2_end(result),
-                () = watch.until_idle() => log_http2_end(connection.await),
+                result = writes.after_each_poll(connection.as_mut()) => log_http2_end(result),
+                () = watch.until_idle() => log_http2_end(writes.after_each_poll(connection).await),
             }
             // Idle or ended: no new request may pick it.
             watch.forget();

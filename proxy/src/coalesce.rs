@@ -207,11 +207,13 @@ mod tests {
 
     use super::*;
 
-    /// A socket that records each write it takes, taking at most `max_write` bytes at once.
+    /// A socket that records each write it takes, taking at most `max_write` bytes at once,
+    /// or nothing while `stalled` (a peer that stopped reading).
     #[derive(Debug, Default)]
     struct RecordingIo {
         writes: Vec<Vec<u8>>,
         max_write: Option<usize>,
+        stalled: bool,
         shut_down: bool,
     }
 
@@ -221,6 +223,9 @@ mod tests {
             _: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<io::Result<usize>> {
+            if self.stalled {
+                return Poll::Pending;
+            }
             let n = self.max_write.map_or(buf.len(), |max| buf.len().min(max));
             self.writes.push(buf[..n].to_vec());
             Poll::Ready(Ok(n))
@@ -320,6 +325,25 @@ mod tests {
         assert_eq!(writes.len(), 3, "held bytes, then the bulk write directly");
         assert_eq!(writes[1], vec![2u8; 20]);
         assert_eq!(writes[2], bulk);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_holds_the_connection_to_the_bound() {
+        let (mut io, sender) = split(RecordingIo {
+            stalled: true,
+            ..RecordingIo::default()
+        });
+        lock(&sender.0).in_poll = true;
+        let frame = [0u8; 1000];
+        let mut taken = 0;
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        while let Poll::Ready(written) = Pin::new(&mut io).poll_write(&mut cx, &frame) {
+            taken += written.expect("write");
+            assert!(taken <= MAX_HELD, "held past the bound");
+        }
+        assert_eq!(taken, MAX_HELD / frame.len() * frame.len());
+        assert!(recorded(&sender).is_empty());
     }
 
     #[tokio::test]

@@ -126,7 +126,23 @@ fn release_dir(repo: &Path) -> PathBuf {
 fn cargo_build(repo: &Path) -> Result<()> {
     say("building mesh-proxy and mesh-controller (release)");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = std::process::Command::new(cargo)
+    let mut command = std::process::Command::new(cargo);
+    // `cargo run` gave this process its package's variables (CARGO_MANIFEST_DIR, CARGO_PKG_*).
+    // Build scripts that watch one (ring's does) would see it change between `just bench`'s own
+    // build and this one, and every run would rebuild them and all that depends on them.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_MANIFEST_")
+            || name.starts_with("CARGO_PKG_")
+            || matches!(
+                &*name,
+                "CARGO_BIN_NAME" | "CARGO_CRATE_NAME" | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            command.env_remove(&*name);
+        }
+    }
+    let status = command
         .current_dir(repo)
         .args([
             "build",

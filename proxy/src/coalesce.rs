@@ -28,6 +28,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const MAX_HELD: usize = 64 * 1024;
 
 /// Wraps `io`: the I/O for `h2`, and the sender for the task that polls the connection.
+///
+/// Both halves share the socket, since `h2` owns its I/O and the sender writes after `h2`'s
+/// poll returns. The lock is never contended: one task uses both halves, one after the other
+/// (a `RefCell` would do, but the connection's task must be `Send`).
 pub fn split<T>(io: T) -> (CoalescedWrites<T>, Sender<T>) {
     let shared = Arc::new(Mutex::new(Shared {
         io,

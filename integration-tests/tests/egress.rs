@@ -93,6 +93,29 @@ fn status(response: &str) -> &str {
         .trim_end()
 }
 
+/// [`call`]s until `answered` accepts the response (plans reach the proxy a moment after the
+/// YAML lands, and each destination address has its own plan stream), within `timeout`.
+fn call_until(
+    netns: &str,
+    (scheme, host, port, path): (&str, &str, u16, &str),
+    timeout: Duration,
+    answered: impl Fn(&str) -> bool,
+) -> String {
+    wait_for(
+        timeout,
+        || {
+            let response = call(netns, scheme, host, port, path);
+            answered(&response).then_some(response)
+        },
+        || call(netns, scheme, host, port, path),
+    )
+}
+
+/// Whether the response's status line has `code`.
+fn has_status(code: &'static str) -> impl Fn(&str) -> bool {
+    move |response| status(response).contains(code)
+}
+
 /// An HTTP server (`orig-dst-echo`) on 8080 and a TLS one (`openssl s_server -www`) on 8443 at
 /// the outside address, in the router namespace.
 fn outside_servers(router: &str, dir: &Path) -> (ChildGuard, ChildGuard) {
@@ -165,34 +188,28 @@ fn egress_networks_and_routes_allow_and_deny_traffic_leaving_the_mesh() {
     let (_http, _tls) = outside_servers(&router, &mesh.dir);
 
     // Nothing covers the outside yet: forwarded unchanged, as before egress existed.
-    let open = wait_for(
+    let open = call_until(
+        &client,
+        ("http", "api.example.com", 8080, "/other"),
         Duration::from_secs(20),
-        || {
-            let response = call(&client, "http", "api.example.com", 8080, "/other");
-            status(&response).contains(" 200").then_some(response)
-        },
-        || call(&client, "http", "api.example.com", 8080, "/other"),
+        has_status(" 200"),
     );
     assert!(open.contains("external not redirected"), "{open}");
-    let tls_open = wait_for(
+    let tls_open = call_until(
+        &client,
+        ("https", "evil.example.com", 8443, "/"),
         Duration::from_secs(20),
-        || {
-            let response = call(&client, "https", "evil.example.com", 8443, "/");
-            status(&response).contains(" 200").then_some(response)
-        },
-        || call(&client, "https", "evil.example.com", 8443, "/"),
+        has_status(" 200"),
     );
     assert!(tls_open.contains("s_server"), "{tls_open}");
 
     // Denied: a 403 naming the network and why; TLS closed before the handshake.
     apply(&mesh, "egress.yaml", DENY_ALL);
-    let denied = wait_for(
+    let denied = call_until(
+        &client,
+        ("http", "api.example.com", 8080, "/other"),
         Duration::from_secs(30),
-        || {
-            let response = call(&client, "http", "api.example.com", 8080, "/other");
-            status(&response).contains(" 403").then_some(response)
-        },
-        || call(&client, "http", "api.example.com", 8080, "/other"),
+        has_status(" 403"),
     );
     assert!(
         denied.contains("mesh-error: egress denied: GET api.example.com:8080/other")
@@ -201,24 +218,20 @@ fn egress_networks_and_routes_allow_and_deny_traffic_leaving_the_mesh() {
     );
     // Each destination address has its own plan stream, so 8443's update may land after
     // 8080's: wait for it as for the first.
-    wait_for(
+    call_until(
+        &client,
+        ("https", "evil.example.com", 8443, "/"),
         Duration::from_secs(30),
-        || {
-            let response = call(&client, "https", "evil.example.com", 8443, "/");
-            (!response.contains(" 200")).then_some(response)
-        },
-        || call(&client, "https", "evil.example.com", 8443, "/"),
+        |response| !response.contains(" 200"),
     );
 
     // Routes: one host and path over HTTP, one server name over TLS.
     apply(&mesh, "routes.yaml", ROUTES);
-    let allowed = wait_for(
+    let allowed = call_until(
+        &client,
+        ("http", "api.example.com", 8080, "/allowed/1"),
         Duration::from_secs(30),
-        || {
-            let response = call(&client, "http", "api.example.com", 8080, "/allowed/1");
-            status(&response).contains(" 200").then_some(response)
-        },
-        || call(&client, "http", "api.example.com", 8080, "/allowed/1"),
+        has_status(" 200"),
     );
     assert!(allowed.contains("external not redirected"), "{allowed}");
     for (host, path) in [
@@ -231,13 +244,11 @@ fn egress_networks_and_routes_allow_and_deny_traffic_leaving_the_mesh() {
             "{host}{path}: {response}"
         );
     }
-    let secure = wait_for(
+    let secure = call_until(
+        &client,
+        ("https", "secure.example.com", 8443, "/"),
         Duration::from_secs(30),
-        || {
-            let response = call(&client, "https", "secure.example.com", 8443, "/");
-            status(&response).contains(" 200").then_some(response)
-        },
-        || call(&client, "https", "secure.example.com", 8443, "/"),
+        has_status(" 200"),
     );
     assert!(secure.contains("s_server"), "{secure}");
     let evil = call(&client, "https", "evil.example.com", 8443, "/");

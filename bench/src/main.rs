@@ -13,7 +13,7 @@ use mesh_bench::measure::{self, Generator};
 use mesh_bench::pki::TestCa;
 use mesh_bench::plan::{Plan, ScalePlan};
 use mesh_bench::report::Report;
-use mesh_bench::topology::{self, Backend, Binaries, Running};
+use mesh_bench::topology::{self, Backend, Binaries, HaproxyHop, Running};
 use mesh_bench::{backend, procfs, scale};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -346,12 +346,20 @@ async fn measure_topologies(
     topologies.extend(meshes);
     let limit = procfs::open_files_limit().unwrap_or(1024);
     let maxconn = (limit.saturating_sub(200) / 2).max(plan.idle_connections as u64 + 100);
-    say("starting two HAProxy processes");
-    match topology::start_haproxy(backend_addrs, &ca, dir, &mut running, maxconn, threads).await {
-        Ok(haproxy) => topologies.push(haproxy),
-        Err(error) => {
-            say(&format!("HAProxy did not start: {error:#}"));
-            notes.push(format!("HAProxy (scenario 4) did not start: {error:#}"));
+    for (protocol, scenario) in [(HaproxyHop::Http1, 4), (HaproxyHop::Http2, 7)] {
+        say(&format!(
+            "starting two HAProxy processes, {protocol:?} between them"
+        ));
+        let limits = (maxconn, threads);
+        match topology::start_haproxy(backend_addrs, protocol, &ca, dir, &mut running, limits).await
+        {
+            Ok(haproxy) => topologies.push(haproxy),
+            Err(error) => {
+                say(&format!("HAProxy did not start: {error:#}"));
+                notes.push(format!(
+                    "HAProxy (scenario {scenario}) did not start: {error:#}"
+                ));
+            }
         }
     }
     if let Some(seconds) = hold {

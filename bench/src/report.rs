@@ -97,6 +97,39 @@ fn kib(value: f64) -> String {
     }
 }
 
+/// One figure of a run.
+type Figure = fn(&Run) -> f64;
+
+/// The two latencies the summary judges, by name.
+const LATENCIES: [(&str, Figure); 2] = [
+    ("p50", |r| r.measured.p50_us),
+    ("p99", |r| r.measured.p99_us),
+];
+
+/// What topology `t` added to the direct path's latency `f` in the run `key`; NaN when either
+/// did not run it.
+fn added_at(t: &TopologyResult, direct: &TopologyResult, key: &str, f: Figure) -> f64 {
+    match (t.run(key), direct.run(key)) {
+        (Some(r), Some(d)) => f(r) - f(d),
+        _ => f64::NAN,
+    }
+}
+
+/// Topology `t`'s throughput in the run `key` as a share of the direct path's.
+fn throughput(t: &TopologyResult, direct: &TopologyResult, key: &str) -> f64 {
+    match (t.run(key), direct.run(key)) {
+        (Some(r), Some(d)) => r.measured.rps / d.measured.rps,
+        _ => f64::NAN,
+    }
+}
+
+/// CPU seconds per 10,000 requests in the run `key`, averaged over the topology's proxies.
+fn cpu_per_proxy(t: &TopologyResult, key: &str) -> f64 {
+    t.run(key).map_or(f64::NAN, |r| {
+        r.cpu_s_per_10k.iter().sum::<f64>() / r.cpu_s_per_10k.len().max(1) as f64
+    })
+}
+
 /// What each idle connection added to the RSS of the topology's `i`th watched process, in KiB;
 /// NaN when no idle connection was measured.
 fn kib_per_idle_connection(t: &TopologyResult, i: usize) -> f64 {
@@ -217,6 +250,17 @@ impl Report {
                 mesh,
             );
         }
+        if let (Some(direct), Some(haproxy)) = (self.direct(), self.topology("haproxy-h2")) {
+            self.versus_table(
+                &mut md,
+                7,
+                "scenario 4 with HTTP/2 between the two HAProxy processes (ALPN `h2` on both \
+                 sides), the protocol the mesh speaks between its proxies: a control for the \
+                 summary's last table",
+                direct,
+                haproxy,
+            );
+        }
         self.conditions(&mut md);
         md
     }
@@ -243,18 +287,9 @@ impl Report {
         );
         let _ = writeln!(md, "|---|---|---|---|---|");
         let d = direct.run(&rate_key);
-        let added_at = |t: &TopologyResult, f: fn(&Run) -> f64| -> f64 {
-            match (t.run(&rate_key), d) {
-                (Some(r), Some(d)) => f(r) - f(d),
-                _ => f64::NAN,
-            }
-        };
-        for (name, f) in [
-            ("p50", (|r: &Run| r.measured.p50_us) as fn(&Run) -> f64),
-            ("p99", |r: &Run| r.measured.p99_us),
-        ] {
-            let ours = added_at(mesh, f);
-            let theirs = haproxy.map_or(f64::NAN, |h| added_at(h, f));
+        for (name, f) in LATENCIES {
+            let ours = added_at(mesh, direct, &rate_key, f);
+            let theirs = haproxy.map_or(f64::NAN, |h| added_at(h, direct, &rate_key, f));
             let met = verdict(ours <= theirs, ours <= theirs / 2.0, theirs.is_finite());
             let _ = writeln!(
                 md,
@@ -264,14 +299,8 @@ impl Report {
                 added(theirs)
             );
         }
-        let throughput = |t: &TopologyResult| -> f64 {
-            match (t.run(&max_key), direct.run(&max_key)) {
-                (Some(r), Some(d)) => r.measured.rps / d.measured.rps,
-                _ => f64::NAN,
-            }
-        };
-        let ours = throughput(mesh);
-        let theirs = haproxy.map_or(f64::NAN, throughput);
+        let ours = throughput(mesh, direct, &max_key);
+        let theirs = haproxy.map_or(f64::NAN, |h| throughput(h, direct, &max_key));
         let _ = writeln!(
             md,
             "| throughput, {} connections, ratio to direct ({}) | {} | {} | >= HAProxy (aim: 0.40x) | {} |",
@@ -283,14 +312,9 @@ impl Report {
             ratio(theirs),
             verdict(ours >= theirs, ours >= 0.4, theirs.is_finite())
         );
-        let per_hop = |t: &TopologyResult, key: &str| -> f64 {
-            t.run(key).map_or(f64::NAN, |r| {
-                r.cpu_s_per_10k.iter().sum::<f64>() / r.cpu_s_per_10k.len().max(1) as f64
-            })
-        };
         for key in [&rate_key, &max_key] {
-            let ours = per_hop(mesh, key);
-            let theirs = haproxy.map_or(f64::NAN, |h| per_hop(h, key));
+            let ours = cpu_per_proxy(mesh, key);
+            let theirs = haproxy.map_or(f64::NAN, |h| cpu_per_proxy(h, key));
             let label = if key == &rate_key {
                 format!("at {rate} rps")
             } else {
@@ -382,6 +406,66 @@ impl Report {
                 "| controller: update propagation p99 (scenario 5) | {:.1} ms | | <= 100 ms | {} |",
                 scale.propagation_p99_ms,
                 yes_no(scale.propagation_p99_ms <= 100.0)
+            );
+        }
+        md.push('\n');
+        self.hop_protocol(md, direct, mesh);
+    }
+
+    /// The mesh beside both HAProxy pairs, on the figures that depend on the hop's protocol.
+    fn hop_protocol(&self, md: &mut String, direct: &TopologyResult, mesh: &TopologyResult) {
+        let (Some(http1), Some(http2)) = (self.topology("haproxy"), self.topology("haproxy-h2"))
+        else {
+            return;
+        };
+        let rate = self.plan.rates.first().copied().unwrap_or(1_000);
+        let rate_key = format!("rate-{rate}");
+        let max_key = format!("max-{}", self.plan.max_connections);
+        let _ = writeln!(
+            md,
+            "### The hop's protocol\n\n\
+             Between its proxies the mesh speaks HTTP/2: a client proxy's requests to a server \
+             proxy share one connection per thread. The HAProxy pair above speaks HTTP/1.1 \
+             between its two processes, one request at a time on each of many connections. \
+             Scenario 7 runs a third pair, HAProxy speaking HTTP/2 between its processes, to \
+             show what the protocol costs apart from the proxy. The targets above are judged \
+             against the HTTP/1.1 pair; this table is for reference.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| figure | mesh, mTLS (HTTP/2 hop) | HAProxy, HTTP/1.1 hop | HAProxy, HTTP/2 hop |\n\
+             |---|---|---|---|"
+        );
+        let topologies = [mesh, http1, http2];
+        for (name, f) in LATENCIES {
+            let cells: Vec<String> = topologies
+                .iter()
+                .map(|t| added(added_at(t, direct, &rate_key, f)))
+                .collect();
+            let _ = writeln!(md, "| added {name} at {rate} rps | {} |", cells.join(" | "));
+        }
+        let cells: Vec<String> = topologies
+            .iter()
+            .map(|t| ratio(throughput(t, direct, &max_key)))
+            .collect();
+        let _ = writeln!(
+            md,
+            "| throughput, {} connections, ratio to direct | {} |",
+            self.plan.max_connections,
+            cells.join(" | ")
+        );
+        for (key, label) in [
+            (&rate_key, format!("at {rate} rps")),
+            (&max_key, "at max".to_string()),
+        ] {
+            let cells: Vec<String> = topologies
+                .iter()
+                .map(|t| cpu(cpu_per_proxy(t, key)))
+                .collect();
+            let _ = writeln!(
+                md,
+                "| CPU seconds per 10,000 requests per proxy, {label} | {} |",
+                cells.join(" | ")
             );
         }
         md.push('\n');

@@ -5,7 +5,10 @@
 //!   (inbound, reached through discovery's `inbound_proxy_port`) -> nginx, plaintext;
 //! - `mesh-mtls`: the same with identities from the controller's CA (the bench's test CA is
 //!   its issuer), so the hop is mutual TLS 1.3;
-//! - `haproxy`: load generator -> HAProxy -> (mutual TLS 1.3) -> HAProxy -> nginx.
+//! - `haproxy`: load generator -> HAProxy -> (mutual TLS 1.3, HTTP/1.1) -> HAProxy -> nginx;
+//! - `haproxy-h2`: the same with HTTP/2 between the two HAProxy processes, the protocol the
+//!   mesh speaks between its proxies: a control, to tell what the hop's protocol costs from
+//!   what the proxy costs.
 //!
 //! The real `mesh-controller` serves discovery from a folder of YAML written here; each
 //! server proxy listens on its own loopback address (127.0.0.2, 127.0.0.3), which is its
@@ -538,20 +541,49 @@ async fn check_path(
     Ok(())
 }
 
+/// What the two HAProxy processes speak to each other, inside mutual TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HaproxyHop {
+    /// One request at a time per connection, connections reused (`http-reuse always`).
+    Http1,
+    /// Requests multiplexed on shared connections, as between two mesh proxies.
+    Http2,
+}
+
+impl HaproxyHop {
+    /// The ALPN protocol both sides offer, which selects it.
+    fn alpn(self) -> &'static str {
+        match self {
+            Self::Http1 => "http/1.1",
+            Self::Http2 => "h2",
+        }
+    }
+
+    /// The topology's key, which also names its files.
+    fn key(self) -> &'static str {
+        match self {
+            Self::Http1 => "haproxy",
+            Self::Http2 => "haproxy-h2",
+        }
+    }
+}
+
 /// HAProxy's two configurations: the client side (plain HTTP in, TLS 1.3 out with a client
 /// certificate) and the server side (TLS 1.3 in, requiring a client certificate; plain HTTP
-/// to nginx). Both keep connections alive and reuse them, and run `threads` threads, as many as
-/// each mesh-proxy runs (see [`proxy_threads`]). `no strict-limits`: HAProxy reserves two descriptors per connection, more than the
+/// to nginx), speaking `protocol` between them. Both keep connections alive and reuse them, and
+/// run `threads` threads, as many as each mesh-proxy runs (see [`proxy_threads`]).
+/// `no strict-limits`: HAProxy reserves two descriptors per connection, more than the
 /// open-files limit allows for 10,000 connections, though the client side needs one each.
 pub fn haproxy_confs(
     dir: &Path,
-    front: SocketAddr,
-    hop: SocketAddr,
-    backend: SocketAddr,
+    (front, hop, backend): (SocketAddr, SocketAddr, SocketAddr),
+    protocol: HaproxyHop,
     maxconn: u64,
     threads: usize,
 ) -> (String, String) {
     let dir = dir.display();
+    let key = protocol.key();
+    let alpn = protocol.alpn();
     let common = format!(
         "global\n    nbthread {threads}\n    maxconn {maxconn}\n    no strict-limits\n    ssl-default-bind-options ssl-min-ver TLSv1.3\n\
          \x20   ssl-default-server-options ssl-min-ver TLSv1.3\n\
@@ -560,25 +592,25 @@ pub fn haproxy_confs(
     );
     let client = format!(
         "{common}frontend outbound\n    bind {front}\n    default_backend hop\n\
-         backend hop\n    server web {hop} ssl verify required ca-file {dir}/ca.pem crt {dir}/haproxy-client.pem \
-         sni str(web.bench) verifyhost web.bench alpn http/1.1\n"
+         backend hop\n    server web {hop} ssl verify required ca-file {dir}/ca.pem crt {dir}/{key}-client.pem \
+         sni str(web.bench) verifyhost web.bench alpn {alpn}\n"
     );
     let server = format!(
-        "{common}frontend inbound\n    bind {hop} ssl crt {dir}/haproxy-server.pem ca-file {dir}/ca.pem verify required alpn http/1.1\n\
+        "{common}frontend inbound\n    bind {hop} ssl crt {dir}/{key}-server.pem ca-file {dir}/ca.pem verify required alpn {alpn}\n\
          \x20   default_backend app\n\
          backend app\n    server nginx {backend}\n"
     );
     (client, server)
 }
 
-/// Starts the two HAProxy processes; returns the topology.
+/// Starts two HAProxy processes speaking `protocol` to each other; returns the topology.
 pub async fn start_haproxy(
     backend: Backend,
+    protocol: HaproxyHop,
     ca: &TestCa,
     dir: &Path,
     running: &mut Running,
-    maxconn: u64,
-    threads: usize,
+    (maxconn, threads): (u64, usize),
 ) -> Result<Topology> {
     let haproxy =
         find_program("haproxy").context("haproxy is not installed (scripts/bench-setup)")?;
@@ -586,7 +618,9 @@ pub async fn start_haproxy(
     let front = free_addr(LOCALHOST)?;
     let hop = SocketAddr::new(IpAddr::V4(hop_ip), free_port(IpAddr::V4(hop_ip))?);
     std::fs::write(dir.join("ca.pem"), &ca.anchor_pem)?;
-    for name in ["haproxy-client", "haproxy-server"] {
+    let key = protocol.key();
+    let (client, server) = (format!("{key}-client"), format!("{key}-server"));
+    for name in [&client, &server] {
         let leaf = ca.leaf("web.bench")?;
         std::fs::write(
             dir.join(format!("{name}.pem")),
@@ -594,12 +628,9 @@ pub async fn start_haproxy(
         )?;
     }
     let (client_conf, server_conf) =
-        haproxy_confs(dir, front, hop, backend.http1, maxconn, threads);
+        haproxy_confs(dir, (front, hop, backend.http1), protocol, maxconn, threads);
     let mut pids = Vec::new();
-    for (name, conf, listen) in [
-        ("haproxy-server", server_conf, hop),
-        ("haproxy-client", client_conf, front),
-    ] {
+    for (name, conf, listen) in [(&server, server_conf, hop), (&client, client_conf, front)] {
         let path = dir.join(format!("{name}.cfg"));
         std::fs::write(&path, conf)?;
         let mut command = Command::new(&haproxy);
@@ -609,8 +640,11 @@ pub async fn start_haproxy(
         pids.push(running.keep(service)?);
     }
     Ok(Topology {
-        key: "haproxy".into(),
-        title: "HAProxy, mutual TLS".into(),
+        key: key.into(),
+        title: match protocol {
+            HaproxyHop::Http1 => "HAProxy, mutual TLS".into(),
+            HaproxyHop::Http2 => "HAProxy, mutual TLS, HTTP/2 hop".into(),
+        },
         http1: Entry {
             addr: front,
             host: None,
@@ -647,9 +681,35 @@ mod tests {
     #[test]
     fn haproxy_runs_as_many_threads_as_the_mesh_proxy() {
         let addr: SocketAddr = "127.0.0.1:1".parse().expect("address");
-        let (client, server) = haproxy_confs(Path::new("/tmp"), addr, addr, addr, 100, 3);
+        let (client, server) = haproxy_confs(
+            Path::new("/tmp"),
+            (addr, addr, addr),
+            HaproxyHop::Http1,
+            100,
+            3,
+        );
         for conf in [client, server] {
             assert!(conf.contains("\n    nbthread 3\n"), "{conf}");
+        }
+    }
+
+    #[test]
+    fn haproxy_pairs_offer_the_hop_protocol_on_both_sides() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().expect("address");
+        for (protocol, alpn, other) in [
+            (HaproxyHop::Http1, "alpn http/1.1\n", "alpn h2"),
+            (HaproxyHop::Http2, "alpn h2\n", "alpn http/1.1"),
+        ] {
+            let (client, server) =
+                haproxy_confs(Path::new("/tmp"), (addr, addr, addr), protocol, 100, 1);
+            for conf in [client, server] {
+                assert!(conf.contains(alpn), "{protocol:?}: {conf}");
+                assert!(!conf.contains(other), "{protocol:?}: {conf}");
+                assert!(
+                    conf.contains(&format!("/tmp/{}-", protocol.key())),
+                    "{conf}"
+                );
+            }
         }
     }
 }

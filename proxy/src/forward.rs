@@ -15,23 +15,13 @@ use crate::http::{ProxyBody, ProxyError, ReqBody, is_upgrade, strip_hop_by_hop};
 /// (as Linkerd's `l5d-orig-proto`): the peer restores it before the application sees it.
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("mesh-orig-proto");
 
-/// HTTP/1 connections a client proxy keeps to each peer proxy, per worker thread, for HTTP/1.1
-/// requests sent as they are. While load is light, a request finds one of them free: HTTP/1
-/// over the hop costs both proxies less per request than HTTP/2 (no header compression, no
-/// stream state, no task per stream on the peer): at 1000 requests per second, about 40 µs
-/// less at p50 for the pair (BENCHMARKS.md, the hop's protocol). Under load, the requests
-/// beyond these ride the multiplexed HTTP/2 connection, which then costs less per request
-/// and keeps the peer's connection count down. Two, not one: a second request arriving while
-/// the first is in flight is common even at low rates.
-pub const PEER_HTTP1_CONNECTIONS: usize = 2;
-
 /// Sends `request` with `clients`, keeping `authority` as its Host/`:authority`, and returns
 /// the response ready for the client (hop-by-hop headers removed, upgrades spliced).
 ///
-/// An HTTP/1.1 request to a peer proxy goes as it is, on one of the few HTTP/1 connections
-/// [`PEER_HTTP1_CONNECTIONS`] allows, when one is free; otherwise, and for HTTP/1.0, it rides
-/// the one HTTP/2 connection to that proxy (with [`ORIG_PROTO`]), so a thousand HTTP/1 clients
-/// cost the peer a few connections rather than one each. Upgrades (WebSocket) stay HTTP/1:
+/// An HTTP/1.1 request to a peer proxy goes as it is, on an HTTP/1 connection, while load is
+/// light ([`HttpClients::peer_http1_is_free`]); otherwise, and for HTTP/1.0, it rides the one
+/// HTTP/2 connection to that proxy (with [`ORIG_PROTO`]), so a thousand HTTP/1 clients cost
+/// the peer a few connections rather than one each. Upgrades (WebSocket) stay HTTP/1:
 /// HTTP/2 cannot carry them this way.
 ///
 /// `service` names the destination in errors the client sees; the endpoint's address goes to
@@ -46,8 +36,7 @@ pub async fn forward(
     let orig_version = (clients.dial.is_proxy()
         && client_upgrade.is_none()
         && request.version() < Version::HTTP_2
-        && !(request.version() == Version::HTTP_11
-            && clients.http1().has_room(PEER_HTTP1_CONNECTIONS)))
+        && !(request.version() == Version::HTTP_11 && clients.peer_http1_is_free()))
     .then(|| request.version());
     let mut request = prepare_request(request, authority, client_upgrade.is_some())?;
     if let Some(version) = orig_version {

@@ -9,7 +9,7 @@ use hyper::client::conn::http1;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::{Connector, POOL_IDLE_TIMEOUT, SendError};
+use super::{Connector, Counted, POOL_IDLE_TIMEOUT, SendError};
 use crate::http::ReqBody;
 
 /// Most idle connections kept for reuse; the oldest beyond go. Busy ones are bounded by the
@@ -30,23 +30,6 @@ pub struct Http1Pool {
     connections: Mutex<Vec<Pooled>>,
     /// Connections open or being opened, busy or idle.
     open: Arc<AtomicUsize>,
-}
-
-/// One connection counted in [`Http1Pool::open`] until dropped: from before it is dialled
-/// until its task ends.
-struct Counted(Arc<AtomicUsize>);
-
-impl Counted {
-    fn new(open: &Arc<AtomicUsize>) -> Self {
-        open.fetch_add(1, Ordering::Relaxed);
-        Self(open.clone())
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 #[derive(Debug)]
@@ -141,7 +124,7 @@ impl Http1Pool {
 
     async fn connect(&self) -> Result<http1::SendRequest<ReqBody>, SendError> {
         // Counted at once, so requests deciding meanwhile see it (`has_room`).
-        let counted = Counted::new(&self.open);
+        let counted = Counted::new(self.open.clone());
         let io = self.connector.open().await?;
         let (sender, connection) = http1::handshake(hyper_util::rt::TokioIo::new(io))
             .await

@@ -3,7 +3,7 @@
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwapOption;
@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use tokio::sync::oneshot;
 use tracing::debug;
 
-use super::{Connector, POOL_IDLE_TIMEOUT, SendError};
+use super::{Connector, Counted, POOL_IDLE_TIMEOUT, SendError};
 use crate::coalesce;
 use crate::http::ReqBody;
 
@@ -49,6 +49,8 @@ pub struct Http2Connection {
     current: Arc<ArcSwapOption<SendRequest<Bytes>>>,
     /// Requests sent, read by the idle check.
     sent: Arc<AtomicU64>,
+    /// Requests waiting for their response headers.
+    waiting: AtomicUsize,
     /// One handshake at a time: requests that find no open connection wait for it.
     connecting: tokio::sync::Mutex<()>,
 }
@@ -59,6 +61,7 @@ impl Http2Connection {
             connector,
             current: Arc::new(ArcSwapOption::empty()),
             sent: Arc::new(AtomicU64::new(0)),
+            waiting: AtomicUsize::new(0),
             connecting: tokio::sync::Mutex::new(()),
         }
     }
@@ -67,6 +70,7 @@ impl Http2Connection {
     /// more on a new one.
     pub async fn send(&self, request: Request<ReqBody>) -> Result<Response<Http2Body>, SendError> {
         self.sent.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Counted::new(&self.waiting);
         // Connecting is rare and its future large (the handshake holds a whole `h2`
         // connection): boxed, so it does not grow every request's future by 5 KiB.
         let sender = match self.current.load_full() {
@@ -97,6 +101,11 @@ impl Http2Connection {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|value| value.to_str().ok()?.parse().ok());
         Ok(response.map(|recv| Http2Body::new(recv, length, upload)))
+    }
+
+    /// Requests waiting for their response headers on this connection.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// Opens the connection unless another request just did; `closed` is the handle a request
@@ -387,6 +396,30 @@ mod tests {
             .uri("http://books.shop:8080/")
             .body(http_body_util::Either::Right(Full::new(Bytes::new())))
             .expect("request")
+    }
+
+    #[tokio::test]
+    async fn while_a_request_waits_on_http2_the_next_ones_join_it() {
+        let (addr, _) = test_server::counting(|stream, _| async move {
+            let service = hyper::service::service_fn(|_request| async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::new())))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        })
+        .await;
+        let clients = test_server::clients(addr, Duration::from_secs(2), 10);
+        assert!(clients.peer_http1_is_free(), "nothing in flight");
+        let mut waiting = Box::pin(clients.send(request()));
+        assert!(
+            futures::poll!(waiting.as_mut()).is_pending(),
+            "the request waits for its answer"
+        );
+        assert!(!clients.peer_http1_is_free(), "one request waits on HTTP/2");
+        waiting.await.expect("a response");
+        assert!(clients.peer_http1_is_free(), "its answer came");
     }
 
     #[tokio::test]

@@ -398,18 +398,23 @@ mod tests {
             .expect("request")
     }
 
-    #[tokio::test]
-    async fn while_a_request_waits_on_http2_the_next_ones_join_it() {
-        let (addr, _) = test_server::counting(|stream, _| async move {
-            let service = hyper::service::service_fn(|_request| async {
-                tokio::time::sleep(Duration::from_millis(300)).await;
+    /// An HTTP/2 server answering every request after `delay`; counts its connections.
+    async fn answering_after(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+        test_server::counting(move |stream, _| async move {
+            let service = hyper::service::service_fn(move |_request| async move {
+                tokio::time::sleep(delay).await;
                 Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::new())))
             });
             let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         })
-        .await;
+        .await
+    }
+
+    #[tokio::test]
+    async fn while_a_request_waits_on_http2_the_next_ones_join_it() {
+        let (addr, _) = answering_after(Duration::from_millis(300)).await;
         let clients = test_server::clients(addr, Duration::from_secs(2), 10);
         assert!(clients.peer_http1_is_free(), "nothing in flight");
         let mut waiting = Box::pin(clients.send(request()));
@@ -444,16 +449,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_requests_share_one_http2_connection() {
-        let (addr, accepted) = test_server::counting(|stream, _| async move {
-            let service = hyper::service::service_fn(|_request| async {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::new())))
-            });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        })
-        .await;
+        let (addr, accepted) = answering_after(Duration::from_millis(20)).await;
         let clients = test_server::clients(addr, Duration::from_secs(2), 10);
         let sent = (0..20).map(|_| clients.send(request()));
         for response in futures::future::join_all(sent).await {

@@ -1,6 +1,6 @@
 //! Forwarding one HTTP request to a destination's clients, shared by both sides: header
-//! hygiene, protocol upgrades, HTTP/1 between proxies (as it is, or over HTTP/2), and turning client
-//! failures into [`ProxyError`]s.
+//! hygiene, protocol upgrades, HTTP/1 between proxies (as it is, or over HTTP/2), and turning
+//! client failures into [`ProxyError`]s.
 
 use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};

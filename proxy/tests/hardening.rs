@@ -548,7 +548,7 @@ async fn http1_requests_between_proxies_share_a_few_connections() {
         &["listener=\"inbound\""],
     );
     // The first two took the client proxy's two HTTP/1 connections to its peer
-    // (`forward::PEER_HTTP1_CONNECTIONS`); the other 48 share one HTTP/2 connection.
+    // (`client::PEER_HTTP1_CONNECTIONS`); the other 48 share one HTTP/2 connection.
     assert_eq!(
         open, 3.0,
         "inbound connections from the one client proxy: {text}"

@@ -428,8 +428,8 @@ impl AsyncWrite for PooledIo {
 /// HTTP/1 connections a client proxy keeps to each peer proxy, per worker thread, for HTTP/1.1
 /// requests sent as they are while load is light. When requests come one at a time, HTTP/1
 /// over the hop costs both proxies less per request than HTTP/2 (no header compression, no
-/// stream state, no task per stream on the peer): at 1000 requests per second, about 50 µs
-/// less at p50 for the pair. Under load, the multiplexed HTTP/2 connection costs less per
+/// stream state, no task per stream on the peer): at 1000 requests per second, 30-50 µs less
+/// at p50 for the pair. Under load, the multiplexed HTTP/2 connection costs less per
 /// request (one write carries many responses) and keeps the peer's connection count down: once
 /// a request waits on it, the next ones join it. Two, not one: a second request arriving while
 /// the first is in flight is common even at low rates.

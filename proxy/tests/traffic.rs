@@ -577,6 +577,50 @@ async fn a_backend_at_its_concurrency_limit_sheds_further_requests_with_503() {
     );
 }
 
+/// The backends answering `n` sequential requests, each on a new client connection.
+async fn count_backends_on_new_connections(mesh: &Mesh, n: usize) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for _ in 0..n {
+        let mut client = mesh.client().await;
+        let (status, backend, body) = client.get(&format!("http://{BOOKS}/"), &[]).await;
+        assert_eq!(status, 200, "{body}");
+        *seen.entry(backend).or_insert(0) += 1;
+    }
+    seen
+}
+
+#[tokio::test]
+async fn new_connections_one_at_a_time_reach_both_of_two_equal_replicas() {
+    // The test: 100 sequential new-connection requests, 2 identical replicas, the
+    // default balancer: each gets at least 20.
+    let mesh = Mesh::new().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    mesh.service(BOOKS, &[&a, &b]);
+    let seen = count_backends_on_new_connections(&mesh, 100).await;
+    for name in ["a", "b"] {
+        let share = seen.get(name).copied().unwrap_or(0);
+        assert!(share >= 20, "{name} got {share} of 100: {seen:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_ten_times_slower_replica_still_gets_some_but_under_a_tenth() {
+    // Two replicas answer in about 5 ms, the third in 50: latency-aware balancing sends it
+    // little, and still now and then, so it is measured again and may recover.
+    let mesh = Mesh::new().await;
+    let a = Backend::start_answering_after("a", Duration::from_millis(5)).await;
+    let b = Backend::start_answering_after("b", Duration::from_millis(5)).await;
+    let slow = Backend::start_answering_after("slow", Duration::from_millis(50)).await;
+    mesh.service(BOOKS, &[&a, &b, &slow]);
+    let seen = count_backends_on_new_connections(&mesh, 100).await;
+    let slow_share = seen.get("slow").copied().unwrap_or(0);
+    assert!(
+        (1..10).contains(&slow_share),
+        "the slow replica got {slow_share} of 100: {seen:?}"
+    );
+}
+
 #[tokio::test]
 async fn one_client_one_request_at_a_time_reaches_both_replicas() {
     // As a new user tries it: a Service of two identical replicas, one client, sequential

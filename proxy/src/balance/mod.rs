@@ -38,7 +38,7 @@ use arc_swap::ArcSwap;
 use rand::Rng;
 
 pub use self::peak_ewma::DEFAULT_RTT;
-use self::peak_ewma::{RttEstimate, least_request_cost, peak_ewma_cost, probe_after};
+use self::peak_ewma::{RttEstimate, least_request_cost, peak_ewma_cost};
 use self::round_robin::Schedule;
 
 /// The weight of an endpoint given weight 0, as in the destination API where 0 means unset.
@@ -391,7 +391,7 @@ impl<T> Snapshot<T> {
     /// measured, so it is probed rather than starved.
     fn ewma_cost(&self, member: &Member<T>, now: Instant) -> f64 {
         let rtt = member.load.rtt();
-        let estimate = if rtt.stale(now, probe_after(self.decay)) {
+        let estimate = if rtt.due_for_probe(now, self.decay) {
             None
         } else {
             rtt.nanos_at(now, self.decay)

@@ -11,7 +11,8 @@
 //!
 //! An endpoint nobody picked for a while is probed: its old estimate says little any more
 //! (one slow response can otherwise keep a healthy replica out of rotation for many seconds of
-//! sequential traffic), so once it has not been observed for [`probe_after`] it is costed as an
+//! sequential traffic), so once it has not been observed for [`probe_after`], or for ten of
+//! its own latencies if that is longer ([`RttEstimate::due_for_probe`]), it is costed as an
 //! endpoint never measured, taking the next request it is drawn for when idle.
 
 use std::time::{Duration, Instant};
@@ -49,7 +50,7 @@ impl RttEstimate {
             // Never observed, or a probe after a long silence: what was known before says
             // nothing now, the fresh observation is the estimate.
             None => observed,
-            Some(_) if self.stale(now, probe_after(decay)) => observed,
+            Some(_) if self.due_for_probe(now, decay) => observed,
             Some(peak) => {
                 let decayed = self.nanos_at(now, decay).unwrap_or(0.0);
                 if observed >= decayed {
@@ -69,12 +70,25 @@ impl RttEstimate {
         self.peak = Some(Peak { nanos, at });
     }
 
-    /// Whether the last observation is older than `after` (never observed counts as stale).
-    pub(super) fn stale(&self, now: Instant, after: Duration) -> bool {
-        self.peak
-            .is_none_or(|peak| now.saturating_duration_since(peak.at) >= after)
+    /// Whether the endpoint has gone unobserved long enough to be probed (never observed
+    /// counts): [`probe_after`], or [`PROBE_AFTER_LATENCIES`] of its own estimated latency if
+    /// that is longer.
+    pub(super) fn due_for_probe(&self, now: Instant, decay: Duration) -> bool {
+        self.peak.is_none_or(|peak| {
+            let silent = now.saturating_duration_since(peak.at).as_nanos() as f64;
+            let after = (probe_after(decay).as_nanos() as f64)
+                .max(peak.nanos * f64::from(PROBE_AFTER_LATENCIES));
+            silent >= after
+        })
     }
 }
+
+/// How many of its own latencies an endpoint goes unobserved before it is probed. A slow one
+/// is then probed seldom: a 50 ms endpoint every half second, under a tenth of one-at-a-time
+/// traffic to 5 ms peers (the test `a_ten_times_slower_replica_still_gets_some_but_under_a_tenth`);
+/// with a fixed interval it took a quarter. A fast one that one slow answer pushed out is
+/// back within ten of that answer's latency.
+const PROBE_AFTER_LATENCIES: u32 = 10;
 
 /// How long an endpoint may go unobserved before it is probed: a thousandth of the time
 /// constant (10 ms by default), at least 10 ms. A slow endpoint is probed only when idle, so it
@@ -158,11 +172,30 @@ mod tests {
         let past = (-0.0005f64).exp();
         let blended = 100.0 * past * past + 10.0 * (1.0 - past);
         assert!((estimate_ms(&estimate, soon) - blended).abs() < 1e-9);
-        // After a silence longer than the probe interval, the fresh observation is all that
-        // counts.
-        let later = soon + probe_after(DECAY);
+        // After a silence of ten of its latencies (here ~100 ms: 1 s, more than the probe
+        // interval), the fresh observation is all that counts; before it, it is blended.
+        assert!(!estimate.due_for_probe(soon + ms(990), DECAY));
+        let later = soon + ms(1000);
+        assert!(estimate.due_for_probe(later, DECAY));
         estimate.observe(ms(10), later, DECAY);
         assert_eq!(estimate_ms(&estimate, later), 10.0);
+    }
+
+    #[test]
+    fn a_fast_endpoint_is_probed_after_the_probe_interval_a_slow_one_after_ten_latencies() {
+        let start = Instant::now();
+        assert!(
+            RttEstimate::default().due_for_probe(start, DECAY),
+            "never observed"
+        );
+        let mut fast = RttEstimate::default();
+        fast.observe(ms(1), start, DECAY);
+        assert!(!fast.due_for_probe(start + ms(9), DECAY));
+        assert!(fast.due_for_probe(start + probe_after(DECAY), DECAY));
+        let mut slow = RttEstimate::default();
+        slow.observe(ms(50), start, DECAY);
+        assert!(!slow.due_for_probe(start + ms(499), DECAY));
+        assert!(slow.due_for_probe(start + ms(500), DECAY));
     }
 
     #[test]

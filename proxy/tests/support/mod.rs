@@ -244,8 +244,17 @@ impl Backend {
         Self::serve(name, loopback().await).await
     }
 
+    /// A backend that waits `delay` before every answer: a slow replica.
+    pub async fn start_answering_after(name: &str, delay: Duration) -> Self {
+        Self::serve_after(name, loopback().await, delay).await
+    }
+
     /// A backend on a listener the test bound.
     pub async fn serve(name: &str, listener: TcpListener) -> Self {
+        Self::serve_after(name, listener, Duration::ZERO).await
+    }
+
+    async fn serve_after(name: &str, listener: TcpListener, delay: Duration) -> Self {
         let addr = listener.local_addr().expect("addr");
         let stop = CancellationToken::new();
         let name: Arc<str> = Arc::from(name);
@@ -263,7 +272,10 @@ impl Backend {
                 connections.push(tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
                         let name = name.clone();
-                        async move { Ok::<_, Infallible>(answer(&name, request).await) }
+                        async move {
+                            tokio::time::sleep(delay).await;
+                            Ok::<_, Infallible>(answer(&name, request).await)
+                        }
                     });
                     let builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

@@ -85,16 +85,16 @@ impl RttEstimate {
 
 /// How many of its own latencies an endpoint goes unobserved before it is probed. A slow one
 /// is then probed seldom: a 50 ms endpoint every half second, under a tenth of one-at-a-time
-/// traffic to 5 ms peers (the test `a_ten_times_slower_replica_still_gets_some_but_under_a_tenth`);
-/// with a fixed interval it took a quarter. A fast one that one slow answer pushed out is
-/// back within ten of that answer's latency.
+/// traffic to 5 ms peers (`traffic.rs`: a ten times slower replica); with a fixed interval it
+/// took a quarter. A fast one that one slow answer pushed out is back within ten of that
+/// answer's latency.
 const PROBE_AFTER_LATENCIES: u32 = 10;
 
-/// How long an endpoint may go unobserved before it is probed: a thousandth of the time
-/// constant (10 ms by default), at least 10 ms. A slow endpoint is probed only when idle, so it
-/// costs at most one request per this interval plus its own latency (a 100 ms endpoint: ~9 a
-/// second, a sliver of a busy service's traffic), while a healthy one passed over after one
-/// slow answer is back in rotation within it, even under one-request-at-a-time traffic.
+/// The shortest silence before an endpoint is probed: a thousandth of the time constant (10 ms
+/// by default), at least 10 ms. A slower endpoint waits ten of its own latencies
+/// ([`PROBE_AFTER_LATENCIES`]); either way it is probed only when idle, and a healthy one passed
+/// over after one slow answer is back in rotation soon, even under one-request-at-a-time
+/// traffic.
 pub(super) fn probe_after(decay: Duration) -> Duration {
     (decay / 1000).max(Duration::from_millis(10))
 }

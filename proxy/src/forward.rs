@@ -33,6 +33,7 @@ pub async fn forward(
     service: &str,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let client_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+    let client_version = request.version();
     let orig_version = (clients.dial.is_proxy()
         && client_upgrade.is_none()
         && request.version() < Version::HTTP_2
@@ -62,8 +63,10 @@ pub async fn forward(
         tokio::spawn(splice_upgrades(client_upgrade, server_upgrade));
     }
     strip_hop_by_hop(response.headers_mut(), switching);
-    if let Some(version) = orig_version {
-        *response.version_mut() = version;
+    // An HTTP/1 client hears its own version back, whatever spoke upstream: HTTP/2 between
+    // proxies, or an HTTP/1.0 application behind the peer.
+    if client_version < Version::HTTP_2 {
+        *response.version_mut() = client_version;
     }
     Ok(response.map(Either::Left))
 }

@@ -515,6 +515,42 @@ async fn listeners_take_the_configured_backlog() {
 }
 
 #[tokio::test]
+async fn a_client_hears_http_1_1_from_an_http_1_0_app_behind_a_peer() {
+    let setup = setup().await;
+    let client = proxy_with(
+        Some(&setup.controller),
+        Some(setup.identity(WEB_ID, "web-token")),
+    )
+    .await;
+    let server = proxy_with(None, Some(setup.identity(BOOKS_ID, "books-token"))).await;
+    // An application that answers every request in HTTP/1.0 and closes, as Python's
+    // http.server does.
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let app_port = app.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = app.accept().await {
+            tokio::spawn(async move {
+                let mut request = vec![0; 4096];
+                let _ = stream.read(&mut request).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.0 200 OK\r\ncontent-length: 3\r\n\r\nold")
+                    .await;
+            });
+        }
+    });
+    meshed_port(&setup, BOOKS, &server, app_port);
+    let proxy = format!("http://{}", client.outbound_addr);
+    // Twice: the first over a new HTTP/1 connection to the peer, the second reusing it.
+    for _ in 0..2 {
+        let out = curl(&["-si", "-x", &proxy, &format!("http://{BOOKS}/")]).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.ends_with("old"), "{out}");
+    }
+}
+
+#[tokio::test]
 async fn http1_requests_between_proxies_share_a_few_connections() {
     let setup = setup().await;
     let client = proxy_with(

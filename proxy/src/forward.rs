@@ -1,6 +1,6 @@
 //! Forwarding one HTTP request to a destination's clients, shared by both sides: header
-//! hygiene, protocol upgrades, HTTP/1 between proxies (as it is, or over HTTP/2), and turning
-//! client failures into [`ProxyError`]s.
+//! hygiene, protocol upgrades, HTTP/1 carried over HTTP/2 between proxies, and turning client
+//! failures into [`ProxyError`]s.
 
 use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -18,11 +18,9 @@ pub const ORIG_PROTO: HeaderName = HeaderName::from_static("mesh-orig-proto");
 /// Sends `request` with `clients`, keeping `authority` as its Host/`:authority`, and returns
 /// the response ready for the client (hop-by-hop headers removed, upgrades spliced).
 ///
-/// An HTTP/1.1 request to a peer proxy goes as it is, on an HTTP/1 connection, while load is
-/// light ([`HttpClients::peer_http1_is_free`]); otherwise, and for HTTP/1.0, it rides the one
-/// HTTP/2 connection to that proxy (with [`ORIG_PROTO`]), so a thousand HTTP/1 clients cost
-/// the peer a few connections rather than one each. Upgrades (WebSocket) stay HTTP/1:
-/// HTTP/2 cannot carry them this way.
+/// An HTTP/1 request to a peer proxy travels over the one HTTP/2 connection to that proxy
+/// (with [`ORIG_PROTO`]), so a thousand HTTP/1 clients cost the peer one connection rather than
+/// one each. Upgrades (WebSocket) stay HTTP/1: HTTP/2 cannot carry them this way.
 ///
 /// `service` names the destination in errors the client sees; the endpoint's address goes to
 /// the log only.
@@ -36,9 +34,8 @@ pub async fn forward(
     let client_version = request.version();
     let orig_version = (clients.dial.is_proxy()
         && client_upgrade.is_none()
-        && request.version() < Version::HTTP_2
-        && !(request.version() == Version::HTTP_11 && clients.peer_http1_is_free()))
-    .then(|| request.version());
+        && request.version() < Version::HTTP_2)
+        .then(|| request.version());
     let mut request = prepare_request(request, authority, client_upgrade.is_some())?;
     if let Some(version) = orig_version {
         let name = if version == Version::HTTP_10 {

@@ -1,6 +1,7 @@
 //! Pooled HTTP/1 connections to one destination.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use http::{Request, Response, Uri, header};
 use hyper::body::Incoming;
@@ -8,7 +9,7 @@ use hyper::client::conn::http1;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::{Connector, POOL_IDLE_TIMEOUT, SendError};
+use super::{Connector, Counted, POOL_IDLE_TIMEOUT, SendError};
 use crate::http::ReqBody;
 
 /// Most idle connections kept for reuse; the oldest beyond go. Busy ones are bounded by the
@@ -27,6 +28,8 @@ pub struct Http1Pool {
     connector: Connector,
     /// Most recently used last; some may still be reading their response body.
     connections: Mutex<Vec<Pooled>>,
+    /// Connections open or being opened, busy or idle.
+    open: Arc<AtomicUsize>,
 }
 
 #[derive(Debug)]
@@ -42,7 +45,18 @@ impl Http1Pool {
         Self {
             connector,
             connections: Mutex::new(Vec::new()),
+            open: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// Whether a request sent now would not wait behind another: a connection is idle, or
+    /// fewer than `limit` are open or being opened, so one more may be.
+    pub fn has_room(&self, limit: usize) -> bool {
+        self.open.load(Ordering::Relaxed) < limit
+            || self
+                .connections()
+                .iter()
+                .any(|pooled| pooled.sender.is_ready())
     }
 
     /// Sends `request` on a ready connection, or a new one; when a connection turns out closed
@@ -109,11 +123,14 @@ impl Http1Pool {
     }
 
     async fn connect(&self) -> Result<http1::SendRequest<ReqBody>, SendError> {
+        // Counted at once, so requests deciding meanwhile see it (`has_room`).
+        let counted = Counted::new(self.open.clone());
         let io = self.connector.open().await?;
         let (sender, connection) = http1::handshake(hyper_util::rt::TokioIo::new(io))
             .await
             .map_err(|error| SendError::Connect(std::io::Error::other(error)))?;
         tokio::spawn(async move {
+            let _counted = counted;
             if let Err(error) = connection.with_upgrades().await {
                 debug!(%error, "HTTP/1 client connection ended with an error");
             }
@@ -219,6 +236,42 @@ mod tests {
             assert_eq!(seen, "/a?b=1 host=books.shop:8080");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn room_is_an_idle_connection_or_one_under_the_limit() {
+        let (addr, _) = server(false, Duration::from_millis(300)).await;
+        let clients = test_server::clients(addr, Duration::from_secs(2), 10);
+        let pool = clients.http1();
+        assert!(pool.has_room(1), "nothing open yet");
+        // Counted from when it is dialled, before it is open.
+        let mut busy = Box::pin(body(&clients, "http://a/"));
+        assert!(
+            futures::poll!(busy.as_mut()).is_pending(),
+            "the request waits for its answer"
+        );
+        assert!(!pool.has_room(1), "the one allowed is being opened");
+        assert!(pool.has_room(2), "a second may be opened");
+        busy.await;
+        assert!(
+            pool.has_room(0),
+            "an idle connection is room whatever the limit"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_is_no_longer_counted() {
+        let (addr, _) = server(true, Duration::ZERO).await;
+        let clients = test_server::clients(addr, Duration::from_secs(2), 10);
+        body(&clients, "http://a/").await;
+        let pool = clients.http1();
+        for _ in 0..100 {
+            if pool.has_room(1) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the closed connection still counts against the limit after 1 s");
     }
 
     #[tokio::test]

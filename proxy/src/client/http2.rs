@@ -3,7 +3,7 @@
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwapOption;
@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use tokio::sync::oneshot;
 use tracing::debug;
 
-use super::{Connector, POOL_IDLE_TIMEOUT, SendError};
+use super::{Connector, Counted, POOL_IDLE_TIMEOUT, SendError};
 use crate::coalesce;
 use crate::http::ReqBody;
 
@@ -49,6 +49,8 @@ pub struct Http2Connection {
     current: Arc<ArcSwapOption<SendRequest<Bytes>>>,
     /// Requests sent, read by the idle check.
     sent: Arc<AtomicU64>,
+    /// Requests waiting for their response headers.
+    waiting: AtomicUsize,
     /// One handshake at a time: requests that find no open connection wait for it.
     connecting: tokio::sync::Mutex<()>,
 }
@@ -59,6 +61,7 @@ impl Http2Connection {
             connector,
             current: Arc::new(ArcSwapOption::empty()),
             sent: Arc::new(AtomicU64::new(0)),
+            waiting: AtomicUsize::new(0),
             connecting: tokio::sync::Mutex::new(()),
         }
     }
@@ -67,6 +70,7 @@ impl Http2Connection {
     /// more on a new one.
     pub async fn send(&self, request: Request<ReqBody>) -> Result<Response<Http2Body>, SendError> {
         self.sent.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Counted::new(&self.waiting);
         // Connecting is rare and its future large (the handshake holds a whole `h2`
         // connection): boxed, so it does not grow every request's future by 5 KiB.
         let sender = match self.current.load_full() {
@@ -97,6 +101,11 @@ impl Http2Connection {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|value| value.to_str().ok()?.parse().ok());
         Ok(response.map(|recv| Http2Body::new(recv, length, upload)))
+    }
+
+    /// Requests waiting for their response headers on this connection.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// Opens the connection unless another request just did; `closed` is the handle a request
@@ -389,6 +398,35 @@ mod tests {
             .expect("request")
     }
 
+    /// An HTTP/2 server answering every request after `delay`; counts its connections.
+    async fn answering_after(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+        test_server::counting(move |stream, _| async move {
+            let service = hyper::service::service_fn(move |_request| async move {
+                tokio::time::sleep(delay).await;
+                Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::new())))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn while_a_request_waits_on_http2_the_next_ones_join_it() {
+        let (addr, _) = answering_after(Duration::from_millis(300)).await;
+        let clients = test_server::clients(addr, Duration::from_secs(2), 10);
+        assert!(clients.peer_http1_is_free(), "nothing in flight");
+        let mut waiting = Box::pin(clients.send(request()));
+        assert!(
+            futures::poll!(waiting.as_mut()).is_pending(),
+            "the request waits for its answer"
+        );
+        assert!(!clients.peer_http1_is_free(), "one request waits on HTTP/2");
+        waiting.await.expect("a response");
+        assert!(clients.peer_http1_is_free(), "its answer came");
+    }
+
     #[tokio::test]
     async fn an_http2_connection_is_made_again_once_the_peer_closed_it() {
         let (addr, accepted, mut closed) = one_request_per_connection().await;
@@ -411,16 +449,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_requests_share_one_http2_connection() {
-        let (addr, accepted) = test_server::counting(|stream, _| async move {
-            let service = hyper::service::service_fn(|_request| async {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::new())))
-            });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        })
-        .await;
+        let (addr, accepted) = answering_after(Duration::from_millis(20)).await;
         let clients = test_server::clients(addr, Duration::from_secs(2), 10);
         let sent = (0..20).map(|_| clients.send(request()));
         for response in futures::future::join_all(sent).await {

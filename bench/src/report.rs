@@ -427,9 +427,10 @@ impl Report {
              The HAProxy pair above speaks HTTP/1.1 between its two processes, one request at \
              a time on each of many connections. Scenario 7 runs a third pair, HAProxy speaking \
              HTTP/2 between its processes: one connection, many requests at once, cheaper under \
-             load and dearer one request at a time. The mesh uses both: an HTTP/1.1 request \
-             goes as it is on one of two HTTP/1 connections per thread while no request waits \
-             on the peer's HTTP/2 connection, and joins the HTTP/2 connection otherwise. The \
+             load and dearer one request at a time. The mesh uses both: an HTTP/1.1 GET (or any \
+             bodiless request of a method that may be repeated) goes as it is on one of two \
+             HTTP/1 connections per thread while no request waits on the peer's HTTP/2 \
+             connection, and joins the HTTP/2 connection otherwise. The \
              targets above are judged against the HTTP/1.1 pair; this table is for reference.\n"
         );
         let _ = writeln!(

@@ -11,8 +11,8 @@ use serde::Serialize;
 pub struct Plan {
     /// `full` or `quick`.
     pub mode: String,
-    /// How many times each kind of run is repeated (interleaved); the report keeps the run
-    /// of each kind during which the rest of the machine was quietest.
+    /// How many times each kind of run is repeated (interleaved); the report keeps the median
+    /// run of each kind (`measure::representative`).
     pub rounds: usize,
     /// Open-loop rates, requests per second.
     pub rates: Vec<u32>,
@@ -56,7 +56,7 @@ impl Plan {
     pub fn full() -> Self {
         Self {
             mode: "full".into(),
-            rounds: 2,
+            rounds: 3,
             rates: vec![1_000, 5_000],
             rate_connections: 32,
             rate_duration: Duration::from_secs(12),

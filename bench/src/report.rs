@@ -663,9 +663,12 @@ impl Report {
             md,
             "## Conditions of each run\n\n\
              Load average before the run, and CPU used by other processes (not the benchmark's) \
-             during it, in cores; of {} round(s), the run kept is the one with the least CPU used \
-             by other processes (its round in brackets).\n",
-            self.plan.rounds
+             during it, in cores; of {} round(s), the run kept is the median by its headline figure \
+             (p50 at a fixed rate, throughput in a closed loop) of those during which other \
+             processes used no more than {} cores beyond the quietest (its round in \
+             brackets).\n",
+            self.plan.rounds,
+            crate::measure::NOISE_CORES
         );
         let keys: Vec<String> = self
             .direct()

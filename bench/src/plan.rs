@@ -56,12 +56,14 @@ impl Plan {
     pub fn full() -> Self {
         Self {
             mode: "full".into(),
+            // Three rounds for a median, in the time two took: the whole run stays under the
+            // ten minutes `just bench` may take.
             rounds: 3,
             rates: vec![1_000, 5_000],
             rate_connections: 32,
-            rate_duration: Duration::from_secs(12),
+            rate_duration: Duration::from_secs(8),
             max_connections: 64,
-            max_duration: Duration::from_secs(8),
+            max_duration: Duration::from_secs(6),
             h2: Some((8, 8, Duration::from_secs(6))),
             idle_connections: 10_000,
             scale: Some(ScalePlan {

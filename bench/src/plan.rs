@@ -84,8 +84,9 @@ impl Plan {
             mode: "quick".into(),
             rounds: 1,
             rates: vec![1_000],
-            rate_duration: Duration::from_secs(6),
-            max_duration: Duration::from_secs(5),
+            // Under the two minutes `just bench quick` may take, with seven topologies.
+            rate_duration: Duration::from_secs(5),
+            max_duration: Duration::from_secs(4),
             h2: Some((8, 8, Duration::from_secs(3))),
             idle_connections: 2_000,
             scale: Some(ScalePlan {

@@ -430,8 +430,8 @@ impl Report {
              load and dearer one request at a time. The mesh uses both: an HTTP/1.1 GET (or any \
              bodiless request of a method that may be repeated) goes as it is on one of two \
              HTTP/1 connections per thread while no request waits on the peer's HTTP/2 \
-             connection, and joins the HTTP/2 connection otherwise. The \
-             targets above are judged against the HTTP/1.1 pair; this table is for reference.\n"
+             connection, and joins the HTTP/2 connection otherwise. The targets above are \
+             judged against the HTTP/1.1 pair; this table is for reference.\n"
         );
         let _ = writeln!(
             md,

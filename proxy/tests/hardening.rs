@@ -33,6 +33,18 @@ async fn setup() -> IdentityMesh {
     .await
 }
 
+/// A client proxy for `web` (discovery from the controller) and a server proxy for `books`,
+/// each with its identity.
+async fn web_and_books(setup: &IdentityMesh) -> (Running, Running) {
+    let client = proxy_with(
+        Some(&setup.controller),
+        Some(setup.identity(WEB_ID, "web-token")),
+    )
+    .await;
+    let server = proxy_with(None, Some(setup.identity(BOOKS_ID, "books-token"))).await;
+    (client, server)
+}
+
 /// `authority` is a meshed endpoint on `port` of the pod behind `server` (which proves
 /// BOOKS_ID): what discovery answers for a pod IP and any of its ports.
 fn meshed_port(setup: &IdentityMesh, authority: &str, server: &Running, port: u16) {
@@ -96,12 +108,7 @@ async fn a_plaintext_transport_header_is_refused_by_a_proxy_with_identity() {
 #[tokio::test]
 async fn a_meshed_peer_cannot_reach_the_proxys_own_listeners_through_it() {
     let setup = setup().await;
-    let client = proxy_with(
-        Some(&setup.controller),
-        Some(setup.identity(WEB_ID, "web-token")),
-    )
-    .await;
-    let server = proxy_with(None, Some(setup.identity(BOOKS_ID, "books-token"))).await;
+    let (client, server) = web_and_books(&setup).await;
     let own = [
         ("admin", server.admin_addr.port()),
         ("outbound", server.outbound_addr.port()),
@@ -517,12 +524,7 @@ async fn listeners_take_the_configured_backlog() {
 #[tokio::test]
 async fn a_client_hears_http_1_1_from_an_http_1_0_app_behind_a_peer() {
     let setup = setup().await;
-    let client = proxy_with(
-        Some(&setup.controller),
-        Some(setup.identity(WEB_ID, "web-token")),
-    )
-    .await;
-    let server = proxy_with(None, Some(setup.identity(BOOKS_ID, "books-token"))).await;
+    let (client, server) = web_and_books(&setup).await;
     // An application that answers every request in HTTP/1.0 and closes, as Python's
     // http.server does.
     let app = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -553,12 +555,7 @@ async fn a_client_hears_http_1_1_from_an_http_1_0_app_behind_a_peer() {
 #[tokio::test]
 async fn http1_requests_between_proxies_share_a_few_connections() {
     let setup = setup().await;
-    let client = proxy_with(
-        Some(&setup.controller),
-        Some(setup.identity(WEB_ID, "web-token")),
-    )
-    .await;
-    let server = proxy_with(None, Some(setup.identity(BOOKS_ID, "books-token"))).await;
+    let (client, server) = web_and_books(&setup).await;
     let backend = Backend::start("books").await;
     meshed_port(&setup, BOOKS, &server, backend.addr.port());
     // Fifty HTTP/1 client connections, each with one slow request in flight.

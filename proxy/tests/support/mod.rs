@@ -273,7 +273,9 @@ impl Backend {
                     let service = hyper::service::service_fn(move |request| {
                         let name = name.clone();
                         async move {
-                            tokio::time::sleep(delay).await;
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
                             Ok::<_, Infallible>(answer(&name, request).await)
                         }
                     });
